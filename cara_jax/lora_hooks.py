@@ -1,0 +1,56 @@
+"""The LoRA hook points of the model: the interface later layers (adapters, CPU assist) fill.
+
+Every linear projection of a decoder layer (q, k, v, o, gate, up, down) calls
+
+    y = x @ W  +  hook.delta(layer, proj, x)          # delta is None when nothing applies
+
+inside the jitted forward. ``x`` has shape [B, T, in] (T = 1 in decode) and the delta, when
+present, has shape [B, T, out] in x's dtype. A hook is a JAX pytree (its arrays are traced
+arguments of the jitted step; its static fields are part of the compile key), so one compiled
+step serves every mix of adapters with the same static shapes.
+
+Who fills it:
+- the multi-LoRA device path: per-token adapter slots gathering A/B from the device pool
+  (BGMV / MBGMV for decode, segments for prefill);
+- CPU-assisted prefill: deltas computed by CPU workers and passed in as arrays for the rows of
+  cold requests, layer by layer (the model exposes per-layer pieces for that);
+- ``None``: no LoRA at all; the compiled step then has no LoRA ops.
+
+Hooks return ``None`` for projections they do not touch, so a q/v-only adapter pays nothing for
+the others.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import jax
+
+PROJECTIONS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+@runtime_checkable
+class LoraHook(Protocol):
+    """Supplies additive LoRA deltas for some rows of a batch."""
+
+    def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
+        """Delta for projection ``proj`` of decoder layer ``layer`` given its input ``x``."""
+        ...
+
+
+def apply_hook(
+    hook: LoraHook | None, layer: int, proj: str, x: jax.Array, y: jax.Array
+) -> jax.Array:
+    """y plus the hook's delta for this projection (y unchanged when there is none)."""
+    if hook is None:
+        return y
+    d = hook.delta(layer, proj, x)
+    return y if d is None else y + d.astype(y.dtype)

@@ -1,0 +1,220 @@
+"""Model runner: jitted prefill / decode steps over (graphdef, state), bucketed static shapes.
+
+The runner owns the parameters, the KV cache (donated to every step, so it is updated in place)
+and a device-resident vector of the last token of every slot: a decode step reads its inputs
+from that vector and writes the sampled tokens back, so the host never has to see a token
+before launching the next step (it reads them one step late, overlapping host work with the
+device through JAX's async dispatch).
+
+Static shapes: prefill is compiled per (batch bucket, length bucket), decode per (rows bucket,
+kv-length bucket). ``compiled_count()`` exposes the number of compiled variants so tests can
+prove nothing recompiles after warm-up.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cara_jax.kv_cache import KVCache
+from cara_jax.lora_hooks import LoraHook
+from cara_jax.model import DecodeMeta, PrefillMeta
+from cara_jax.sampler import SamplingArrays, sample
+from cara_jax.weights import LoadedModel
+
+
+def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    """Capacity and shape buckets of one model runner."""
+
+    num_slots: int = 32
+    max_len: int = 2048
+    min_prefill_bucket: int = 16
+    max_prefill_batch: int = 8
+    min_kv_bucket: int = 128
+    cache_dtype: str | None = None  # default: the model's dtype
+
+    @property
+    def prefill_len_buckets(self) -> tuple[int, ...]:
+        return _pow2_buckets(min(self.min_prefill_bucket, self.max_len), self.max_len)
+
+    @property
+    def prefill_batch_buckets(self) -> tuple[int, ...]:
+        return _pow2_buckets(1, self.max_prefill_batch)
+
+    @property
+    def decode_row_buckets(self) -> tuple[int, ...]:
+        return _pow2_buckets(1, self.num_slots)
+
+    @property
+    def kv_len_buckets(self) -> tuple[int, ...]:
+        return _pow2_buckets(min(self.min_kv_bucket, self.max_len), self.max_len)
+
+
+def bucket(value: int, buckets: tuple[int, ...]) -> int:
+    """Smallest bucket >= value."""
+    i = bisect.bisect_left(buckets, value)
+    if i == len(buckets):
+        raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+class PromptTooLongError(ValueError):
+    """A prompt (plus at least one generated token) does not fit the context."""
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "last_tokens"))
+def _prefill_step(graphdef, state, cache, last_tokens, tokens, lengths, slots, sampling, hook):
+    model = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, cache = model(tokens, positions, cache, PrefillMeta(slots=slots, lengths=lengths), hook)
+    last_h = h[jnp.arange(b), lengths - 1]
+    logits = model.logits(last_h)
+    next_tok = sample(logits, sampling, lengths)
+    last_tokens = last_tokens.at[slots].set(next_tok, mode="drop")
+    return logits, next_tok, cache, last_tokens
+
+
+@partial(
+    jax.jit, static_argnames=("graphdef", "kv_len", "rows"), donate_argnames=("cache", "last_tokens")
+)
+def _decode_step(graphdef, state, cache, last_tokens, positions, sampling, hook, *, kv_len, rows):
+    model = nnx.merge(graphdef, state)
+    tokens = last_tokens[:rows]
+    h, cache = model(tokens[:, None], positions[:, None], cache, DecodeMeta(positions, kv_len), hook)
+    logits = model.logits(h[:, 0])
+    next_tok = sample(logits, sampling, positions + 1)
+    last_tokens = last_tokens.at[:rows].set(jnp.where(positions < cache.max_len, next_tok, tokens))
+    return logits, next_tok, cache, last_tokens
+
+
+class ModelRunner:
+    """Holds parameters and cache; runs bucketed prefill and decode steps."""
+
+    def __init__(self, loaded: LoadedModel, config: RunnerConfig | None = None) -> None:
+        self.loaded = loaded
+        self.cfg = loaded.cfg
+        self.config = config or RunnerConfig()
+        if self.config.max_len > self.cfg.max_position_embeddings:
+            self.config = dataclasses.replace(self.config, max_len=self.cfg.max_position_embeddings)
+        cache_dtype = jnp.dtype(self.config.cache_dtype or loaded.dtype)
+        self.cache = KVCache.allocate(self.cfg, self.config.num_slots, self.config.max_len, cache_dtype)
+        self.last_tokens = jnp.zeros((self.config.num_slots,), jnp.int32)
+
+    @property
+    def max_len(self) -> int:
+        return self.config.max_len
+
+    def check_prompt(self, n_tokens: int) -> None:
+        if n_tokens < 1:
+            raise PromptTooLongError("the prompt is empty")
+        if n_tokens >= self.max_len:
+            raise PromptTooLongError(
+                f"prompt of {n_tokens} tokens does not fit the context of {self.max_len} "
+                "tokens (it needs room for at least one generated token)"
+            )
+
+    def prefill(
+        self,
+        prompts: list[list[int]],
+        slots: list[int],
+        sampling: SamplingArrays,
+        hook: LoraHook | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Prefill prompts into their slots (one bucketed call); returns (logits, first tokens).
+
+        ``sampling`` has one row per prompt. Both outputs have one row per prompt.
+        """
+        n = len(prompts)
+        for p in prompts:
+            self.check_prompt(len(p))
+        bb = bucket(n, self.config.prefill_batch_buckets)
+        tb = bucket(max(len(p) for p in prompts), self.config.prefill_len_buckets)
+        tokens = np.zeros((bb, tb), np.int32)
+        lengths = np.ones((bb,), np.int32)
+        slot_arr = np.full((bb,), self.config.num_slots, np.int32)  # out of range: dropped
+        for i, (p, s) in enumerate(zip(prompts, slots, strict=True)):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+            slot_arr[i] = s
+        pad = bb - n
+        if pad:
+            sampling = jax.tree_util.tree_map(
+                lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad)]), sampling
+            )
+        logits, toks, self.cache, self.last_tokens = _prefill_step(
+            self.loaded.graphdef, self.loaded.state, self.cache, self.last_tokens,
+            jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slot_arr), sampling, hook,
+        )  # fmt: skip
+        return logits[:n], toks[:n]
+
+    def decode(
+        self,
+        positions: np.ndarray,
+        sampling: SamplingArrays,
+        hook: LoraHook | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """One token for slots 0..len(positions)-1 (position < 0 marks an idle slot).
+
+        Inputs come from the device-side last-token vector; returns (logits, tokens) for
+        ``rows`` = the decode bucket, rows beyond len(positions) being padding.
+        """
+        live = positions[positions >= 0]
+        if live.size == 0:
+            raise ValueError("decode called with no live slot")
+        rows = bucket(len(positions), self.config.decode_row_buckets)
+        kv_len = bucket(int(live.max()) + 1, self.config.kv_len_buckets)
+        pos = np.full((rows,), self.max_len, np.int32)  # idle rows write out of range: dropped
+        pos[: len(positions)] = np.where(positions >= 0, positions, self.max_len)
+        sampling = _rows(sampling, rows)
+        logits, toks, self.cache, self.last_tokens = _decode_step(
+            self.loaded.graphdef, self.loaded.state, self.cache, self.last_tokens,
+            jnp.asarray(pos), sampling, hook, kv_len=kv_len, rows=rows,
+        )  # fmt: skip
+        return logits, toks
+
+    @staticmethod
+    def compiled_count() -> int:
+        """Number of compiled step variants so far (flat after warm-up)."""
+        return _prefill_step._cache_size() + _decode_step._cache_size()
+
+
+def _rows(sampling: SamplingArrays, rows: int) -> SamplingArrays:
+    n = sampling.temperature.shape[0]
+    if n == rows:
+        return sampling
+    if n > rows:
+        return jax.tree_util.tree_map(lambda a: a[:rows], sampling)
+    return jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], rows - n)]), sampling)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _full_logits(graphdef, state, tokens, hook):
+    model = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    cache = KVCache.allocate(model.cfg, b, t, model.dtype)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    meta = PrefillMeta(slots=jnp.arange(b, dtype=jnp.int32), lengths=jnp.full((b,), t, jnp.int32))
+    h, _ = model(tokens, positions, cache, meta, hook)
+    return model.logits(h)
+
+
+def full_logits(loaded: LoadedModel, tokens: np.ndarray, hook: LoraHook | None = None) -> jax.Array:
+    """Logits [B, T, V] at every position of equal-length sequences (scoring, parity tests)."""
+    return _full_logits(loaded.graphdef, loaded.state, jnp.asarray(tokens, jnp.int32), hook)
