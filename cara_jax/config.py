@@ -99,7 +99,9 @@ class ModelConfig:
             high_wavelen = old / rs.high_freq_factor
             wavelen = 2 * math.pi / inv
             scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
-            smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+            smooth = (old / wavelen - rs.low_freq_factor) / (
+                rs.high_freq_factor - rs.low_freq_factor
+            )
             smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             inv = np.where(medium, smoothed, scaled)

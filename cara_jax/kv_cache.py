@@ -1,6 +1,7 @@
 """KV cache for continuous batching: one contiguous row per decode slot.
 
-Layout: per layer, K and V arrays of shape [num_slots, max_len, kv_heads, head_dim]. A running
+Layout: per layer, K and V arrays of shape [num_slots, kv_heads, max_len, head_dim] (head-major,
+so a decode step reads each head's keys contiguously without transposing the cache). A running
 sequence owns one slot for its lifetime; prefill writes positions [0, len) of its slot and every
 decode step writes one position. Why slots rather than paged blocks (see docs/kv_cache.md):
 - XLA has no paged-attention primitive on CPU; a page-table gather would copy every sequence's KV
@@ -36,13 +37,13 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return int(self.k[0].shape[1])
+        return int(self.k[0].shape[2])
 
     @classmethod
     def allocate(
         cls, cfg: ModelConfig, num_slots: int, max_len: int, dtype: jnp.dtype = jnp.float32
     ) -> KVCache:
-        shape = (num_slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(
             k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
             v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],

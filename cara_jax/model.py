@@ -78,16 +78,37 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B,T,H,D]; k,v [B,S,Hkv,D]; mask [B,T,S] -> [B,T,H,D]."""
+    """Grouped-query attention. q [B,T,H,D]; k,v [B,Hkv,S,D]; mask [B,T,S] -> [B,T,H,D].
+
+    K/V are head-major (the cache layout), so scores are a batched matmul over (B, Hkv) that
+    reads each head's keys contiguously, with no transpose of the cache.
+    """
     b, t, h, d = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1]
     qg = q.reshape(b, t, hkv, h // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def _attend_decode(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """One query per row. q [B,1,H,D]; k,v [B,Hkv,S,D] (a static slice of the cache).
+
+    Written as broadcast-multiply-reduce rather than einsum: XLA fuses the cache slice into
+    the reduction and reads K/V in place, where a dot would first copy the slice out.
+    """
+    b, _, h, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, h // hkv, 1, d).astype(jnp.float32)
+    scores = jnp.sum(qg * k[:, :, None].astype(jnp.float32), axis=-1)  # [B,Hkv,G,S]
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
+    scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B,Hkv,G,D]
+    return out.astype(q.dtype).reshape(b, 1, h, d)
 
 
 class Attention(nnx.Module):
@@ -118,24 +139,24 @@ class Attention(nnx.Module):
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        k = k.astype(k_cache.dtype)
-        v = v.astype(v_cache.dtype)
+        k = k.astype(k_cache.dtype).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+        v = v.astype(v_cache.dtype).transpose(0, 2, 1, 3)
         if isinstance(meta, PrefillMeta):
             # Write positions [0, T) of each prompt's slot; attend within the prompt only.
-            k_cache = k_cache.at[meta.slots, :t].set(k, mode="drop")
-            v_cache = v_cache.at[meta.slots, :t].set(v, mode="drop")
+            k_cache = k_cache.at[meta.slots, :, :t].set(k, mode="drop")
+            v_cache = v_cache.at[meta.slots, :, :t].set(v, mode="drop")
             pos = jnp.arange(t)
             causal = pos[None, :, None] >= pos[None, None, :]
             valid = pos[None, None, :] < meta.lengths[:, None, None]
             out = _attend(q, k, v, causal & valid)
         else:
             rows = jnp.arange(b)
-            k_cache = k_cache.at[rows, meta.positions].set(k[:, 0], mode="drop")
-            v_cache = v_cache.at[rows, meta.positions].set(v[:, 0], mode="drop")
-            keys = k_cache[:b, : meta.kv_len]
-            vals = v_cache[:b, : meta.kv_len]
+            k_cache = k_cache.at[rows, :, meta.positions].set(k[:, :, 0], mode="drop")
+            v_cache = v_cache.at[rows, :, meta.positions].set(v[:, :, 0], mode="drop")
+            keys = k_cache[:b, :, : meta.kv_len]
+            vals = v_cache[:b, :, : meta.kv_len]
             mask = jnp.arange(meta.kv_len)[None, None, :] <= meta.positions[:, None, None]
-            out = _attend(q, keys, vals, mask)
+            out = _attend_decode(q, keys, vals, mask)
         out = out.reshape(b, t, cfg.q_size)
         return apply_hook(hook, i, "o_proj", out, self.o_proj(out)), k_cache, v_cache
 

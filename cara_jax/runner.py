@@ -78,9 +78,10 @@ class PromptTooLongError(ValueError):
     """A prompt (plus at least one generated token) does not fit the context."""
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "last_tokens"))
-def _prefill_step(graphdef, state, cache, last_tokens, tokens, lengths, slots, sampling, hook):
-    model = nnx.merge(graphdef, state)
+def _prefill_step(
+    graphdef, treedef, params, cache, last_tokens, tokens, lengths, slots, sampling, hook
+):
+    model = _merge(graphdef, treedef, params)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     h, cache = model(tokens, positions, cache, PrefillMeta(slots=slots, lengths=lengths), hook)
@@ -91,17 +92,22 @@ def _prefill_step(graphdef, state, cache, last_tokens, tokens, lengths, slots, s
     return logits, next_tok, cache, last_tokens
 
 
-@partial(
-    jax.jit, static_argnames=("graphdef", "kv_len", "rows"), donate_argnames=("cache", "last_tokens")
-)
-def _decode_step(graphdef, state, cache, last_tokens, positions, sampling, hook, *, kv_len, rows):
-    model = nnx.merge(graphdef, state)
+def _decode_step(
+    graphdef, treedef, params, cache, last_tokens, positions, sampling, hook, kv_len, rows
+):
+    model = _merge(graphdef, treedef, params)
     tokens = last_tokens[:rows]
-    h, cache = model(tokens[:, None], positions[:, None], cache, DecodeMeta(positions, kv_len), hook)
+    h, cache = model(
+        tokens[:, None], positions[:, None], cache, DecodeMeta(positions, kv_len), hook
+    )
     logits = model.logits(h[:, 0])
     next_tok = sample(logits, sampling, positions + 1)
     last_tokens = last_tokens.at[:rows].set(jnp.where(positions < cache.max_len, next_tok, tokens))
     return logits, next_tok, cache, last_tokens
+
+
+def _merge(graphdef, treedef, params):
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, params))
 
 
 class ModelRunner:
@@ -114,8 +120,23 @@ class ModelRunner:
         if self.config.max_len > self.cfg.max_position_embeddings:
             self.config = dataclasses.replace(self.config, max_len=self.cfg.max_position_embeddings)
         cache_dtype = jnp.dtype(self.config.cache_dtype or loaded.dtype)
-        self.cache = KVCache.allocate(self.cfg, self.config.num_slots, self.config.max_len, cache_dtype)
+        self.cache = KVCache.allocate(
+            self.cfg, self.config.num_slots, self.config.max_len, cache_dtype
+        )
         self.last_tokens = jnp.zeros((self.config.num_slots,), jnp.int32)
+        # The graph definition and the state's tree structure are bound here, once: passing
+        # them per call would re-hash the module graph on every step (milliseconds of host
+        # time per token). Parameters travel as a flat list of arrays.
+        self.params, treedef = jax.tree_util.tree_flatten(loaded.state)
+        gd = loaded.graphdef
+        self._prefill = jax.jit(
+            partial(_prefill_step, gd, treedef), donate_argnames=("cache", "last_tokens")
+        )
+        self._decode = jax.jit(
+            partial(_decode_step, gd, treedef),
+            static_argnames=("kv_len", "rows"),
+            donate_argnames=("cache", "last_tokens"),
+        )
 
     @property
     def max_len(self) -> int:
@@ -158,8 +179,8 @@ class ModelRunner:
             sampling = jax.tree_util.tree_map(
                 lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad)]), sampling
             )
-        logits, toks, self.cache, self.last_tokens = _prefill_step(
-            self.loaded.graphdef, self.loaded.state, self.cache, self.last_tokens,
+        logits, toks, self.cache, self.last_tokens = self._prefill(
+            self.params, self.cache, self.last_tokens,
             jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slot_arr), sampling, hook,
         )  # fmt: skip
         return logits[:n], toks[:n]
@@ -183,16 +204,15 @@ class ModelRunner:
         pos = np.full((rows,), self.max_len, np.int32)  # idle rows write out of range: dropped
         pos[: len(positions)] = np.where(positions >= 0, positions, self.max_len)
         sampling = _rows(sampling, rows)
-        logits, toks, self.cache, self.last_tokens = _decode_step(
-            self.loaded.graphdef, self.loaded.state, self.cache, self.last_tokens,
+        logits, toks, self.cache, self.last_tokens = self._decode(
+            self.params, self.cache, self.last_tokens,
             jnp.asarray(pos), sampling, hook, kv_len=kv_len, rows=rows,
         )  # fmt: skip
         return logits, toks
 
-    @staticmethod
-    def compiled_count() -> int:
+    def compiled_count(self) -> int:
         """Number of compiled step variants so far (flat after warm-up)."""
-        return _prefill_step._cache_size() + _decode_step._cache_size()
+        return self._prefill._cache_size() + self._decode._cache_size()
 
 
 def _rows(sampling: SamplingArrays, rows: int) -> SamplingArrays:
@@ -201,7 +221,9 @@ def _rows(sampling: SamplingArrays, rows: int) -> SamplingArrays:
         return sampling
     if n > rows:
         return jax.tree_util.tree_map(lambda a: a[:rows], sampling)
-    return jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], rows - n)]), sampling)
+    return jax.tree_util.tree_map(
+        lambda a: jnp.concatenate([a, jnp.repeat(a[:1], rows - n)]), sampling
+    )
 
 
 @partial(jax.jit, static_argnames=("graphdef",))

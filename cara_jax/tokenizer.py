@@ -46,7 +46,9 @@ _QWEN2_SPLIT = (
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
 _GPT2 = {"default", "gpt2", "mpt", "olmo", "jais"}
 _SPLIT_REGEX = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT
+    ),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
 
@@ -149,7 +151,9 @@ class Tokenizer:
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         stops = set(stop_token_ids)
         if not stops and chat_template:
-            stops = {i for t in _END_OF_TURN if t in chat_template and (i := self._id(t)) is not None}
+            stops = {
+                i for t in _END_OF_TURN if t in chat_template and (i := self._id(t)) is not None
+            }
         if self.eos_token_id is not None:
             stops.add(self.eos_token_id)
         self.eos_token_ids: frozenset[int] = frozenset(stops)
@@ -174,8 +178,8 @@ class Tokenizer:
             raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (only byte-level BPE)")
         tokens: list[str] = field("ggml.tokens")
         types: list[int] = field("ggml.token_type", [1] * len(tokens))
-        alphabet = set(_bytes_to_unicode().values())
         byte_map = _bytes_to_unicode()
+        alphabet = set(byte_map.values())
         # Ordinary entries are spelled in the byte alphabet; a few converters store raw UTF-8.
         vocab = {
             (t if set(t) <= alphabet else "".join(byte_map[b] for b in t.encode())): i
@@ -185,20 +189,14 @@ class Tokenizer:
         backend = _Backend(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
         backend.pre_tokenizer = _byte_level_pre_tokenizer(field("ggml.pre"))
         backend.decoder = decoders.ByteLevel()
-        # Control tokens (<|im_start|>) must be matched whole in the text, never BPE-split.
+        # Control tokens (<|im_start|>) must be matched whole in the text, never BPE-split;
+        # user-defined ones (<think>) too, but they are ordinary text when decoding.
+        typed = list(zip(tokens, types, strict=True))
         backend.add_special_tokens(
-            [
-                AddedToken(t, special=True, normalized=False)
-                for t, ty in zip(tokens, types)
-                if ty == _GGUF_CONTROL
-            ]
+            [AddedToken(t, special=True, normalized=False) for t, y in typed if y == _GGUF_CONTROL]
         )
         backend.add_tokens(
-            [
-                AddedToken(t, special=False, normalized=False)
-                for t, ty in zip(tokens, types)
-                if ty == _GGUF_USER_DEFINED
-            ]
+            [AddedToken(t, normalized=False) for t, y in typed if y == _GGUF_USER_DEFINED]
         )
 
         def tok(key: str) -> str | None:
@@ -213,7 +211,9 @@ class Tokenizer:
                 single=[*prefix, "$A", *suffix],
                 special_tokens=[(t, vocab[t]) for t in {*prefix, *suffix}],
             )
-        stops = [i for k in ("eot_token_id", "eom_token_id") if (i := field(f"ggml.{k}")) is not None]
+        stops = [
+            i for k in ("eot_token_id", "eom_token_id") if (i := field(f"ggml.{k}")) is not None
+        ]
         return cls(
             backend,
             bos_token=bos,

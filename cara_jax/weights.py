@@ -93,7 +93,10 @@ def _from_hf_names(raw: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np
             raise WeightsError(f"missing tensor {name}")
         return np.asarray(raw[name], dtype=np.float32)
 
-    out = {"embed_tokens": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    out = {
+        "embed_tokens": take("model.embed_tokens.weight"),
+        "norm.weight": take("model.norm.weight"),
+    }
     if not cfg.tie_word_embeddings:
         out["lm_head.kernel"] = take("lm_head.weight").T
     for i in range(cfg.num_layers):
@@ -205,7 +208,9 @@ def build_model(cfg: ModelConfig, flat: dict[str, np.ndarray], dtype: jnp.dtype)
     }
     if set(expected) != set(flat):
         missing, extra = set(expected) - set(flat), set(flat) - set(expected)
-        raise WeightsError(f"tensor names differ: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
+        raise WeightsError(
+            f"tensor names differ: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
+        )
     for k, shape in expected.items():
         if tuple(flat[k].shape) != tuple(shape):
             raise WeightsError(f"{k}: shape {flat[k].shape} != expected {shape}")
@@ -215,11 +220,14 @@ def build_model(cfg: ModelConfig, flat: dict[str, np.ndarray], dtype: jnp.dtype)
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CARA_JAX_CACHE", Path.home() / ".cache" / "cara_jax")) / "converted"
+    root = os.environ.get("CARA_JAX_CACHE") or Path.home() / ".cache" / "cara_jax"
+    return Path(root).expanduser().resolve() / "converted"
 
 
 def _source_key(path: Path, dtype: jnp.dtype) -> str:
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    files = (
+        [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    )
     h = hashlib.sha256(f"v{CACHE_FORMAT}:{jnp.dtype(dtype).name}".encode())
     for f in files:
         st = f.stat()
@@ -252,7 +260,9 @@ def _load_cache(dirpath: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     return ModelConfig(**d), dict(flat)
 
 
-def load_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, use_cache: bool = True) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, use_cache: bool = True
+) -> LoadedModel:
     """Load an HF checkpoint folder or a GGUF file (the orbax cache makes later starts fast)."""
     path = Path(path)
     if not path.exists():

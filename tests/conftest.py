@@ -1,0 +1,99 @@
+"""Shared fixtures: the real SmolLM2 model (ours and HF's reference) and a random HF Llama."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Keep converted-parameter caches inside the test session, never in the user's home.
+os.environ.setdefault("CARA_JAX_CACHE", str(Path(__file__).parent / ".cache"))
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    from cara_jax.embedded import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    from cara_jax.weights import load_model
+
+    return load_model(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_tokenizer(smollm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A random HF Llama: GQA, untied embeddings, llama3 rope scaling, sharded safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_theta=50000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # default init is tiny; widen it so logits are far from uniform
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out, max_shard_size="200KB", safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_llama_dir):
+    from cara_jax.weights import load_model
+
+    return load_model(tiny_llama_dir, use_cache=False)
