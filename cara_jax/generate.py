@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cara_jax.lora_hooks import LoraHook
 from cara_jax.runner import ModelRunner
 from cara_jax.sampler import SamplingArrays
 
@@ -33,10 +32,13 @@ def generate_tokens(
     top_p: float = 1.0,
     seed: int = 0,
     stop_ids: frozenset[int] = frozenset(),
-    hook: LoraHook | None = None,
+    adapters: list[int] | None = None,
     on_token: Callable[[int, int], None] | None = None,
 ) -> list[GenOutput]:
-    """Generate up to ``max_tokens`` per prompt; ``on_token(row, token)`` streams as they land."""
+    """Generate up to ``max_tokens`` per prompt; ``on_token(row, token)`` streams as they land.
+
+    ``adapters[i]`` is prompt i's adapter slot in the runner's device pool (0 = base model).
+    """
     n = len(prompts)
     cap = runner.config.num_slots
     if n > cap:
@@ -46,8 +48,10 @@ def generate_tokens(
     first = []
     for i in range(0, n, chunk):
         idx = list(range(i, min(n, i + chunk)))
-        _, toks = runner.prefill([prompts[j] for j in idx], idx, sampling.take(np.array(idx)), hook)
+        ad = None if adapters is None else [adapters[j] for j in idx]
+        _, toks = runner.prefill([prompts[j] for j in idx], idx, sampling.take(np.array(idx)), ad)
         first.append(toks)
+    slot_adapters = None if adapters is None else np.asarray(adapters, np.int32)
     outs = [GenOutput([], "length") for _ in range(n)]
     done = np.zeros(n, bool)
     positions = np.array([len(p) for p in prompts], np.int32)  # position of the token to feed
@@ -73,7 +77,7 @@ def generate_tokens(
             break
         launched = None
         if (live >= 0).any():
-            _, toks = runner.decode(live, sampling, hook)
+            _, toks = runner.decode(live, sampling, slot_adapters)
             launched = (toks, live.copy())
             positions = np.where(done, positions, positions + 1)
         if in_flight is not None:

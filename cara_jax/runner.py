@@ -14,7 +14,9 @@ prove nothing recompiles after warm-up.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from functools import partial
 
 import jax
@@ -22,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cara_jax.adapters.device_pool import DevicePool
+from cara_jax.adapters.multi_lora import STRATEGIES
 from cara_jax.kv_cache import KVCache
 from cara_jax.lora_hooks import LoraHook
 from cara_jax.model import DecodeMeta, PrefillMeta
@@ -113,8 +117,18 @@ def _merge(graphdef, treedef, params):
 class ModelRunner:
     """Holds parameters and cache; runs bucketed prefill and decode steps."""
 
-    def __init__(self, loaded: LoadedModel, config: RunnerConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: RunnerConfig | None = None,
+        pool: DevicePool | None = None,
+        lora_strategy: str = "bgmv",
+    ) -> None:
+        if lora_strategy not in STRATEGIES:
+            raise ValueError(f"lora_strategy must be one of {STRATEGIES}, not {lora_strategy!r}")
         self.loaded = loaded
+        self.pool = pool
+        self.lora_strategy = lora_strategy
         self.cfg = loaded.cfg
         self.config = config or RunnerConfig()
         if self.config.max_len > self.cfg.max_position_embeddings:
@@ -156,11 +170,12 @@ class ModelRunner:
         prompts: list[list[int]],
         slots: list[int],
         sampling: SamplingArrays,
-        hook: LoraHook | None = None,
+        adapters: list[int] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Prefill prompts into their slots (one bucketed call); returns (logits, first tokens).
 
-        ``sampling`` has one row per prompt. Both outputs have one row per prompt.
+        ``sampling`` has one row per prompt; ``adapters`` the device-pool adapter slot of each
+        prompt (0 = base model). Both outputs have one row per prompt.
         """
         n = len(prompts)
         for p in prompts:
@@ -179,19 +194,25 @@ class ModelRunner:
             sampling = jax.tree_util.tree_map(
                 lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad)]), sampling
             )
-        logits, toks, self.cache, self.last_tokens = self._prefill(
-            self.params, self.cache, self.last_tokens,
-            jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slot_arr), sampling, hook,
-        )  # fmt: skip
+        ad = np.zeros((bb,), np.int32)
+        if adapters is not None:
+            ad[:n] = adapters
+        with self._lora(ad, "bgmv") as hook:  # prefill runs the segment kernel either way
+            logits, toks, self.cache, self.last_tokens = self._prefill(
+                self.params, self.cache, self.last_tokens,
+                jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slot_arr), sampling, hook,
+            )  # fmt: skip
         return logits[:n], toks[:n]
 
     def decode(
         self,
         positions: np.ndarray,
         sampling: SamplingArrays,
-        hook: LoraHook | None = None,
+        adapters: np.ndarray | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """One token for slots 0..len(positions)-1 (position < 0 marks an idle slot).
+
+        ``adapters[i]`` is the device-pool adapter slot of decode slot i (0 = base model).
 
         Inputs come from the device-side last-token vector; returns (logits, tokens) for
         ``rows`` = the decode bucket, rows beyond len(positions) being padding.
@@ -204,11 +225,24 @@ class ModelRunner:
         pos = np.full((rows,), self.max_len, np.int32)  # idle rows write out of range: dropped
         pos[: len(positions)] = np.where(positions >= 0, positions, self.max_len)
         sampling = _rows(sampling, rows)
-        logits, toks, self.cache, self.last_tokens = self._decode(
-            self.params, self.cache, self.last_tokens,
-            jnp.asarray(pos), sampling, hook, kv_len=kv_len, rows=rows,
-        )  # fmt: skip
+        ad = np.zeros((rows,), np.int32)
+        if adapters is not None:
+            ad[: len(positions)] = np.where(positions >= 0, adapters[: len(positions)], 0)
+        with self._lora(ad, self.lora_strategy) as hook:
+            logits, toks, self.cache, self.last_tokens = self._decode(
+                self.params, self.cache, self.last_tokens,
+                jnp.asarray(pos), sampling, hook, kv_len=kv_len, rows=rows,
+            )  # fmt: skip
         return logits, toks
+
+    @contextlib.contextmanager
+    def _lora(self, adapters: np.ndarray, strategy: str) -> Iterator[LoraHook | None]:
+        """The hook for a batch (None when no row uses an adapter), pool locked while dispatching."""
+        if self.pool is None or not adapters.any():
+            yield None
+            return
+        with self.pool.lock:
+            yield self.pool.hook(adapters, strategy)
 
     def compiled_count(self) -> int:
         """Number of compiled step variants so far (flat after warm-up)."""

@@ -1,0 +1,162 @@
+"""Decode throughput with 16 distinct adapters vs base-only, bgmv vs mbgmv, in one run.
+
+    python -m bench.lora_decode [--batch 16] [--steps 32] [--ranks 8,16,32,64] [--out bench/results]
+
+Adapters are written as PEFT folders (adapter_config.json + adapter_model.safetensors with
+PEFT's key names) with random weights, targeting all seven projections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from cara_jax.adapters.device_pool import DevicePool, PoolConfig
+from cara_jax.adapters.store import AdapterRegistry
+from cara_jax.config import ModelConfig
+from cara_jax.embedded import default_model_path
+from cara_jax.runner import ModelRunner, RunnerConfig
+from cara_jax.sampler import SamplingArrays
+from cara_jax.weights import load_model
+
+MEM_BW = 26e9  # bytes/s, measured memory read bandwidth of the 2-core development machine
+GEMM_RATE = 200e9  # FLOP/s, measured float32 GEMM rate of the same machine
+PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_peft_adapter(path: Path, cfg: ModelConfig, rank: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    shapes = cfg.projection_shapes()
+    for layer in range(cfg.num_layers):
+        for p in PROJS:
+            din, dout = shapes[p]
+            mod = "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{mod}.{p}"
+            tensors[f"{key}.lora_A.weight"] = (
+                rng.standard_normal((rank, din)) / np.sqrt(din)
+            ).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((dout, rank)) * 0.01).astype(
+                np.float32
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    conf = {
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": PROJS,
+        "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": False, "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+    }  # fmt: skip
+    (path / "adapter_config.json").write_text(json.dumps(conf))
+
+
+def decode_rate(runner: ModelRunner, batch: int, steps: int, prompt_len: int, adapters) -> float:
+    sampling = SamplingArrays.greedy(batch)
+    prompts = [[(7 * i + j) % 1000 + 10 for j in range(prompt_len)] for i in range(batch)]
+    chunk = runner.config.max_prefill_batch
+    for i in range(0, batch, chunk):
+        idx = list(range(i, min(batch, i + chunk)))
+        ad = None if adapters is None else [int(adapters[j]) for j in idx]
+        runner.prefill([prompts[j] for j in idx], idx, sampling.take(np.array(idx)), ad)
+    pos = np.full(batch, prompt_len, np.int32)
+    runner.decode(pos, sampling, adapters)[1].block_until_ready()  # compile + warm
+    t = time.perf_counter()
+    for k in range(steps):
+        _, toks = runner.decode(pos + 1 + k, sampling, adapters)
+    toks.block_until_ready()
+    return batch * steps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--ranks", default="8,16,32,64")
+    ap.add_argument("--repeats", type=int, default=2, help="alternate the configs this many times")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
+    loaded = load_model(default_model_path())
+    cfg = loaded.cfg
+    adapter_ranks = [ranks[i % len(ranks)] for i in range(args.batch)]
+    with tempfile.TemporaryDirectory() as tmp:
+        reg = AdapterRegistry(cfg)
+        for i, r in enumerate(adapter_ranks):
+            write_peft_adapter(Path(tmp) / f"a{i}", cfg, r, seed=i)
+            reg.register(f"a{i}", Path(tmp) / f"a{i}")
+        adapter_bytes = sum(reg.resolve(f"a{i}").nbytes for i in range(args.batch))
+        pool = DevicePool(
+            cfg, PoolConfig(budget_bytes=int(adapter_bytes * 1.3), max_rank=max(ranks))
+        )
+        slots = []
+        for i in range(args.batch):
+            a = reg.resolve(f"a{i}")
+            pool.acquire(a).wait()
+            slots.append(pool.slot_of(a.content_hash))
+    slots = np.array(slots, np.int32)
+    rc = RunnerConfig(num_slots=args.batch, max_len=512, max_prefill_batch=8)
+    runners = {s: ModelRunner(loaded, rc, pool=pool, lora_strategy=s) for s in ("bgmv", "mbgmv")}
+    rates: dict[str, list[float]] = {"base": [], "bgmv": [], "mbgmv": []}
+    for _ in range(args.repeats):
+        rates["base"].append(
+            decode_rate(runners["bgmv"], args.batch, args.steps, args.prompt_len, None)
+        )
+        for s in ("bgmv", "mbgmv"):
+            rates[s].append(decode_rate(runners[s], args.batch, args.steps, args.prompt_len, slots))
+    best = {k: max(v) for k, v in rates.items()}
+    base_bytes = cfg.num_params() * 4
+    kv = 2 * cfg.kv_size * 4 * cfg.num_layers * (args.prompt_len + args.steps // 2) * args.batch
+    flops_tok = 2 * cfg.num_params()
+    lora_flops_tok = 2 * adapter_bytes / 4 / args.batch
+    roof = {}
+    for k in best:
+        extra = 0 if k == "base" else adapter_bytes
+        extra_fl = 0 if k == "base" else lora_flops_tok * args.batch
+        t_step = max(
+            (base_bytes + extra + kv) / MEM_BW, (flops_tok * args.batch + extra_fl) / GEMM_RATE
+        )
+        roof[k] = args.batch / t_step
+    rows = [
+        (k, best[k], roof[k], best[k] / roof[k], best[k] / best["base"])
+        for k in ("base", "bgmv", "mbgmv")
+    ]
+    lines = [
+        f"# LoRA decode throughput, batch {args.batch}, {args.batch} distinct adapters "
+        f"(ranks {sorted(set(adapter_ranks))}, all 7 projections)",
+        "",
+        f"Machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
+        f"({jax.devices()[0].platform}); SmolLM2-135M float32; "
+        f"{datetime.date.today().isoformat()}. Adapter bytes in the batch: {adapter_bytes / 1e6:.1f} MB "
+        f"(base weights {base_bytes / 1e6:.0f} MB).",
+        "",
+        "| config | decode tok/s | roofline tok/s | fraction of roofline | vs base-only |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {k} | {r:.1f} | {rf:.1f} | {fr:.0%} | {rel:.2f}x |" for k, r, rf, fr, rel in rows]
+    lines += [
+        "",
+        f"All runs (tok/s): {json.dumps({k: [round(x, 1) for x in v] for k, v in rates.items()})}",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lora_decode.md").write_text(text + "\n")
+    (out / "lora_decode.json").write_text(
+        json.dumps({"rates": rates, "roofline": roof, "adapter_bytes": adapter_bytes}, indent=1)
+    )
+    pool.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Device tier of the adapter store: rank rows in per-layer pools, no padding to a max rank.
+
+For each projection p and layer l the pool keeps A rows ``a[p][l]`` [N_p, in] and B rows
+``b[p][l]`` [N_p, out] (B pre-multiplied by the adapter's scaling). An adapter of rank r on p
+takes r rows: any r free rows, not a contiguous range, so there is no fragmentation and no
+compaction. Row 0 stays zero. A slot table maps an adapter slot to its rows; kernels gather
+through it (see multi_lora.py).
+
+Loads are asynchronous: ``acquire`` returns a LoadHandle at once, and a loader thread copies the
+adapter one layer group at a time. The handle records bytes and seconds per group and tells which
+groups are ready, so CPU-assisted prefill can use the device path for layers that have arrived.
+Adapters are keyed by content hash. Eviction is LRU and skips adapters that a running sequence
+holds (refcount > 0) and pinned ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from cara_jax.adapters.peft import LoraAdapter
+
+from cara_jax.adapters.multi_lora import MultiLoraHook
+from cara_jax.config import ModelConfig
+from cara_jax.lora_hooks import PROJECTIONS
+
+log = logging.getLogger(__name__)
+
+
+class PoolFullError(RuntimeError):
+    """The adapter cannot fit: every resident adapter is in use or pinned."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    budget_bytes: int = 512 << 20  # device memory for adapter rows, all projections and layers
+    max_adapters: int = 64  # resident adapters (slot table height)
+    max_rank: int = 128  # largest rank accepted (slot table width)
+    layer_groups: int = 4  # copy granularity; CPU assist overlaps the later groups
+    projections: tuple[str, ...] = PROJECTIONS
+
+
+class LoadHandle:
+    """Progress of one adapter's copy to the device, group by group."""
+
+    def __init__(self, content_hash: str, groups: list[range], nbytes: int) -> None:
+        self.content_hash = content_hash
+        self.groups = groups
+        self.nbytes = nbytes
+        self.group_seconds: list[float | None] = [None] * len(groups)
+        self._events = [threading.Event() for _ in groups]
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.seconds: float | None = None
+
+    def _group_done(self, g: int, seconds: float) -> None:
+        self.group_seconds[g] = seconds
+        self._events[g].set()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.seconds = time.perf_counter() - self.started
+        for e in self._events:
+            e.set()
+        self._done.set()
+
+    @classmethod
+    def resident(cls, content_hash: str, groups: list[range]) -> LoadHandle:
+        h = cls(content_hash, groups, 0)
+        h._finish()
+        h.seconds = 0.0
+        return h
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ok = self._done.wait(timeout)
+        if ok and self.error is not None:
+            raise self.error
+        return ok
+
+    def group_ready(self, g: int) -> bool:
+        return self._events[g].is_set() and self.error is None
+
+    def layer_ready(self, layer: int) -> bool:
+        return any(self.group_ready(g) for g, r in enumerate(self.groups) if layer in r)
+
+    def ready_layers(self) -> list[int]:
+        return [i for g, r in enumerate(self.groups) if self.group_ready(g) for i in r]
+
+
+@dataclasses.dataclass
+class _Entry:
+    adapter: LoraAdapter
+    slot: int
+    rows: dict[str, np.ndarray]  # proj -> pool rows (len = rank on that projection)
+    handle: LoadHandle
+    refcount: int = 0
+    pinned: bool = False
+
+
+@dataclasses.dataclass
+class PoolStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_loaded: int = 0
+    load_seconds: list[float] = dataclasses.field(default_factory=list)
+
+
+@jax.jit
+def _write_rows(pools: list[jax.Array], rows: jax.Array, values: list[jax.Array]):
+    return [p.at[rows].set(v.astype(p.dtype)) for p, v in zip(pools, values, strict=True)]
+
+
+_write_rows_donated = jax.jit(_write_rows.__wrapped__, donate_argnums=0)
+
+
+class DevicePool:
+    """Adapter rows on the device, with slot table, refcounts, pins and LRU eviction."""
+
+    def __init__(self, cfg: ModelConfig, config: PoolConfig | None = None, dtype=jnp.float32):
+        self.cfg = cfg
+        self.config = pc = config or PoolConfig()
+        self.dtype = jnp.dtype(dtype)
+        shapes = cfg.projection_shapes()
+        self.projections = tuple(p for p in pc.projections if p in shapes)
+        per_row = sum(sum(shapes[p]) for p in self.projections) * cfg.num_layers
+        self.rows_per_proj = max(2, pc.budget_bytes // (per_row * self.dtype.itemsize))
+        n = self.rows_per_proj
+        self.a = {
+            p: [jnp.zeros((n, shapes[p][0]), dtype) for _ in range(cfg.num_layers)]
+            for p in self.projections
+        }
+        self.b = {
+            p: [jnp.zeros((n, shapes[p][1]), dtype) for _ in range(cfg.num_layers)]
+            for p in self.projections
+        }
+        self._free_rows = {
+            p: list(range(n - 1, 0, -1)) for p in self.projections
+        }  # pop() -> low rows
+        self._free_slots = list(range(pc.max_adapters - 1, 0, -1))
+        self._slot_rows = {
+            p: np.zeros((pc.max_adapters, pc.max_rank), np.int32) for p in self.projections
+        }
+        self._slot_rank = {p: np.zeros((pc.max_adapters,), np.int32) for p in self.projections}
+        self._table_dev: tuple | None = None
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
+        per_group = -(-cfg.num_layers // pc.layer_groups)
+        self.groups = [
+            range(i, min(i + per_group, cfg.num_layers))
+            for i in range(0, cfg.num_layers, per_group)
+        ]
+        self.lock = threading.RLock()  # guards pool arrays, tables and entries
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+        self.stats = PoolStats()
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ residency
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(int(x.nbytes) for p in self.projections for x in self.a[p] + self.b[p])
+
+    def resident(self) -> list[str]:
+        with self.lock:
+            return list(self._entries)
+
+    def is_resident(self, content_hash: str) -> bool:
+        with self.lock:
+            e = self._entries.get(content_hash)
+            return e is not None and e.handle.done() and e.handle.error is None
+
+    def slot_of(self, content_hash: str) -> int:
+        with self.lock:
+            return self._entries[content_hash].slot
+
+    def acquire(self, adapter: LoraAdapter) -> LoadHandle:
+        """Make ``adapter`` resident (loading it if needed) and hold it until ``release``."""
+        with self.lock:
+            e = self._entries.get(adapter.content_hash)
+            if e is not None:
+                self.stats.hits += 1
+                e.refcount += 1
+                self._entries.move_to_end(adapter.content_hash)
+                return e.handle
+            self.stats.misses += 1
+            ranks = self._ranks(adapter)
+            self._make_room(ranks)
+            slot = self._free_slots.pop()
+            rows = {
+                p: np.array([self._free_rows[p].pop() for _ in range(r)], np.int32)
+                for p, r in ranks.items()
+            }
+            for p in self.projections:  # the slot's rows and ranks are published on completion
+                self._slot_rows[p][slot] = 0
+                self._slot_rank[p][slot] = 0
+            nbytes = sum(int(rows[p].size) * sum(self.cfg.projection_shapes()[p]) for p in rows)
+            handle = LoadHandle(
+                adapter.content_hash,
+                self.groups,
+                nbytes * self.cfg.num_layers * self.dtype.itemsize,
+            )
+            e = _Entry(adapter=adapter, slot=slot, rows=rows, handle=handle, refcount=1)
+            self._entries[adapter.content_hash] = e
+        self._loader.submit(self._load, e, ranks)
+        return handle
+
+    def release(self, content_hash: str) -> None:
+        with self.lock:
+            e = self._entries[content_hash]
+            if e.refcount <= 0:
+                raise ValueError(f"adapter {content_hash[:12]} released more often than acquired")
+            e.refcount -= 1
+
+    def pin(self, content_hash: str, pinned: bool = True) -> None:
+        with self.lock:
+            self._entries[content_hash].pinned = pinned
+
+    def evict(self, content_hash: str) -> None:
+        """Drop an idle adapter now (e.g. after its name was unloaded)."""
+        with self.lock:
+            e = self._entries.get(content_hash)
+            if e is None:
+                return
+            if e.refcount > 0 or not e.handle.done():
+                raise PoolFullError(f"adapter {content_hash[:12]} is in use")
+            self._drop(content_hash)
+
+    def _ranks(self, adapter: LoraAdapter) -> dict[str, int]:
+        ranks: dict[str, int] = {}
+        for (_, p), m in adapter.modules.items():
+            if p not in self.projections:
+                raise ValueError(f"this pool does not hold projection {p}")
+            ranks[p] = max(ranks.get(p, 0), m.rank)
+        too_big = {p: r for p, r in ranks.items() if r > self.config.max_rank}
+        if too_big:
+            raise ValueError(
+                f"rank {max(too_big.values())} exceeds the pool's max_rank {self.config.max_rank}"
+            )
+        return ranks
+
+    def _make_room(self, ranks: dict[str, int]) -> None:
+        def fits() -> bool:
+            return bool(self._free_slots) and all(
+                len(self._free_rows[p]) >= r for p, r in ranks.items()
+            )
+
+        for h in list(self._entries):
+            if fits():
+                return
+            e = self._entries[h]
+            if e.refcount == 0 and not e.pinned and e.handle.done():
+                self._drop(h)
+                self.stats.evictions += 1
+        if not fits():
+            need = {p: r for p, r in ranks.items()}
+            raise PoolFullError(
+                f"no room for an adapter needing rank rows {need}: "
+                f"{sum(e.refcount > 0 for e in self._entries.values())} resident adapters are in use"
+            )
+
+    def _drop(self, content_hash: str) -> None:
+        e = self._entries.pop(content_hash)
+        for p, rows in e.rows.items():
+            self._free_rows[p].extend(int(r) for r in rows)
+        for p in self.projections:
+            self._slot_rows[p][e.slot] = 0
+            self._slot_rank[p][e.slot] = 0
+        self._free_slots.append(e.slot)
+        self._table_dev = None
+
+    def _load(self, e: _Entry, ranks: dict[str, int]) -> None:
+        shapes = self.cfg.projection_shapes()
+        try:
+            for g, layers in enumerate(self.groups):
+                t0 = time.perf_counter()
+                for p, r in ranks.items():
+                    din, dout = shapes[p]
+                    av = np.zeros((len(layers), r, din), np.float32)
+                    bv = np.zeros((len(layers), r, dout), np.float32)
+                    for k, layer in enumerate(layers):
+                        m = e.adapter.modules.get((layer, p))
+                        if m is not None:
+                            av[k, : m.rank] = m.a.T
+                            bv[k, : m.rank] = m.b
+                    rows = jnp.asarray(e.rows[p])
+                    a_vals = [jax.device_put(v.astype(self.dtype)) for v in av]
+                    b_vals = [jax.device_put(v.astype(self.dtype)) for v in bv]
+                    with self.lock:
+                        a_old = [self.a[p][i] for i in layers]
+                        b_old = [self.b[p][i] for i in layers]
+                        a_new = _write_rows_donated(a_old, rows, a_vals)
+                        b_new = _write_rows_donated(b_old, rows, b_vals)
+                        for k, layer in enumerate(layers):
+                            self.a[p][layer] = a_new[k]
+                            self.b[p][layer] = b_new[k]
+                    jax.block_until_ready((a_new, b_new))
+                e.handle._group_done(g, time.perf_counter() - t0)
+            with self.lock:
+                for p, r in ranks.items():
+                    self._slot_rows[p][e.slot, :r] = e.rows[p]
+                    self._slot_rank[p][e.slot] = r
+                self._table_dev = None
+                self.stats.bytes_loaded += e.handle.nbytes
+            e.handle._finish()
+            self.stats.load_seconds.append(e.handle.seconds or 0.0)
+        except BaseException as err:  # surfaced through the handle, never lost
+            log.exception("adapter load failed")
+            with self.lock:
+                if self._entries.get(e.adapter.content_hash) is e:
+                    self._drop(e.adapter.content_hash)
+            e.handle._finish(err)
+
+    # ------------------------------------------------------------------ hooks
+
+    def _table(self) -> tuple[dict, dict]:
+        if self._table_dev is None:
+            self._table_dev = (
+                {p: jnp.asarray(v) for p, v in self._slot_rows.items()},
+                {p: jnp.asarray(v) for p, v in self._slot_rank.items()},
+            )
+        return self._table_dev
+
+    def batch_ranks(self, slots: np.ndarray) -> tuple[int, int]:
+        """(max rank, max over projections of the summed rank) of the adapters in ``slots``."""
+        with self.lock:
+            ranks = np.stack([self._slot_rank[p][slots] for p in self.projections])
+        return int(ranks.max(initial=0)), int(ranks.sum(axis=1).max(initial=0))
+
+    def hook(
+        self, slots: np.ndarray, strategy: str = "bgmv", rank_bucket: int | None = None
+    ) -> MultiLoraHook:
+        """A hook for a batch whose row i uses adapter slot ``slots[i]`` (0 = none).
+
+        Call and dispatch the step while holding ``pool.lock``: a concurrent load donates the
+        pool arrays it updates.
+        """
+        if rank_bucket is None:
+            mx, total = self.batch_ranks(slots)
+            rank_bucket = rank_bucket_for(total if strategy == "mbgmv" else mx)
+        rows, rank = self._table()
+        return MultiLoraHook(
+            a={p: list(v) for p, v in self.a.items()},
+            b={p: list(v) for p, v in self.b.items()},
+            slot_rows=rows,
+            slot_rank=rank,
+            adapter=jnp.asarray(slots, jnp.int32),
+            strategy=strategy,
+            rank_bucket=rank_bucket,
+        )
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True)
+
+
+def rank_bucket_for(r: int) -> int:
+    """Power-of-two bucket (min 8) so the number of compiled variants stays small."""
+    b = 8
+    while b < r:
+        b *= 2
+    return b

@@ -1,0 +1,141 @@
+"""Host tier and name registry: adapters keyed by content, names pointing at contents.
+
+- ``HostStore``: LRU by bytes of parsed adapters (numpy) keyed by content hash; identical
+  contents loaded under several names are stored once.
+- ``AdapterRegistry``: name -> (path, content hash). Registering a name again with different
+  contents swaps the mapping atomically; sequences that already hold the old content keep it
+  (the device pool refcounts by content hash), new requests get the new one. An adapter evicted
+  from the host tier is re-read from disk on the next use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from cara_jax.adapters.peft import AdapterError, LoraAdapter, load_peft_adapter
+
+from cara_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class UnknownAdapterError(KeyError):
+    """No adapter is registered under this name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown adapter"
+
+
+class HostStore:
+    """Parsed adapters in host memory, LRU-evicted beyond ``budget_bytes``."""
+
+    def __init__(self, budget_bytes: int = 4 << 30) -> None:
+        self.budget_bytes = budget_bytes
+        self._items: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._items.values())
+
+    def get(self, content_hash: str) -> LoraAdapter | None:
+        with self._lock:
+            a = self._items.get(content_hash)
+            if a is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(content_hash)
+            return a
+
+    def put(self, adapter: LoraAdapter) -> LoraAdapter:
+        """Insert (or return the already stored object with the same content)."""
+        with self._lock:
+            have = self._items.get(adapter.content_hash)
+            if have is not None:
+                self._items.move_to_end(adapter.content_hash)
+                return have
+            self._items[adapter.content_hash] = adapter
+            while self.nbytes > self.budget_bytes and len(self._items) > 1:
+                self._items.popitem(last=False)
+                self.evictions += 1
+            return adapter
+
+    def __contains__(self, content_hash: str) -> bool:
+        return content_hash in self._items
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredAdapter:
+    name: str
+    path: str
+    content_hash: str
+    max_rank: int
+
+
+class AdapterRegistry:
+    """Adapter names for one base model, resolved through the host store."""
+
+    def __init__(
+        self, cfg: ModelConfig, host: HostStore | None = None, base_model_name: str | None = None
+    ):
+        self.cfg = cfg
+        self.host = host or HostStore()
+        self.base_model_name = base_model_name
+        self._names: dict[str, RegisteredAdapter] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, path: str | Path) -> RegisteredAdapter:
+        """Load and validate ``path`` (all or nothing), then point ``name`` at its content."""
+        adapter = load_peft_adapter(path, self.cfg, base_model_name=self.base_model_name)
+        adapter = self.host.put(adapter)
+        entry = RegisteredAdapter(name, str(path), adapter.content_hash, adapter.max_rank)
+        with self._lock:
+            old = self._names.get(name)
+            self._names[name] = entry
+        if old is not None and old.content_hash != entry.content_hash:
+            log.info(
+                "adapter %s replaced: %s -> %s",
+                name,
+                old.content_hash[:12],
+                entry.content_hash[:12],
+            )
+        return entry
+
+    def unregister(self, name: str) -> RegisteredAdapter:
+        with self._lock:
+            if name not in self._names:
+                raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+            return self._names.pop(name)
+
+    def names(self) -> dict[str, RegisteredAdapter]:
+        with self._lock:
+            return dict(self._names)
+
+    def entry(self, name: str) -> RegisteredAdapter:
+        with self._lock:
+            e = self._names.get(name)
+        if e is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        return e
+
+    def resolve(self, name: str) -> LoraAdapter:
+        """The adapter's current content, re-read from disk if the host tier evicted it."""
+        e = self.entry(name)
+        a = self.host.get(e.content_hash)
+        if a is not None:
+            return a
+        a = load_peft_adapter(e.path, self.cfg, base_model_name=self.base_model_name)
+        if a.content_hash != e.content_hash:
+            raise AdapterError(
+                f"adapter {name!r} changed on disk since it was loaded; load it again to use "
+                "the new contents"
+            )
+        return self.host.put(a)
