@@ -251,7 +251,9 @@ def markdown(result: dict) -> str:
         f"- prompt {a['prompt_len']} tokens, {a['new_tokens']} greedy decode steps, "
         f"median of {a['repeats']}; roofline: MEM_BW {a['mem_bw']:.3g} B/s, "
         f"GEMM {a['gemm_flops']:.3g} FLOP/s",
-        "- HF decode: manual KV-cache greedy loop (DynamicCache), not model.generate",
+        "- HF decode: manual KV-cache greedy loop (DynamicCache), not model.generate"
+        if a["hf"]
+        else "- HF not measured (--no-hf)",
         "",
         "| batch | cara prefill tok/s | HF prefill tok/s | ratio | cara decode tok/s "
         "| HF decode tok/s | ratio | roofline tok/s | fraction |",
