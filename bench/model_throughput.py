@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -199,19 +200,25 @@ def bench_hf(model, prompts, new_tokens: int, repeats: int) -> dict:
 
     ids = torch.tensor(prompts, dtype=torch.long)
     mask = torch.ones_like(ids)  # prompts are equal length: the padded batch has no padding
+    # transformers >= 5.2x renamed past_key_values to cache (argument and output field)
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def cache_of(out):
+        return getattr(out, "cache", None) if cache_kw == "cache" else out.past_key_values
 
     def prefill():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].argmax(-1), out.past_key_values
+        return out.logits[:, -1].argmax(-1), cache_of(out)
 
     def decode(nxt, cache):
         am, toks = mask, []
         for _ in range(new_tokens):
             am = torch.cat([am, torch.ones_like(am[:, :1])], dim=1)
             out = model(
-                input_ids=nxt[:, None], attention_mask=am, past_key_values=cache, use_cache=True
+                input_ids=nxt[:, None], attention_mask=am, use_cache=True, **{cache_kw: cache}
             )
-            nxt, cache = out.logits[:, -1].argmax(-1), out.past_key_values
+            nxt, cache = out.logits[:, -1].argmax(-1), cache_of(out)
             toks.append(nxt)
         return toks
 

@@ -33,16 +33,23 @@ ADAPTERS = {
 }
 
 
-def make_peft_adapters(base_dir, out_dir, specs, seed=0, scale=1.0):
-    """Save real PEFT adapters (init_lora_weights=False, so B != 0) for the model in base_dir."""
+def make_peft_adapters(base, out_dir, specs, seed=0, scale=1.0):
+    """Save real PEFT adapters (init_lora_weights=False, so B != 0).
+
+    ``base`` is an HF checkpoint folder or a callable returning a fresh HF model.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     paths = {}
     for i, (name, kw) in enumerate(specs.items()):
         torch.manual_seed(seed + i)
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(init_lora_weights=False, **kw))
+        if callable(base):
+            model_in = base()
+        else:
+            model_in = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        base_model = model_in
+        model = get_peft_model(base_model, LoraConfig(init_lora_weights=False, **kw))
         if scale != 1.0:
             with torch.no_grad():
                 for n, p in model.named_parameters():
@@ -140,21 +147,13 @@ def test_tiny_llama_mixed_batch_matches_peft(tiny, tiny_llama_dir, tiny_adapters
     _check_mixed(tiny, peft_model, tiny_adapters, rows, n_tokens=12, prompt_len=10)
 
 
-@pytest.fixture(scope="module")
-def smollm_hf_dir(hf_smollm, tmp_path_factory):
-    """SmolLM2 saved as an HF folder, so PEFT can build adapters against it."""
-    out = tmp_path_factory.mktemp("smollm_hf")
-    hf_smollm.save_pretrained(out)
-    return out
-
-
-def test_smollm2_mixed_batch_matches_peft(smollm, hf_smollm, smollm_hf_dir, tmp_path):
+def test_smollm2_mixed_batch_matches_peft(smollm, hf_smollm, tmp_path):
     specs = {
         "s8": dict(r=8, lora_alpha=16, target_modules=ALL7),
         "s32_qv": dict(r=32, lora_alpha=32, use_rslora=True, target_modules=["q_proj", "v_proj"]),
     }
     # Scaled so the deltas move the logits clearly but keep greedy decoding meaningful.
-    paths = make_peft_adapters(smollm_hf_dir, tmp_path, specs, seed=7, scale=0.5)
+    paths = make_peft_adapters(lambda: copy.deepcopy(hf_smollm), tmp_path, specs, seed=7, scale=0.5)
     peft_model = peft_mixed(copy.deepcopy(hf_smollm), paths)
     rows = ["s8", None, "s32_qv"]
     _check_mixed(smollm, peft_model, paths, rows, n_tokens=8, prompt_len=12)

@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cara_jax.adapters.peft import LoraAdapter
 
 from cara_jax.adapters.multi_lora import MultiLoraHook
+from cara_jax.adapters.peft import LoraAdapter
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import PROJECTIONS
 
@@ -136,8 +136,9 @@ class DevicePool:
         shapes = cfg.projection_shapes()
         self.projections = tuple(p for p in pc.projections if p in shapes)
         per_row = sum(sum(shapes[p]) for p in self.projections) * cfg.num_layers
-        self.rows_per_proj = max(2, pc.budget_bytes // (per_row * self.dtype.itemsize))
-        n = self.rows_per_proj
+        # usable rank rows per projection; one more row (row 0) stays zero for padding
+        self.rows_per_proj = max(1, pc.budget_bytes // (per_row * self.dtype.itemsize))
+        n = self.rows_per_proj + 1
         self.a = {
             p: [jnp.zeros((n, shapes[p][0]), dtype) for _ in range(cfg.num_layers)]
             for p in self.projections

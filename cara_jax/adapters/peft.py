@@ -44,11 +44,21 @@ class AdapterWarning(UserWarning):
     """Suspicious but servable (e.g. trained on a differently named base model)."""
 
 
-_MODULE_OF = {p: ("self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for p in PROJECTIONS}
+_MODULE_OF = {
+    p: ("self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp")
+    for p in PROJECTIONS
+}
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
 )
-_OTHER_LLAMA_MODULES = ("embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm", "rotary_emb")
+_OTHER_LLAMA_MODULES = (
+    "embed_tokens",
+    "lm_head",
+    "norm",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "rotary_emb",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +199,9 @@ def _check_config(conf: dict[str, Any], cfg: ModelConfig) -> None:
     elif isinstance(tm, str) and tm != "all-linear":
         for other in ("model.embed_tokens", "lm_head"):
             if re.fullmatch(tm, other):
-                raise UnsupportedAdapterError(f"target regex {tm!r} matches {other}, which is not supported")
+                raise UnsupportedAdapterError(
+                    f"target regex {tm!r} matches {other}, which is not supported"
+                )
 
 
 def load_peft_adapter(
@@ -241,13 +253,17 @@ def load_peft_adapter(
             if "lora_magnitude_vector" in key:
                 raise UnsupportedAdapterError("DoRA magnitude vectors found: DoRA is not supported")
             if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
-                raise UnsupportedAdapterError(f"LoRA on embeddings / LM head is not supported ({key})")
+                raise UnsupportedAdapterError(
+                    f"LoRA on embeddings / LM head is not supported ({key})"
+                )
             raise UnsupportedAdapterError(f"unexpected tensor {key!r} in a LoRA adapter")
         layer, mod, proj, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
         if proj not in PROJECTIONS or _MODULE_OF[proj] != mod:
             raise UnsupportedAdapterError(f"unknown target module {mod}.{proj}")
         if layer >= cfg.num_layers:
-            raise AdapterShapeError(f"{key}: layer {layer} but the base model has {cfg.num_layers} layers")
+            raise AdapterShapeError(
+                f"{key}: layer {layer} but the base model has {cfg.num_layers} layers"
+            )
         pairs.setdefault((layer, proj), {})[ab] = t
 
     shapes = cfg.projection_shapes()
@@ -262,7 +278,9 @@ def load_peft_adapter(
             have = pairs.pop((layer, proj), None)
             if not targeted:
                 if have is not None:
-                    raise AdapterWeightsError(f"weights for {name} but the config does not target it")
+                    raise AdapterWeightsError(
+                        f"weights for {name} but the config does not target it"
+                    )
                 continue
             if have is None or set(have) != {"A", "B"}:
                 raise AdapterWeightsError(f"{name}: lora_A and lora_B weights are both required")
@@ -280,12 +298,18 @@ def load_peft_adapter(
                 raise AdapterWeightsError(f"{name}: weights contain NaN or Inf")
             alpha = float(_pattern_value(conf.get("alpha_pattern"), name, alpha_default))
             scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-            modules[(layer, proj)] = LoraModule(a=np.ascontiguousarray(a.T), b=np.ascontiguousarray(b.T * scaling))
+            modules[(layer, proj)] = LoraModule(
+                a=np.ascontiguousarray(a.T), b=np.ascontiguousarray(b.T * scaling)
+            )
     if pairs:
         (layer, proj), _ = next(iter(pairs.items()))
-        raise AdapterWeightsError(f"weights for {module_name(layer, proj)} but the config does not target it")
+        raise AdapterWeightsError(
+            f"weights for {module_name(layer, proj)} but the config does not target it"
+        )
     if not modules:
-        raise UnsupportedAdapterError("the adapter's target_modules match no projection of this model")
+        raise UnsupportedAdapterError(
+            "the adapter's target_modules match no projection of this model"
+        )
     return LoraAdapter(
         path=str(path),
         content_hash=_content_hash(conf, tensors),
@@ -303,7 +327,9 @@ _HASHED_CONFIG = (
 def _content_hash(conf: dict[str, Any], tensors: dict[str, np.ndarray]) -> str:
     """Identity by content: the config fields that change outputs and every tensor's bytes."""
     h = hashlib.sha256()
-    h.update(json.dumps({k: conf.get(k) for k in _HASHED_CONFIG}, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps({k: conf.get(k) for k in _HASHED_CONFIG}, sort_keys=True, default=str).encode()
+    )
     for key in sorted(tensors):
         t = np.ascontiguousarray(tensors[key])
         h.update(f"{key}:{t.dtype.str}:{t.shape}".encode())

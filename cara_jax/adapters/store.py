@@ -17,7 +17,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 from cara_jax.adapters.peft import AdapterError, LoraAdapter, load_peft_adapter
-
 from cara_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
