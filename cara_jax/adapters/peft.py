@@ -1,10 +1,15 @@
 """Load PEFT LoRA folders into host memory, validated all-or-nothing.
 
-The result keeps, per (layer, projection), A as [in, r] and B as [r, out] with the PEFT scaling
+The result keeps, per (layer, projection), A as [in, r] and B as [r, out] with PEFT's scaling
 folded into B, so every consumer (device pool, CPU workers) computes the delta as x·A·B.
-Target-module rules follow PEFT's own matching (suffix or exact name for a list, full regex
-match for a string, "all-linear", layers_to_transform/layers_pattern, exclude_modules,
-rank_pattern/alpha_pattern keys matched as a suffix pattern).
+
+Targeting follows PEFT's own rules (peft.tuners.tuners_utils.check_target_module_exists) applied
+to the module names of an HF ``LlamaForCausalLM``: a list matches a name exactly or as a dotted
+suffix and is then filtered by layers_to_transform/layers_pattern; a string is a full regex match
+(no layer filter); exclude_modules wins over both; rank_pattern/alpha_pattern keys match as
+``(.*\\.)?(key)$``, first key in file order wins. Anything PEFT would apply differently from a plain
+x·A·B·scaling (DoRA and the other variants, biases, extra saved modules, base-modifying inits) is
+refused rather than served wrong.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class UnsupportedAdapterError(AdapterError):
 
 
 class AdapterShapeError(AdapterError):
-    """Tensor shapes or layer indices that do not fit the base model or the config's ranks."""
+    """Tensor shapes, ranks or layer indices that do not fit the base model or the config."""
 
 
 class AdapterWeightsError(AdapterError):
@@ -44,29 +49,33 @@ class AdapterWarning(UserWarning):
     """Suspicious but servable (e.g. trained on a differently named base model)."""
 
 
-_MODULE_OF = {
-    p: ("self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp")
-    for p in PROJECTIONS
+_PARENT = {
+    p: "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for p in PROJECTIONS
 }
+# LoraConfig fields that change the forward pass away from x·A·B·scaling (PEFT's LoRA variants
+# and friends); any truthy value is refused.
+_VARIANT_FIELDS = (
+    "use_dora", "lora_bias", "alora_invocation_tokens", "velora_config", "monteclora_config",
+    "use_bdlora", "arrow_config", "kasa_config", "use_qalora", "layer_replication",
+    "target_parameters", "trainable_token_indices",
+)  # fmt: skip
+# init_lora_weights values whose saved adapter only works on a base model PEFT rewrote in place
+# (W - B·A·s); PEFT's conversion on save (path_initial_model_for_weight_conversion) resets it.
+_BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _KEY_RE = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+    r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
 )
-_OTHER_LLAMA_MODULES = (
-    "embed_tokens",
-    "lm_head",
-    "norm",
-    "input_layernorm",
-    "post_attention_layernorm",
-    "rotary_emb",
-)
+_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+# Raw safetensors dtypes accepted; BF16 is kept as uint16 bits (numpy has no bfloat16).
+_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraModule:
     """One targeted projection of one layer: delta(x) = x @ a @ b."""
 
-    a: np.ndarray  # [in, r] float32
-    b: np.ndarray  # [r, out] float32, scaling folded in
+    a: np.ndarray  # [in, r] float32 (PEFT lora_A.weight transposed)
+    b: np.ndarray  # [r, out] float32 (PEFT lora_B.weight transposed, scaling folded in)
 
     @property
     def rank(self) -> int:
@@ -75,10 +84,14 @@ class LoraModule:
 
 @dataclasses.dataclass(frozen=True)
 class LoraAdapter:
+    """A validated adapter in host memory; ``content_hash`` is its identity (not its path)."""
+
     path: str
     content_hash: str
     modules: dict[tuple[int, str], LoraModule]
     base_model_name_or_path: str | None = None
+    # (in, out) of every projection of the base model, so delta() can size an absent module.
+    projection_shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def ranks(self) -> set[int]:
         return {m.rank for m in self.modules.values()}
@@ -100,22 +113,34 @@ class LoraAdapter:
         return sorted({i for i, _ in self.modules})
 
     def delta(self, layer: int, proj: str, x: np.ndarray) -> np.ndarray:
+        """Reference LoRA contribution x @ a @ b (zeros for an untargeted module)."""
         m = self.modules.get((layer, proj))
         if m is None:
-            return np.zeros((*x.shape[:-1], _out_dim(self, proj, x)), np.float32)
+            return np.zeros((*x.shape[:-1], self.projection_shapes[proj][1]), np.float32)
         return (x @ m.a) @ m.b
 
 
-def _out_dim(adapter: LoraAdapter, proj: str, x: np.ndarray) -> int:
-    for (_, p), m in adapter.modules.items():
-        if p == proj:
-            return m.b.shape[1]
-    raise KeyError(proj)
-
-
 def module_name(layer: int, proj: str) -> str:
-    """The module's name inside an HF LlamaForCausalLM, as PEFT matches it."""
-    return f"model.layers.{layer}.{_MODULE_OF[proj]}.{proj}"
+    """The module's name inside an HF LlamaForCausalLM, the key PEFT matches targets against."""
+    return f"model.layers.{layer}.{_PARENT[proj]}.{proj}"
+
+
+def _llama_module_names(num_layers: int) -> list[str]:
+    """Every named module of an HF LlamaForCausalLM (what PEFT iterates over)."""
+    names = [
+        "model",
+        "model.embed_tokens",
+        "model.layers",
+        "model.norm",
+        "model.rotary_emb",
+        "lm_head",
+    ]
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn"]
+        names += [f"{p}.input_layernorm", f"{p}.post_attention_layernorm"]
+        names += [module_name(i, proj) for proj in PROJECTIONS]
+    return names
 
 
 def _targets(conf: dict[str, Any], key: str) -> bool:
@@ -128,210 +153,261 @@ def _targets(conf: dict[str, Any], key: str) -> bool:
         elif key in excl or any(key.endswith(f".{e}") for e in excl):
             return False
     tm = conf.get("target_modules")
-    if tm == "all-linear":
-        return True  # every Llama projection (the LM head is excluded by PEFT)
     if isinstance(tm, str):
         return re.fullmatch(tm, key) is not None
-    tm = list(tm or [])
-    if key in tm:
+    if key in tm:  # an exact name bypasses layers_to_transform, as in PEFT
         return True
-    found = any(key.endswith(f".{t}") for t in tm)
+    if not any(key.endswith(f".{t}") for t in tm):
+        return False
     idx = conf.get("layers_to_transform")
-    if found and idx is not None and (not isinstance(idx, list) or idx):
-        pats = conf.get("layers_pattern")
-        if not pats:
-            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-        else:
-            m = None
-            for pat in [pats] if isinstance(pats, str) else pats:
-                m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", key)
-                if m:
-                    break
-        if m is None:
-            return False
-        layer = int(m.group("idx"))
-        return layer == idx if isinstance(idx, int) else layer in idx
-    return found
+    if idx is None or (isinstance(idx, list) and not idx):
+        return True
+    pats = conf.get("layers_pattern")
+    m = None
+    if not pats:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for pat in [pats] if isinstance(pats, str) else pats:
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", key)
+            if m is not None:
+                break
+    if m is None:
+        return False
+    layer = int(m.group("idx"))
+    return layer == idx if isinstance(idx, int) else layer in idx
 
 
-def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+def _expand_all_linear(conf: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """Rewrite "all-linear" (any case) as PEFT does before matching: the full names of every
+    nn.Linear except the LM head, i.e. every decoder-layer projection; exclude_modules still applies.
+    """
+    tm = conf.get("target_modules")
+    if not (isinstance(tm, str) and tm.lower() == "all-linear"):
+        return conf
+    full = [module_name(i, p) for i in range(cfg.num_layers) for p in PROJECTIONS]
+    return {**conf, "target_modules": full}
+
+
+def _pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
+    """PEFT's get_pattern_key: first pattern (file order) matching a dotted suffix of ``key``."""
     for pat, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pat})$", key):
             return value
     return default
 
 
-def _check_config(conf: dict[str, Any], cfg: ModelConfig) -> None:
-    ptype = str(conf.get("peft_type", "LORA")).upper()
+def _check_config(conf: dict[str, Any], cfg: ModelConfig) -> list[str]:
+    """Refuse what cannot be served exactly; return the targeted projection module names."""
+    ptype = str(conf.get("peft_type") or "LORA").upper()
     if ptype != "LORA":
         raise UnsupportedAdapterError(f"peft_type {ptype!r} is not LoRA")
-    if conf.get("use_dora"):
-        raise UnsupportedAdapterError("DoRA adapters (use_dora=true) are not supported")
+    for field in _VARIANT_FIELDS:
+        if conf.get(field):
+            raise UnsupportedAdapterError(
+                f"{field}={conf[field]!r}: this LoRA variant changes the forward pass beyond "
+                "x·A·B·scaling and is not supported"
+            )
     if conf.get("modules_to_save"):
         raise UnsupportedAdapterError(
             f"modules_to_save={conf['modules_to_save']} would replace base-model modules per "
             "adapter; this server shares one base model, so such adapters are refused"
         )
-    if conf.get("bias", "none") != "none":
-        raise UnsupportedAdapterError(f"bias={conf['bias']!r}: only bias='none' is supported")
-    for k in ("target_parameters", "trainable_token_indices"):
-        if conf.get(k):
-            raise UnsupportedAdapterError(f"{k} is not supported")
-    if not conf.get("target_modules"):
-        raise UnsupportedAdapterError("adapter_config.json has no target_modules")
-    tm = conf["target_modules"]
-    if isinstance(tm, list):
-        known = set(PROJECTIONS) | {f"{_MODULE_OF[p]}.{p}" for p in PROJECTIONS}
-        for t in tm:
-            leaf = t.split(".")[-1]
-            if leaf in _OTHER_LLAMA_MODULES:
-                raise UnsupportedAdapterError(
-                    f"target module {t!r} is not a linear projection of a decoder layer; only "
-                    f"{', '.join(PROJECTIONS)} can carry LoRA here"
-                )
-            matches = any(
-                _targets({"target_modules": [t]}, module_name(i, p))
-                for i in range(cfg.num_layers)
-                for p in PROJECTIONS
+    if (conf.get("bias") or "none") != "none":
+        raise UnsupportedAdapterError(
+            f"bias={conf['bias']!r} trains base-model biases (Llama has none); only 'none' is supported"
+        )
+    init = conf.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        raise UnsupportedAdapterError(
+            f"init_lora_weights={init!r} adapters expect a base model PEFT modified in place; "
+            "re-save with path_initial_model_for_weight_conversion to get a plain LoRA"
+        )
+    tm = conf.get("target_modules")
+    if not tm or not isinstance(tm, (str, list)):
+        raise UnsupportedAdapterError(
+            f"target_modules={tm!r}: a list or a regex string is required"
+        )
+    idx = conf.get("layers_to_transform")
+    if isinstance(tm, str) and (idx is not None or conf.get("layers_pattern") is not None):
+        raise UnsupportedAdapterError(  # LoraConfig.__post_init__ refuses this too
+            "layers_to_transform / layers_pattern cannot be combined with a string target_modules"
+        )
+    for i in [idx] if isinstance(idx, int) else idx or []:
+        if not 0 <= i < cfg.num_layers:
+            raise AdapterShapeError(
+                f"layers_to_transform names layer {i} but the base model has {cfg.num_layers} layers"
             )
-            if not matches and leaf not in known:
-                raise UnsupportedAdapterError(f"unknown target module {t!r} for a Llama model")
-    elif isinstance(tm, str) and tm != "all-linear":
-        for other in ("model.embed_tokens", "lm_head"):
-            if re.fullmatch(tm, other):
+    conf = _expand_all_linear(conf, cfg)
+    tm = conf["target_modules"]
+    names = _llama_module_names(cfg.num_layers)
+    projections = set(module_name(i, p) for i in range(cfg.num_layers) for p in PROJECTIONS)
+    if isinstance(tm, list):
+        for t in tm:
+            if not any(n == t or n.endswith(f".{t}") for n in names):
                 raise UnsupportedAdapterError(
-                    f"target regex {tm!r} matches {other}, which is not supported"
+                    f"unknown target module {t!r}: not a module of a Llama model "
+                    f"(LoRA can target {', '.join(PROJECTIONS)})"
                 )
+    targeted = [n for n in names if _targets(conf, n)]
+    for n in targeted:
+        if n not in projections:
+            raise UnsupportedAdapterError(
+                f"target_modules {tm!r} selects {n!r}, which is not a decoder-layer linear "
+                f"projection; only {', '.join(PROJECTIONS)} can carry LoRA here"
+            )
+    if not targeted:
+        raise UnsupportedAdapterError(f"target_modules {tm!r} match no projection of this model")
+    return targeted
+
+
+def _read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """Parse a safetensors file without executing anything: name -> (dtype tag, raw array)."""
+    try:
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        header.pop("__metadata__", None)
+        body = memoryview(data)[8 + n :]
+        out = {}
+        for name, info in header.items():
+            tag, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if tag not in _ST_DTYPES:
+                raise AdapterWeightsError(
+                    f"{path.name}: tensor {name!r} has dtype {tag}, not a float"
+                )
+            dt = np.dtype(_ST_DTYPES[tag])
+            if end - start != math.prod(shape) * dt.itemsize or not 0 <= start <= end <= len(body):
+                raise AdapterWeightsError(f"{path.name}: tensor {name!r} has inconsistent offsets")
+            out[name] = (tag, np.frombuffer(body[start:end], dt).reshape(shape))
+        return out
+    except AdapterWeightsError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AdapterWeightsError(f"cannot read {path}: {e}") from e
+
+
+def _as_float32(tag: str, raw: np.ndarray) -> np.ndarray:
+    if tag == "BF16":  # bfloat16 is the top half of a float32
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
 
 
 def load_peft_adapter(
     path: str | Path, cfg: ModelConfig, *, base_model_name: str | None = None
 ) -> LoraAdapter:
-    """Parse and validate a PEFT LoRA folder against ``cfg`` (raises an AdapterError subclass)."""
+    """Parse and validate a PEFT LoRA folder against ``cfg`` (raises an AdapterError subclass).
+
+    Nothing is returned unless every tensor and config field checks out, so a caller never sees a
+    half-loaded adapter.
+    """
     path = Path(path)
-    conf_path = path / "adapter_config.json"
+    conf_path, st_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not conf_path.is_file():
         raise AdapterWeightsError(f"{path} has no adapter_config.json")
     try:
         conf = json.loads(conf_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterWeightsError(f"adapter_config.json is not valid JSON: {e}") from e
-    st_path = path / "adapter_model.safetensors"
+    except (OSError, ValueError) as e:
+        raise AdapterWeightsError(f"{conf_path} is not readable JSON: {e}") from e
+    if not isinstance(conf, dict):
+        raise AdapterWeightsError(f"{conf_path} is not a JSON object")
     if not st_path.is_file():
-        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
             raise UnsupportedAdapterError(
-                "only pickle weights (adapter_model.bin) were found; pickle files are never "
-                "loaded (they can run code). Convert them to adapter_model.safetensors"
+                f"{path} holds only pickle weights (adapter_model.bin); pickle is refused because "
+                "loading it can run arbitrary code. Re-save the adapter as adapter_model.safetensors"
             )
         raise AdapterWeightsError(f"{path} has no adapter_model.safetensors")
-    _check_config(conf, cfg)
+    targeted = _check_config(conf, cfg)
     if conf.get("fan_in_fan_out"):
         warnings.warn(
             "fan_in_fan_out=True does not apply to Llama's nn.Linear projections; "
-            "treated as False (as PEFT does)",
+            "treated as False, as PEFT does",
             AdapterWarning,
             stacklevel=2,
         )
     base = conf.get("base_model_name_or_path")
     if base_model_name and base and base != base_model_name:
         warnings.warn(
-            f"adapter was trained on {base!r}, serving it on {base_model_name!r}",
+            f"adapter {path} was trained on {base!r}; serving it on {base_model_name!r}",
             AdapterWarning,
             stacklevel=2,
         )
-    try:
-        from safetensors.numpy import load_file
 
-        tensors = load_file(str(st_path))
-    except Exception as e:
-        raise AdapterWeightsError(f"cannot read {st_path.name}: {e}") from e
-
-    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    for key, t in tensors.items():
+    by_name = {module_name(i, p): (i, p) for i in range(cfg.num_layers) for p in PROJECTIONS}
+    pairs: dict[tuple[int, str], dict[str, tuple[str, np.ndarray]]] = {}
+    for key, raw in _read_safetensors(st_path).items():
         m = _KEY_RE.match(key)
-        if m is None:
-            if "lora_magnitude_vector" in key:
-                raise UnsupportedAdapterError("DoRA magnitude vectors found: DoRA is not supported")
+        mod = m.group("mod") if m else ""
+        mod = mod if mod.startswith("model.") else f"model.{mod}"
+        if m is None or mod not in by_name:
+            lm = _LAYER_RE.match(m.group("mod")) if m else None
+            if lm and int(lm.group(1)) >= cfg.num_layers:
+                raise AdapterShapeError(
+                    f"{key}: layer {lm.group(1)} but the base model has {cfg.num_layers} layers"
+                )
+            if "magnitude" in key:
+                raise UnsupportedAdapterError(f"{key}: DoRA magnitude vectors are not supported")
             if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
                 raise UnsupportedAdapterError(
-                    f"LoRA on embeddings / LM head is not supported ({key})"
+                    f"{key}: LoRA/weights for embeddings or the LM head are not supported"
                 )
-            raise UnsupportedAdapterError(f"unexpected tensor {key!r} in a LoRA adapter")
-        layer, mod, proj, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
-        if proj not in PROJECTIONS or _MODULE_OF[proj] != mod:
-            raise UnsupportedAdapterError(f"unknown target module {mod}.{proj}")
-        if layer >= cfg.num_layers:
-            raise AdapterShapeError(
-                f"{key}: layer {layer} but the base model has {cfg.num_layers} layers"
+            raise UnsupportedAdapterError(
+                f"unexpected tensor {key!r}: not LoRA A/B of a Llama projection"
             )
-        pairs.setdefault((layer, proj), {})[ab] = t
+        ab = m.group("ab")
+        slot = pairs.setdefault(by_name[mod], {})
+        if ab in slot:
+            raise AdapterWeightsError(f"{key}: lora_{ab} of {mod} appears twice")
+        slot[ab] = raw
 
     shapes = cfg.projection_shapes()
     use_rslora = bool(conf.get("use_rslora", False))
-    r_default = int(conf.get("r", 8))
-    alpha_default = float(conf.get("lora_alpha", r_default))
-    modules: dict[tuple[int, str], LoraModule] = {}
-    for layer in range(cfg.num_layers):
-        for proj in PROJECTIONS:
-            name = module_name(layer, proj)
-            targeted = _targets(conf, name)
-            have = pairs.pop((layer, proj), None)
-            if not targeted:
-                if have is not None:
-                    raise AdapterWeightsError(
-                        f"weights for {name} but the config does not target it"
-                    )
-                continue
-            if have is None or set(have) != {"A", "B"}:
-                raise AdapterWeightsError(f"{name}: lora_A and lora_B weights are both required")
-            a, b = have["A"], have["B"]
-            din, dout = shapes[proj]
-            r = int(_pattern_value(conf.get("rank_pattern"), name, r_default))
-            if a.ndim != 2 or b.ndim != 2 or a.shape != (r, din) or b.shape != (dout, r):
-                raise AdapterShapeError(
-                    f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
-                    f"rank {r} and the base model's {proj} ({din} -> {dout})"
-                )
-            a = np.asarray(a, np.float32)
-            b = np.asarray(b, np.float32)
-            if not (np.isfinite(a).all() and np.isfinite(b).all()):
-                raise AdapterWeightsError(f"{name}: weights contain NaN or Inf")
-            alpha = float(_pattern_value(conf.get("alpha_pattern"), name, alpha_default))
-            scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-            modules[(layer, proj)] = LoraModule(
-                a=np.ascontiguousarray(a.T), b=np.ascontiguousarray(b.T * scaling)
+    r_default, alpha_default = conf.get("r", 8), conf.get("lora_alpha", 8)
+    targeted_set = set(targeted)
+    for layer, proj in pairs:
+        if module_name(layer, proj) not in targeted_set:
+            raise AdapterWeightsError(
+                f"weights for {module_name(layer, proj)}, which the config does not target"
             )
-    if pairs:
-        (layer, proj), _ = next(iter(pairs.items()))
-        raise AdapterWeightsError(
-            f"weights for {module_name(layer, proj)} but the config does not target it"
+    modules: dict[tuple[int, str], LoraModule] = {}
+    h = hashlib.sha256(b"cara-jax lora v1\0")
+    for name in targeted:
+        layer, proj = by_name[name]
+        have = pairs.get((layer, proj), {})
+        if set(have) != {"A", "B"}:
+            missing = " and ".join(f"lora_{x}" for x in "AB" if x not in have)
+            raise AdapterWeightsError(f"{name}: {missing} weights missing")
+        (tag_a, raw_a), (tag_b, raw_b) = have["A"], have["B"]
+        din, dout = shapes[proj]
+        r = _pattern_value(conf.get("rank_pattern"), name, r_default)
+        alpha = _pattern_value(conf.get("alpha_pattern"), name, alpha_default)
+        if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+            raise AdapterShapeError(f"{name}: invalid rank {r!r} / lora_alpha {alpha!r}")
+        if raw_a.shape != (r, din) or raw_b.shape != (dout, r):
+            raise AdapterShapeError(
+                f"{name}: lora_A {tuple(raw_a.shape)} / lora_B {tuple(raw_b.shape)} do not fit "
+                f"rank {r} (config) and the base model's {proj} ({din} -> {dout}); expected "
+                f"({r}, {din}) / ({dout}, {r})"
+            )
+        a, b = _as_float32(tag_a, raw_a), _as_float32(tag_b, raw_b)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise AdapterWeightsError(f"{name}: weights contain NaN or Inf")
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        modules[(layer, proj)] = LoraModule(
+            a=np.ascontiguousarray(a.T),
+            b=np.ascontiguousarray((b.T.astype(np.float64) * scaling).astype(np.float32)),
         )
-    if not modules:
-        raise UnsupportedAdapterError(
-            "the adapter's target_modules match no projection of this model"
+        # Identity = what changes outputs: which modules, their effective scaling, the stored
+        # tensors. Config spelling, key naming, paths and mtimes do not enter.
+        h.update(
+            f"{name}|{float(scaling).hex()}|{tag_a}{raw_a.shape}|{tag_b}{raw_b.shape}|".encode()
         )
+        h.update(np.ascontiguousarray(raw_a).tobytes())
+        h.update(np.ascontiguousarray(raw_b).tobytes())
     return LoraAdapter(
         path=str(path),
-        content_hash=_content_hash(conf, tensors),
+        content_hash=h.hexdigest(),
         modules=modules,
         base_model_name_or_path=base,
+        projection_shapes=shapes,
     )
-
-
-_HASHED_CONFIG = (
-    "r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",
-    "layers_to_transform", "layers_pattern", "exclude_modules",
-)  # fmt: skip
-
-
-def _content_hash(conf: dict[str, Any], tensors: dict[str, np.ndarray]) -> str:
-    """Identity by content: the config fields that change outputs and every tensor's bytes."""
-    h = hashlib.sha256()
-    h.update(
-        json.dumps({k: conf.get(k) for k in _HASHED_CONFIG}, sort_keys=True, default=str).encode()
-    )
-    for key in sorted(tensors):
-        t = np.ascontiguousarray(tensors[key])
-        h.update(f"{key}:{t.dtype.str}:{t.shape}".encode())
-        h.update(t.tobytes())
-    return h.hexdigest()
