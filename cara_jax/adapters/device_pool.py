@@ -186,6 +186,12 @@ class DevicePool:
         with self.lock:
             return self._entries[content_hash].slot
 
+    def entry_rank(self, content_hash: str) -> int:
+        """Largest rank of a resident (or loading) adapter."""
+        with self.lock:
+            e = self._entries.get(content_hash)
+            return 0 if e is None else e.adapter.max_rank
+
     def acquire(self, adapter: LoraAdapter) -> LoadHandle:
         """Make ``adapter`` resident (loading it if needed) and hold it until ``release``."""
         with self.lock:

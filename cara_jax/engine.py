@@ -1,0 +1,275 @@
+"""Continuous-batching engine: waiting queue -> prefill -> merged decode batch -> stream.
+
+One ``step()``:
+1. admit waiting requests whose adapter is on the device (``sync`` cold start: the others keep
+   waiting while their load proceeds in the background, so no load stalls the running batch);
+   up to ``max_prefill_batch`` are prefilled together into free KV slots;
+2. launch one decode step for every running sequence (inputs are read from the device-side
+   last-token vector, so nothing waits for the host);
+3. while that step runs, process the previous step's tokens on the host: detokenize, stop
+   checks, streaming deltas; finished sequences release their slot and adapter at once.
+Host work thus trails the device by one step (a finished sequence costs one discarded token).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cara_jax.adapters.device_pool import DevicePool, PoolConfig, PoolFullError
+from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
+from cara_jax.kv_cache import SlotAllocator
+from cara_jax.runner import ModelRunner, PromptTooLongError, RunnerConfig
+from cara_jax.sampler import SamplingArrays
+from cara_jax.sampling_params import InvalidRequestError, SamplingParams
+from cara_jax.sequence import RequestOutput, Sequence, SeqStatus
+from cara_jax.tokenizer import Tokenizer
+from cara_jax.weights import LoadedModel
+
+log = logging.getLogger(__name__)
+COLD_START_MODES = ("sync", "cached")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_slots: int = 16
+    max_len: int = 2048
+    max_prefill_batch: int = 8
+    cold_start: str = "sync"  # sync: wait for the load; cached: every adapter preloaded
+    lora_strategy: str = "bgmv"
+    pool: PoolConfig = PoolConfig()
+    host_budget_bytes: int = 4 << 30
+    max_step_records: int = 10_000
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """Per-step instrumentation: the raw data for the cost model, metrics and benches."""
+
+    t_start: float
+    batch_size: int
+    ranks: list[int]
+    prefill_tokens: int
+    dispatch_s: float
+
+
+class Engine:
+    """Synchronous engine core; drive it with ``step()`` (AsyncEngine runs it in a thread)."""
+
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
+        if cfg.cold_start not in COLD_START_MODES:
+            raise ValueError(f"cold_start must be one of {COLD_START_MODES}, not {cfg.cold_start!r}")
+        self.loaded = loaded
+        self.tokenizer = tokenizer
+        self.pool = DevicePool(loaded.cfg, cfg.pool, dtype=loaded.dtype)
+        self.registry = AdapterRegistry(loaded.cfg, HostStore(cfg.host_budget_bytes), base_model_name=None)
+        rc = RunnerConfig(num_slots=cfg.num_slots, max_len=cfg.max_len, max_prefill_batch=cfg.max_prefill_batch)
+        self.runner = ModelRunner(loaded, rc, pool=self.pool, lora_strategy=cfg.lora_strategy)
+        self.max_len = self.runner.max_len
+        self.slots = SlotAllocator(cfg.num_slots)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: dict[int, Sequence] = {}  # KV slot -> sequence
+        self.requests: dict[str, Sequence] = {}
+        self._samp = np.zeros((cfg.num_slots, 4), np.float64)  # temperature, top_k, top_p, seed
+        self._samp[:, 2] = 1.0
+        self._in_flight: tuple[jax.Array, list[tuple[int, Sequence]]] | None = None
+        self._ids = itertools.count()
+        self.lock = threading.RLock()  # add/abort from other threads vs step()
+        self.steps: collections.deque[StepRecord] = collections.deque(maxlen=cfg.max_step_records)
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, name: str, path: str | Path) -> RegisteredAdapter:
+        """Register (or replace) an adapter; ``cached`` mode also pins it on the device."""
+        entry = self.registry.register(name, path)
+        if self.config.cold_start == "cached":
+            adapter = self.registry.resolve(name)
+            handle = self.pool.acquire(adapter)
+            handle.wait()
+            self.pool.pin(adapter.content_hash)
+        return entry
+
+    def unload_adapter(self, name: str) -> None:
+        entry = self.registry.unregister(name)
+        if self.config.cold_start == "cached" and entry.content_hash not in {
+            e.content_hash for e in self.registry.names().values()
+        }:
+            self.pool.pin(entry.content_hash, False)
+            self.pool.release(entry.content_hash)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; invalid input raises at once and never disturbs other requests."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if len(ids) >= self.max_len:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens does not fit the context of {self.max_len} tokens"
+            )
+        if any(not 0 <= t < self.loaded.cfg.vocab_size for t in ids):
+            raise InvalidRequestError("prompt token id out of the vocabulary", "prompt")
+        content_hash = None
+        if adapter is not None:
+            content_hash = self.registry.entry(adapter).content_hash  # UnknownAdapterError
+        rid = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(
+            request_id=rid,
+            prompt_ids=ids,
+            params=params,
+            seed=params.seed if params.seed is not None else random.getrandbits(31),
+            detok=self.tokenizer.detokenizer(),
+            eos_ids=frozenset(self.tokenizer.eos_token_ids),
+            adapter_name=adapter,
+            content_hash=content_hash,
+        )
+        with self.lock:
+            if rid in self.requests:
+                raise InvalidRequestError(f"duplicate request id {rid!r}", "request_id")
+            self.requests[rid] = seq
+            self.waiting.append(seq)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its slot is free for the next step."""
+        with self.lock:
+            seq = self.requests.get(request_id)
+            if seq is None or seq.finished:
+                return
+            seq.finish("abort")
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self._release(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._in_flight)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot >= 0 and self.running.get(seq.slot) is seq:
+            del self.running[seq.slot]
+            self.slots.free(seq.slot)
+        if seq.acquired and seq.content_hash:
+            self.pool.release(seq.content_hash)
+            seq.acquired = False
+        self.requests.pop(seq.request_id, None)
+
+    def _adapter_ready(self, seq: Sequence) -> bool:
+        if seq.content_hash is None:
+            return True
+        if not seq.acquired:
+            try:
+                adapter = self.registry.host.get(seq.content_hash)
+                if adapter is None:
+                    adapter = self.registry.resolve(seq.adapter_name)
+                seq.cold = not self.pool.is_resident(seq.content_hash)
+                self.pool.acquire(adapter)
+                seq.acquired = True
+            except PoolFullError:
+                return False
+        if not self.pool.is_resident(seq.content_hash):
+            return False
+        seq.adapter_slot = self.pool.slot_of(seq.content_hash)
+        return True
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        for seq in list(self.waiting):
+            if len(admitted) >= self.config.max_prefill_batch or self.slots.num_free == 0:
+                break
+            if not self._adapter_ready(seq):
+                continue  # its load proceeds; requests behind it are not blocked
+            self.waiting.remove(seq)
+            seq.slot = self.slots.alloc()
+            seq.status = SeqStatus.RUNNING
+            self.running[seq.slot] = seq
+            p = seq.params
+            self._samp[seq.slot] = (p.temperature, p.top_k, p.top_p, seq.seed)
+            admitted.append(seq)
+        return admitted
+
+    def _sampling(self, rows: list[int]) -> SamplingArrays:
+        return SamplingArrays.from_rows([tuple(self._samp[r]) for r in rows])
+
+    def step(self) -> list[RequestOutput]:
+        """Advance every request by at most one token; returns the streamed deltas."""
+        outputs: list[RequestOutput] = []
+        t0 = time.perf_counter()
+        with self.lock:
+            new = self._admit()
+            prefill = None
+            if new:
+                _, toks = self.runner.prefill(
+                    [s.prompt_ids for s in new],
+                    [s.slot for s in new],
+                    self._sampling([s.slot for s in new]),
+                    [s.adapter_slot for s in new],
+                )
+                for s in new:
+                    s.pos = len(s.prompt_ids)
+                prefill = (toks, new)
+            launched = None
+            if self.running:
+                n = self.slots.high_water
+                positions = np.full(n, -1, np.int32)
+                adapters = np.zeros(n, np.int32)
+                rows = []
+                for slot, s in self.running.items():
+                    positions[slot] = s.pos
+                    adapters[slot] = s.adapter_slot
+                    rows.append((slot, s))
+                _, toks = self.runner.decode(positions, self._sampling(list(range(n))), adapters)
+                for _, s in rows:
+                    s.pos += 1
+                launched = (toks, rows)
+                self.steps.append(
+                    StepRecord(t0, len(rows), sorted(self._ranks(rows)), sum(len(s.prompt_ids) for s in new),
+                               time.perf_counter() - t0)
+                )  # fmt: skip
+            # host work below overlaps the decode step just launched
+            if prefill is not None:
+                host = np.asarray(prefill[0])
+                for s, tok in zip(prefill[1], host, strict=True):
+                    outputs.extend(self._accept(s, int(tok)))
+            if self._in_flight is not None:
+                toks, rows = self._in_flight
+                host = np.asarray(toks)
+                for slot, s in rows:
+                    outputs.extend(self._accept(s, int(host[slot])))
+            self._in_flight = launched
+        return outputs
+
+    def _ranks(self, rows: list[tuple[int, Sequence]]) -> list[int]:
+        return [self.pool.entry_rank(s.content_hash) if s.content_hash else 0 for _, s in rows]
+
+    def _accept(self, seq: Sequence, token: int) -> list[RequestOutput]:
+        if seq.finished:
+            return []  # finished or aborted while this token was in flight
+        n0 = len(seq.output_ids)
+        seq.append(token, self.max_len)
+        out = seq.take_delta(seq.output_ids[n0:])  # empty for EOS / stop token ids
+        if seq.finished:
+            self._release(seq)
+        return [out] if (out.text or out.token_ids or out.finished) else []
+
+    def close(self) -> None:
+        self.pool.close()

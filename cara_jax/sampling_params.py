@@ -1,0 +1,48 @@
+"""Per-request sampling parameters (OpenAI/vLLM field names), validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+class InvalidRequestError(ValueError):
+    """A request field is out of range or unsupported; the message names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """What to sample and when to stop. Defaults follow vLLM (temperature 1, 16 tokens)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    seed: int | None = None  # None: a fresh seed per request
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        checks = [
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (or -1 for off)"),
+            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+            (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
+            (self.n == 1, "n", "only n=1 is supported; send several requests instead"),
+        ]
+        for ok, field, why in checks:
+            if not ok:
+                raise InvalidRequestError(f"{field} {why} (got {getattr(self, field)!r})", field)

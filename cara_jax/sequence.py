@@ -1,0 +1,93 @@
+"""A request's life in the engine: prompt, adapter, slot, generated tokens, stop handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from cara_jax.sampling_params import SamplingParams
+from cara_jax.tokenizer import IncrementalDetokenizer
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One streamed delta of a request (the final one has ``finished=True``)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort
+
+
+@dataclasses.dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    detok: IncrementalDetokenizer
+    eos_ids: frozenset[int]
+    adapter_name: str | None = None
+    content_hash: str | None = None  # adapter content this sequence holds
+    adapter_slot: int = 0  # device-pool slot (0 = base model)
+    acquired: bool = False
+    status: SeqStatus = SeqStatus.WAITING
+    slot: int = -1  # KV-cache slot
+    pos: int = 0  # tokens in the KV cache
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # chars of text already streamed
+    finish_reason: str | None = None
+    cold: bool = False
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    token_times: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def append(self, token: int, max_len: int) -> None:
+        """Take one generated token: update text, apply stop rules (strings across tokens)."""
+        self.token_times.append(time.perf_counter())
+        p = self.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self.text += self.detok.flush()
+            self.finish(reason="stop")
+            return
+        self.output_ids.append(token)
+        before = len(self.text)
+        self.text += self.detok.add(token)
+        if p.stop:
+            longest = max(len(s) for s in p.stop)
+            start = max(0, before - longest + 1)
+            hits = [i for s in p.stop if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.finish(reason="stop")
+                return
+        if len(self.output_ids) >= p.max_tokens or self.pos + 1 >= max_len:
+            self.text += self.detok.flush()
+            self.finish(reason="length")
+
+    def finish(self, reason: str) -> None:
+        self.status = SeqStatus.FINISHED
+        self.finish_reason = reason
+
+    def take_delta(self, new_tokens: list[int]) -> RequestOutput:
+        """Text that can be streamed now; the tail that may still become a stop string waits."""
+        end = len(self.text)
+        if not self.finished and self.params.stop:
+            end = max(self.emitted, end - (max(len(s) for s in self.params.stop) - 1))
+        piece = self.text[self.emitted : end]
+        self.emitted = end
+        return RequestOutput(
+            self.request_id, piece, new_tokens, self.finished, self.finish_reason
+        )
