@@ -54,7 +54,10 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
-        ids = [self.engine.add_request(p, sampling_params, a) for p, a in zip(prompts, adapters, strict=True)]
+        ids = [
+            self.engine.add_request(p, sampling_params, a)
+            for p, a in zip(prompts, adapters, strict=True)
+        ]
         results = {i: CompletionOutput("", [], None) for i in ids}
         while self.engine.has_unfinished():
             for out in self.engine.step():
@@ -68,7 +71,9 @@ class LLM:
         return [results[i] for i in ids]
 
     def chat(self, messages: list[dict], sampling_params=None, adapter=None) -> CompletionOutput:
-        ids = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self.engine.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
         return self.generate([ids], sampling_params, adapter)[0]
 
 
@@ -99,7 +104,10 @@ class AsyncEngine:
                     q[0].call_soon_threadsafe(q[1].put_nowait, out)
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield deltas until the final one; leaving early cancels the request."""
         queue: asyncio.Queue = asyncio.Queue()

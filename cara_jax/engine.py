@@ -31,7 +31,7 @@ from cara_jax.kv_cache import SlotAllocator
 from cara_jax.runner import ModelRunner, PromptTooLongError, RunnerConfig
 from cara_jax.sampler import SamplingArrays
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
-from cara_jax.sequence import RequestOutput, Sequence, SeqStatus
+from cara_jax.sequence import RequestOutput, SeqStatus, Sequence
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import LoadedModel
 
@@ -65,15 +65,23 @@ class StepRecord:
 class Engine:
     """Synchronous engine core; drive it with ``step()`` (AsyncEngine runs it in a thread)."""
 
-    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, config: EngineConfig | None = None):
+    def __init__(
+        self, loaded: LoadedModel, tokenizer: Tokenizer, config: EngineConfig | None = None
+    ):
         self.config = cfg = config or EngineConfig()
         if cfg.cold_start not in COLD_START_MODES:
-            raise ValueError(f"cold_start must be one of {COLD_START_MODES}, not {cfg.cold_start!r}")
+            raise ValueError(
+                f"cold_start must be one of {COLD_START_MODES}, not {cfg.cold_start!r}"
+            )
         self.loaded = loaded
         self.tokenizer = tokenizer
         self.pool = DevicePool(loaded.cfg, cfg.pool, dtype=loaded.dtype)
-        self.registry = AdapterRegistry(loaded.cfg, HostStore(cfg.host_budget_bytes), base_model_name=None)
-        rc = RunnerConfig(num_slots=cfg.num_slots, max_len=cfg.max_len, max_prefill_batch=cfg.max_prefill_batch)
+        self.registry = AdapterRegistry(
+            loaded.cfg, HostStore(cfg.host_budget_bytes), base_model_name=None
+        )
+        rc = RunnerConfig(
+            num_slots=cfg.num_slots, max_len=cfg.max_len, max_prefill_batch=cfg.max_prefill_batch
+        )
         self.runner = ModelRunner(loaded, rc, pool=self.pool, lora_strategy=cfg.lora_strategy)
         self.max_len = self.runner.max_len
         self.slots = SlotAllocator(cfg.num_slots)
@@ -118,7 +126,11 @@ class Engine:
     ) -> str:
         """Queue a request; invalid input raises at once and never disturbs other requests."""
         params = params or SamplingParams()
-        ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+        ids = (
+            self.tokenizer.encode(prompt, add_special_tokens=True)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
         if not ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
         if len(ids) >= self.max_len:

@@ -88,6 +88,4 @@ class Sequence:
             end = max(self.emitted, end - (max(len(s) for s in self.params.stop) - 1))
         piece = self.text[self.emitted : end]
         self.emitted = end
-        return RequestOutput(
-            self.request_id, piece, new_tokens, self.finished, self.finish_reason
-        )
+        return RequestOutput(self.request_id, piece, new_tokens, self.finished, self.finish_reason)

@@ -1,0 +1,150 @@
+"""Engine: batching changes no result, seeds, stops, cancellation, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from cara_jax.adapters.store import UnknownAdapterError
+from cara_jax.api import AsyncEngine
+from cara_jax.engine import Engine, EngineConfig
+from cara_jax.runner import PromptTooLongError
+from cara_jax.sampling_params import InvalidRequestError, SamplingParams
+from cara_jax.tokenizer import Tokenizer
+from tests.test_multi_lora_parity import ALL7, make_peft_adapters
+
+SPECS = {f"e{i}": dict(r=r, lora_alpha=r, target_modules=ALL7 if i % 2 else ["q_proj", "v_proj"])
+         for i, r in enumerate([8, 16, 32, 64, 8, 16, 32, 64])}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm_path):
+    return Tokenizer.from_path(smollm_path)
+
+
+@pytest.fixture(scope="module")
+def engine_adapters(tiny_llama_dir, tmp_path_factory):
+    return make_peft_adapters(tiny_llama_dir, tmp_path_factory.mktemp("engine_adapters"), SPECS)
+
+
+def _engine(loaded, tok, adapters=None, **kw):
+    cfg = dict(num_slots=8, max_len=96, max_prefill_batch=4)
+    cfg.update(kw)
+    eng = Engine(loaded, tok, EngineConfig(**cfg))
+    for name, path in (adapters or {}).items():
+        eng.load_adapter(name, path)
+    return eng
+
+
+def _run(eng, requests):
+    """requests: list of (prompt ids, params, adapter) -> {rid: (token_ids, text, reason)}."""
+    ids = [eng.add_request(p, sp, a) for p, sp, a in requests]
+    res = {i: ([], "", None) for i in ids}
+    steps = 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            t, x, _ = res[o.request_id]
+            res[o.request_id] = (t + o.token_ids, x + o.text, o.finish_reason)
+        steps += 1
+        assert steps < 2000
+    return [res[i] for i in ids]
+
+
+def test_batching_changes_no_result(tiny, smol_tok, engine_adapters):
+    rng = np.random.default_rng(0)
+    reqs = []
+    for i in range(24):
+        prompt = rng.integers(3, 500, size=int(rng.integers(1, 40))).tolist()
+        adapter = None if i % 5 == 0 else f"e{i % 8}"
+        greedy = i % 3 != 0
+        sp = SamplingParams(temperature=0.0 if greedy else 0.9, top_k=0 if greedy else 40,
+                            seed=i, max_tokens=int(rng.integers(1, 24)), ignore_eos=True)  # fmt: skip
+        reqs.append((prompt, sp, adapter))
+    for mode in ("sync", "cached"):
+        eng = _engine(tiny, smol_tok, engine_adapters, cold_start=mode)
+        together = _run(eng, reqs)
+        for (prompt, sp, adapter), got in zip(reqs, together, strict=True):
+            alone = _run(eng, [(prompt, sp, adapter)])[0]
+            assert got[0] == alone[0], (mode, adapter, sp)  # greedy and seeded alike
+            assert len(got[0]) == sp.max_tokens and got[2] == "length"
+        assert not eng.running and eng.slots.num_free == 8
+        eng.close()
+
+
+def test_stop_string_across_token_boundary(smollm, smol_tok):
+    eng = _engine(smollm, smol_tok, max_len=128)
+    prompt = smol_tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=True
+    )
+    full = _run(eng, [(prompt, SamplingParams(temperature=0, max_tokens=20), None)])[0]
+    assert full[1] == "The capital of France is Paris."
+    pieces = [smol_tok.decode([t]) for t in full[0]]
+    # a stop string that starts inside one token and ends inside the next
+    i = next(k for k, p in enumerate(pieces) if len(p) >= 3 and len(pieces[k + 1]) >= 3)
+    stop = pieces[i][-2:] + pieces[i + 1][:2]
+    got = _run(eng, [(prompt, SamplingParams(temperature=0, max_tokens=20, stop=[stop]), None)])[0]
+    assert got[2] == "stop"
+    assert got[1] == full[1][: full[1].index(stop)]
+    eng.close()
+
+
+def test_errors_leave_other_requests_alone(tiny, smol_tok, engine_adapters):
+    eng = _engine(tiny, smol_tok, {"e1": engine_adapters["e1"]})
+    ok = eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    with pytest.raises(PromptTooLongError):
+        eng.add_request([5] * 96, SamplingParams(max_tokens=5))
+    with pytest.raises(UnknownAdapterError):
+        eng.add_request([5, 6], SamplingParams(max_tokens=5), adapter="nope")
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(n=2)
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(temperature=-1)
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert sum(len(o.token_ids) for o in outs if o.request_id == ok) == 5
+    eng.close()
+
+
+def test_abort_frees_slot_and_async_stream(tiny, smol_tok):
+    eng = _engine(tiny, smol_tok, num_slots=2)
+    a = eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert eng.slots.num_free == 1
+    eng.abort(a)
+    assert eng.slots.num_free == 2
+    while eng.has_unfinished():
+        assert all(o.request_id != a for o in eng.step())
+    # streaming: leaving the generator early cancels the request
+    ae = AsyncEngine(eng)
+
+    async def consume():
+        got = []
+        async for out in ae.generate(
+            [5, 6, 7], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        ):
+            got.append(out)
+            if len(got) == 3:
+                break
+        full = [
+            o
+            async for o in ae.generate(
+                [5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+            )
+        ]
+        return got, full
+
+    got, full = asyncio.run(consume())
+    assert len(got) == 3 and full[-1].finished and sum(len(o.token_ids) for o in full) == 6
+    assert [t for o in full[:3] for t in o.token_ids] == [t for o in got for t in o.token_ids]
+    for _ in range(50):
+        if eng.slots.num_free == 2:
+            break
+        import time
+
+        time.sleep(0.05)
+    assert eng.slots.num_free == 2
+    ae.shutdown()
