@@ -29,8 +29,8 @@ from cara_jax.adapters.device_pool import DevicePool, PoolConfig, PoolFullError
 from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
 from cara_jax.kv_cache import SlotAllocator
 from cara_jax.runner import ModelRunner, PromptTooLongError, RunnerConfig
-from cara_jax.sampler import SamplingArrays
-from cara_jax.sampling_params import InvalidRequestError, SamplingParams
+from cara_jax.sampler import SamplingArrays, token_logprobs
+from cara_jax.sampling_params import MAX_LOGPROBS, InvalidRequestError, SamplingParams
 from cara_jax.sequence import RequestOutput, SeqStatus, Sequence
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import LoadedModel
@@ -88,7 +88,8 @@ class Engine:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}  # KV slot -> sequence
         self.requests: dict[str, Sequence] = {}
-        self._samp = np.zeros((cfg.num_slots, 4), np.float64)  # temperature, top_k, top_p, seed
+        # per slot: temperature, top_k, top_p, seed, min_p
+        self._samp = np.zeros((cfg.num_slots, 5), np.float64)
         self._samp[:, 2] = 1.0
         self._in_flight: tuple[jax.Array, list[tuple[int, Sequence]]] | None = None
         self._ids = itertools.count()
@@ -215,7 +216,7 @@ class Engine:
             seq.status = SeqStatus.RUNNING
             self.running[seq.slot] = seq
             p = seq.params
-            self._samp[seq.slot] = (p.temperature, p.top_k, p.top_p, seq.seed)
+            self._samp[seq.slot] = (p.temperature, p.top_k, p.top_p, seq.seed, p.min_p)
             admitted.append(seq)
         return admitted
 
@@ -230,7 +231,7 @@ class Engine:
             new = self._admit()
             prefill = None
             if new:
-                _, toks = self.runner.prefill(
+                logits, toks = self.runner.prefill(
                     [s.prompt_ids for s in new],
                     [s.slot for s in new],
                     self._sampling([s.slot for s in new]),
@@ -238,7 +239,7 @@ class Engine:
                 )
                 for s in new:
                     s.pos = len(s.prompt_ids)
-                prefill = (toks, new)
+                prefill = (toks, new, self._logprobs(logits, toks, new))
             launched = None
             if self.running:
                 n = self.slots.high_water
@@ -249,33 +250,52 @@ class Engine:
                     positions[slot] = s.pos
                     adapters[slot] = s.adapter_slot
                     rows.append((slot, s))
-                _, toks = self.runner.decode(positions, self._sampling(list(range(n))), adapters)
+                logits, toks = self.runner.decode(
+                    positions, self._sampling(list(range(n))), adapters
+                )
                 for _, s in rows:
                     s.pos += 1
-                launched = (toks, rows)
+                launched = (toks, rows, self._logprobs(logits, toks, [s for _, s in rows]))
                 self.steps.append(
                     StepRecord(t0, len(rows), sorted(self._ranks(rows)), sum(len(s.prompt_ids) for s in new),
                                time.perf_counter() - t0)
                 )  # fmt: skip
             # host work below overlaps the decode step just launched
             if prefill is not None:
-                host = np.asarray(prefill[0])
-                for s, tok in zip(prefill[1], host, strict=True):
-                    outputs.extend(self._accept(s, int(tok)))
-            if self._in_flight is not None:
-                toks, rows = self._in_flight
+                toks, seqs, lp = prefill
                 host = np.asarray(toks)
+                lp = None if lp is None else [np.asarray(a) for a in lp]
+                for row, s in enumerate(seqs):
+                    outputs.extend(self._accept(s, int(host[row]), lp, row))
+            if self._in_flight is not None:
+                toks, rows, lp = self._in_flight
+                host = np.asarray(toks)
+                lp = None if lp is None else [np.asarray(a) for a in lp]
                 for slot, s in rows:
-                    outputs.extend(self._accept(s, int(host[slot])))
+                    outputs.extend(self._accept(s, int(host[slot]), lp, slot))
             self._in_flight = launched
         return outputs
 
     def _ranks(self, rows: list[tuple[int, Sequence]]) -> list[int]:
         return [self.pool.entry_rank(s.content_hash) if s.content_hash else 0 for _, s in rows]
 
-    def _accept(self, seq: Sequence, token: int) -> list[RequestOutput]:
+    @staticmethod
+    def _logprobs(logits, toks, seqs: list[Sequence]):
+        """Dispatch log-prob extraction only when some sequence in the batch asked for it."""
+        if all(s.params.logprobs is None for s in seqs):
+            return None
+        return token_logprobs(logits, toks, MAX_LOGPROBS)
+
+    def _accept(self, seq: Sequence, token: int, lp=None, row: int = 0) -> list[RequestOutput]:
         if seq.finished:
             return []  # finished or aborted while this token was in flight
+        k = seq.params.logprobs
+        if k is not None and lp is not None:
+            chosen, top_ids, top_lp = lp
+            seq.pending_logprobs.append(
+                {"token_id": token, "logprob": float(chosen[row]),
+                 "top": [(int(i), float(v)) for i, v in zip(top_ids[row, :k], top_lp[row, :k], strict=True)]}
+            )  # fmt: skip
         n0 = len(seq.output_ids)
         seq.append(token, self.max_len)
         out = seq.take_delta(seq.output_ids[n0:])  # empty for EOS / stop token ids

@@ -8,6 +8,7 @@ same tokens whatever batch it shares.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ class SamplingArrays:
     top_k: jax.Array  # [S] int32; 0 = off
     top_p: jax.Array  # [S] float32; 1 = off
     seed: jax.Array  # [S] uint32
+    min_p: jax.Array  # [S] float32; 0 = off
 
     @classmethod
     def greedy(cls, n: int) -> SamplingArrays:
@@ -31,16 +33,20 @@ class SamplingArrays:
             top_k=jnp.zeros((n,), jnp.int32),
             top_p=jnp.ones((n,), jnp.float32),
             seed=jnp.zeros((n,), jnp.uint32),
+            min_p=jnp.zeros((n,), jnp.float32),
         )
 
     @classmethod
-    def from_rows(cls, rows: list[tuple[float, int, float, int]]) -> SamplingArrays:
-        a = np.array(rows, dtype=np.float64).reshape(-1, 4)
+    def from_rows(cls, rows: list[tuple]) -> SamplingArrays:
+        """Rows of (temperature, top_k, top_p, seed[, min_p])."""
+        a = np.array([tuple(r) + (0.0,) * (5 - len(r)) for r in rows], dtype=np.float64)
+        a = a.reshape(-1, 5)
         return cls(
             temperature=jnp.asarray(a[:, 0], jnp.float32),
             top_k=jnp.asarray(a[:, 1], jnp.int32),
             top_p=jnp.asarray(a[:, 2], jnp.float32),
             seed=jnp.asarray(a[:, 3].astype(np.uint64) & 0xFFFFFFFF, jnp.uint32),
+            min_p=jnp.asarray(a[:, 4], jnp.float32),
         )
 
     def take(self, rows: jax.Array) -> SamplingArrays:
@@ -51,7 +57,7 @@ def sample(logits: jax.Array, params: SamplingArrays, positions: jax.Array) -> j
     """Next token per row. logits [n, V] float32; params rows aligned with logits rows."""
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def draw(row_logits, temp, top_k, top_p, seed, pos):
+    def draw(row_logits, temp, top_k, top_p, seed, min_p, pos):
         x = row_logits / jnp.maximum(temp, 1e-6)
         v = x.shape[-1]
         sorted_x = jnp.sort(x)[::-1]
@@ -62,15 +68,35 @@ def sample(logits: jax.Array, params: SamplingArrays, positions: jax.Array) -> j
         # smallest prefix whose mass reaches top_p (the token crossing the line is kept)
         cutoff_idx = jnp.minimum(jnp.sum(cum - probs < top_p) - 1, v - 1)
         pth = sorted_x[cutoff_idx]
-        x = jnp.where((x < kth) | (x < pth), -jnp.inf, x)
+        # min_p: drop tokens less likely than min_p x the most likely one (after temperature)
+        mth = sorted_x[0] + jnp.log(jnp.maximum(min_p, 1e-30))
+        x = jnp.where((x < kth) | (x < pth) | ((min_p > 0) & (x < mth)), -jnp.inf, x)
         key = jax.random.fold_in(jax.random.key(seed), pos)
         return jax.random.categorical(key, x).astype(jnp.int32)
 
     def sample_rows(_):
         sampled = jax.vmap(draw)(
-            logits, params.temperature, params.top_k, params.top_p, params.seed, positions
+            logits,
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            params.seed,
+            params.min_p,
+            positions,
         )
         return jnp.where(params.temperature > 0, sampled, greedy_tok)
 
     # An all-greedy batch (the common benchmark case) skips the per-row sort entirely.
     return jax.lax.cond(jnp.any(params.temperature > 0), sample_rows, lambda _: greedy_tok, None)
+
+
+@partial(jax.jit, static_argnames=("k",))
+def token_logprobs(
+    logits: jax.Array, tokens: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities (of the unmodified distribution, as OpenAI reports them):
+    the chosen tokens' [n], and the top-k ids [n, k] with their log-probs [n, k]."""
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp, k)
+    return chosen, top_ids, top_lp

@@ -13,6 +13,9 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+MAX_LOGPROBS = 20
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """What to sample and when to stop. Defaults follow vLLM (temperature 1, 16 tokens)."""
@@ -20,12 +23,14 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0  # 0 = off
     seed: int | None = None  # None: a fresh seed per request
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     n: int = 1
+    logprobs: int | None = None  # None: off; k: the chosen token's log-prob plus the top k
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,7 +43,13 @@ class SamplingParams:
             (self.temperature >= 0, "temperature", "must be >= 0"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be >= 0 (or -1 for off)"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                "logprobs",
+                f"must be between 0 and {MAX_LOGPROBS}",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
             (self.n == 1, "n", "only n=1 is supported; send several requests instead"),

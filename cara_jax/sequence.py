@@ -25,6 +25,8 @@ class RequestOutput:
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort
+    # per new token when requested: {"token_id", "logprob", "top": [(token_id, logprob), ...]}
+    logprobs: list[dict] | None = None
 
 
 @dataclasses.dataclass
@@ -49,6 +51,7 @@ class Sequence:
     cold: bool = False
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     token_times: list[float] = dataclasses.field(default_factory=list)
+    pending_logprobs: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -88,4 +91,9 @@ class Sequence:
             end = max(self.emitted, end - (max(len(s) for s in self.params.stop) - 1))
         piece = self.text[self.emitted : end]
         self.emitted = end
-        return RequestOutput(self.request_id, piece, new_tokens, self.finished, self.finish_reason)
+        lps = None
+        if self.params.logprobs is not None:
+            lps, self.pending_logprobs = self.pending_logprobs[: len(new_tokens)], []
+        return RequestOutput(
+            self.request_id, piece, new_tokens, self.finished, self.finish_reason, lps
+        )

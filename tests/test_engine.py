@@ -148,3 +148,40 @@ def test_abort_frees_slot_and_async_stream(tiny, smol_tok):
         time.sleep(0.05)
     assert eng.slots.num_free == 2
     ae.shutdown()
+
+
+def test_logprobs_and_min_p(tiny, smol_tok):
+    import jax
+    import jax.numpy as jnp
+
+    from cara_jax.runner import full_logits
+    from cara_jax.sampler import SamplingArrays, sample
+
+    eng = _engine(tiny, smol_tok)
+    prompt = [5, 9, 17, 33]
+    ((ids, _, reason),) = _run(
+        eng,
+        [(prompt, SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True), None)],
+    )
+    rid = eng.add_request(
+        prompt, SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True)
+    )
+    lps = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.request_id == rid and o.logprobs:
+                lps += o.logprobs
+    assert [d["token_id"] for d in lps] == ids
+    seq = prompt + ids
+    ref = np.asarray(jax.nn.log_softmax(full_logits(tiny, np.array([seq]))[0], axis=-1))
+    for i, d in enumerate(lps):
+        row = ref[len(prompt) - 1 + i]
+        assert len(d["top"]) == 3 and d["top"][0][0] == d["token_id"]  # greedy = top-1
+        assert abs(d["logprob"] - row[d["token_id"]]) < 1e-4
+        assert [t for t, _ in d["top"]] == list(np.argsort(-row)[:3])
+    eng.close()
+    # min_p keeps only tokens with p >= min_p * p_max
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {int(sample(logits, SamplingArrays.from_rows([(1.0, 0, 1.0, s, 0.5)]), jnp.zeros(1, jnp.int32))[0])
+            for s in range(64)}  # fmt: skip
+    assert seen == {0, 1}
