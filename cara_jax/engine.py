@@ -88,8 +88,9 @@ class Engine:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}  # KV slot -> sequence
         self.requests: dict[str, Sequence] = {}
-        # per slot: temperature, top_k, top_p, seed, min_p
-        self._samp = np.zeros((cfg.num_slots, 5), np.float64)
+        # per slot: temperature, top_k, top_p, seed, min_p, presence, frequency, repetition
+        self._samp = np.zeros((cfg.num_slots, 8), np.float64)
+        self._samp[:, 7] = 1.0
         self._samp[:, 2] = 1.0
         self._in_flight: tuple[jax.Array, list[tuple[int, Sequence]]] | None = None
         self._ids = itertools.count()
@@ -216,7 +217,10 @@ class Engine:
             seq.status = SeqStatus.RUNNING
             self.running[seq.slot] = seq
             p = seq.params
-            self._samp[seq.slot] = (p.temperature, p.top_k, p.top_p, seq.seed, p.min_p)
+            self._samp[seq.slot] = (
+                p.temperature, p.top_k, p.top_p, seq.seed, p.min_p,
+                p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+            )  # fmt: skip
             admitted.append(seq)
         return admitted
 

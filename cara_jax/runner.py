@@ -29,7 +29,7 @@ from cara_jax.adapters.multi_lora import STRATEGIES
 from cara_jax.kv_cache import KVCache
 from cara_jax.lora_hooks import LoraHook
 from cara_jax.model import DecodeMeta, PrefillMeta
-from cara_jax.sampler import SamplingArrays, sample
+from cara_jax.sampler import SamplingArrays, SlotState, apply_penalties, sample
 from cara_jax.weights import LoadedModel
 
 
@@ -82,32 +82,47 @@ class PromptTooLongError(ValueError):
     """A prompt (plus at least one generated token) does not fit the context."""
 
 
-def _prefill_step(
-    graphdef, treedef, params, cache, last_tokens, tokens, lengths, slots, sampling, hook
-):
+def _prefill_step(graphdef, treedef, params, cache, state, tokens, lengths, slots, sampling, hook):
     model = _merge(graphdef, treedef, params)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     h, cache = model(tokens, positions, cache, PrefillMeta(slots=slots, lengths=lengths), hook)
     last_h = h[jnp.arange(b), lengths - 1]
     logits = model.logits(last_h)
-    next_tok = sample(logits, sampling, lengths)
-    last_tokens = last_tokens.at[slots].set(next_tok, mode="drop")
-    return logits, next_tok, cache, last_tokens
+    # fresh penalty state for these slots: no output yet, the prompt counts as seen
+    rows = jnp.arange(b)[:, None]
+    seen = (
+        jnp.zeros((b, logits.shape[-1]), jnp.bool_)
+        .at[rows, tokens]
+        .max(positions < lengths[:, None])
+    )
+    counts = jnp.zeros((b, logits.shape[-1]), jnp.int32)
+    next_tok = sample(apply_penalties(logits, counts, seen, sampling), sampling, lengths)
+    state = SlotState(
+        last=state.last.at[slots].set(next_tok, mode="drop"),
+        counts=state.counts.at[slots].set(counts.at[jnp.arange(b), next_tok].set(1), mode="drop"),
+        seen=state.seen.at[slots].set(seen.at[jnp.arange(b), next_tok].set(True), mode="drop"),
+    )
+    return logits, next_tok, cache, state
 
 
-def _decode_step(
-    graphdef, treedef, params, cache, last_tokens, positions, sampling, hook, kv_len, rows
-):
+def _decode_step(graphdef, treedef, params, cache, state, positions, sampling, hook, kv_len, rows):
     model = _merge(graphdef, treedef, params)
-    tokens = last_tokens[:rows]
+    tokens = state.last[:rows]
     h, cache = model(
         tokens[:, None], positions[:, None], cache, DecodeMeta(positions, kv_len), hook
     )
     logits = model.logits(h[:, 0])
-    next_tok = sample(logits, sampling, positions + 1)
-    last_tokens = last_tokens.at[:rows].set(jnp.where(positions < cache.max_len, next_tok, tokens))
-    return logits, next_tok, cache, last_tokens
+    counts, seen = state.counts[:rows], state.seen[:rows]
+    next_tok = sample(apply_penalties(logits, counts, seen, sampling), sampling, positions + 1)
+    live = positions < cache.max_len
+    r = jnp.arange(rows)
+    state = SlotState(
+        last=state.last.at[:rows].set(jnp.where(live, next_tok, tokens)),
+        counts=state.counts.at[r, next_tok].add(live.astype(jnp.int32)),
+        seen=state.seen.at[r, next_tok].max(live),
+    )
+    return logits, next_tok, cache, state
 
 
 def _merge(graphdef, treedef, params):
@@ -137,19 +152,19 @@ class ModelRunner:
         self.cache = KVCache.allocate(
             self.cfg, self.config.num_slots, self.config.max_len, cache_dtype
         )
-        self.last_tokens = jnp.zeros((self.config.num_slots,), jnp.int32)
+        self.state = SlotState.zeros(self.config.num_slots, self.cfg.vocab_size)
         # The graph definition and the state's tree structure are bound here, once: passing
         # them per call would re-hash the module graph on every step (milliseconds of host
         # time per token). Parameters travel as a flat list of arrays.
         self.params, treedef = jax.tree_util.tree_flatten(loaded.state)
         gd = loaded.graphdef
         self._prefill = jax.jit(
-            partial(_prefill_step, gd, treedef), donate_argnames=("cache", "last_tokens")
+            partial(_prefill_step, gd, treedef), donate_argnames=("cache", "state")
         )
         self._decode = jax.jit(
             partial(_decode_step, gd, treedef),
             static_argnames=("kv_len", "rows"),
-            donate_argnames=("cache", "last_tokens"),
+            donate_argnames=("cache", "state"),
         )
 
     @property
@@ -198,8 +213,8 @@ class ModelRunner:
         if adapters is not None:
             ad[:n] = adapters
         with self._lora(ad, "bgmv") as hook:  # prefill runs the segment kernel either way
-            logits, toks, self.cache, self.last_tokens = self._prefill(
-                self.params, self.cache, self.last_tokens,
+            logits, toks, self.cache, self.state = self._prefill(
+                self.params, self.cache, self.state,
                 jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slot_arr), sampling, hook,
             )  # fmt: skip
         return logits[:n], toks[:n]
@@ -229,8 +244,8 @@ class ModelRunner:
         if adapters is not None:
             ad[: len(positions)] = np.where(positions >= 0, adapters[: len(positions)], 0)
         with self._lora(ad, self.lora_strategy) as hook:
-            logits, toks, self.cache, self.last_tokens = self._decode(
-                self.params, self.cache, self.last_tokens,
+            logits, toks, self.cache, self.state = self._decode(
+                self.params, self.cache, self.state,
                 jnp.asarray(pos), sampling, hook, kv_len=kv_len, rows=rows,
             )  # fmt: skip
         return logits, toks

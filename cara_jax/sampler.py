@@ -25,6 +25,9 @@ class SamplingArrays:
     top_p: jax.Array  # [S] float32; 1 = off
     seed: jax.Array  # [S] uint32
     min_p: jax.Array  # [S] float32; 0 = off
+    presence: jax.Array  # [S] float32; 0 = off
+    frequency: jax.Array  # [S] float32; 0 = off
+    repetition: jax.Array  # [S] float32; 1 = off
 
     @classmethod
     def greedy(cls, n: int) -> SamplingArrays:
@@ -34,19 +37,26 @@ class SamplingArrays:
             top_p=jnp.ones((n,), jnp.float32),
             seed=jnp.zeros((n,), jnp.uint32),
             min_p=jnp.zeros((n,), jnp.float32),
+            presence=jnp.zeros((n,), jnp.float32),
+            frequency=jnp.zeros((n,), jnp.float32),
+            repetition=jnp.ones((n,), jnp.float32),
         )
 
     @classmethod
     def from_rows(cls, rows: list[tuple]) -> SamplingArrays:
-        """Rows of (temperature, top_k, top_p, seed[, min_p])."""
-        a = np.array([tuple(r) + (0.0,) * (5 - len(r)) for r in rows], dtype=np.float64)
-        a = a.reshape(-1, 5)
+        """Rows of (temperature, top_k, top_p, seed[, min_p, presence, frequency, repetition])."""
+        defaults = (0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+        a = np.array([tuple(r) + defaults[len(r) :] for r in rows], dtype=np.float64)
+        a = a.reshape(-1, 8)
         return cls(
             temperature=jnp.asarray(a[:, 0], jnp.float32),
             top_k=jnp.asarray(a[:, 1], jnp.int32),
             top_p=jnp.asarray(a[:, 2], jnp.float32),
             seed=jnp.asarray(a[:, 3].astype(np.uint64) & 0xFFFFFFFF, jnp.uint32),
             min_p=jnp.asarray(a[:, 4], jnp.float32),
+            presence=jnp.asarray(a[:, 5], jnp.float32),
+            frequency=jnp.asarray(a[:, 6], jnp.float32),
+            repetition=jnp.asarray(a[:, 7], jnp.float32),
         )
 
     def take(self, rows: jax.Array) -> SamplingArrays:
@@ -100,3 +110,41 @@ def token_logprobs(
     chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(lp, k)
     return chosen, top_ids, top_lp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+    """Device-resident per-slot state carried between steps (donated to every step)."""
+
+    last: jax.Array  # [S] int32: the token each slot feeds into its next decode step
+    counts: jax.Array  # [S, V] int32: generated-token counts (presence/frequency penalties)
+    seen: jax.Array  # [S, V] bool: tokens in prompt or output (repetition penalty)
+
+    @classmethod
+    def zeros(cls, num_slots: int, vocab: int) -> SlotState:
+        return cls(
+            last=jnp.zeros((num_slots,), jnp.int32),
+            counts=jnp.zeros((num_slots, vocab), jnp.int32),
+            seen=jnp.zeros((num_slots, vocab), jnp.bool_),
+        )
+
+
+def apply_penalties(
+    logits: jax.Array, counts: jax.Array, seen: jax.Array, params: SamplingArrays
+) -> jax.Array:
+    """vLLM's penalties: repetition (prompt + output, divides positive logits), then
+    frequency and presence (output only, subtracted). Skipped when no row uses them."""
+
+    def penalize(x):
+        rep = params.repetition[:, None]
+        x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+        c = counts.astype(x.dtype)
+        return x - params.frequency[:, None] * c - params.presence[:, None] * (c > 0)
+
+    active = (
+        jnp.any(params.repetition != 1)
+        | jnp.any(params.frequency != 0)
+        | jnp.any(params.presence != 0)
+    )
+    return jax.lax.cond(active, penalize, lambda x: x, logits)

@@ -24,6 +24,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0  # 0 = off
+    presence_penalty: float = 0.0  # subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # divides (multiplies if negative) logits of seen tokens
     seed: int | None = None  # None: a fresh seed per request
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
@@ -44,6 +47,9 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be >= 0 (or -1 for off)"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (0 < self.repetition_penalty <= 10, "repetition_penalty", "must be in (0, 10]"),
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,

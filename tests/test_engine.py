@@ -185,3 +185,30 @@ def test_logprobs_and_min_p(tiny, smol_tok):
     seen = {int(sample(logits, SamplingArrays.from_rows([(1.0, 0, 1.0, s, 0.5)]), jnp.zeros(1, jnp.int32))[0])
             for s in range(64)}  # fmt: skip
     assert seen == {0, 1}
+
+
+def test_penalties(tiny, smol_tok):
+    eng = _engine(tiny, smol_tok)
+    prompt = [5, 9, 17, 33, 5, 9]
+    base = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = _run(eng, [(prompt, base, None)])[0][0]
+    assert len(set(plain)) < len(plain)  # the random tiny model repeats itself greedily
+    strong = dict(temperature=0, max_tokens=30, ignore_eos=True)
+    rep = _run(eng, [(prompt, SamplingParams(repetition_penalty=10.0, **strong), None)])[0][0]
+    freq = _run(
+        eng, [(prompt, SamplingParams(frequency_penalty=2.0, presence_penalty=2.0, **strong), None)]
+    )[0][0]
+    assert rep != plain and freq != plain
+    # the penalties' effect on a single step is exactly vLLM's formula
+    import jax.numpy as jnp
+
+    from cara_jax.sampler import SamplingArrays, apply_penalties
+
+    logits = jnp.array([[2.0, -1.0, 0.5, 3.0]])
+    counts = jnp.array([[0, 2, 1, 0]])
+    seen = jnp.array([[True, True, True, False]])
+    sp = SamplingArrays.from_rows([(0.0, 0, 1.0, 0, 0.0, 0.5, 0.25, 2.0)])
+    out = np.asarray(apply_penalties(logits, counts, seen, sp))[0]
+    expected = [2.0 / 2, -1.0 * 2 - 0.25 * 2 - 0.5, 0.5 / 2 - 0.25 - 0.5, 3.0]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    eng.close()
