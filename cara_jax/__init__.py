@@ -20,3 +20,17 @@ def _default_xla_flags() -> None:
 
 
 _default_xla_flags()
+
+
+def __getattr__(name: str):
+    """Lazy top-level API (`from cara_jax import LLM, SamplingParams, AsyncEngine`), so that
+    importing the package stays cheap and sets the XLA flags above before JAX loads."""
+    if name in ("LLM", "AsyncEngine"):
+        from cara_jax import api
+
+        return getattr(api, name)
+    if name == "SamplingParams":
+        from cara_jax.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(name)

@@ -15,7 +15,14 @@ def _blocks() -> list[str]:
 
 
 def test_readme_has_examples():
-    assert len(_blocks()) >= 2
+    assert len(_blocks()) >= 3
+
+
+def test_python_api_example(capsys):
+    block = next(b for b in _blocks() if "from cara_jax import LLM" in b)
+    exec(compile(block, "README-api", "exec"), {})  # noqa: S102
+    out = capsys.readouterr().out
+    assert "Paris" in out
 
 
 def test_multi_lora_example(hf_smollm, tmp_path):
@@ -27,14 +34,16 @@ def test_multi_lora_example(hf_smollm, tmp_path):
     spec = {"ex": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])}
     paths = make_peft_adapters(lambda: copy.deepcopy(hf_smollm), tmp_path, spec)
     ns = {"adapter_dir": paths["ex"]}
-    exec(compile(_blocks()[0], "README-example-1", "exec"), ns)  # noqa: S102
+    block = next(b for b in _blocks() if "adapter_dir" in b)
+    exec(compile(block, "README-example-1", "exec"), ns)  # noqa: S102
     outs = ns["outs"]
     assert len(outs) == 2 and all(o.token_ids for o in outs)
 
 
 def test_functional_example():
     ns: dict = {}
-    exec(compile(_blocks()[1], "README-example-2", "exec"), ns)  # noqa: S102
+    block = next(b for b in _blocks() if "multi_lora_delta" in b)
+    exec(compile(block, "README-example-2", "exec"), ns)  # noqa: S102
     y = np.asarray(ns["y"])
     a, b, w = (np.asarray(ns[k]) for k in ("a", "b", "w"))
     x = np.ones(64, np.float32)
