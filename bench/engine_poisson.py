@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import tempfile
@@ -27,6 +26,7 @@ import jax
 import numpy as np
 
 from bench.lora_decode import write_peft_adapter
+from bench.report import write_report
 from cara_jax.embedded import default_model_path
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.sampling_params import SamplingParams
@@ -206,14 +206,7 @@ def main() -> None:
         c, h = results["cara-jax"], results["HF+PEFT"]
         lines += ["", f"Ratios (cara-jax / HF+PEFT, same run): throughput {c['throughput_tok_s'] / h['throughput_tok_s']:.2f}x, "
                   f"TTFT p50 {h['ttft_p50'] / c['ttft_p50']:.2f}x lower, TPOT p50 {h['tpot_p50'] / c['tpot_p50']:.2f}x lower"]  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_poisson.md").write_text(text + "\n")
-    (out / "engine_poisson.json").write_text(
-        json.dumps({"args": vars(args), "results": results}, indent=1)
-    )
+    write_report(args.out, "engine_poisson", lines, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from bench.report import write_report
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.store import AdapterRegistry
 from cara_jax.config import ModelConfig
@@ -147,13 +148,11 @@ def main() -> None:
         "",
         f"All runs (tok/s): {json.dumps({k: [round(x, 1) for x in v] for k, v in rates.items()})}",
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lora_decode.md").write_text(text + "\n")
-    (out / "lora_decode.json").write_text(
-        json.dumps({"rates": rates, "roofline": roof, "adapter_bytes": adapter_bytes}, indent=1)
+    write_report(
+        args.out,
+        "lora_decode",
+        lines,
+        {"rates": rates, "roofline": roof, "adapter_bytes": adapter_bytes},
     )
     pool.close()
 

@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
             "hf": args.hf,
-            "model": str(path),
+            "model": path.name,  # the file name only: results must not carry machine paths
             "mem_bw": args.mem_bw,
             "gemm_flops": args.gemm_flops,
             "params": PARAMS,

@@ -95,27 +95,34 @@ class Engine:
         self._in_flight: tuple[jax.Array, list[tuple[int, Sequence]]] | None = None
         self._ids = itertools.count()
         self.lock = threading.RLock()  # add/abort from other threads vs step()
+        self._failed: list[RequestOutput] = []  # final outputs of requests that failed in admission
         self.steps: collections.deque[StepRecord] = collections.deque(maxlen=cfg.max_step_records)
 
     # ------------------------------------------------------------------ adapters
 
     def load_adapter(self, name: str, path: str | Path) -> RegisteredAdapter:
         """Register (or replace) an adapter; ``cached`` mode also pins it on the device."""
+        old = self.registry.names().get(name)
         entry = self.registry.register(name, path)
         if self.config.cold_start == "cached":
             adapter = self.registry.resolve(name)
-            handle = self.pool.acquire(adapter)
-            handle.wait()
-            self.pool.pin(adapter.content_hash)
+            if old is None or old.content_hash != entry.content_hash:
+                self.pool.acquire(adapter).wait()
+                self.pool.pin(adapter.content_hash)
+            if old is not None and old.content_hash != entry.content_hash:
+                self._unpin_if_unused(old.content_hash)
         return entry
 
     def unload_adapter(self, name: str) -> None:
         entry = self.registry.unregister(name)
-        if self.config.cold_start == "cached" and entry.content_hash not in {
-            e.content_hash for e in self.registry.names().values()
-        }:
-            self.pool.pin(entry.content_hash, False)
-            self.pool.release(entry.content_hash)
+        if self.config.cold_start == "cached":
+            self._unpin_if_unused(entry.content_hash)
+
+    def _unpin_if_unused(self, content_hash: str) -> None:
+        """Drop ``cached`` mode's hold on a content no registered name points at any more."""
+        if content_hash not in {e.content_hash for e in self.registry.names().values()}:
+            self.pool.pin(content_hash, False)
+            self.pool.release(content_hash)
 
     # ------------------------------------------------------------------ requests
 
@@ -174,7 +181,7 @@ class Engine:
             self._release(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self._in_flight)
+        return bool(self.waiting or self.running or self._in_flight or self._failed)
 
     # ------------------------------------------------------------------ the loop
 
@@ -191,15 +198,16 @@ class Engine:
         if seq.content_hash is None:
             return True
         if not seq.acquired:
+            adapter = self.registry.host.get(seq.content_hash)
+            if adapter is None:  # evicted from the host tier: re-read by name
+                adapter = self.registry.resolve(seq.adapter_name)
+                seq.content_hash = adapter.content_hash
+            seq.cold = not self.pool.is_resident(seq.content_hash)
             try:
-                adapter = self.registry.host.get(seq.content_hash)
-                if adapter is None:
-                    adapter = self.registry.resolve(seq.adapter_name)
-                seq.cold = not self.pool.is_resident(seq.content_hash)
                 self.pool.acquire(adapter)
-                seq.acquired = True
             except PoolFullError:
-                return False
+                return False  # every resident adapter is busy: retry next step
+            seq.acquired = True
         if not self.pool.is_resident(seq.content_hash):
             return False
         seq.adapter_slot = self.pool.slot_of(seq.content_hash)
@@ -210,7 +218,18 @@ class Engine:
         for seq in list(self.waiting):
             if len(admitted) >= self.config.max_prefill_batch or self.slots.num_free == 0:
                 break
-            if not self._adapter_ready(seq):
+            try:
+                ready = self._adapter_ready(seq)
+            except Exception as e:  # e.g. the adapter was unloaded and evicted meanwhile
+                log.warning(
+                    "request %s failed to get adapter %s: %s", seq.request_id, seq.adapter_name, e
+                )
+                self.waiting.remove(seq)
+                seq.finish("error")
+                self._release(seq)
+                self._failed.append(seq.take_delta([]))
+                continue
+            if not ready:
                 continue  # its load proceeds; requests behind it are not blocked
             self.waiting.remove(seq)
             seq.slot = self.slots.alloc()
@@ -233,6 +252,7 @@ class Engine:
         t0 = time.perf_counter()
         with self.lock:
             new = self._admit()
+            outputs, self._failed = self._failed, []
             prefill = None
             if new:
                 logits, toks = self.runner.prefill(

@@ -1,8 +1,8 @@
 """Model runner: jitted prefill / decode steps over (graphdef, state), bucketed static shapes.
 
-The runner owns the parameters, the KV cache (donated to every step, so it is updated in place)
-and a device-resident vector of the last token of every slot: a decode step reads its inputs
-from that vector and writes the sampled tokens back, so the host never has to see a token
+The runner owns the parameters, the KV cache and the per-slot ``SlotState`` (last token, penalty
+counts), both donated to every step so they update in place. A decode step reads its inputs
+from the SlotState and writes the sampled tokens back, so the host never has to see a token
 before launching the next step (it reads them one step late, overlapping host work with the
 device through JAX's async dispatch).
 

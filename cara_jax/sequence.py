@@ -24,7 +24,7 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # stop | length | abort
+    finish_reason: str | None = None  # stop | length | abort | error
     # per new token when requested: {"token_id", "logprob", "top": [(token_id, logprob), ...]}
     logprobs: list[dict] | None = None
 

@@ -212,3 +212,20 @@ def test_penalties(tiny, smol_tok):
     expected = [2.0 / 2, -1.0 * 2 - 0.25 * 2 - 0.5, 0.5 / 2 - 0.25 - 0.5, 3.0]
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     eng.close()
+
+
+def test_adapter_gone_before_admission_fails_only_that_request(tiny, smol_tok, engine_adapters):
+    eng = _engine(tiny, smol_tok, host_budget_bytes=1)  # the host tier keeps only the newest
+    eng.load_adapter("e1", engine_adapters["e1"])
+    eng.load_adapter("e2", engine_adapters["e2"])  # evicts e1's content from the host tier
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    doomed = eng.add_request([5, 6, 7], sp, adapter="e1")
+    fine = eng.add_request([5, 6, 7], sp, adapter="e2")
+    eng.unload_adapter("e1")  # gone from the registry and the host tier before admission
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    final = {o.request_id: o.finish_reason for o in outs if o.finished}
+    assert final == {doomed: "error", fine: "length"}
+    assert eng.slots.num_free == eng.config.num_slots
+    eng.close()

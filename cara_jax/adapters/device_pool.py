@@ -22,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -118,12 +119,10 @@ class PoolStats:
     load_seconds: list[float] = dataclasses.field(default_factory=list)
 
 
-@jax.jit
+@partial(jax.jit, donate_argnums=0)
 def _write_rows(pools: list[jax.Array], rows: jax.Array, values: list[jax.Array]):
+    """Write an adapter's rows into pool arrays in place (the old arrays are donated)."""
     return [p.at[rows].set(v.astype(p.dtype)) for p, v in zip(pools, values, strict=True)]
-
-
-_write_rows_donated = jax.jit(_write_rows.__wrapped__, donate_argnums=0)
 
 
 class DevicePool:
@@ -307,8 +306,8 @@ class DevicePool:
                     with self.lock:
                         a_old = [self.a[p][i] for i in layers]
                         b_old = [self.b[p][i] for i in layers]
-                        a_new = _write_rows_donated(a_old, rows, a_vals)
-                        b_new = _write_rows_donated(b_old, rows, b_vals)
+                        a_new = _write_rows(a_old, rows, a_vals)
+                        b_new = _write_rows(b_old, rows, b_vals)
                         for k, layer in enumerate(layers):
                             self.a[p][layer] = a_new[k]
                             self.b[p][layer] = b_new[k]
