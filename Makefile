@@ -24,7 +24,7 @@ run: $(VENV)/.base
 	$(BIN)/cara-jax generate --chat --prompt "What is the capital of France?" --max-tokens 64
 
 test: $(VENV)/.test
-	$(BIN)/ruff check cara_jax tests bench
+	$(BIN)/ruff check cara_jax pallas_kernels cpu_lora server tests bench
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.test
