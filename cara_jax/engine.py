@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig, PoolFullError
@@ -48,18 +47,52 @@ class EngineConfig:
     lora_strategy: str = "bgmv"
     pool: PoolConfig = PoolConfig()
     host_budget_bytes: int = 4 << 30
+    rank_buckets: tuple[int, ...] = (16, 64)  # LoRA rank buckets (see RunnerConfig)
+    min_prefill_bucket: int = 16
+    min_kv_bucket: int = 128
     max_step_records: int = 10_000
+    max_request_records: int = 10_000
 
 
 @dataclasses.dataclass
 class StepRecord:
-    """Per-step instrumentation: the raw data for the cost model, metrics and benches."""
+    """Per-step instrumentation: the raw data for the cost model, metrics and benches.
+
+    ``latency_s`` is known one step later, when the host reads the step's tokens: the time from
+    launch (or from the previous step's end, if the device was still busy) to its tokens.
+    """
 
     t_start: float
     batch_size: int
     ranks: list[int]
     prefill_tokens: int
     dispatch_s: float
+    kernel: str = "bgmv"
+    latency_s: float | None = None
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """Per-request instrumentation of a finished request (times from time.perf_counter)."""
+
+    request_id: str
+    adapter: str | None
+    rank: int
+    cold: bool  # the adapter was not on the device when the request arrived
+    arrival: float
+    admitted: float | None
+    token_times: list[float]
+    prompt_tokens: int
+    finish_reason: str | None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.arrival if self.token_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        t = self.token_times
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
 
 
 class Engine:
@@ -80,7 +113,12 @@ class Engine:
             loaded.cfg, HostStore(cfg.host_budget_bytes), base_model_name=None
         )
         rc = RunnerConfig(
-            num_slots=cfg.num_slots, max_len=cfg.max_len, max_prefill_batch=cfg.max_prefill_batch
+            num_slots=cfg.num_slots,
+            max_len=cfg.max_len,
+            max_prefill_batch=cfg.max_prefill_batch,
+            min_prefill_bucket=cfg.min_prefill_bucket,
+            min_kv_bucket=cfg.min_kv_bucket,
+            rank_buckets=cfg.rank_buckets,
         )
         self.runner = ModelRunner(loaded, rc, pool=self.pool, lora_strategy=cfg.lora_strategy)
         self.max_len = self.runner.max_len
@@ -92,11 +130,20 @@ class Engine:
         self._samp = np.zeros((cfg.num_slots, 8), np.float64)
         self._samp[:, 7] = 1.0
         self._samp[:, 2] = 1.0
-        self._in_flight: tuple[jax.Array, list[tuple[int, Sequence]]] | None = None
+        self._in_flight: tuple | None = None  # (tokens, rows, logprobs, StepRecord)
         self._ids = itertools.count()
         self.lock = threading.RLock()  # add/abort from other threads vs step()
         self._failed: list[RequestOutput] = []  # final outputs of requests that failed in admission
         self.steps: collections.deque[StepRecord] = collections.deque(maxlen=cfg.max_step_records)
+        self.finished_requests: collections.deque[RequestRecord] = collections.deque(
+            maxlen=cfg.max_request_records
+        )
+        self._last_done = 0.0
+
+    def warmup(self, background: bool = False, progress: bool = False) -> None:
+        """Compile every step variant before serving (``background``: only the covering ones
+        now, the rest while serving; no step ever waits for a compile either way)."""
+        self.runner.warmup(background=background, progress=progress)
 
     # ------------------------------------------------------------------ adapters
 
@@ -186,6 +233,14 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def _release(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            rank = self.pool.entry_rank(seq.content_hash) if seq.content_hash else 0
+            self.finished_requests.append(
+                RequestRecord(
+                    seq.request_id, seq.adapter_name, rank, seq.cold, seq.arrival, seq.admitted,
+                    seq.token_times, len(seq.prompt_ids), seq.finish_reason,
+                )
+            )  # fmt: skip
         if seq.slot >= 0 and self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
             self.slots.free(seq.slot)
@@ -227,13 +282,16 @@ class Engine:
                 self.waiting.remove(seq)
                 seq.finish("error")
                 self._release(seq)
-                self._failed.append(seq.take_delta([]))
+                out = seq.take_delta([])
+                out.error = f"adapter {seq.adapter_name!r} is unavailable: {e}"
+                self._failed.append(out)
                 continue
             if not ready:
                 continue  # its load proceeds; requests behind it are not blocked
             self.waiting.remove(seq)
             seq.slot = self.slots.alloc()
             seq.status = SeqStatus.RUNNING
+            seq.admitted = time.perf_counter()
             self.running[seq.slot] = seq
             p = seq.params
             self._samp[seq.slot] = (
@@ -279,11 +337,12 @@ class Engine:
                 )
                 for _, s in rows:
                     s.pos += 1
-                launched = (toks, rows, self._logprobs(logits, toks, [s for _, s in rows]))
-                self.steps.append(
-                    StepRecord(t0, len(rows), sorted(self._ranks(rows)), sum(len(s.prompt_ids) for s in new),
-                               time.perf_counter() - t0)
+                rec = StepRecord(
+                    t0, len(rows), sorted(self._ranks(rows)), sum(len(s.prompt_ids) for s in new),
+                    time.perf_counter() - t0, self.config.lora_strategy,
                 )  # fmt: skip
+                self.steps.append(rec)
+                launched = (toks, rows, self._logprobs(logits, toks, [s for _, s in rows]), rec)
             # host work below overlaps the decode step just launched
             if prefill is not None:
                 toks, seqs, lp = prefill
@@ -292,8 +351,11 @@ class Engine:
                 for row, s in enumerate(seqs):
                     outputs.extend(self._accept(s, int(host[row]), lp, row))
             if self._in_flight is not None:
-                toks, rows, lp = self._in_flight
+                toks, rows, lp, rec = self._in_flight
                 host = np.asarray(toks)
+                done = time.perf_counter()
+                rec.latency_s = done - max(rec.t_start, self._last_done)
+                self._last_done = done
                 lp = None if lp is None else [np.asarray(a) for a in lp]
                 for slot, s in rows:
                     outputs.extend(self._accept(s, int(host[slot]), lp, slot))

@@ -6,9 +6,13 @@ from the SlotState and writes the sampled tokens back, so the host never has to 
 before launching the next step (it reads them one step late, overlapping host work with the
 device through JAX's async dispatch).
 
-Static shapes: prefill is compiled per (batch bucket, length bucket), decode per (rows bucket,
-kv-length bucket). ``compiled_count()`` exposes the number of compiled variants so tests can
-prove nothing recompiles after warm-up.
+Static shapes: a step *variant* is (kind, rows bucket, length bucket, LoRA rank bucket); each is
+compiled ahead of time into an executable the runner keeps. ``warmup()`` compiles the whole grid
+(or, in the background, compiles a covering variant first and the rest while serving). A step
+whose exact variant is not compiled yet runs on the smallest compiled variant that covers it
+(more rows, longer length, larger rank bucket: padding that changes no result), so serving never
+waits for a compile once the covering variants exist. ``compiled_count()`` and ``hot_compiles``
+let tests prove nothing compiles on the hot path after warm-up.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import logging
+import threading
 from collections.abc import Iterator
 from functools import partial
 
@@ -31,6 +37,8 @@ from cara_jax.lora_hooks import LoraHook
 from cara_jax.model import DecodeMeta, PrefillMeta
 from cara_jax.sampler import SamplingArrays, SlotState, apply_penalties, sample
 from cara_jax.weights import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -52,6 +60,10 @@ class RunnerConfig:
     max_prefill_batch: int = 8
     min_kv_bucket: int = 128
     cache_dtype: str | None = None  # default: the model's dtype
+    # LoRA rank buckets of the bgmv (decode) and segment (prefill) kernels, capped at the
+    # pool's max rank (which is always a bucket). Fewer buckets: fewer variants to compile,
+    # more padding work; each bucket multiplies the variant grid.
+    rank_buckets: tuple[int, ...] = (16, 64)
 
     @property
     def prefill_len_buckets(self) -> tuple[int, ...]:
@@ -68,6 +80,28 @@ class RunnerConfig:
     @property
     def kv_len_buckets(self) -> tuple[int, ...]:
         return _pow2_buckets(min(self.min_kv_bucket, self.max_len), self.max_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled step shape. ``lora`` is the rank bucket; 0 = no LoRA hook at all."""
+
+    kind: str  # "prefill" | "decode"
+    rows: int  # batch bucket
+    length: int  # prompt-length bucket (prefill) or kv-length bucket (decode)
+    lora: int
+
+    def covers(self, other: Variant) -> bool:
+        return (
+            self.kind == other.kind
+            and self.rows >= other.rows
+            and self.length >= other.length
+            and self.lora >= other.lora
+        )
+
+    @property
+    def cost(self) -> tuple[int, int]:
+        return (self.rows * self.length, self.lora)
 
 
 def bucket(value: int, buckets: tuple[int, ...]) -> int:
@@ -166,6 +200,11 @@ class ModelRunner:
             static_argnames=("kv_len", "rows"),
             donate_argnames=("cache", "state"),
         )
+        self._exe: dict[Variant, jax.stages.Compiled] = {}
+        self._compile_lock = threading.Lock()
+        self._warmup_thread: threading.Thread | None = None
+        self.hot_compiles = 0  # variants compiled on the hot path (a step waited for them)
+        self.fallbacks = 0  # steps run on a larger covering variant
 
     @property
     def max_len(self) -> int:
@@ -212,8 +251,15 @@ class ModelRunner:
         ad = np.zeros((bb,), np.int32)
         if adapters is not None:
             ad[:n] = adapters
-        with self._lora(ad, "bgmv") as hook:  # prefill runs the segment kernel either way
-            logits, toks, self.cache, self.state = self._prefill(
+        v, exe = self._executable(Variant("prefill", bb, tb, self._lora_bucket(ad, "bgmv")))
+        if v.rows > bb or v.length > tb:
+            tokens = np.pad(tokens, ((0, v.rows - bb), (0, v.length - tb)))
+            lengths = np.pad(lengths, (0, v.rows - bb), constant_values=1)
+            slot_arr = np.pad(slot_arr, (0, v.rows - bb), constant_values=self.config.num_slots)
+            ad = np.pad(ad, (0, v.rows - bb))
+            sampling = _rows(sampling, v.rows)
+        with self._lora(ad, "bgmv", v.lora) as hook:  # prefill runs the segment kernel
+            logits, toks, self.cache, self.state = exe(
                 self.params, self.cache, self.state,
                 jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slot_arr), sampling, hook,
             )  # fmt: skip
@@ -237,31 +283,142 @@ class ModelRunner:
             raise ValueError("decode called with no live slot")
         rows = bucket(len(positions), self.config.decode_row_buckets)
         kv_len = bucket(int(live.max()) + 1, self.config.kv_len_buckets)
+        ad = np.zeros((len(positions),), np.int32)
+        if adapters is not None:
+            ad[:] = np.where(positions >= 0, adapters[: len(positions)], 0)
+        v, exe = self._executable(
+            Variant("decode", rows, kv_len, self._lora_bucket(ad, self.lora_strategy))
+        )
+        rows = v.rows
         pos = np.full((rows,), self.max_len, np.int32)  # idle rows write out of range: dropped
         pos[: len(positions)] = np.where(positions >= 0, positions, self.max_len)
         sampling = _rows(sampling, rows)
-        ad = np.zeros((rows,), np.int32)
-        if adapters is not None:
-            ad[: len(positions)] = np.where(positions >= 0, adapters[: len(positions)], 0)
-        with self._lora(ad, self.lora_strategy) as hook:
-            logits, toks, self.cache, self.state = self._decode(
-                self.params, self.cache, self.state,
-                jnp.asarray(pos), sampling, hook, kv_len=kv_len, rows=rows,
-            )  # fmt: skip
+        ad = np.pad(ad, (0, rows - len(ad)))
+        with self._lora(ad, self.lora_strategy, v.lora) as hook:
+            logits, toks, self.cache, self.state = exe(
+                self.params, self.cache, self.state, jnp.asarray(pos), sampling, hook
+            )
         return logits, toks
 
-    @contextlib.contextmanager
-    def _lora(self, adapters: np.ndarray, strategy: str) -> Iterator[LoraHook | None]:
-        """The hook for a batch (None when no row uses an adapter), pool locked while dispatching."""
+    # ------------------------------------------------------------------ LoRA hooks
+
+    def lora_buckets(self, strategy: str) -> tuple[int, ...]:
+        """Rank buckets of a kernel strategy (bgmv/segment: max rank; mbgmv: summed rank)."""
+        if self.pool is None:
+            return ()
+        mx = self.pool.config.max_rank
+        if strategy == "mbgmv":
+            out, b = [], 64
+            while b < self.config.num_slots * mx:
+                out.append(b)
+                b *= 4
+            return (*out, self.config.num_slots * mx)
+        return tuple(sorted({r for r in self.config.rank_buckets if r < mx} | {mx}))
+
+    def _lora_bucket(self, adapters: np.ndarray, strategy: str) -> int:
         if self.pool is None or not adapters.any():
+            return 0
+        mx, total = self.pool.batch_ranks(adapters)
+        return bucket(max(1, total if strategy == "mbgmv" else mx), self.lora_buckets(strategy))
+
+    @contextlib.contextmanager
+    def _lora(
+        self, adapters: np.ndarray, strategy: str, rank_bucket: int
+    ) -> Iterator[LoraHook | None]:
+        """The hook of a batch (None for variants without LoRA), pool locked while dispatching."""
+        if self.pool is None or rank_bucket == 0:
             yield None
             return
         with self.pool.lock:
-            yield self.pool.hook(adapters, strategy)
+            yield self.pool.hook(adapters, strategy, rank_bucket=rank_bucket)
+
+    # ------------------------------------------------------------------ compiled variants
+
+    def variants(self) -> list[Variant]:
+        """The whole grid, in warm-up order: decode before prefill, small shapes first."""
+        c = self.config
+        out = []
+        for kind, rows_b, len_b, strategy in (
+            ("decode", c.decode_row_buckets, c.kv_len_buckets, self.lora_strategy),
+            ("prefill", c.prefill_batch_buckets, c.prefill_len_buckets, "bgmv"),
+        ):
+            loras = (0, *self.lora_buckets(strategy))
+            grid = [Variant(kind, r, n, lo) for n in len_b for r in rows_b for lo in loras]
+            out += sorted(grid, key=lambda v: v.cost)
+        return out
+
+    def covering_variants(self) -> list[Variant]:
+        """The largest variant of each kind: together they can run every step."""
+        vs = self.variants()
+        return [
+            max((v for v in vs if v.kind == k), key=lambda v: v.cost) for k in ("decode", "prefill")
+        ]
+
+    def _abstract(self, v: Variant) -> tuple[tuple, dict]:
+        """Argument shapes of a variant (abstract: lowering reads no buffer, donated or not)."""
+        sds = partial(jax.tree_util.tree_map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+        hook = None
+        if v.lora:
+            strategy = self.lora_strategy if v.kind == "decode" else "bgmv"
+            with self.pool.lock:
+                hook = sds(self.pool.hook(np.zeros(v.rows, np.int32), strategy, rank_bucket=v.lora))
+        sampling = sds(SamplingArrays.greedy(v.rows))
+        i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+        head = (sds(self.params), sds(self.cache), sds(self.state))
+        if v.kind == "prefill":
+            rows = (i32((v.rows, v.length)), i32((v.rows,)), i32((v.rows,)))
+            return (*head, *rows, sampling, hook), {}
+        return (*head, i32((v.rows,)), sampling, hook), {"kv_len": v.length, "rows": v.rows}
+
+    def compile(self, v: Variant) -> jax.stages.Compiled:
+        """Compile one variant (idempotent; safe from a background thread)."""
+        with self._compile_lock:
+            exe = self._exe.get(v)
+            if exe is None:
+                args, static = self._abstract(v)
+                fn = self._prefill if v.kind == "prefill" else self._decode
+                exe = self._exe[v] = fn.lower(*args, **static).compile()
+            return exe
+
+    def _executable(self, v: Variant) -> tuple[Variant, jax.stages.Compiled]:
+        exe = self._exe.get(v)
+        if exe is not None:
+            return v, exe
+        covers = [w for w in list(self._exe) if w.covers(v)]
+        if covers:
+            self.fallbacks += 1
+            w = min(covers, key=lambda w: w.cost)
+            return w, self._exe[w]
+        self.hot_compiles += 1
+        log.debug("compiling %s on the hot path", v)
+        return v, self.compile(v)
+
+    def warmup(self, background: bool = False, progress: bool = False) -> None:
+        """Compile every variant. ``background``: compile the covering variants now (so any
+        step can run) and the rest in a thread while serving."""
+        todo = self.variants()
+        if background:
+            for v in self.covering_variants():
+                self.compile(v)
+            self._warmup_thread = threading.Thread(
+                target=lambda: [self.compile(v) for v in todo], name="cara-compile", daemon=True
+            )
+            self._warmup_thread.start()
+            return
+        if progress:
+            from tqdm import tqdm
+
+            todo = tqdm(todo, desc="compiling step variants", unit="variant")
+        for v in todo:
+            self.compile(v)
+
+    def wait_warmup(self, timeout: float | None = None) -> None:
+        if self._warmup_thread is not None:
+            self._warmup_thread.join(timeout)
 
     def compiled_count(self) -> int:
         """Number of compiled step variants so far (flat after warm-up)."""
-        return self._prefill._cache_size() + self._decode._cache_size()
+        return len(self._exe)
 
 
 def _rows(sampling: SamplingArrays, rows: int) -> SamplingArrays:

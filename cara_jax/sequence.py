@@ -27,6 +27,7 @@ class RequestOutput:
     finish_reason: str | None = None  # stop | length | abort | error
     # per new token when requested: {"token_id", "logprob", "top": [(token_id, logprob), ...]}
     logprobs: list[dict] | None = None
+    error: str | None = None  # why, when finish_reason == "error"
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class Sequence:
     finish_reason: str | None = None
     cold: bool = False
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    admitted: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     pending_logprobs: list[dict] = dataclasses.field(default_factory=list)
 

@@ -227,5 +227,55 @@ def test_adapter_gone_before_admission_fails_only_that_request(tiny, smol_tok, e
         outs += eng.step()
     final = {o.request_id: o.finish_reason for o in outs if o.finished}
     assert final == {doomed: "error", fine: "length"}
+    err = next(o.error for o in outs if o.request_id == doomed and o.finished)
+    assert "'e1'" in err
     assert eng.slots.num_free == eng.config.num_slots
+    eng.close()
+
+
+@pytest.mark.parametrize("strategy", ["bgmv", pytest.param("mbgmv", marks=pytest.mark.slow)])
+def test_no_compile_after_warmup_and_instrumentation(tiny, smol_tok, engine_adapters, strategy):
+    """After warm-up, random lengths, batch sizes and adapter mixes compile nothing new."""
+    from cara_jax.adapters.device_pool import PoolConfig
+
+    if True:
+        eng = _engine(
+            tiny, smol_tok, engine_adapters, num_slots=4, max_len=64, max_prefill_batch=2,
+            rank_buckets=(16,), pool=PoolConfig(max_rank=64), lora_strategy=strategy,
+            cold_start="cached", min_kv_bucket=32,
+        )  # fmt: skip
+        eng.warmup()
+        warm = eng.runner.compiled_count()
+        assert warm == len(eng.runner.variants())
+        rng = np.random.default_rng(1)
+        reqs = [
+            (rng.integers(3, 500, size=int(rng.integers(1, 60))).tolist(),
+             SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 12)), ignore_eos=True),
+             None if i % 4 == 0 else f"e{int(rng.integers(8))}")
+            for i in range(16)
+        ]  # fmt: skip
+        _run(eng, reqs)
+        assert eng.runner.compiled_count() == warm
+        assert eng.runner.hot_compiles == 0 and eng.runner.fallbacks == 0
+        # instrumentation: every step has a latency, every request its token times and rank
+        assert all(r.latency_s is not None and r.latency_s >= 0 for r in list(eng.steps)[:-1])
+        assert max(r.batch_size for r in eng.steps) > 1
+        recs = sorted(eng.finished_requests, key=lambda r: int(r.request_id.split("-")[1]))
+        assert len(recs) == 16
+        for (_, sp, adapter), r in zip(reqs, recs, strict=True):
+            assert r.adapter == adapter and len(r.token_times) == sp.max_tokens
+            assert (r.rank > 0) == (adapter is not None) and r.ttft > 0
+        eng.close()
+
+
+def test_background_warmup_serves_on_covering_variant(tiny, smol_tok):
+    eng = _engine(tiny, smol_tok, num_slots=4, max_len=64, max_prefill_batch=2, min_kv_bucket=32)
+    runner = eng.runner
+    for v in runner.covering_variants():
+        runner.compile(v)
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    got = _run(eng, [([5, 6, 7], sp, None)])[0][0]
+    assert runner.hot_compiles == 0 and runner.fallbacks > 0  # ran on the big variants
+    runner.warmup()
+    assert _run(eng, [([5, 6, 7], sp, None)])[0][0] == got  # exact variants: same tokens
     eng.close()
