@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cara_jax import cpu_assist
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig, PoolFullError
 from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
 from cara_jax.kv_cache import SlotAllocator
@@ -35,7 +36,7 @@ from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import LoadedModel
 
 log = logging.getLogger(__name__)
-COLD_START_MODES = ("sync", "cached")
+COLD_START_MODES = ("sync", "cached", "cpu_assist")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,11 @@ class EngineConfig:
     num_slots: int = 16
     max_len: int = 2048
     max_prefill_batch: int = 8
-    cold_start: str = "sync"  # sync: wait for the load; cached: every adapter preloaded
+    # sync: wait for the load; cached: every adapter preloaded; cpu_assist: prefill at once,
+    # the cold adapter's deltas from CPU workers while it is copied (see cpu_assist.py)
+    cold_start: str = "sync"
+    cpu_workers: int = 2
+    cpu_timeout_s: float = 30.0  # a CPU-assisted group slower than this falls back to sync
     lora_strategy: str = "bgmv"
     pool: PoolConfig = PoolConfig()
     host_budget_bytes: int = 4 << 30
@@ -119,6 +124,7 @@ class Engine:
             min_prefill_bucket=cfg.min_prefill_bucket,
             min_kv_bucket=cfg.min_kv_bucket,
             rank_buckets=cfg.rank_buckets,
+            cpu_assist=cfg.cold_start == "cpu_assist",
         )
         self.runner = ModelRunner(loaded, rc, pool=self.pool, lora_strategy=cfg.lora_strategy)
         self.max_len = self.runner.max_len
@@ -139,6 +145,21 @@ class Engine:
             maxlen=cfg.max_request_records
         )
         self._last_done = 0.0
+        self.cpu_pool = None
+        self._cpu_keys: set[str] = set()  # adapters whose weights the CPU workers hold
+        self.cpu_stats = {
+            "cara_cpu_assist_prefills_total": 0,
+            "cara_cpu_assist_fallbacks_total": 0,
+            "cara_cpu_lora_layers_cpu_total": 0,
+            "cara_cpu_lora_layers_device_total": 0,
+            "cara_cpu_lora_wait_seconds_total": 0.0,
+            "cara_cpu_lora_copy_seconds_total": 0.0,
+        }
+        self.cpu_timings: collections.deque = collections.deque(maxlen=10_000)
+        if cfg.cold_start == "cpu_assist":
+            from cpu_lora.workers import CpuLoraPool
+
+            self.cpu_pool = CpuLoraPool(num_workers=cfg.cpu_workers, cfg=loaded.cfg)
 
     def warmup(self, background: bool = False, progress: bool = False) -> None:
         """Compile every step variant before serving (``background``: only the covering ones
@@ -264,7 +285,21 @@ class Engine:
                 return False  # every resident adapter is busy: retry next step
             seq.acquired = True
         if not self.pool.is_resident(seq.content_hash):
-            return False
+            if self.cpu_pool is None or seq.no_cpu_assist:
+                return False
+            handle = self.pool.handle_of(seq.content_hash)
+            if handle is None or handle.error is not None:
+                return False
+            if seq.content_hash not in self._cpu_keys:
+                adapter = self.registry.host.get(seq.content_hash) or self.registry.resolve(
+                    seq.adapter_name
+                )
+                self.cpu_pool.put_adapter(
+                    seq.content_hash,
+                    {k: (m.a, m.b) for k, m in adapter.modules.items()},
+                )
+                self._cpu_keys.add(seq.content_hash)
+            seq.cpu_assist = True
         seq.adapter_slot = self.pool.slot_of(seq.content_hash)
         return True
 
@@ -313,25 +348,37 @@ class Engine:
             outputs, self._failed = self._failed, []
             prefill = None
             if new:
-                logits, toks = self.runner.prefill(
-                    [s.prompt_ids for s in new],
-                    [s.slot for s in new],
-                    self._sampling([s.slot for s in new]),
-                    [s.adapter_slot for s in new],
-                )
+                plan = None
+                with self.pool.lock:  # the layers ready now are the ones this dispatch sees
+                    cpu_plan = self._cpu_plan(new)
+                    if cpu_plan is not None:
+                        plan = cpu_plan[2]
+                        cpu_assist.register(plan)
+                    logits, toks = self.runner.prefill(
+                        [s.prompt_ids for s in new],
+                        [s.slot for s in new],
+                        self._sampling([s.slot for s in new]),
+                        [s.adapter_slot for s in new],
+                        cpu_plan=None if cpu_plan is None else cpu_plan[:2],
+                    )
                 for s in new:
                     s.pos = len(s.prompt_ids)
-                prefill = (toks, new, self._logprobs(logits, toks, new))
+                prefill = (toks, new, self._logprobs(logits, toks, new), plan)
             launched = None
+            rows = []
             if self.running:
                 n = self.slots.high_water
                 positions = np.full(n, -1, np.int32)
                 adapters = np.zeros(n, np.int32)
-                rows = []
                 for slot, s in self.running.items():
+                    if s.cpu_assist:  # prefilled with CPU help: decodes once the load is done
+                        if not self.pool.is_resident(s.content_hash) or s.pos == 0:
+                            continue
+                        s.cpu_assist = False
                     positions[slot] = s.pos
                     adapters[slot] = s.adapter_slot
                     rows.append((slot, s))
+            if rows:
                 logits, toks = self.runner.decode(
                     positions, self._sampling(list(range(n))), adapters
                 )
@@ -345,11 +392,17 @@ class Engine:
                 launched = (toks, rows, self._logprobs(logits, toks, [s for _, s in rows]), rec)
             # host work below overlaps the decode step just launched
             if prefill is not None:
-                toks, seqs, lp = prefill
+                toks, seqs, lp, plan = prefill
                 host = np.asarray(toks)
                 lp = None if lp is None else [np.asarray(a) for a in lp]
+                failed = self._finish_plan(plan)
                 for row, s in enumerate(seqs):
-                    outputs.extend(self._accept(s, int(host[row]), lp, row))
+                    if row in failed:
+                        self._requeue_sync(s)
+                    else:
+                        outputs.extend(self._accept(s, int(host[row]), lp, row))
+            elif not rows and not new:
+                time.sleep(0.001)  # nothing to run (e.g. waiting for a load): do not spin
             if self._in_flight is not None:
                 toks, rows, lp, rec = self._in_flight
                 host = np.asarray(toks)
@@ -362,6 +415,70 @@ class Engine:
             self._in_flight = launched
         return outputs
 
+    # ------------------------------------------------------------------ CPU assist
+
+    def _cpu_plan(self, new: list[Sequence]):
+        """(dev_adapter [L, n], plan id, plan) for a prefill with cold rows, else None."""
+        if self.cpu_pool is None or not any(s.cpu_assist for s in new):
+            return None
+        n_layers = self.loaded.cfg.num_layers
+        dev = np.zeros((n_layers, len(new)), np.int32)
+        rows = []
+        for i, s in enumerate(new):
+            ready = set(range(n_layers))
+            if s.cpu_assist and not self.pool.is_resident(s.content_hash):
+                ready = set(self.pool.handle_of(s.content_hash).ready_layers())
+                cpu_layers = frozenset(range(n_layers)) - ready
+                if cpu_layers:
+                    rows.append(cpu_assist.CpuRow(i, s.content_hash, len(s.prompt_ids), cpu_layers))
+            for layer in ready:
+                dev[layer, i] = s.adapter_slot
+        if not rows:
+            return None
+        plan = cpu_assist.PrefillPlan(rows, self.cpu_pool, self.config.cpu_timeout_s)
+        return dev, plan.id, plan
+
+    def _finish_plan(self, plan) -> set[int]:
+        """Account a CPU-assisted prefill once its tokens are in; the rows that must re-run."""
+        if plan is None:
+            return set()
+        cpu_assist.unregister(plan)
+        st = self.cpu_stats
+        n_layers = self.loaded.cfg.num_layers
+        for t in plan.timings:
+            st["cara_cpu_lora_wait_seconds_total"] += t.wait_s
+            st["cara_cpu_lora_copy_seconds_total"] += t.copy_out_s + t.copy_back_s
+        self.cpu_timings.extend(plan.timings)
+        if plan.failed:
+            log.warning("CPU-assisted prefill failed (%s): its requests fall back to a synchronous load",
+                        plan.failed)  # fmt: skip
+            st["cara_cpu_assist_fallbacks_total"] += len(plan.rows)
+            return {r.row for r in plan.rows}
+        st["cara_cpu_assist_prefills_total"] += len(plan.rows)
+        st["cara_cpu_lora_layers_cpu_total"] += plan.layers_cpu
+        st["cara_cpu_lora_layers_device_total"] += len(plan.rows) * n_layers - plan.layers_cpu
+        return set()
+
+    def _requeue_sync(self, seq: Sequence) -> None:
+        """Back to the queue head with a synchronous load; its KV slot is freed, nothing lost."""
+        if seq.finished:
+            return
+        if self.running.get(seq.slot) is seq:
+            del self.running[seq.slot]
+            self.slots.free(seq.slot)
+        seq.slot, seq.pos, seq.status = -1, 0, SeqStatus.WAITING
+        seq.cpu_assist, seq.no_cpu_assist = False, True
+        self.waiting.appendleft(seq)
+
+    def cpu_assist_stats(self) -> dict[str, float]:
+        """Counters for metrics: CPU-assisted prefills, layers by path, CPU seconds."""
+        out = dict(self.cpu_stats)
+        if self.cpu_pool is not None:
+            for k, v in self.cpu_pool.stats().items():
+                if isinstance(v, (int, float)):
+                    out[f"cara_cpu_lora_pool_{k}"] = v
+        return out
+
     def _ranks(self, rows: list[tuple[int, Sequence]]) -> list[int]:
         return [self.pool.entry_rank(s.content_hash) if s.content_hash else 0 for _, s in rows]
 
@@ -373,8 +490,8 @@ class Engine:
         return token_logprobs(logits, toks, MAX_LOGPROBS)
 
     def _accept(self, seq: Sequence, token: int, lp=None, row: int = 0) -> list[RequestOutput]:
-        if seq.finished:
-            return []  # finished or aborted while this token was in flight
+        if seq.status is not SeqStatus.RUNNING:
+            return []  # finished, aborted or re-queued while this token was in flight
         k = seq.params.logprobs
         if k is not None and lp is not None:
             chosen, top_ids, top_lp = lp
@@ -391,3 +508,5 @@ class Engine:
 
     def close(self) -> None:
         self.pool.close()
+        if self.cpu_pool is not None:
+            self.cpu_pool.close()

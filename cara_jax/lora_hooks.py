@@ -18,10 +18,16 @@ Who fills it:
 
 Hooks return ``None`` for projections they do not touch, so a q/v-only adapter pays nothing for
 the others.
+
+Projections that share an input (q/k/v; gate/up) run as a group through ``project``. A hook may
+also define ``before(layer, projs, x) -> x`` and ``after(layer, projs, x, ys) -> ys``: CPU
+assist uses them to start the CPU's work on ``x`` before the group's base GEMMs and to collect
+it after them, so the device's GEMMs and the CPU's deltas overlap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import jax
@@ -54,3 +60,20 @@ def apply_hook(
         return y
     d = hook.delta(layer, proj, x)
     return y if d is None else y + d.astype(y.dtype)
+
+
+def project(
+    hook: LoraHook | None,
+    layer: int,
+    x: jax.Array,
+    linears: dict[str, Callable[[jax.Array], jax.Array]],
+) -> list[jax.Array]:
+    """The projections of ``linears`` (which share input x), each plus its LoRA delta."""
+    if hook is None:
+        return [f(x) for f in linears.values()]
+    projs = tuple(linears)
+    before = getattr(hook, "before", None)
+    x_in = before(layer, projs, x) if before is not None else x
+    ys = [apply_hook(hook, layer, p, x, f(x_in)) for p, f in linears.items()]
+    after = getattr(hook, "after", None)
+    return after(layer, projs, x, ys) if after is not None else ys

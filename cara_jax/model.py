@@ -15,7 +15,7 @@ from flax import nnx
 
 from cara_jax.config import ModelConfig
 from cara_jax.kv_cache import KVCache
-from cara_jax.lora_hooks import LoraHook, apply_hook
+from cara_jax.lora_hooks import LoraHook, project
 
 
 @jax.tree_util.register_dataclass
@@ -133,9 +133,9 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg, i = self.cfg, self.layer
         b, t, _ = x.shape
-        q = apply_hook(hook, i, "q_proj", x, self.q_proj(x))
-        k = apply_hook(hook, i, "k_proj", x, self.k_proj(x))
-        v = apply_hook(hook, i, "v_proj", x, self.v_proj(x))
+        q, k, v = project(
+            hook, i, x, {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj}
+        )
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -158,7 +158,8 @@ class Attention(nnx.Module):
             mask = jnp.arange(meta.kv_len)[None, None, :] <= meta.positions[:, None, None]
             out = _attend_decode(q, keys, vals, mask)
         out = out.reshape(b, t, cfg.q_size)
-        return apply_hook(hook, i, "o_proj", out, self.o_proj(out)), k_cache, v_cache
+        (o,) = project(hook, i, out, {"o_proj": self.o_proj})
+        return o, k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -171,10 +172,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, hook: LoraHook | None) -> jax.Array:
         i = self.layer
-        g = apply_hook(hook, i, "gate_proj", x, self.gate_proj(x))
-        u = apply_hook(hook, i, "up_proj", x, self.up_proj(x))
+        g, u = project(hook, i, x, {"gate_proj": self.gate_proj, "up_proj": self.up_proj})
         a = jax.nn.silu(g) * u
-        return apply_hook(hook, i, "down_proj", a, self.down_proj(a))
+        (d,) = project(hook, i, a, {"down_proj": self.down_proj})
+        return d
 
 
 class DecoderLayer(nnx.Module):

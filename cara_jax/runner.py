@@ -32,8 +32,9 @@ from flax import nnx
 
 from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.multi_lora import STRATEGIES
+from cara_jax.cpu_assist import CpuAssistHook
 from cara_jax.kv_cache import KVCache
-from cara_jax.lora_hooks import LoraHook
+from cara_jax.lora_hooks import PROJECTIONS, LoraHook
 from cara_jax.model import DecodeMeta, PrefillMeta
 from cara_jax.sampler import SamplingArrays, SlotState, apply_penalties, sample
 from cara_jax.weights import LoadedModel
@@ -64,6 +65,7 @@ class RunnerConfig:
     # pool's max rank (which is always a bucket). Fewer buckets: fewer variants to compile,
     # more padding work; each bucket multiplies the variant grid.
     rank_buckets: tuple[int, ...] = (16, 64)
+    cpu_assist: bool = False  # also compile CPU-assisted prefill variants (at the max rank bucket)
 
     @property
     def prefill_len_buckets(self) -> tuple[int, ...]:
@@ -90,6 +92,7 @@ class Variant:
     rows: int  # batch bucket
     length: int  # prompt-length bucket (prefill) or kv-length bucket (decode)
     lora: int
+    cpu: bool = False  # CPU-assisted prefill (host callbacks for cold adapters' deltas)
 
     def covers(self, other: Variant) -> bool:
         return (
@@ -97,6 +100,7 @@ class Variant:
             and self.rows >= other.rows
             and self.length >= other.length
             and self.lora >= other.lora
+            and self.cpu >= other.cpu
         )
 
     @property
@@ -225,11 +229,14 @@ class ModelRunner:
         slots: list[int],
         sampling: SamplingArrays,
         adapters: list[int] | None = None,
+        cpu_plan: tuple[np.ndarray, int] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Prefill prompts into their slots (one bucketed call); returns (logits, first tokens).
 
         ``sampling`` has one row per prompt; ``adapters`` the device-pool adapter slot of each
-        prompt (0 = base model). Both outputs have one row per prompt.
+        prompt (0 = base model). Both outputs have one row per prompt. ``cpu_plan`` =
+        (dev_adapter [layers, prompts], registered plan id) runs a CPU-assisted prefill (see
+        cpu_assist.py).
         """
         n = len(prompts)
         for p in prompts:
@@ -251,14 +258,26 @@ class ModelRunner:
         ad = np.zeros((bb,), np.int32)
         if adapters is not None:
             ad[:n] = adapters
-        v, exe = self._executable(Variant("prefill", bb, tb, self._lora_bucket(ad, "bgmv")))
+        if cpu_plan is None:
+            want = Variant("prefill", bb, tb, self._lora_bucket(ad, "bgmv"))
+        else:
+            want = Variant("prefill", bb, tb, self.lora_buckets("bgmv")[-1], cpu=True)
+        v, exe = self._executable(want)
         if v.rows > bb or v.length > tb:
             tokens = np.pad(tokens, ((0, v.rows - bb), (0, v.length - tb)))
             lengths = np.pad(lengths, (0, v.rows - bb), constant_values=1)
             slot_arr = np.pad(slot_arr, (0, v.rows - bb), constant_values=self.config.num_slots)
             ad = np.pad(ad, (0, v.rows - bb))
             sampling = _rows(sampling, v.rows)
-        with self._lora(ad, "bgmv", v.lora) as hook:  # prefill runs the segment kernel
+        cpu = None
+        if v.cpu:
+            dev, plan_id = cpu_plan if cpu_plan is not None else (ad[None, :n], 0)
+            dev_ad = np.zeros((self.cfg.num_layers, v.rows), np.int32)
+            dev_ad[:, : dev.shape[1]] = dev
+            if cpu_plan is None:
+                dev_ad[:] = ad
+            cpu = (dev_ad, plan_id)
+        with self._lora(ad, "bgmv", v.lora, cpu) as hook:  # prefill runs the segment kernel
             logits, toks, self.cache, self.state = exe(
                 self.params, self.cache, self.state,
                 jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slot_arr), sampling, hook,
@@ -323,14 +342,30 @@ class ModelRunner:
 
     @contextlib.contextmanager
     def _lora(
-        self, adapters: np.ndarray, strategy: str, rank_bucket: int
+        self,
+        adapters: np.ndarray,
+        strategy: str,
+        rank_bucket: int,
+        cpu: tuple[np.ndarray, int] | None = None,
     ) -> Iterator[LoraHook | None]:
         """The hook of a batch (None for variants without LoRA), pool locked while dispatching."""
         if self.pool is None or rank_bucket == 0:
             yield None
             return
         with self.pool.lock:
-            yield self.pool.hook(adapters, strategy, rank_bucket=rank_bucket)
+            hook = self.pool.hook(adapters, strategy, rank_bucket=rank_bucket)
+            if cpu is not None:
+                hook = self._cpu_hook(hook, *cpu)
+            yield hook
+
+    def _cpu_hook(self, inner, dev_adapter: np.ndarray, plan_id: int) -> CpuAssistHook:
+        shapes = self.cfg.projection_shapes()
+        return CpuAssistHook(
+            inner=inner,
+            dev_adapter=jnp.asarray(dev_adapter, jnp.int32),
+            plan_id=jnp.asarray(plan_id, jnp.int32),
+            out_sizes=tuple((p, shapes[p][1]) for p in PROJECTIONS),
+        )
 
     # ------------------------------------------------------------------ compiled variants
 
@@ -344,6 +379,8 @@ class ModelRunner:
         ):
             loras = (0, *self.lora_buckets(strategy))
             grid = [Variant(kind, r, n, lo) for n in len_b for r in rows_b for lo in loras]
+            if kind == "prefill" and c.cpu_assist and self.pool is not None:
+                grid += [Variant(kind, r, n, loras[-1], cpu=True) for n in len_b for r in rows_b]
             out += sorted(grid, key=lambda v: v.cost)
         return out
 
@@ -351,7 +388,8 @@ class ModelRunner:
         """The largest variant of each kind: together they can run every step."""
         vs = self.variants()
         return [
-            max((v for v in vs if v.kind == k), key=lambda v: v.cost) for k in ("decode", "prefill")
+            max((v for v in vs if v.kind == k), key=lambda v: (v.cost, v.cpu))
+            for k in ("decode", "prefill")
         ]
 
     def _abstract(self, v: Variant) -> tuple[tuple, dict]:
@@ -360,8 +398,12 @@ class ModelRunner:
         hook = None
         if v.lora:
             strategy = self.lora_strategy if v.kind == "decode" else "bgmv"
+            zeros = np.zeros(v.rows, np.int32)
             with self.pool.lock:
-                hook = sds(self.pool.hook(np.zeros(v.rows, np.int32), strategy, rank_bucket=v.lora))
+                hook = self.pool.hook(zeros, strategy, rank_bucket=v.lora)
+            if v.cpu:
+                hook = self._cpu_hook(hook, np.zeros((self.cfg.num_layers, v.rows), np.int32), 0)
+            hook = sds(hook)
         sampling = sds(SamplingArrays.greedy(v.rows))
         i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
         head = (sds(self.params), sds(self.cache), sds(self.state))

@@ -50,6 +50,8 @@ class Sequence:
     emitted: int = 0  # chars of text already streamed
     finish_reason: str | None = None
     cold: bool = False
+    cpu_assist: bool = False  # prefilled (or to be) with CPU-computed deltas; decodes once loaded
+    no_cpu_assist: bool = False  # a CPU-assisted attempt failed: wait for the load instead
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     admitted: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)

@@ -238,34 +238,33 @@ def test_no_compile_after_warmup_and_instrumentation(tiny, smol_tok, engine_adap
     """After warm-up, random lengths, batch sizes and adapter mixes compile nothing new."""
     from cara_jax.adapters.device_pool import PoolConfig
 
-    if True:
-        eng = _engine(
-            tiny, smol_tok, engine_adapters, num_slots=4, max_len=64, max_prefill_batch=2,
-            rank_buckets=(16,), pool=PoolConfig(max_rank=64), lora_strategy=strategy,
-            cold_start="cached", min_kv_bucket=32,
-        )  # fmt: skip
-        eng.warmup()
-        warm = eng.runner.compiled_count()
-        assert warm == len(eng.runner.variants())
-        rng = np.random.default_rng(1)
-        reqs = [
-            (rng.integers(3, 500, size=int(rng.integers(1, 60))).tolist(),
-             SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 12)), ignore_eos=True),
-             None if i % 4 == 0 else f"e{int(rng.integers(8))}")
-            for i in range(16)
-        ]  # fmt: skip
-        _run(eng, reqs)
-        assert eng.runner.compiled_count() == warm
-        assert eng.runner.hot_compiles == 0 and eng.runner.fallbacks == 0
-        # instrumentation: every step has a latency, every request its token times and rank
-        assert all(r.latency_s is not None and r.latency_s >= 0 for r in list(eng.steps)[:-1])
-        assert max(r.batch_size for r in eng.steps) > 1
-        recs = sorted(eng.finished_requests, key=lambda r: int(r.request_id.split("-")[1]))
-        assert len(recs) == 16
-        for (_, sp, adapter), r in zip(reqs, recs, strict=True):
-            assert r.adapter == adapter and len(r.token_times) == sp.max_tokens
-            assert (r.rank > 0) == (adapter is not None) and r.ttft > 0
-        eng.close()
+    eng = _engine(
+        tiny, smol_tok, engine_adapters, num_slots=4, max_len=64, max_prefill_batch=2,
+        rank_buckets=(16,), pool=PoolConfig(max_rank=64), lora_strategy=strategy,
+        cold_start="cached", min_kv_bucket=32,
+    )  # fmt: skip
+    eng.warmup()
+    warm = eng.runner.compiled_count()
+    assert warm == len(eng.runner.variants())
+    rng = np.random.default_rng(1)
+    reqs = [
+        (rng.integers(3, 500, size=int(rng.integers(1, 60))).tolist(),
+         SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 12)), ignore_eos=True),
+         None if i % 4 == 0 else f"e{int(rng.integers(8))}")
+        for i in range(16)
+    ]  # fmt: skip
+    _run(eng, reqs)
+    assert eng.runner.compiled_count() == warm
+    assert eng.runner.hot_compiles == 0 and eng.runner.fallbacks == 0
+    # instrumentation: every step has a latency, every request its token times and rank
+    assert all(r.latency_s is not None and r.latency_s >= 0 for r in list(eng.steps)[:-1])
+    assert max(r.batch_size for r in eng.steps) > 1
+    recs = sorted(eng.finished_requests, key=lambda r: int(r.request_id.split("-")[1]))
+    assert len(recs) == 16
+    for (_, sp, adapter), r in zip(reqs, recs, strict=True):
+        assert r.adapter == adapter and len(r.token_times) == sp.max_tokens
+        assert (r.rank > 0) == (adapter is not None) and r.ttft > 0
+    eng.close()
 
 
 def test_background_warmup_serves_on_covering_variant(tiny, smol_tok):

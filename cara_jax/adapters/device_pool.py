@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -46,6 +47,9 @@ class PoolConfig:
     max_adapters: int = 64  # resident adapters (slot table height)
     max_rank: int = 128  # largest rank accepted (slot table width)
     layer_groups: int = 4  # copy granularity; CPU assist overlaps the later groups
+    # Emulated host->device link (GB/s), for benches on machines where the "device" is host
+    # memory and a copy is a memcpy: each layer group's copy then takes at least bytes/bandwidth.
+    emulate_link_gbps: float | None = None
     projections: tuple[str, ...] = PROJECTIONS
 
 
@@ -164,6 +168,9 @@ class DevicePool:
         self.lock = threading.RLock()  # guards pool arrays, tables and entries
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
         self.stats = PoolStats()
+        # called by the loader before each layer group's copy: (content hash, group); tests
+        # use it to hold a load at a group boundary
+        self.group_gate: Callable[[str, int], None] | None = None
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ residency
@@ -184,6 +191,12 @@ class DevicePool:
     def slot_of(self, content_hash: str) -> int:
         with self.lock:
             return self._entries[content_hash].slot
+
+    def handle_of(self, content_hash: str) -> LoadHandle | None:
+        """The load handle of a resident or loading adapter."""
+        with self.lock:
+            e = self._entries.get(content_hash)
+            return None if e is None else e.handle
 
     def entry_rank(self, content_hash: str) -> int:
         """Largest rank of a resident (or loading) adapter."""
@@ -208,9 +221,15 @@ class DevicePool:
                 p: np.array([self._free_rows[p].pop() for _ in range(r)], np.int32)
                 for p, r in ranks.items()
             }
-            for p in self.projections:  # the slot's rows and ranks are published on completion
+            # The slot's rows are published at once: only CPU-assisted prefill uses a loading
+            # adapter's slot, and only for layers whose group has arrived (see cpu_assist.py).
+            for p in self.projections:
                 self._slot_rows[p][slot] = 0
                 self._slot_rank[p][slot] = 0
+            for p, r in ranks.items():
+                self._slot_rows[p][slot, :r] = rows[p]
+                self._slot_rank[p][slot] = r
+            self._table_dev = None
             nbytes = sum(int(rows[p].size) * sum(self.cfg.projection_shapes()[p]) for p in rows)
             handle = LoadHandle(
                 adapter.content_hash,
@@ -290,6 +309,8 @@ class DevicePool:
         shapes = self.cfg.projection_shapes()
         try:
             for g, layers in enumerate(self.groups):
+                if self.group_gate is not None:
+                    self.group_gate(e.adapter.content_hash, g)
                 t0 = time.perf_counter()
                 for p, r in ranks.items():
                     din, dout = shapes[p]
@@ -312,12 +333,12 @@ class DevicePool:
                             self.a[p][layer] = a_new[k]
                             self.b[p][layer] = b_new[k]
                     jax.block_until_ready((a_new, b_new))
+                link = self.config.emulate_link_gbps
+                if link:
+                    gbytes = e.handle.nbytes * len(layers) / self.cfg.num_layers / 1e9
+                    time.sleep(max(0.0, gbytes / link - (time.perf_counter() - t0)))
                 e.handle._group_done(g, time.perf_counter() - t0)
             with self.lock:
-                for p, r in ranks.items():
-                    self._slot_rows[p][e.slot, :r] = e.rows[p]
-                    self._slot_rank[p][e.slot] = r
-                self._table_dev = None
                 self.stats.bytes_loaded += e.handle.nbytes
             e.handle._finish()
             self.stats.load_seconds.append(e.handle.seconds or 0.0)

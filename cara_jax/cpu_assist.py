@@ -1,0 +1,225 @@
+"""CPU-assisted prefill: LoRA deltas of cold adapters computed by CPU workers inside the jitted step.
+
+A request whose adapter is still being copied to the device starts its prefill at once. The
+base model runs on the device for every row; for each (layer, projection group) the LoRA delta
+of a cold row comes from
+- the device pool, when that layer's group of the adapter has arrived by dispatch time, or
+- the CPU workers (``cpu_lora``), otherwise.
+
+Mechanism: two ``io_callback``s per projection group, tied to the base GEMMs with optimization
+barriers so XLA must order them ``submit(x) -> base GEMMs -> fetch``:
+
+    x' , ticket = barrier(x, submit(x))      # host: copy the cold rows' tokens out, wake workers
+    y_p = x' @ W_p  (+ device LoRA delta)    # device works while the CPU computes
+    ys , ticket = barrier(ys, ticket)
+    y_p += fetch(ticket)[p]                  # host: wait for the workers, copy the deltas back
+
+The device thus never waits for the CPU longer than the CPU's work exceeds the group's base
+GEMMs, and the host blocks the device only for the copies. Which layers use which path is data
+(``dev_adapter[layer, row]``), not shape: one compiled variant serves every load state.
+
+The host side of a prefill is a ``PrefillPlan`` registered under an integer id that the step
+receives as an argument (the compiled callbacks look it up). Callbacks never raise: a worker
+failure marks the plan failed and the engine re-runs those requests with a synchronous load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from functools import partial
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from cara_jax.adapters.multi_lora import MultiLoraHook
+
+log = logging.getLogger(__name__)
+
+
+class CpuTicket(Protocol):
+    def result(self, timeout: float | None = None) -> dict[str, np.ndarray]: ...
+
+
+class CpuDeltaSource(Protocol):
+    """What the CPU worker pool offers (see cpu_lora.workers)."""
+
+    def submit(
+        self, segments: list[tuple[int, int, str]], layer: int, projs: tuple[str, ...], x: np.ndarray
+    ) -> CpuTicket: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuRow:
+    """One cold request of a prefill batch: its row, adapter key, prompt length, CPU layers."""
+
+    row: int
+    key: str
+    length: int
+    cpu_layers: frozenset[int]
+
+
+@dataclasses.dataclass
+class GroupTiming:
+    layer: int
+    projs: tuple[str, ...]
+    tokens: int
+    copy_out_s: float  # device->host rows gathered and handed to the workers
+    wait_s: float  # fetch blocked for the workers (CPU time beyond the overlap)
+    copy_back_s: float  # deltas scattered into the step's buffer
+    span_s: float  # submit start -> fetch end (includes the overlapped device GEMMs)
+
+
+class PrefillPlan:
+    """Host-side state of one CPU-assisted prefill dispatch."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, rows: list[CpuRow], source: CpuDeltaSource, timeout_s: float) -> None:
+        self.id = next(self._ids)
+        self.rows = rows
+        self.source = source
+        self.timeout_s = timeout_s
+        self.failed: str | None = None
+        self.timings: list[GroupTiming] = []
+        self._tickets: dict[int, tuple[CpuTicket, list[CpuRow], float, float]] = {}
+        self._next = itertools.count(1)
+        self.layers_cpu = sum(len(r.cpu_layers) for r in rows)
+
+    def cpu_rows(self, layer: int) -> list[CpuRow]:
+        return [r for r in self.rows if layer in r.cpu_layers]
+
+
+_PLANS: dict[int, PrefillPlan] = {}
+_PLANS_LOCK = threading.Lock()
+
+
+def register(plan: PrefillPlan) -> int:
+    with _PLANS_LOCK:
+        _PLANS[plan.id] = plan
+    return plan.id
+
+
+def unregister(plan: PrefillPlan) -> None:
+    with _PLANS_LOCK:
+        _PLANS.pop(plan.id, None)
+
+
+def _submit(layer: int, projs: tuple[str, ...], x: np.ndarray, plan_id: np.ndarray) -> np.ndarray:
+    t0 = time.perf_counter()
+    plan = _PLANS.get(int(plan_id))
+    if plan is None or plan.failed:
+        return np.int32(-1)
+    rows = plan.cpu_rows(layer)
+    if not rows:
+        return np.int32(-1)
+    segments, start = [], 0
+    for r in rows:
+        segments.append((start, start + r.length, r.key))
+        start += r.length
+    xs = np.concatenate([np.asarray(x[r.row, : r.length], np.float32) for r in rows])
+    try:
+        ticket = plan.source.submit(segments, layer, projs, xs)
+    except Exception as e:  # a dead pool: the engine falls back to a synchronous load
+        plan.failed = f"{type(e).__name__}: {e}"
+        return np.int32(-1)
+    tid = next(plan._next)
+    plan._tickets[tid] = (ticket, rows, t0, time.perf_counter())
+    return np.int32(tid)
+
+
+def _fetch(
+    layer: int,
+    projs: tuple[str, ...],
+    sizes: tuple[int, ...],
+    shape: tuple[int, int],
+    ticket: np.ndarray,
+    plan_id: np.ndarray,
+) -> np.ndarray:
+    out = np.zeros((*shape, sum(sizes)), np.float32)
+    plan = _PLANS.get(int(plan_id))
+    tid = int(ticket)
+    if plan is None or tid < 0 or tid not in plan._tickets:
+        return out
+    t_ticket, rows, t0, t1 = plan._tickets.pop(tid)
+    t2 = time.perf_counter()
+    try:
+        res = t_ticket.result(plan.timeout_s)
+    except Exception as e:  # worker died or hung: flag it, never raise inside the step
+        plan.failed = f"{type(e).__name__}: {e}"
+        log.warning("CPU-assisted prefill failed at layer %d (%s); falling back", layer, e)
+        return out
+    t3 = time.perf_counter()
+    off = 0
+    for p, size in zip(projs, sizes, strict=True):
+        d = res.get(p)
+        if d is not None:
+            start = 0
+            for r in rows:
+                out[r.row, : r.length, off : off + size] = d[start : start + r.length]
+                start += r.length
+        off += size
+    t4 = time.perf_counter()
+    plan.timings.append(
+        GroupTiming(layer, projs, sum(r.length for r in rows), t1 - t0, t3 - t2, t4 - t3, t4 - t0)
+    )
+    return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CpuAssistHook:
+    """LoraHook of a CPU-assisted prefill: device deltas per layer plus the CPU's deltas.
+
+    ``dev_adapter[layer, row]`` is the pool slot the device path uses for that row and layer
+    (0 for a cold row at a layer that has not arrived: its delta comes from the CPU instead).
+    """
+
+    inner: MultiLoraHook
+    dev_adapter: jax.Array  # [L, B] int32
+    plan_id: jax.Array  # () int32
+    out_sizes: tuple[tuple[str, int], ...] = dataclasses.field(metadata=dict(static=True))
+
+    def _pending(self) -> dict[Any, jax.Array]:
+        # trace-time scratch (not a pytree field): the ticket of each group between its barriers
+        if "_tickets" not in self.__dict__:
+            self.__dict__["_tickets"] = {}
+        return self.__dict__["_tickets"]
+
+    def before(self, layer: int, projs: tuple[str, ...], x: jax.Array) -> jax.Array:
+        ticket = io_callback(
+            partial(_submit, layer, projs), jax.ShapeDtypeStruct((), jnp.int32), x, self.plan_id
+        )
+        x, ticket = jax.lax.optimization_barrier((x, ticket))
+        self._pending()[(layer, projs)] = ticket
+        return x
+
+    def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
+        inner = dataclasses.replace(self.inner, adapter=self.dev_adapter[layer])
+        return inner.delta(layer, proj, x)
+
+    def after(
+        self, layer: int, projs: tuple[str, ...], x: jax.Array, ys: list[jax.Array]
+    ) -> list[jax.Array]:
+        ticket = self._pending().pop((layer, projs))
+        *ys, ticket = jax.lax.optimization_barrier((*ys, ticket))
+        sizes_of = dict(self.out_sizes)
+        sizes = tuple(sizes_of[p] for p in projs)
+        shape = tuple(x.shape[:2])
+        cpu = io_callback(
+            partial(_fetch, layer, projs, sizes, shape),
+            jax.ShapeDtypeStruct((*shape, sum(sizes)), jnp.float32),
+            ticket,
+            self.plan_id,
+        )
+        out, off = [], 0
+        for y, size in zip(ys, sizes, strict=True):
+            out.append(y + cpu[..., off : off + size].astype(y.dtype))
+            off += size
+        return out
