@@ -366,12 +366,17 @@ class DevicePool:
         return int(ranks.max(initial=0)), int(ranks.sum(axis=1).max(initial=0))
 
     def hook(
-        self, slots: np.ndarray, strategy: str = "bgmv", rank_bucket: int | None = None
+        self,
+        slots: np.ndarray,
+        strategy: str = "bgmv",
+        rank_bucket: int | None = None,
+        backend: str = "auto",
     ) -> MultiLoraHook:
         """A hook for a batch whose row i uses adapter slot ``slots[i]`` (0 = none).
 
-        Call and dispatch the step while holding ``pool.lock``: a concurrent load donates the
-        pool arrays it updates.
+        ``backend`` picks the kernels (multi_lora.BACKENDS): "auto" runs the Pallas kernels on
+        GPU and the jnp references elsewhere. Call and dispatch the step while holding
+        ``pool.lock``: a concurrent load donates the pool arrays it updates.
         """
         if rank_bucket is None:
             mx, total = self.batch_ranks(slots)
@@ -385,6 +390,7 @@ class DevicePool:
             adapter=jnp.asarray(slots, jnp.int32),
             strategy=strategy,
             rank_bucket=rank_bucket,
+            backend=backend,
         )
 
     def close(self) -> None:

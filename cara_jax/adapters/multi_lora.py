@@ -12,17 +12,37 @@ Kernels (x is one token per batch row in decode):
   (S-LoRA-style; cost ~ Σ r);
 - ``sgmv``  — prefill: tokens in contiguous segments per adapter, jax.lax.ragged_dot over the
   segments (segment ranks padded to the batch's max rank).
-All three are plain functions usable inside any jit; the Pallas kernels plug in behind them.
+All three are plain functions usable inside any jit. The Pallas kernels (package
+``pallas_kernels``, docs/pallas_kernels.md) implement the same math with the same arguments;
+``backend`` picks them: "auto" (Pallas on GPU, these references elsewhere), "jnp", "pallas"
+(compiled, GPU) or "pallas_interpret" (the Pallas interpreter, for tests on CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 STRATEGIES = ("bgmv", "mbgmv")
+BACKENDS = ("auto", "jnp", "pallas", "pallas_interpret")
+
+
+def resolve_backend(backend: str, din: int, dout: int) -> str:
+    """The backend that runs a projection of shape (din, dout): "jnp", "pallas" or
+    "pallas_interpret". "auto" picks compiled Pallas on GPU when the kernels support the shape
+    and this JAX still has their (Triton) lowering; otherwise the jnp references."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown multi-LoRA backend {backend!r}; use one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if jax.default_backend() != "gpu":
+        return "jnp"
+    from pallas_kernels import common
+
+    return "pallas" if common.available() and common.supports(din, dout) else "jnp"
 
 
 def _rows(pool: jax.Array, idx: jax.Array) -> jax.Array:
@@ -81,6 +101,7 @@ def multi_lora_delta(
     *,
     strategy: str,
     rank_bucket: int,
+    backend: str = "auto",
 ) -> jax.Array:
     """Functional API: the LoRA delta of one projection for a batch, inside any jit.
 
@@ -88,25 +109,46 @@ def multi_lora_delta(
     slot_rank [S] the pool's slot table; adapter [B] the slot of each row (0 = none).
     T == 1 uses ``strategy`` (bgmv: rank_bucket >= the batch's max rank; mbgmv: rank_bucket >=
     the batch's total rank); T > 1 (prefill) runs sgmv with rank_bucket >= the max rank.
+    ``backend`` (see BACKENDS, resolve_backend) picks the jnp references or the Pallas kernels.
     """
     bsz, t, din = x.shape
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown multi-LoRA strategy {strategy!r}; use one of {STRATEGIES}")
+    mode = resolve_backend(backend, din, b.shape[1])
+    pk = None
+    if mode != "jnp":
+        import pallas_kernels as pk
+    interpret = mode == "pallas_interpret"
     if t == 1:
         x2 = x[:, 0]
         # The barriers keep XLA from fusing the index computation into the weight gathers,
         # which otherwise recomputes indices per element (10x slower on CPU).
         if strategy == "bgmv":
             idx = jax.lax.optimization_barrier(slot_rows[adapter, :rank_bucket])
-            out = bgmv(x2, a, b, idx)
-        elif strategy == "mbgmv":
-            rows, owner = mbgmv_index(slot_rank[adapter], slot_rows, adapter, rank_bucket)
-            rows, owner = jax.lax.optimization_barrier((rows, owner))
-            out = mbgmv(x2, a, b, rows, owner)
+            if pk is None:
+                out = bgmv(x2, a, b, idx)
+            else:
+                out = pk.bgmv(x2, a, b, idx, interpret=interpret)
         else:
-            raise ValueError(f"unknown multi-LoRA strategy {strategy!r}; use one of {STRATEGIES}")
+            ranks = slot_rank[adapter]
+            rows, owner = mbgmv_index(ranks, slot_rows, adapter, rank_bucket)
+            if pk is None:
+                rows, owner = jax.lax.optimization_barrier((rows, owner))
+                out = mbgmv(x2, a, b, rows, owner)
+            else:
+                # each row's segment of the flattened rows, clipped like mbgmv_index clips
+                ends = jnp.cumsum(ranks)
+                start = jnp.minimum(ends - ranks, rank_bucket)
+                count = jnp.minimum(ends, rank_bucket) - start
+                rows, owner, start, count = jax.lax.optimization_barrier(
+                    (rows, owner, start, count)
+                )
+                out = pk.mbgmv_segments(x2, a, b, rows, owner, start, count, interpret=interpret)
         return out[:, None, :].astype(x.dtype)
     seg_idx = jax.lax.optimization_barrier(slot_rows[adapter, :rank_bucket])
     sizes = jnp.full((bsz,), t, jnp.int32)
-    out = sgmv(x.reshape(bsz * t, din), a, b, seg_idx, sizes)
+    fn = sgmv if pk is None else partial(pk.sgmv, interpret=interpret)
+    out = fn(x.reshape(bsz * t, din), a, b, seg_idx, sizes)
     return out.reshape(bsz, t, -1).astype(x.dtype)
 
 
@@ -122,6 +164,7 @@ class MultiLoraHook:
     adapter: jax.Array  # [B] int32 slot per batch row (0 = no adapter)
     strategy: str = dataclasses.field(default="bgmv", metadata=dict(static=True))
     rank_bucket: int = dataclasses.field(default=8, metadata=dict(static=True))
+    backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
         if proj not in self.a:
@@ -135,4 +178,5 @@ class MultiLoraHook:
             self.adapter,
             strategy=self.strategy,
             rank_bucket=self.rank_bucket,
+            backend=self.backend,
         )
