@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
+import logging
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,10 +17,12 @@ import jax.numpy as jnp
 
 from cara_jax.embedded import default_model_path
 from cara_jax.engine import Engine, EngineConfig
-from cara_jax.sampling_params import SamplingParams
+from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.sequence import RequestOutput
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import load_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -77,14 +84,82 @@ class LLM:
         return self.generate([ids], sampling_params, adapter)[0]
 
 
+class Submission:
+    """One request handed to an ``AsyncEngine``: acceptance, its deltas, and cancellation.
+
+    ``accepted`` resolves once the engine thread has queued the request, or fails with the
+    error ``Engine.add_request`` raised (invalid parameters, unknown adapter, prompt too long).
+    Iterate it for the deltas unless several submissions share one ``queue``.
+    """
+
+    def __init__(self, owner: AsyncEngine, request_id: str, loop, queue, accepted) -> None:
+        self.owner = owner
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = queue
+        self.accepted: asyncio.Future = accepted
+        self.finished = False
+
+    def __aiter__(self) -> Submission:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        if out.finished:
+            self.finished = True
+        return out
+
+    def cancel(self) -> None:
+        """Stop routing deltas here and abort the request unless it already finished."""
+        self.owner._queues.pop(self.request_id, None)
+        if not self.finished:
+            self.finished = True
+            self.owner._post(("abort", self.request_id))
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueSnapshot:
+    """Engine queues as of the last step, readable from any thread without the engine lock."""
+
+    running: int = 0
+    waiting: int = 0
+    running_by_adapter: dict[str | None, int] = dataclasses.field(default_factory=dict)
+    waiting_by_adapter: dict[str | None, int] = dataclasses.field(default_factory=dict)
+
+
+def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
 class AsyncEngine:
-    """Runs the engine loop in a background thread; ``generate`` streams deltas."""
+    """Runs the engine loop in a background thread; ``generate`` streams deltas.
+
+    Only the engine thread touches the engine's queues: requests and aborts reach it through
+    an inbox drained between steps, so an event loop never waits for the engine lock (which a
+    step holds for its whole duration).
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._inbox: collections.deque[tuple] = collections.deque()
         self._wake = threading.Event()
         self._stop = False
+        self.snapshot = QueueSnapshot()
+        self.step_errors = 0
+        self.last_error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="cara-engine", daemon=True)
         self._thread.start()
 
@@ -92,40 +167,167 @@ class AsyncEngine:
     def from_model(cls, model=None, adapters=None, **config) -> AsyncEngine:
         return cls(build_engine(model, adapters, **config))
 
+    # ------------------------------------------------------------------ engine thread
+
     def _loop(self) -> None:
         while not self._stop:
+            self._drain_inbox()
             if not self.engine.has_unfinished():
+                self._publish()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            for out in self.engine.step():
-                q = self._queues.get(out.request_id)
-                if q is not None:
-                    q[0].call_soon_threadsafe(q[1].put_nowait, out)
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # never let one bad step kill the thread (and hang clients)
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(e)
+                time.sleep(0.05)
+                continue
+            self._deliver(outs)
+            self._publish()
+        self._drain_inbox(closing=True)
+
+    def _drain_inbox(self, closing: bool = False) -> None:
+        while True:
+            try:
+                op = self._inbox.popleft()
+            except IndexError:
+                return
+            if op[0] == "add":
+                _, rid, prompt, params, adapter, loop, fut = op
+                error: BaseException | None = None
+                if closing:
+                    error = RuntimeError("the engine is shut down")
+                else:
+                    try:
+                        self.engine.add_request(prompt, params, adapter, request_id=rid)
+                    except Exception as e:  # reported to the submitter, the loop goes on
+                        error = e
+                self._call(loop, _resolve, fut, error)
+            elif not closing:
+                self.engine.abort(op[1])
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                by_loop.setdefault(q[0], []).append((q[1], out))
+        for loop, items in by_loop.items():
+            if not self._call(loop, _put_all, items):
+                for _, out in items:  # the consumer's loop is gone: nobody will read these
+                    self._queues.pop(out.request_id, None)
+                    self.engine.abort(out.request_id)
+
+    @staticmethod
+    def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # loop closed
+            return False
+
+    def _fail_all(self, error: Exception) -> None:
+        self.step_errors += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        for rid in list(self.engine.requests):
+            try:
+                self.engine.abort(rid)
+            except Exception:  # the state may be inconsistent after a failed step
+                log.exception("abort of %s failed", rid)
+        msg = f"the engine failed: {self.last_error}"
+        self._end_streams("error", msg)
+
+    def _end_streams(self, reason: str, error: str | None = None) -> None:
+        for rid, (loop, q) in list(self._queues.items()):
+            out = RequestOutput(rid, "", [], True, reason, error=error)
+            self._call(loop, q.put_nowait, out)
+
+    def _publish(self) -> None:
+        eng = self.engine
+        with eng.lock:
+            running = collections.Counter(s.adapter_name for s in eng.running.values())
+            waiting = collections.Counter(s.adapter_name for s in eng.waiting)
+        self.snapshot = QueueSnapshot(
+            sum(running.values()), sum(waiting.values()), dict(running), dict(waiting)
+        )
+
+    # ------------------------------------------------------------------ callers' side
+
+    def _post(self, op: tuple) -> None:
+        self._inbox.append(op)
+        self._wake.set()
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+        queue: asyncio.Queue | None = None,
+    ) -> Submission:
+        """Hand a request to the engine thread without waiting (call from an event loop).
+
+        Several submissions may share ``queue`` (e.g. the ``n`` choices of one API request);
+        deltas carry their ``request_id``. Await ``.accepted`` before relying on the request.
+        """
+        if self._stop:
+            raise RuntimeError("the engine is shut down")
+        loop = asyncio.get_running_loop()
+        rid = request_id or f"async-{uuid.uuid4().hex}"
+        if rid in self._queues:
+            raise InvalidRequestError(f"duplicate request id {rid!r}", "request_id")
+        queue = queue if queue is not None else asyncio.Queue()
+        accepted = loop.create_future()
+        self._queues[rid] = (loop, queue)
+        self._post(("add", rid, prompt, params, adapter, loop, accepted))
+        return Submission(self, rid, loop, queue, accepted)
+
+    @contextlib.asynccontextmanager
+    async def request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Submission]:
+        """``async with engine.request(...) as deltas``: raises at once if the engine refuses
+        the request; leaving the block cancels it."""
+        sub = self.submit(prompt, params, adapter, request_id)
+        try:
+            await sub.accepted
+            yield sub
+        finally:
+            sub.cancel()
 
     async def generate(
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
         adapter: str | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield deltas until the final one; leaving early cancels the request."""
-        queue: asyncio.Queue = asyncio.Queue()
-        rid = self.engine.add_request(prompt, params, adapter)
-        self._queues[rid] = (asyncio.get_running_loop(), queue)
-        self._wake.set()
-        try:
-            while True:
-                out = await queue.get()
+        async with self.request(prompt, params, adapter, request_id) as deltas:
+            async for out in deltas:
                 yield out
-                if out.finished:
-                    return
-        finally:
-            self._queues.pop(rid, None)
-            self.engine.abort(rid)
+
+    def num_waiting(self) -> int:
+        """Requests not yet running: the engine's queue plus submissions not yet taken in."""
+        return self.snapshot.waiting + sum(1 for op in list(self._inbox) if op[0] == "add")
+
+    def num_active(self) -> int:
+        """Submissions whose deltas are still being routed (running, waiting or unread)."""
+        return len(self._queues)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._end_streams("abort")
+        self._queues.clear()
         self.engine.close()

@@ -1,4 +1,5 @@
-"""`cara-jax` command line: a generation smoke test on the embedded model or a user's checkpoint.
+"""`cara-jax` command line: a generation smoke test on the embedded model or a user's checkpoint,
+and `cara-jax profile`, which measures the scheduling cost model (see cara_jax/profiler.py).
 
 The server (`cara-serve`) and router CLIs live in the server package.
 """
@@ -82,11 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--max-len", type=int, default=2048, help="context length to allocate")
     g.set_defaults(func=_generate)
+    # parsed by cara_jax.profiler.main: listed here for `cara-jax --help`
+    sub.add_parser("profile", help="profile step latency and fit the scheduling cost model",
+                   add_help=False)  # fmt: skip
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["profile"]:
+        from cara_jax import profiler
+
+        return profiler.main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,247 @@
+"""cara-jax: the continuous-batching Engine in-process, replayed in real time.
+
+``start`` builds one Engine (cold-start mode, LoRA strategy, emulated link, host budget from the
+options), registers every adapter, compiles every step variant (``warmup``), then serves a few
+untimed requests on separate warm-up adapters (first-use host costs; their contents differ from
+the trace's adapters, so no trace adapter is warm unless ``cached`` preloaded it) and evicts them.
+``replay`` adds each request at its arrival time between ``step()`` calls and takes the token
+times from the engine's per-request records.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.metrics import RequestResult
+from bench.systems.common import (
+    ALL_PROJECTIONS,
+    ReplayClock,
+    RunOptions,
+    SystemUnavailable,
+    progress_bar,
+    run_system,
+    write_adapters,
+)
+from bench.workload import Trace
+
+NAME = "cara-jax"
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+def _targets(path: Path) -> set[str]:
+    return set(json.loads((Path(path) / "adapter_config.json").read_text())["target_modules"])
+
+
+def _rank(path: Path) -> int:
+    return int(json.loads((Path(path) / "adapter_config.json").read_text())["r"])
+
+
+class CaraSystem:
+    """The engine under one configuration; ``label`` names it in reports."""
+
+    def __init__(self, opts: RunOptions | None = None, label: str | None = None) -> None:
+        self.opts = opts or RunOptions()
+        self.name = label or NAME
+        self.engine = None
+        self.info: dict[str, Any] = {}
+        self._replays = 0
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    # ---------------------------------------------------------------- start
+
+    def start(self, adapters: dict[str, Path], max_context: int) -> None:
+        from cara_jax.adapters.device_pool import PoolConfig
+        from cara_jax.embedded import default_model_path
+        from cara_jax.engine import Engine, EngineConfig
+        from cara_jax.tokenizer import Tokenizer
+        from cara_jax.weights import load_model
+
+        o = self.opts
+        path = default_model_path()
+        loaded = load_model(path)
+        ranks = {n: _rank(p) for n, p in adapters.items()}
+        targets = set().union(*(_targets(p) for p in adapters.values())) if adapters else set()
+        warm_ranks = sorted(set(ranks.values())) or [8]
+        warm = {f"_warmup{i}": r for i, r in enumerate(warm_ranks)}
+        # The pool holds only the targeted projections. cached mode pins every adapter, so its
+        # pool fits them all; the other modes get room for every adapter too, up to what four
+        # full batches of the largest rank need (beyond that, LRU eviction as a server does).
+        shapes = loaded.cfg.projection_shapes()
+        projs = tuple(p for p in shapes if p in targets) or tuple(shapes)
+        per_row = sum(sum(shapes[p]) for p in projs) * loaded.cfg.num_layers * 4
+        top = max(ranks.values(), default=16)
+        rows = sum(ranks.values()) + sum(warm.values()) + 64
+        n_adapters = len(adapters) + len(warm)
+        if o.cold_start != "cached":
+            rows = min(rows, 4 * o.num_slots * top + sum(warm.values()))
+            n_adapters = min(n_adapters, 4 * o.num_slots + len(warm))
+        pool = PoolConfig(
+            budget_bytes=o.pool_budget_bytes or rows * per_row,
+            max_adapters=n_adapters + 2,
+            # the largest rank is the top LoRA bucket: a larger max_rank adds a bucket, and every
+            # bucket multiplies the compiled step variants
+            max_rank=_pow2_at_least(top, floor=16),
+            emulate_link_gbps=o.link_gbps,
+            projections=projs,
+        )
+        cfg = EngineConfig(
+            num_slots=o.num_slots,
+            max_len=_pow2_at_least(max_context + 1, floor=32),
+            max_prefill_batch=o.max_prefill_batch,
+            cold_start=o.cold_start,
+            cpu_workers=o.cpu_workers,
+            lora_strategy=o.lora_strategy,
+            pool=pool,
+            host_budget_bytes=o.host_budget_bytes or EngineConfig.host_budget_bytes,
+        )
+        try:
+            eng = Engine(loaded, Tokenizer.from_path(path), cfg)
+        except ImportError as e:  # e.g. cpu_assist's worker package missing
+            raise SystemUnavailable(
+                f"{self.name}: cold_start={o.cold_start} unavailable: {e}"
+            ) from e
+        self.engine = eng
+        t = time.perf_counter()
+        for name, p in adapters.items():
+            eng.load_adapter(name, p)
+        self.info["adapter_load_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        eng.warmup(progress=o.progress)
+        self.info["warmup_compile_s"] = time.perf_counter() - t
+        self.info["variants"] = eng.runner.compiled_count()
+        self._warm_up(warm, max_context, loaded.cfg, tuple(sorted(targets)))
+
+    def _warm_up(self, warm: dict[str, int], max_context: int, cfg, targets) -> None:
+        """Untimed requests on throw-away adapters, then drop those adapters again."""
+        from cara_jax.sampling_params import SamplingParams
+
+        n = self.opts.warmup_requests
+        if n <= 0:
+            return
+        eng = self.engine
+        self._tmp = tempfile.TemporaryDirectory(prefix="cara-bench-warm-")
+        dirs = write_adapters(
+            Path(self._tmp.name), warm, cfg, targets or ALL_PROJECTIONS, seed=7919
+        )
+        for name, p in dirs.items():
+            eng.load_adapter(name, p)
+        names = list(dirs)
+        plen = max(1, min(64, max_context // 2))
+        sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        t = time.perf_counter()
+        for i in range(n):
+            prompt = [100 + (7 * i + j) % 1000 for j in range(plen - (i % 4) * plen // 5)]
+            eng.add_request(prompt, sp, names[i % len(names)], request_id=f"warm-{i}")
+        while eng.has_unfinished():
+            eng.step()
+        self.info["warmup_requests_s"] = time.perf_counter() - t
+        for name in names:
+            h = eng.registry.entry(name).content_hash
+            eng.unload_adapter(name)
+            try:
+                eng.pool.evict(h)
+            except Exception:  # still referenced: it just stays until LRU drops it
+                pass
+        eng.finished_requests.clear()
+        eng.steps.clear()
+
+    # ---------------------------------------------------------------- replay
+
+    def replay(self, trace: Trace, desc: str = "") -> list[RequestResult]:
+        from cara_jax.sampling_params import SamplingParams
+
+        eng = self.engine
+        if eng is None:
+            raise RuntimeError("start() first")
+        self._replays += 1
+        tag = f"p{self._replays}-"
+        reqs = trace.requests
+        errors: dict[str, str] = {}
+        compiled = eng.runner.compiled_count()
+        hot = eng.runner.hot_compiles
+        bar = progress_bar(len(reqs), desc or self.name, self.opts.progress)
+        clock = ReplayClock(trace)
+        while clock.pending() or eng.has_unfinished():
+            for i in clock.due():
+                r = reqs[i]
+                sp = SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
+                try:
+                    eng.add_request(r.prompt, sp, r.adapter, request_id=tag + r.id)
+                except Exception as e:  # invalid request: fails alone, as a server answers it
+                    errors[r.id] = f"{type(e).__name__}: {e}"
+                    bar.update()
+            if not eng.has_unfinished():
+                clock.sleep_until_next()
+                continue
+            for out in eng.step():
+                if out.finished:
+                    bar.update()
+                    if out.error:
+                        errors[out.request_id[len(tag) :]] = out.error
+        bar.close()
+        records = {
+            rec.request_id[len(tag) :]: rec
+            for rec in eng.finished_requests
+            if rec.request_id.startswith(tag)
+        }
+        self.info["compiles_during_replay"] = eng.runner.compiled_count() - compiled
+        self.info["hot_compiles_during_replay"] = eng.runner.hot_compiles - hot
+        if hasattr(eng, "cpu_assist_stats") and self.opts.cold_start == "cpu_assist":
+            self.info["cpu_assist"] = eng.cpu_assist_stats()
+        out = []
+        for r in reqs:
+            rec = records.get(r.id)
+            if rec is None:
+                out.append(
+                    RequestResult(
+                        r.id,
+                        r.arrival,
+                        [],
+                        False,
+                        errors.get(r.id, "no record"),
+                        r.adapter,
+                        r.rank,
+                        None,
+                        len(r.prompt),
+                    )
+                )
+                continue
+            ok = rec.finish_reason not in ("error", "abort", None)
+            out.append(
+                RequestResult(
+                    r.id,
+                    r.arrival,
+                    [t - clock.t0 for t in rec.token_times],
+                    ok,
+                    None if ok else errors.get(r.id, f"finish_reason={rec.finish_reason}"),
+                    r.adapter,
+                    rec.rank or r.rank,
+                    rec.cold,
+                    rec.prompt_tokens,
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def run(
+    trace: Trace, adapters: dict[str, Path], opts: RunOptions | None = None
+) -> list[RequestResult]:
+    return run_system(CaraSystem(opts), trace, adapters, opts)

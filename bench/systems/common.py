@@ -1,0 +1,190 @@
+"""What every system shares: options, the session interface, the replay clock, test adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from bench.metrics import RequestResult
+from bench.workload import Trace
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_SETS = {"qkvo": ALL_PROJECTIONS[:4], "all": ALL_PROJECTIONS}
+
+
+@functools.lru_cache(maxsize=1)
+def model_config():
+    """The embedded model's shapes, from its GGUF metadata (no weights; ~seconds, cached)."""
+    import gguf
+
+    from cara_jax.embedded import default_model_path
+    from cara_jax.weights import gguf_config
+
+    return gguf_config(gguf.GGUFReader(str(default_model_path())))
+
+
+class SystemUnavailable(RuntimeError):
+    """The system cannot run here (not installed, cannot be built); the suite skips it."""
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Knobs of all systems in one place; each system reads the ones it has."""
+
+    progress: bool = True
+    # cara-jax
+    cold_start: str = "cached"  # sync | cached | cpu_assist
+    lora_strategy: str = "bgmv"  # bgmv | mbgmv
+    num_slots: int = 16
+    max_prefill_batch: int = 8
+    link_gbps: float | None = None  # emulated host->device link (None: memcpy speed)
+    host_budget_bytes: int | None = None  # small: adapters are re-read from disk (disk tier)
+    pool_budget_bytes: int | None = None  # device pool; None: sized from the adapters
+    cpu_workers: int = 2
+    warmup_requests: int = 16  # untimed requests before the timed replay (first-use costs)
+    # HF transformers + PEFT
+    max_batch: int = 16
+    # llama.cpp
+    llama_threads: int | None = None  # None: all cores
+    max_len: int | None = None  # context per sequence; None: from the trace
+
+
+class System(Protocol):
+    """A serving system under test. ``start`` loads the model and every adapter once (several
+    traces may then be replayed against it, e.g. a rate sweep); ``replay`` returns one result per
+    trace request, in trace order, with times relative to the replay start."""
+
+    name: str
+
+    def start(self, adapters: dict[str, Path], max_context: int) -> None: ...
+
+    def replay(self, trace: Trace, desc: str = "") -> list[RequestResult]: ...
+
+    def close(self) -> None: ...
+
+
+def run_system(
+    system: System, trace: Trace, adapters: dict[str, Path], opts: RunOptions | None = None
+) -> list[RequestResult]:
+    """Start, replay one trace, close: the one-shot form every system module exposes as run()."""
+    system.start(adapters, opts.max_len if opts and opts.max_len else trace.max_context())
+    try:
+        return system.replay(trace)
+    finally:
+        system.close()
+
+
+class ReplayClock:
+    """Wall-clock replay of a trace: requests become due at t0 + arrival."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.requests = trace.requests
+        self.next = 0
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def due(self) -> list[int]:
+        """Indices of requests that have arrived and were not yet handed out."""
+        out = []
+        now = self.now()
+        while self.next < len(self.requests) and self.requests[self.next].arrival <= now:
+            out.append(self.next)
+            self.next += 1
+        return out
+
+    def pending(self) -> bool:
+        return self.next < len(self.requests)
+
+    def sleep_until_next(self, cap: float = 0.01) -> None:
+        if self.pending():
+            time.sleep(min(cap, max(0.0, self.requests[self.next].arrival - self.now())))
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """tqdm over finished requests, or a stand-in with the same update() when disabled."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", leave=False)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def adapter_seed(name: str, base_seed: int = 0) -> int:
+    """Stable per-name seed: distinct names get distinct contents (adapters are keyed by content
+    in cara-jax, so two equal files would share one device copy)."""
+    return (zlib.crc32(name.encode()) + 1_000_003 * base_seed) % (1 << 31)
+
+
+def write_peft_adapter(
+    path: Path, cfg, rank: int, seed: int, targets: tuple[str, ...] = ALL_PROJECTIONS
+) -> Path:
+    """A random PEFT LoRA folder (PEFT's key names, alpha = 2 * rank) for ``cfg``'s shapes."""
+    rng = np.random.default_rng(seed)
+    shapes = cfg.projection_shapes()
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for p in targets:
+            din, dout = shapes[p]
+            mod = "self_attn" if p in ALL_PROJECTIONS[:4] else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{mod}.{p}"
+            a = rng.standard_normal((rank, din), dtype=np.float32) / np.float32(np.sqrt(din))
+            b = rng.standard_normal((dout, rank), dtype=np.float32) * np.float32(0.01)
+            tensors[f"{key}.lora_A.weight"] = a
+            tensors[f"{key}.lora_B.weight"] = b
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    conf = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(targets),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(conf))
+    return path
+
+
+def write_adapters(
+    root: Path,
+    ranks: dict[str, int],
+    cfg,
+    targets: tuple[str, ...] = ALL_PROJECTIONS,
+    seed: int = 0,
+    on_written: Callable[[], None] | None = None,
+) -> dict[str, Path]:
+    """One PEFT folder per adapter name under ``root`` (existing folders are rewritten)."""
+    out = {}
+    for name, rank in ranks.items():
+        out[name] = write_peft_adapter(root / name, cfg, rank, adapter_seed(name, seed), targets)
+        if on_written is not None:
+            on_written()
+    return out
+
+
+def adapter_rank(path: Path) -> int:
+    return int(json.loads((Path(path) / "adapter_config.json").read_text())["r"])

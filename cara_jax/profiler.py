@@ -1,0 +1,301 @@
+"""Profile decode and prefill step latency on this device and fit the scheduling cost models.
+
+    cara-jax profile --out cost_model.json [--quick] [--model PATH] [--kernels bgmv,mbgmv]
+
+Why: admission and routing (cara_jax/scheduling) predict a step's latency from the ranks in the
+batch, and the coefficients belong to one device, model, dtype and kernel, so they are measured
+where the server runs. This builds a real Engine (random PEFT adapters of each rank written to a
+temporary folder and pinned on the device), drives its runner over a grid of decode batches
+(batch size x rank mix x kernel, plus base-model batches) and prefills (prompt length x rank),
+times each step to its tokens (``block_until_ready``; median of repeats after warm-up), fits
+the models of cost_model.py and saves them. Compiling a step variant takes 10-30 s on a small
+CPU, and the grid is chosen so that few variants are needed: a few minutes in all (``--quick``:
+about seven variants, for tests).
+
+Caveats: decode runs at one KV length (the cost model ignores context length), and a batch
+reuses ``--adapters-per-rank`` distinct adapters per rank (rows beyond that share adapters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+QUICK = {"batches": "2", "ranks": "8,64", "prefill_lens": "32", "prefill_ranks": "0,64"}
+FULL = {"batches": "4,8,16", "ranks": "8,16,32,64", "prefill_lens": "32,128,256",
+        "prefill_ranks": "0,8,16,32,64"}  # fmt: skip
+PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_random_adapter(path: Path, cfg, rank: int, seed: int) -> None:
+    """A PEFT folder (adapter_config.json + adapter_model.safetensors) with random weights on
+    all seven projections; timing does not depend on the values."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    shapes = cfg.projection_shapes()
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for p in PROJS:
+            din, dout = shapes[p]
+            mod = "self_attn" if p in PROJS[:4] else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{mod}.{p}"
+            a = rng.standard_normal((rank, din), np.float32) / np.float32(np.sqrt(din))
+            tensors[f"{key}.lora_A.weight"] = a
+            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((dout, rank), np.float32) * 0.01
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    conf = {
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJS),
+        "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "task_type": "CAUSAL_LM",
+    }  # fmt: skip
+    (path / "adapter_config.json").write_text(json.dumps(conf))
+
+
+def rank_mixes(batch: int, ranks: list[int]) -> dict[str, list[int]]:
+    """Rank mixes of one batch size: uniform per rank, all ranks cycled, one large among small.
+    The last two separate the kernels: max rank is the largest, the sum is not."""
+    lo, hi = min(ranks), max(ranks)
+    mixes = {f"uniform{r}": [r] * batch for r in ranks}
+    if len(ranks) > 1:
+        mixes["cycle"] = [ranks[i % len(ranks)] for i in range(batch)]
+        if batch > 1:
+            mixes["one_large"] = [lo] * (batch - 1) + [hi]
+    return mixes
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call, waiting for its device result."""
+    w, c = time.perf_counter(), time.process_time()
+    fn().block_until_ready()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cara-jax profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--out", required=True, help="cost-model JSON (merged if it exists)")
+    p.add_argument("--quick", action="store_true", help="a tiny grid (tests, smoke runs)")
+    p.add_argument("--model", help="GGUF file or HF folder (default: embedded SmolLM2)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--kernels", default="bgmv,mbgmv")
+    p.add_argument("--batches", help=f"decode batch sizes (default {FULL['batches']})")
+    p.add_argument("--ranks", help=f"adapter ranks (default {FULL['ranks']})")
+    p.add_argument("--prefill-lens", help=f"prompt lengths (default {FULL['prefill_lens']})")
+    p.add_argument("--prefill-ranks", help=f"default {FULL['prefill_ranks']} (0 = no adapter)")
+    p.add_argument("--rank-buckets", help="runner rank buckets (default: EngineConfig's)")
+    p.add_argument("--adapters-per-rank", type=int, help="distinct adapters per rank (default 4)")
+    p.add_argument("--kv-position", type=int, default=100, help="decode position (KV length)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per point (compiles)")
+    p.add_argument("--repeats", type=int, default=9, help="timing rounds over the whole grid")
+    p.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="statistic of the repeats to fit (min resists a busy machine)",
+    )
+    p.add_argument("--compile-cache", help="persistent XLA compilation cache folder (reruns)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    grid = QUICK if args.quick else FULL
+    batches = _ints(args.batches or grid["batches"])
+    ranks = sorted(set(_ints(args.ranks or grid["ranks"])))
+    prefill_lens = _ints(args.prefill_lens or grid["prefill_lens"])
+    prefill_ranks = _ints(args.prefill_ranks or grid["prefill_ranks"])
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    per_rank = args.adapters_per_rank or (1 if args.quick else 4)
+    if args.quick:
+        args.repeats, args.warmup = min(args.repeats, 3), min(args.warmup, 1)
+    if not set(prefill_ranks) <= {0, *ranks}:
+        raise SystemExit("--prefill-ranks must be 0 or among --ranks")
+
+    import jax
+    import jax.numpy as jnp
+
+    from cara_jax.adapters.device_pool import PoolConfig
+    from cara_jax.embedded import DEFAULT_MODEL_ID, default_model_path
+    from cara_jax.engine import Engine, EngineConfig
+    from cara_jax.runner import ModelRunner
+    from cara_jax.sampler import SamplingArrays
+    from cara_jax.scheduling.cost_model import Buckets, fit_cost_model
+    from cara_jax.tokenizer import Tokenizer
+    from cara_jax.weights import load_model
+
+    t_start = time.perf_counter()
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    rank_buckets = tuple(_ints(args.rank_buckets)) if args.rank_buckets else None
+    rank_buckets = rank_buckets or EngineConfig().rank_buckets
+    max_len = max(256, 2 * max(prefill_lens), args.kv_position + 2)
+    max_len = 1 << (max_len - 1).bit_length()
+    model_path = Path(args.model) if args.model else default_model_path()
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    loaded = load_model(model_path, dtype=dtype)
+    cfg = loaded.cfg
+    # a device pool sized for exactly the profile's adapters
+    shapes = cfg.projection_shapes()
+    row_bytes = sum(sum(shapes[p]) for p in PROJS) * cfg.num_layers * jnp.dtype(dtype).itemsize
+    pool = PoolConfig(
+        budget_bytes=(per_rank * sum(ranks) + 1) * row_bytes, max_rank=max(ranks),
+        max_adapters=per_rank * len(ranks) + 1,
+    )  # fmt: skip
+    engine = Engine(
+        loaded, Tokenizer.from_path(model_path),
+        EngineConfig(num_slots=max(batches), max_len=max_len, max_prefill_batch=1,
+                     cold_start="cached", lora_strategy=kernels[0], rank_buckets=rank_buckets,
+                     pool=pool),
+    )  # fmt: skip
+    slots: dict[int, list[int]] = {}
+    with tempfile.TemporaryDirectory(prefix="cara-profile-") as tmp:
+        for r in ranks:
+            for k in range(per_rank):
+                name = f"r{r}-{k}"
+                write_random_adapter(Path(tmp) / name, cfg, r, seed=1000 * r + k)
+                entry = engine.load_adapter(name, Path(tmp) / name)
+                slots.setdefault(r, []).append(engine.pool.slot_of(entry.content_hash))
+    runners = {kernels[0]: engine.runner}
+    for k in kernels[1:]:
+        runners[k] = ModelRunner(engine.loaded, engine.runner.config, engine.pool, k)
+
+    def slot_array(batch_ranks: list[int]) -> np.ndarray:
+        used: dict[int, int] = {}
+        out = np.zeros(len(batch_ranks), np.int32)
+        for j, r in enumerate(batch_ranks):
+            if r:
+                out[j] = slots[r][used.get(r, 0) % per_rank]
+                used[r] = used.get(r, 0) + 1
+        return out
+
+    tasks: list[dict[str, Any]] = []
+    for b in batches:
+        tasks.append({"kind": "decode", "kernel": None, "mix": "base", "ranks": [0] * b})
+        for k in kernels:
+            for mix, rs in rank_mixes(b, ranks).items():
+                tasks.append({"kind": "decode", "kernel": k, "mix": mix, "ranks": rs})
+    for n_tok in prefill_lens:
+        for r in prefill_ranks:
+            tasks.append({"kind": "prefill", "lengths": [n_tok], "ranks": [r]})
+
+    rng = np.random.default_rng(0)
+
+    def make_call(task: dict[str, Any]) -> Callable[[], Any]:
+        ad = slot_array(task["ranks"])
+        if task["kind"] == "decode":
+            runner = runners[task["kernel"] or kernels[0]]
+            pos = np.full(len(ad), args.kv_position, np.int32)
+            sampling = SamplingArrays.greedy(len(ad))
+            return lambda: runner.decode(pos, sampling, ad)[1]
+        runner = runners[kernels[0]]
+        prompts = [rng.integers(10, cfg.vocab_size - 10, n).tolist() for n in task["lengths"]]
+        sampling = SamplingArrays.greedy(len(prompts))
+        rows = list(range(len(prompts)))
+        return lambda: runner.prefill(prompts, rows, sampling, ad.tolist())[1]
+
+    calls = [make_call(t) for t in tasks]
+
+    # Warm every point first (the first call compiles), then time in rounds, each round visiting
+    # every point once in a fresh random order: on a shared machine a busy spell then inflates
+    # one sample of many points instead of all samples of a few.
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        total = len(tasks) * (args.warmup + args.repeats)
+        bar = tqdm(total=total, desc="profiling steps", unit="step", file=sys.stderr)
+    wall: list[list[float]] = [[] for _ in tasks]
+    cpu: list[list[float]] = [[] for _ in tasks]
+    for task, fn in zip(tasks, calls, strict=True):
+        if bar is not None:
+            bar.set_postfix_str(f"warm-up {task['kind']} {task.get('kernel') or ''} "
+                                f"{task.get('mix') or task['lengths']}")  # fmt: skip
+        for _ in range(args.warmup):
+            timed(fn)
+            if bar is not None:
+                bar.update()
+    for k in range(args.repeats):
+        if bar is not None:
+            bar.set_postfix_str(f"round {k + 1}/{args.repeats}")
+        for i in rng.permutation(len(tasks)):
+            w, c = timed(calls[i])
+            wall[i].append(w)
+            cpu[i].append(c)
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    pick = {"median": statistics.median, "min": min}[args.stat]
+    samples = [
+        {**task, "latency_s": pick(w), "median_s": statistics.median(w), "min_s": min(w),
+         "times_s": w, "cpu_s": c}
+        for task, w, c in zip(tasks, wall, cpu, strict=True)
+    ]  # fmt: skip
+
+    c = engine.runner.config
+    buckets = Buckets(
+        rows=c.decode_row_buckets, rank=engine.runner.lora_buckets("bgmv"),
+        total_rank=engine.runner.lora_buckets("mbgmv"), prefill_rows=c.prefill_batch_buckets,
+        prefill_len=c.prefill_len_buckets, prefill_batch=c.max_prefill_batch,
+    )  # fmt: skip
+    model_name = DEFAULT_MODEL_ID if args.model is None else Path(args.model).stem
+    device = jax.devices()[0].device_kind
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "jax": jax.__version__, "backend": jax.default_backend(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "grid": {"batches": batches, "ranks": ranks, "prefill_lens": prefill_lens,
+                 "prefill_ranks": prefill_ranks, "adapters_per_rank": per_rank,
+                 "kv_position": args.kv_position, "warmup": args.warmup,
+                 "repeats": args.repeats, "stat": args.stat, "quick": args.quick},
+        "profile_seconds": round(time.perf_counter() - t_start, 1),
+    }  # fmt: skip
+    for k in kernels:
+        cm = fit_cost_model(samples, k, model_name, device, args.dtype, buckets, meta)
+        cm.save(args.out)
+        paper = cm.alternatives.get("decode:work+one")
+        print(
+            f"{cm.key}: decode R^2 {cm.decode.r2:.3f} ({'+'.join(cm.decode.features)}"
+            f"{'' if paper is None else f'; paper form a*X+b: {paper.r2:.3f}'}), "
+            f"base R^2 {cm.base.r2:.3f}, prefill R^2 {cm.prefill.r2:.3f} "
+            f"({'+'.join(cm.prefill.features)})"
+        )
+        print("  " + describe(cm))
+    print(f"saved {args.out} ({meta['profile_seconds']:.0f} s)")
+    for r in runners.values():
+        r.wait_warmup()
+    engine.close()
+    return 0
+
+
+def describe(cm) -> str:
+    """One line of coefficients in milliseconds."""
+
+    def fmt(fit) -> str:
+        return ", ".join(f"{f}={c * 1e3:.4g}" for f, c in zip(fit.features, fit.coef, strict=True))
+
+    return f"decode [{fmt(cm.decode)}] base [{fmt(cm.base)}] prefill [{fmt(cm.prefill)}] (ms)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,853 @@
+"""A pool of CPU worker processes computing LoRA deltas x·A·B over shared memory.
+
+The coordinator (``CpuLoraPool``, in the engine's process) and N workers (``multiprocessing``
+spawn context, one core and one BLAS thread each) share the segments described in
+``cpu_lora.shm``. One call:
+
+1. the coordinator writes x into the data segment and the job description into ``ctrl``; it
+   splits the tokens by estimated cost (ranks differ per adapter) over as many workers as the
+   profiled per-call budget needs (``CpuLoraConfig.budget_s``), so 3 tokens wake one worker;
+2. it bumps each chosen worker's job word (the last write: the signal);
+3. a worker spins on its job word for ``spin_s`` after its last job, then polls with short
+   sleeps; it computes its token range of every projection into the result blocks and writes
+   its done word;
+4. the coordinator waits for the done words (spin ``wait_spin_s``, then short sleeps, bounded
+   by the timeout) and copies the results out.
+
+Both spin loops call ``sched_yield``: on an oversubscribed host a spinning coordinator otherwise
+keeps its worker off the core for the whole spin window (docs/cpu_lora.md, ~300 µs vs ~10 µs
+per round trip on a loaded 2-core machine).
+
+No pickling, pipes or queues on this path. Adapter weights reach the workers through their own
+segments (``put_adapter``), attached by a worker the first time a job names them.
+
+Faults: a worker that dies during a call, or does not finish its part in time, makes that call
+raise ``CpuWorkerError`` (``CpuWorkerTimeout`` for a timeout); the pool kills and restarts it (a
+new process attached to the same segments) and logs a warning. Such a call is not retried: its
+inputs may be half consumed, and the engine's fallback (a synchronous adapter load) is faster
+than waiting for a new worker to start. A worker found dead between calls is restarted before
+the next call is posted, and that call goes to the new process. ``close()``, a finalizer and
+interpreter exit stop the workers and unlink every segment the pool created.
+
+The ordering of the plain stores (job fields before the job word; results before the done
+word) relies on a total-store-order CPU (x86-64). On weakly ordered CPUs the two flag words
+would need release/acquire stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import types
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cpu_lora import shm as L
+from cpu_lora.kernels import KERNELS, default_kernel, lora_numpy
+
+log = logging.getLogger(__name__)
+
+_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+             "VECLIB_MAXIMUM_THREADS")  # fmt: skip
+_KERNEL_CALL_S = 3e-6  # fixed cost of one kernel call (two BLAS calls), from the measurements
+
+
+class CpuWorkerError(RuntimeError):
+    """A CPU worker died, failed or did not answer in time; the pool has restarted it."""
+
+
+class CpuWorkerTimeout(CpuWorkerError):
+    """A CPU worker did not finish its part of a call within the timeout."""
+
+
+@dataclasses.dataclass
+class CpuLoraConfig:
+    """Sizes and policies of a ``CpuLoraPool``."""
+
+    num_workers: int = 2
+    # Initial buffer sizes (the data segment grows when a job does not fit).
+    max_tokens: int = 512
+    max_in: int = 4096
+    max_out: int = 3 * 4096  # widest projection group's summed outputs (e.g. q,k,v)
+    max_segments: int = 256  # token segments (cold requests) in one call
+    # Token split: wake ceil(estimated CPU seconds / budget_s) workers, at most num_workers.
+    budget_s: float = 2e-4
+    tokens_per_worker: int | None = None  # a fixed split instead (e.g. for tests)
+    flops_per_s: float | None = None  # one core's throughput; None: worker 0 measures it
+    # Spin policy.
+    spin_s: float = 2e-3  # a worker spins this long after a job, then sleeps between polls
+    sleep_s: float = 1e-4
+    idle_s: float = 1.0  # after this long without a job a worker polls every idle_sleep_s
+    idle_sleep_s: float = 1e-3
+    wait_spin_s: float = 2e-4  # the coordinator spins this long before sleeping between polls
+    wait_sleep_s: float = 2e-5
+    timeout_s: float = 30.0  # default for compute()/result()
+    kernel: str = "auto"  # "auto" (kernels.default_kernel), "numpy" or "numba"
+    # Start workers with a stand-in __main__, so spawn does not re-import the server's main
+    # script (and with it JAX) in every worker.
+    isolate_main: bool = True
+
+    @classmethod
+    def for_model(cls, cfg: Any, **kw: Any) -> CpuLoraConfig:
+        """Buffers sized for a model config with ``projection_shapes()`` (cara_jax.config)."""
+        s = cfg.projection_shapes()
+        groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
+                  ("down_proj",)]  # fmt: skip
+        kw.setdefault("max_in", max(i for i, _ in s.values()))
+        kw.setdefault("max_out", max(sum(s[p][1] for p in g) for g in groups))
+        return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WorkerArgs:
+    index: int
+    parent_pid: int
+    tag: str
+    ctrl_name: str
+    num_workers: int
+    max_segments: int
+    max_projs: int
+    spin_s: float
+    sleep_s: float
+    idle_s: float
+    idle_sleep_s: float
+    kernel: str
+    calibrate: tuple[int, int, int, int] | None  # (T, in, r, out) to measure, or None
+
+
+@dataclasses.dataclass
+class _Adapter:
+    aid: int
+    shm: L.Segment
+    shapes: dict[tuple[int, int], tuple[int, int, int]]  # (layer, proj id) -> (in, r, out)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shm.size
+
+
+@dataclasses.dataclass
+class _Resources:
+    """What the finalizer must release; holds no reference to the pool itself."""
+
+    segments: dict[str, L.Segment]
+    procs: list[Any]
+    ctrl: L.CtrlView | None = None
+
+    def release(self) -> None:
+        if self.ctrl is not None:
+            self.ctrl.header[L.H_STOP] = 1
+        deadline = time.monotonic() + 1.0
+        for p in self.procs:
+            if p is not None:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p is not None and p.is_alive():
+                p.kill()
+                p.join(5)
+        self.ctrl = None
+        for shm in self.segments.values():
+            shm.close()
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+        self.segments.clear()
+
+
+@dataclasses.dataclass
+class CallTiming:
+    """Where one call's time went (seconds)."""
+
+    tokens: int = 0
+    workers: int = 0
+    copy_in_s: float = 0.0  # x and the job description into shared memory, signals
+    wait_s: float = 0.0  # signal -> every chosen worker done
+    compute_s: float = 0.0  # the slowest worker's compute time
+    cpu_s: float = 0.0  # summed worker compute time
+    copy_out_s: float = 0.0  # results out of shared memory
+
+
+class CpuLoraTicket:
+    """An in-flight call; ``result()`` waits for it (or raises ``CpuWorkerError``)."""
+
+    def __init__(self, pool: CpuLoraPool, seq: int, workers: list[int],
+                 outs: list[tuple[str, int, int]], tokens: int, timing: CallTiming) -> None:  # fmt: skip
+        self._pool = pool
+        self.seq = seq
+        self.workers = workers
+        self.outs = outs  # (projection, result offset, width)
+        self.tokens = tokens
+        self.timing = timing
+        self._t_post = time.perf_counter()
+        self._collected = not workers
+        self._result: dict[str, np.ndarray] | None = {} if not workers else None
+        self._error: CpuWorkerError | None = None
+
+    def done(self) -> bool:
+        """True once every chosen worker has finished (never blocks)."""
+        if self._collected:
+            return True
+        ctrl = self._pool._ctrl
+        return ctrl is not None and all(ctrl.rows[w, L.W_DONE] == self.seq for w in self.workers)
+
+    def result(self, timeout: float | None = None, copy: bool = True) -> dict[str, np.ndarray]:
+        """{projection: delta [T, out] float32} for the projections any segment's adapter
+        targets at this layer (absent ones are zero). ``timeout`` None: the pool's default.
+        ``copy=False`` returns views of the shared buffer, valid until the next submit."""
+        pool = self._pool
+        with pool._lock:
+            if not self._collected:
+                pool._collect(self, pool.config.timeout_s if timeout is None else timeout)
+            if self._error is not None:
+                raise self._error
+            if self._result is None:
+                self._result = pool._read_results(self, copy)
+                if copy:
+                    return self._result
+                res, self._result = self._result, None
+                return res
+            return self._result
+
+
+class CpuLoraPool:
+    """Coordinator of the CPU LoRA workers. Thread-safe; one call in flight at a time."""
+
+    def __init__(
+        self,
+        config: CpuLoraConfig | None = None,
+        *,
+        num_workers: int | None = None,
+        cfg: Any = None,
+    ) -> None:
+        if config is None:
+            config = CpuLoraConfig.for_model(cfg) if cfg is not None else CpuLoraConfig()
+        if num_workers is not None:
+            config = dataclasses.replace(config, num_workers=num_workers)
+        if config.num_workers < 1:
+            raise ValueError("num_workers must be at least 1")
+        if config.kernel != "auto" and config.kernel not in KERNELS:
+            raise ValueError(f"kernel {config.kernel!r}: expected auto or one of {list(KERNELS)}")
+        self.config = config
+        self.tag = L.SHM_PREFIX + uuid.uuid4().hex[:12]
+        self._max_projs = len(L.PROJECTIONS)
+        self._lock = threading.RLock()
+        self._ctx = multiprocessing.get_context("spawn")
+        self._res = _Resources({}, [None] * config.num_workers)
+        self._finalizer = weakref.finalize(self, _Resources.release, self._res)
+        n = config.num_workers
+        ctrl_shm = self._create("ctrl", L.ctrl_nbytes(n, config.max_segments, self._max_projs))
+        self._ctrl: L.CtrlView | None = L.CtrlView(ctrl_shm.buf, n, config.max_segments,
+                                                   self._max_projs)  # fmt: skip
+        self._ctrl.header[:] = 0
+        self._ctrl.rows[:] = 0
+        self._res.ctrl = self._ctrl
+        self._data_gen = 0
+        self._data: np.ndarray | None = None
+        self._grow(aligned_words(config.max_tokens, config.max_in, [config.max_out]))
+        self._adapters: dict[str, _Adapter] = {}
+        self._next_aid = 1
+        self._seq = 0
+        self._inflight: CpuLoraTicket | None = None
+        self._closed = False
+        self._stats: dict[str, float] = dict.fromkeys(
+            ("calls", "tokens", "worker_wakeups", "errors", "timeouts", "restarts"), 0
+        )
+        self._stats.update(dict.fromkeys(
+            ("cpu_seconds", "copy_in_seconds", "wait_seconds", "copy_out_seconds"), 0.0
+        ))  # fmt: skip
+        self._proj_calls = dict.fromkeys(L.PROJECTIONS, 0)
+        self._proj_tokens = dict.fromkeys(L.PROJECTIONS, 0)
+        for w in range(n):
+            self._start(w)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _create(self, kind: str, nbytes: int) -> L.Segment:
+        shm = L.create_segment(f"{self.tag}_{kind}", nbytes)
+        self._res.segments[shm.name] = shm
+        return shm
+
+    def _grow(self, words: int) -> None:
+        """Replace the data segment by a larger generation (no job may be in flight)."""
+        old = f"{self.tag}_d{self._data_gen}" if self._data is not None else None
+        self._data = None
+        if old is not None:
+            shm = self._res.segments.pop(old)
+            shm.close()
+            shm.unlink()
+        self._data_gen += 1
+        shm = self._create(f"d{self._data_gen}", words * 4)
+        self._data = np.ndarray((words,), np.float32, shm.buf)
+        assert self._ctrl is not None
+        self._ctrl.header[L.H_DATA_WORDS] = words
+        self._ctrl.header[L.H_DATA_GEN] = self._data_gen
+
+    def _start(self, w: int) -> None:
+        """Start worker ``w`` (first start or restart); it attaches to the pool's segments."""
+        cfg, ctrl = self.config, self._ctrl
+        assert ctrl is not None
+        row = ctrl.rows[w]
+        row[L.W_DONE] = row[L.W_JOB]  # idle: the new process waits for the next job word
+        row[L.W_STATUS] = row[L.W_HANG_MS] = row[L.W_PID] = row[L.W_READY] = 0
+        calibrate = None
+        if w == 0 and cfg.flops_per_s is None:
+            calibrate = (64, cfg.max_in, 16, min(cfg.max_out, 4096))
+        args = _WorkerArgs(
+            w, os.getpid(), self.tag, f"{self.tag}_ctrl", cfg.num_workers, cfg.max_segments,
+            self._max_projs, cfg.spin_s, cfg.sleep_s, cfg.idle_s, cfg.idle_sleep_s, cfg.kernel,
+            calibrate,
+        )  # fmt: skip
+        p = self._ctx.Process(target=_worker_main, args=(args,), name=f"cpu-lora-{w}", daemon=True)
+        with _spawn_env(cfg.isolate_main):
+            p.start()
+        self._res.procs[w] = p
+
+    def _restart(self, w: int, why: str) -> None:
+        p = self._res.procs[w]
+        old_pid = p.pid if p is not None else None
+        if p is not None:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+            p.close()
+        self._stats["restarts"] += 1
+        self._start(w)
+        new = self._res.procs[w]
+        log.warning("CPU LoRA worker %d (pid %s) %s; restarting it (new pid %s)", w, old_pid,
+                    why, new.pid if new is not None else None)  # fmt: skip
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until every worker has started (and worker 0 has measured its speed)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            ctrl = self._live_ctrl()
+            while not all(ctrl.rows[:, L.W_READY]):
+                for w, p in enumerate(self._res.procs):
+                    if p is not None and not p.is_alive():
+                        self._restart(w, f"exited during start-up (code {p.exitcode})")
+                        raise CpuWorkerError(f"CPU LoRA worker {w} exited during start-up")
+                if time.monotonic() > deadline:
+                    raise CpuWorkerTimeout(f"CPU LoRA workers not ready after {timeout} s")
+                time.sleep(0.005)
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._res.procs if p is not None and p.pid is not None]
+
+    def segment_names(self) -> list[str]:
+        """Every shared-memory segment the pool currently owns."""
+        return list(self._res.segments)
+
+    def close(self) -> None:
+        """Stop the workers and unlink every segment (idempotent; also run at exit)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._inflight = None
+            self._data = None
+            self._adapters.clear()
+            self._ctrl = None
+            self._finalizer()  # releases self._res (stop flag, join/kill, close + unlink)
+
+    def __enter__(self) -> CpuLoraPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _live_ctrl(self) -> L.CtrlView:
+        if self._closed or self._ctrl is None:
+            raise CpuWorkerError("the CPU LoRA pool is closed")
+        return self._ctrl
+
+    # ------------------------------------------------------------------ adapters
+
+    def put_adapter(self, key: str, modules: Mapping[tuple[int, str], Any]) -> None:
+        """Copy an adapter into shared memory once: ``modules[(layer, proj)] = (a [in, r],
+        b [r, out])`` (or objects with ``.a``/``.b``), B already scaled. A key already present
+        is kept as is (keys are content hashes)."""
+        with self._lock:
+            self._live_ctrl()
+            if key in self._adapters:
+                return
+            aid = self._next_aid
+            shm, shapes = L.pack_adapter(f"{self.tag}_a{aid}", modules)
+            self._next_aid += 1
+            self._res.segments[shm.name] = shm
+            self._adapters[key] = _Adapter(aid, shm, shapes)
+
+    def drop_adapter(self, key: str) -> None:
+        """Unlink an adapter's segment; workers unmap it at their next poll."""
+        with self._lock:
+            entry = self._adapters.get(key)
+            if entry is None:
+                return
+            self._finish_inflight()  # no worker may be reading it
+            del self._adapters[key]
+            shm = self._res.segments.pop(entry.shm.name)
+            shm.close()
+            shm.unlink()
+            if self._ctrl is not None:
+                self._ctrl.header[L.H_ADAPTER_EPOCH] += 1
+
+    def has_adapter(self, key: str) -> bool:
+        return key in self._adapters
+
+    def adapter_keys(self) -> list[str]:
+        return list(self._adapters)
+
+    # ------------------------------------------------------------------ calls
+
+    def submit(
+        self,
+        segments: Sequence[tuple[int, int, str]],
+        layer: int,
+        projs: Sequence[str],
+        x: np.ndarray,
+    ) -> CpuLoraTicket:
+        """Start the deltas x[start:end] @ A @ B of each segment's adapter for ``projs`` (which
+        share the input x [T, in]) at ``layer``; returns at once. Rows outside every segment get
+        zeros. A previous call still in flight is collected first."""
+        t0 = time.perf_counter()
+        with self._lock:
+            ctrl = self._live_ctrl()
+            self._finish_inflight()
+            x = np.asarray(x)
+            if x.ndim != 2:
+                raise ValueError(f"x must be [T, in], got shape {x.shape}")
+            n_tok, din = x.shape
+            segs = self._check_segments(segments, n_tok)
+            outs: list[tuple[str, int, int]] = []  # (projection, offset, width)
+            seg_cost = np.zeros(len(segs), np.float64)
+            widths = []
+            for p in projs:
+                pid = L.PROJ_ID.get(p)
+                if pid is None:
+                    raise ValueError(f"unknown projection {p!r}; expected one of {L.PROJECTIONS}")
+                width = None
+                for i, (_, _, a) in enumerate(segs):
+                    shape = a.shapes.get((layer, pid))
+                    if shape is None:
+                        continue
+                    if shape[0] != din or (width is not None and shape[2] != width):
+                        raise ValueError(f"layer {layer} {p}: adapters' shapes {shape} do not "
+                                         f"fit x [.., {din}] / each other")  # fmt: skip
+                    width = shape[2]
+                    seg_cost[i] += 2.0 * shape[1] * (shape[0] + shape[2])
+                if width is not None:
+                    widths.append((p, pid, width))
+            self._stats["calls"] += 1
+            self._stats["tokens"] += n_tok
+            for p, _, _ in widths:
+                self._proj_calls[p] += 1
+                self._proj_tokens[p] += n_tok
+            timing = CallTiming(tokens=n_tok)
+            self._seq += 1
+            if not widths or n_tok == 0:  # nothing targeted here: no worker wakes
+                return CpuLoraTicket(self, self._seq, [], [], n_tok, timing)
+            words = aligned_words(n_tok, din, [w for _, _, w in widths])
+            if self._data is None or words > self._data.size:
+                self._grow(max(words, 2 * (self._data.size if self._data is not None else 0)))
+            assert self._data is not None
+            off = L.aligned(n_tok * din)
+            for p, _, width in widths:
+                outs.append((p, off, width))
+                off += L.aligned(n_tok * width)
+            self._data[: n_tok * din].reshape(n_tok, din)[:] = x  # converts bf16/fp16/fp64
+            ranges = self._split(segs, seg_cost, n_tok)
+            job = ctrl.job
+            job[L.J_LAYER], job[L.J_TOKENS], job[L.J_DIN] = layer, n_tok, din
+            job[L.J_NSEG], job[L.J_NPROJ] = len(segs), len(outs)
+            for i, (s, e, a) in enumerate(segs):
+                ctrl.segs[i] = (s, e, a.aid)
+            for j, ((_, pid, _), (_, o, width)) in enumerate(zip(widths, outs, strict=True)):
+                ctrl.projs[j] = (pid, o, width)
+            for w, p in enumerate(self._res.procs):  # died between calls: replace, then post
+                if p is None or not p.is_alive():
+                    self._restart(w, f"was found dead (exit code {p.exitcode if p else None})")
+            used = []
+            for w, (lo, hi) in enumerate(ranges):
+                row = ctrl.rows[w]
+                row[L.W_T0], row[L.W_T1], row[L.W_STATUS] = lo, hi, 0
+                used.append(w)
+            for w in used:
+                ctrl.rows[w, L.W_JOB] = self._seq  # the signal: written after everything else
+            self._stats["worker_wakeups"] += len(used)
+            timing.workers = len(used)
+            timing.copy_in_s = time.perf_counter() - t0
+            ticket = CpuLoraTicket(self, self._seq, used, outs, n_tok, timing)
+            self._inflight = ticket
+            return ticket
+
+    def compute(
+        self,
+        segments: Sequence[tuple[int, int, str]],
+        layer: int,
+        projs: Sequence[str],
+        x: np.ndarray,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """``submit(...).result(timeout)``: {projection: delta [T, out]}."""
+        return self.submit(segments, layer, projs, x).result(timeout)
+
+    def ping(self, workers: int | None = None, timeout: float | None = None) -> float:
+        """A zero-work round trip through ``workers`` workers (default all); seconds taken."""
+        t0 = time.perf_counter()
+        with self._lock:
+            ctrl = self._live_ctrl()
+            self._finish_inflight()
+            n = self.config.num_workers if workers is None else workers
+            ctrl.job[L.J_TOKENS] = ctrl.job[L.J_NSEG] = ctrl.job[L.J_NPROJ] = 0
+            self._seq += 1
+            for w in range(n):
+                ctrl.rows[w, L.W_T0] = ctrl.rows[w, L.W_T1] = 0
+            for w in range(n):
+                ctrl.rows[w, L.W_JOB] = self._seq
+            ticket = CpuLoraTicket(self, self._seq, list(range(n)), [], 0, CallTiming())
+            self._inflight = ticket
+        ticket.result(timeout)
+        return time.perf_counter() - t0
+
+    def _check_segments(self, segments, n_tok: int) -> list[tuple[int, int, _Adapter]]:
+        if len(segments) > self.config.max_segments:
+            raise ValueError(f"{len(segments)} segments; the pool takes at most "
+                             f"{self.config.max_segments} (CpuLoraConfig.max_segments)")  # fmt: skip
+        out, end = [], 0
+        for s, e, key in sorted(segments, key=lambda t: (t[0], t[1])):
+            if not (end <= s <= e <= n_tok):
+                raise ValueError(f"segments {list(segments)} overlap or leave [0, {n_tok})")
+            a = self._adapters.get(key)
+            if a is None:
+                raise KeyError(f"adapter {key!r} is not in the CPU pool (put_adapter first)")
+            out.append((int(s), int(e), a))
+            end = e
+        return out
+
+    def _rate(self) -> float:
+        if self.config.flops_per_s:
+            return self.config.flops_per_s
+        ctrl = self._ctrl
+        measured = int(ctrl.rows[0, L.W_FLOPS]) if ctrl is not None else 0
+        return float(measured) if measured > 0 else 2e10
+
+    def _split(self, segs, seg_cost: np.ndarray, n_tok: int) -> list[tuple[int, int]]:
+        """Token ranges, one per worker to wake, balanced by estimated cost."""
+        cfg = self.config
+        per_tok = np.zeros(n_tok, np.float64)
+        for (s, e, _), c in zip(segs, seg_cost, strict=True):
+            per_tok[s:e] = c
+        if cfg.tokens_per_worker:
+            k = math.ceil(n_tok / cfg.tokens_per_worker)
+        else:
+            est = per_tok.sum() / self._rate() + _KERNEL_CALL_S * len(segs)
+            k = math.ceil(est / cfg.budget_s)
+        k = max(1, min(k, cfg.num_workers, n_tok))
+        return split_by_cost(per_tok, k)
+
+    def _finish_inflight(self) -> None:
+        """Collect the call in flight (its results are copied into its ticket)."""
+        t = self._inflight
+        if t is not None and not t._collected:
+            self._collect(t, self.config.timeout_s)
+            if t._error is None and t._result is None:
+                t._result = self._read_results(t, copy=True)
+        self._inflight = None
+
+    def _collect(self, t: CpuLoraTicket, timeout: float) -> None:
+        """Wait for the ticket's workers; on death or timeout restart them and record an error."""
+        ctrl = self._live_ctrl()
+        cfg = self.config
+        rows = ctrl.rows
+        start = time.perf_counter()
+        deadline = start + timeout
+        spin_until = start + cfg.wait_spin_s
+        pending = [w for w in t.workers if rows[w, L.W_DONE] != t.seq]
+        polls = 0
+        while pending:
+            now = time.perf_counter()
+            if now < spin_until:
+                os.sched_yield()  # spin, but let a runnable worker have this core
+                pending = [w for w in pending if rows[w, L.W_DONE] != t.seq]
+                continue
+            time.sleep(cfg.wait_sleep_s)
+            pending = [w for w in pending if rows[w, L.W_DONE] != t.seq]
+            polls += 1
+            if not pending:
+                break
+            dead = [w for w in pending if not self._res.procs[w].is_alive()] if polls % 8 == 0 \
+                else []  # fmt: skip
+            if dead or now > deadline:
+                self._fail(t, pending, dead, timeout)
+                return
+        t.timing.wait_s = time.perf_counter() - t._t_post
+        t._collected = True
+        if self._inflight is t:
+            self._inflight = None
+        ns = [int(rows[w, L.W_COMPUTE_NS]) for w in t.workers]
+        t.timing.compute_s = max(ns, default=0) / 1e9
+        t.timing.cpu_s = sum(ns) / 1e9
+        self._stats["cpu_seconds"] += t.timing.cpu_s
+        self._stats["copy_in_seconds"] += t.timing.copy_in_s
+        self._stats["wait_seconds"] += t.timing.wait_s
+        bad = [w for w in t.workers if rows[w, L.W_STATUS] != 0]
+        if bad:
+            self._stats["errors"] += 1
+            msgs = "; ".join(f"worker {w}: {ctrl.message(w)}" for w in bad)
+            t._error = CpuWorkerError(f"CPU LoRA job failed ({msgs})")
+
+    def _fail(self, t: CpuLoraTicket, pending: list[int], dead: list[int], timeout: float) -> None:
+        rows = self._live_ctrl().rows
+        # Live workers still on the job get a short grace, so none of them writes into the
+        # buffers while the next job is being set up; the rest are replaced.
+        grace = time.perf_counter() + (0.5 if dead else 0.0)
+        late = [w for w in pending if w not in dead]
+        while late and time.perf_counter() < grace:
+            time.sleep(1e-3)
+            late = [w for w in late if rows[w, L.W_DONE] != t.seq]
+        for w in dead:
+            code = self._res.procs[w].exitcode
+            self._restart(w, f"died during a call (exit code {code})")
+        for w in late:
+            self._restart(w, f"did not answer within {timeout:g} s")
+        self._stats["errors"] += 1
+        if dead:
+            t._error = CpuWorkerError(f"CPU LoRA worker(s) {dead} died during the call; restarted")
+        else:
+            self._stats["timeouts"] += 1
+            t._error = CpuWorkerTimeout(
+                f"CPU LoRA worker(s) {late} did not answer within {timeout:g} s; restarted"
+            )
+        t._collected = True
+        if self._inflight is t:
+            self._inflight = None
+
+    def _read_results(self, t: CpuLoraTicket, copy: bool) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        data = self._data
+        assert data is not None
+        out = {}
+        for p, off, width in t.outs:
+            v = data[off : off + t.tokens * width].reshape(t.tokens, width)
+            out[p] = v.copy() if copy else v
+        t.timing.copy_out_s = time.perf_counter() - t0
+        self._stats["copy_out_seconds"] += t.timing.copy_out_s
+        return out
+
+    # ------------------------------------------------------------------ observability
+
+    def stats(self) -> dict[str, float]:
+        """Counters for metrics: calls, tokens, worker wake-ups, CPU seconds (summed worker
+        compute), copy/wait seconds, errors/timeouts/restarts, adapters held and their bytes,
+        and per projection the calls and tokens (``calls_q_proj``, ``tokens_q_proj``, ...)."""
+        with self._lock:
+            out = dict(self._stats)
+            out["workers"] = self.config.num_workers
+            out["adapters"] = len(self._adapters)
+            out["adapter_bytes"] = sum(a.nbytes for a in self._adapters.values())
+            out["flops_per_s"] = self._rate()
+            for p in L.PROJECTIONS:
+                out[f"calls_{p}"] = self._proj_calls[p]
+                out[f"tokens_{p}"] = self._proj_tokens[p]
+            return out
+
+    def debug_hang(self, worker: int, ms: int) -> None:
+        """Test hook: ``worker`` sleeps ``ms`` milliseconds before computing its next job."""
+        self._live_ctrl().rows[worker, L.W_HANG_MS] = int(ms)
+
+
+def aligned_words(tokens: int, din: int, widths: Sequence[int]) -> int:
+    """float32 words of the data segment for x [T, in] and one [T, w] block per width."""
+    return L.aligned(tokens * din) + sum(L.aligned(tokens * w) for w in widths)
+
+
+def split_by_cost(per_token_cost: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """Cut tokens into ``k`` contiguous non-empty ranges of about equal summed cost."""
+    n = len(per_token_cost)
+    k = max(1, min(k, n))
+    if k == 1:
+        return [(0, n)]
+    cum = np.cumsum(per_token_cost)
+    total = cum[-1]
+    if total <= 0:
+        cuts = [round(n * i / k) for i in range(1, k)]
+    else:
+        cuts = np.searchsorted(cum, total * np.arange(1, k) / k, side="left").tolist()
+        cuts = [c + 1 for c in cuts]
+    bounds = [0]
+    for i, c in enumerate(cuts):  # non-empty and increasing, leaving room for the rest
+        bounds.append(min(max(c, bounds[-1] + 1), n - (k - 1 - i)))
+    bounds.append(n)
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+@contextlib.contextmanager
+def _spawn_env(isolate_main: bool):
+    """One BLAS/Numba thread in the child (set before its numpy import), and optionally a
+    stand-in __main__ so spawn does not re-run the parent's main script in the child."""
+    old = {k: os.environ.get(k) for k in _BLAS_ENV}
+    main = sys.modules.get("__main__")
+    os.environ.update(dict.fromkeys(_BLAS_ENV, "1"))
+    if isolate_main:
+        sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if isolate_main and main is not None:
+            sys.modules["__main__"] = main
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---------------------------------------------------------------------- worker process
+
+
+def _calibrate(shape: tuple[int, int, int, int]) -> int:
+    """FLOP/s of this core for the LoRA kernel at ``shape`` (median of a few runs)."""
+    t, din, r, dout = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((t, din), np.float32)
+    a = rng.standard_normal((din, r), np.float32)
+    b = rng.standard_normal((r, dout), np.float32)
+    out = np.empty((t, dout), np.float32)
+    lora_numpy(x, a, b, out)
+    runs = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        lora_numpy(x, a, b, out)
+        runs.append(time.perf_counter() - t0)
+    return int(2 * t * r * (din + dout) / max(sorted(runs)[len(runs) // 2], 1e-9))
+
+
+class _WorkerState:
+    """A worker's attachments: the data segment generation and the adapters used so far."""
+
+    def __init__(self, args: _WorkerArgs, ctrl: L.CtrlView) -> None:
+        self.args, self.ctrl = args, ctrl
+        self.data_gen = 0
+        self.data_shm: L.Segment | None = None
+        self.data: np.ndarray | None = None
+        self.epoch = int(ctrl.header[L.H_ADAPTER_EPOCH])
+        self.adapters: dict[int, tuple[L.Segment, dict]] = {}
+
+    def data_view(self) -> np.ndarray:
+        gen = int(self.ctrl.header[L.H_DATA_GEN])
+        if gen != self.data_gen or self.data is None:
+            self.data = None
+            if self.data_shm is not None:
+                self.data_shm.close()
+            self.data_shm = L.attach_segment(f"{self.args.tag}_d{gen}")
+            words = int(self.ctrl.header[L.H_DATA_WORDS])
+            self.data = np.ndarray((words,), np.float32, self.data_shm.buf)
+            self.data_gen = gen
+        return self.data
+
+    def check_epoch(self) -> None:
+        """Unmap every adapter after a drop (they are re-attached on use)."""
+        epoch = int(self.ctrl.header[L.H_ADAPTER_EPOCH])
+        if epoch != self.epoch:
+            self.epoch = epoch
+            for shm, _ in self.adapters.values():
+                shm.close()
+            self.adapters.clear()
+
+    def adapter(self, aid: int) -> dict:
+        a = self.adapters.get(aid)
+        if a is None:
+            shm = L.attach_segment(f"{self.args.tag}_a{aid}")
+            a = self.adapters[aid] = (shm, L.read_adapter(shm))
+        return a[1]
+
+
+def _run_job(st: _WorkerState, row: np.ndarray, kernel: str) -> None:
+    ctrl = st.ctrl
+    job = ctrl.job
+    n_tok, din, layer = int(job[L.J_TOKENS]), int(job[L.J_DIN]), int(job[L.J_LAYER])
+    nseg, nproj = int(job[L.J_NSEG]), int(job[L.J_NPROJ])
+    t0, t1 = int(row[L.W_T0]), int(row[L.W_T1])
+    if n_tok == 0 or t0 >= t1:
+        return
+    data = st.data_view()
+    st.check_epoch()
+    x = data[: n_tok * din].reshape(n_tok, din)
+    segs = ctrl.segs[:nseg].tolist()
+    fixed = None if kernel == "auto" else KERNELS[kernel]
+    for pid, off, width in ctrl.projs[:nproj].tolist():
+        y = data[off : off + n_tok * width].reshape(n_tok, width)
+        pos = t0
+        for s, e, aid in segs:
+            lo, hi = max(s, t0), min(e, t1)
+            if lo >= hi:
+                continue
+            if lo > pos:
+                y[pos:lo] = 0.0
+            ab = st.adapter(aid).get((layer, pid))
+            if ab is None:
+                y[lo:hi] = 0.0
+            else:
+                a, b = ab
+                fn = fixed or default_kernel(hi - lo, din, a.shape[1], width)
+                fn(x[lo:hi], a, b, y[lo:hi])
+            pos = hi
+        if pos < t1:
+            y[pos:t1] = 0.0
+
+
+def _worker_main(args: _WorkerArgs) -> None:
+    """A worker's loop: wait for the job word, run the job, write the done word."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    ctrl_shm = L.attach_segment(args.ctrl_name)
+    ctrl = L.CtrlView(ctrl_shm.buf, args.num_workers, args.max_segments, args.max_projs)
+    row = ctrl.rows[args.index]
+    header = ctrl.header
+    row[L.W_PID] = os.getpid()
+    if args.calibrate is not None:
+        row[L.W_FLOPS] = _calibrate(args.calibrate)
+    if args.kernel == "numba":
+        KERNELS["numba"](*(np.zeros(s, np.float32) for s in ((1, 2), (2, 1), (1, 2), (1, 2))))
+    st = _WorkerState(args, ctrl)
+    seen = int(row[L.W_DONE])
+    row[L.W_READY] = 1
+    last = time.perf_counter()
+    perf, sleep, yield_cpu = time.perf_counter, time.sleep, os.sched_yield
+    while True:
+        job = int(row[L.W_JOB])
+        if job == seen:
+            idle = perf() - last
+            if idle < args.spin_s:
+                yield_cpu()  # spin, but let a runnable coordinator have this core
+                continue
+            if header[L.H_STOP] or os.getppid() != args.parent_pid:
+                return
+            st.check_epoch()
+            sleep(args.sleep_s if idle < args.idle_s else args.idle_sleep_s)
+            continue
+        seen = job
+        hang = int(row[L.W_HANG_MS])
+        if hang:
+            row[L.W_HANG_MS] = 0
+            sleep(hang / 1000)
+        t_start = time.perf_counter_ns()
+        status = 0
+        try:
+            _run_job(st, row, args.kernel)
+        except Exception as e:  # reported through the status word; the coordinator raises
+            status = 1
+            ctrl.set_message(args.index, f"{type(e).__name__}: {e}")
+        row[L.W_COMPUTE_NS] = time.perf_counter_ns() - t_start
+        row[L.W_STATUS] = status
+        row[L.W_DONE] = job  # last: the coordinator reads the results after seeing this
+        last = perf()

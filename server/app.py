@@ -1,0 +1,207 @@
+"""The aiohttp application: state, middlewares (errors, auth, request counts), shutdown.
+
+Several apps may share one ``AsyncEngine`` (each with its own config and metrics registry); only
+the app that owns the engine shuts it down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from cara_jax.api import AsyncEngine
+from server.adapters import AdapterManager
+from server.lora_dir import LoraDir
+from server.metrics import Metrics
+from server.protocol import ApiError, TokenText, error_body
+
+log = logging.getLogger(__name__)
+STATE: web.AppKey[ServerState] = web.AppKey("cara_state")
+MAX_BODY = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    served_names: tuple[str, ...]  # the first is reported; all are accepted as `model`
+    model_root: str  # the base model's path, /v1/models' `root`
+    api_key: str | None = None
+    max_queue: int = 256  # waiting sequences at which new requests get 429
+    lora_dir: str | None = None
+    drain_timeout_s: float = 30.0
+    tpot_slo_s: float | None = None
+    cost_model: str | None = None  # kept for the scheduler; shown in /health
+    retry_after_s: int = 1
+    sse_keepalive_s: float = 5.0  # comment line on a stream that has been silent this long
+
+
+class ServerState:
+    """What the handlers share: the engine, its tokenizer, adapters, metrics, drain state."""
+
+    def __init__(
+        self, async_engine: AsyncEngine, config: ServerConfig, owns_engine: bool = True
+    ) -> None:
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
+        self.config = config
+        self.owns_engine = owns_engine
+        self.tokenizer = self.engine.tokenizer
+        self.max_len = self.engine.max_len
+        self.vocab = self.engine.loaded.cfg.vocab_size
+        self.token_text = TokenText(self.tokenizer)
+        self.lora_dir = LoraDir(config.lora_dir) if config.lora_dir else None
+        self.metrics = Metrics(self)
+        self.adapters = AdapterManager(self)
+        self.created = int(time.time())
+        self.draining = False
+        self.active = 0  # generation requests in flight on this app
+
+    @property
+    def base_name(self) -> str:
+        return self.config.served_names[0]
+
+
+def json_error(err: ApiError) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers=err.headers)
+
+
+def _endpoint(request: web.Request) -> str:
+    route = request.match_info.route
+    if route.resource is None or request.match_info.http_exception is not None:
+        return "unmatched"  # random paths must not become label values
+    return route.resource.canonical
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure becomes OpenAI's error object; nothing a request does stops the server."""
+    state = request.app[STATE]
+    endpoint = _endpoint(request)
+    try:
+        resp = await handler(request)
+    except ApiError as e:
+        resp = json_error(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        body = error_body(e.reason or "error", kind, code=str(e.status))
+        if e.status == 404:
+            body["error"]["message"] = f"no route {request.method} {request.path}"
+        headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
+        resp = web.json_response(body, status=e.status, headers=headers)
+    except asyncio.CancelledError:
+        state.metrics.requests.labels(endpoint, "499").inc()  # client went away
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        resp = web.json_response(
+            error_body("internal server error (logged on the server)", "server_error",
+                       code="internal_error"), status=500,
+        )  # fmt: skip
+    state.metrics.requests.labels(endpoint, str(resp.status)).inc()
+    return resp
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """``--api-key`` guards /v1/*; /health, /metrics and /openapi.json stay open, as in vLLM."""
+    key = request.app[STATE].config.api_key
+    if key and request.path.startswith("/v1/"):
+        got = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
+            raise ApiError(
+                401,
+                "invalid or missing API key: send `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    return await handler(request)
+
+
+async def _drain(app: web.Application) -> None:
+    """Stop taking generation requests and wait (bounded) for the running ones to finish."""
+    state = app[STATE]
+    state.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.config.drain_timeout_s
+    if state.active:
+        log.info("draining %d requests (up to %.0fs)", state.active, state.config.drain_timeout_s)
+    while state.active and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if state.active:
+        log.warning("%d requests still running after the drain timeout", state.active)
+
+
+async def _close_engine(app: web.Application) -> None:
+    state = app[STATE]
+    if state.owns_engine:
+        await asyncio.to_thread(state.async_engine.shutdown)
+
+
+def build_app(state: ServerState) -> web.Application:
+    from server.routes import add_routes
+
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY
+    )
+    app[STATE] = state
+    add_routes(app)
+    app.on_shutdown.append(_drain)
+    app.on_cleanup.append(_close_engine)
+    return app
+
+
+class BackgroundServer:
+    """Serve an app from a thread with its own event loop (tests, benches, embedding)."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self._sock = socket.create_server((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.url = f"http://{host}:{self.port}"
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._run, name="cara-http", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        self._loop = loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        shutdown = self.app[STATE].config.drain_timeout_s + 5
+        self._runner = web.AppRunner(
+            self.app, handler_cancellation=True, shutdown_timeout=shutdown, access_log=None
+        )
+        loop.run_until_complete(self._runner.setup())
+        loop.run_until_complete(web.SockSite(self._runner, self._sock).start())
+        self._ready.set()
+        loop.run_forever()
+        loop.run_until_complete(self._runner.cleanup())
+        loop.close()
+
+    def stop(self) -> None:
+        """Graceful: stop listening, drain (bounded), clean up."""
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+
+def default_served_names(model: str | Path | None) -> tuple[str, ...]:
+    """The embedded model answers to its model id, its HF id and its package name; a path to
+    its folder name (a GGUF file: its stem)."""
+    from cara_jax.embedded import DEFAULT_MODEL_ID, DEFAULT_MODEL_PACKAGE
+
+    if model is None:
+        return (DEFAULT_MODEL_ID, f"HuggingFaceTB/{DEFAULT_MODEL_ID}",
+                DEFAULT_MODEL_PACKAGE.replace("_", "-"))  # fmt: skip
+    p = Path(model)
+    return (p.stem if p.suffix == ".gguf" else p.resolve().name,)

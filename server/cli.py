@@ -1,0 +1,283 @@
+"""`cara-serve`: the OpenAI-compatible multi-LoRA server (see docs/server.md for every flag)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("cara_serve")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+
+
+def byte_size(text: str) -> int:
+    """``4G``, ``512M``, ``1.5GiB`` or plain bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 512M, 4G)")
+    scale = 1024 ** " kmgt".index((m.group(2) or " ").lower())
+    return int(float(m.group(1)) * scale)
+
+
+def lora_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def positive(kind):
+    def check(text: str):
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+
+    return check
+
+
+COMPILE_CACHE_KEYS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+def _default_cache() -> Path:
+    root = os.environ.get("CARA_JAX_CACHE") or Path.home() / ".cache" / "cara_jax"
+    return Path(root).expanduser() / "xla"
+
+
+def _use_compile_cache(folder: str | None) -> None:
+    """Keep compiled step variants on disk (process-wide JAX setting; the server owns it)."""
+    folder = folder or str(_default_cache())
+    if folder.lower() == "none":
+        return
+    import jax
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or not action.help:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cara-serve",
+        description="OpenAI-compatible multi-LoRA inference server (cara-jax).",
+        formatter_class=_Help,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="GGUF file or HF checkpoint folder (default: embedded SmolLM2)")
+    m.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="names the base model answers to; the first is reported "
+                   "(default: the model's folder/file name)")  # fmt: skip
+    m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations")
+    m.add_argument("--num-slots", type=positive(int), default=16,
+                   help="KV-cache slots = sequences decoded together")  # fmt: skip
+    m.add_argument("--max-len", type=positive(int), default=2048,
+                   help="context length per slot (prompt + new tokens)")  # fmt: skip
+    m.add_argument("--max-prefill-batch", type=positive(int), default=8,
+                   help="prompts prefilled together in one step")
+    m.add_argument("--compile-cache", metavar="DIR",
+                   help="persistent XLA compilation cache, so restarts skip most compile time "
+                   "(default: $CARA_JAX_CACHE/xla or ~/.cache/cara_jax/xla; 'none' disables)")
+    m.add_argument("--warmup", choices=["full", "background", "cover", "none"],
+                   default="background",
+                   help="compile step variants: all before serving; the covering ones before "
+                   "and the rest while serving; only the covering ones; none (compile on "
+                   "first use)")  # fmt: skip
+
+    a = p.add_argument_group("adapters")
+    a.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="NAME=PATH",
+                   help="register a PEFT adapter folder at start (repeatable)")  # fmt: skip
+    a.add_argument("--lora-dir", metavar="DIR",
+                   help="adapters in DIR load by name on first request (and runtime loads "
+                   "are confined to DIR)")  # fmt: skip
+    a.add_argument("--demo-adapters", type=int, default=0, metavar="N",
+                   help="write N small random PEFT adapters to the cache folder and register "
+                   "them as demo-0 .. demo-N-1")  # fmt: skip
+    a.add_argument("--demo-rank", type=positive(int), default=8, help="rank of demo adapters")
+    a.add_argument("--cold-start", default="sync",
+                   help="how a request whose adapter is not on the device starts: cached "
+                   "(everything preloaded), sync (wait for the copy), cpu_assist (prefill with "
+                   "CPU-computed LoRA deltas while it is copied)")  # fmt: skip
+    a.add_argument("--cpu-workers", type=positive(int), default=2,
+                   help="CPU-assist worker processes")  # fmt: skip
+    a.add_argument("--lora-kernel", choices=["bgmv", "mbgmv"], default="bgmv",
+                   help="decode kernel: bgmv pads to the batch's max rank, mbgmv sums ranks")
+    a.add_argument("--host-lora-bytes", type=byte_size, default="4G",
+                   help="host tier: parsed adapters kept in memory (LRU)")  # fmt: skip
+    a.add_argument("--device-lora-bytes", type=byte_size, default="512M",
+                   help="device tier: adapter rows on the accelerator")  # fmt: skip
+    a.add_argument("--max-loras", type=positive(int), default=63,
+                   help="adapters resident on the device at once")  # fmt: skip
+    a.add_argument("--max-lora-rank", type=positive(int), default=128,
+                   help="largest adapter rank accepted (sets the rank buckets compiled)")
+
+    s = p.add_argument_group("scheduling")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="waiting sequences at which new requests get 429 + Retry-After")
+    s.add_argument("--tpot-slo", type=float, metavar="SECONDS",
+                   help="time-per-output-token SLO (metrics now; the scheduler later)")
+    s.add_argument("--cost-model", metavar="FILE",
+                   help="profiled decode cost model (JSON) for the rank-aware scheduler")
+
+    h = p.add_argument_group("http")
+    h.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    h.add_argument("--port", type=int, default=8000, help="port to listen on")
+    h.add_argument("--api-key", default=os.environ.get("CARA_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (env CARA_API_KEY)")
+    h.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds a shutdown waits for running requests")  # fmt: skip
+    h.add_argument("--sse-keepalive", type=float, default=5.0, metavar="SECONDS",
+                   help="comment line on a stream silent this long (queued requests)")
+    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="level of the server's own log lines")
+    h.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    return p
+
+
+def _engine_config(args: argparse.Namespace):
+    """EngineConfig from the flags; fields the engine does not have yet are kept by the server."""
+    from cara_jax.adapters.device_pool import PoolConfig
+    from cara_jax.engine import EngineConfig
+
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    cfg = dict(
+        num_slots=args.num_slots,
+        max_len=args.max_len,
+        max_prefill_batch=args.max_prefill_batch,
+        cold_start=args.cold_start,
+        cpu_workers=args.cpu_workers,
+        lora_strategy=args.lora_kernel,
+        host_budget_bytes=args.host_lora_bytes,
+        pool=PoolConfig(
+            budget_bytes=args.device_lora_bytes,
+            max_adapters=args.max_loras + 1,  # pool slot 0 is the base model
+            max_rank=args.max_lora_rank,
+        ),
+    )
+    extra = {"cost_model": args.cost_model, "tpot_slo": args.tpot_slo}
+    cfg.update({k: v for k, v in extra.items() if k in fields and v is not None})
+    return EngineConfig(**cfg)
+
+
+def build_state(args: argparse.Namespace):
+    """Load the model, build the engine, register adapters, warm up: a ServerState to serve."""
+    import jax.numpy as jnp
+
+    from cara_jax.api import AsyncEngine
+    from cara_jax.embedded import default_model_path
+    from cara_jax.engine import Engine
+    from cara_jax.tokenizer import Tokenizer
+    from cara_jax.weights import load_model
+    from server.app import ServerConfig, ServerState, default_served_names
+    from server.demo import demo_adapters
+
+    if args.cost_model and not Path(args.cost_model).is_file():
+        raise SystemExit(f"cara-serve: --cost-model {args.cost_model} is not a file")
+    _use_compile_cache(args.compile_cache)
+    path = Path(args.model) if args.model else default_model_path()
+    names = tuple(args.served_model_name or default_served_names(args.model))
+    t0 = time.perf_counter()
+    loaded = load_model(path, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
+    try:
+        engine = Engine(loaded, Tokenizer.from_path(path), _engine_config(args))
+    except ValueError as e:  # e.g. an unknown --cold-start mode
+        raise SystemExit(f"cara-serve: {e}") from e
+    log.info("model %s loaded in %.1fs", path, time.perf_counter() - t0)
+
+    config = ServerConfig(
+        served_names=names,
+        model_root=str(path),
+        api_key=args.api_key or None,
+        max_queue=args.max_queue,
+        lora_dir=args.lora_dir,
+        drain_timeout_s=args.drain_timeout,
+        tpot_slo_s=args.tpot_slo,
+        cost_model=args.cost_model,
+        sse_keepalive_s=args.sse_keepalive,
+    )
+    state = ServerState(AsyncEngine(engine), config)
+    adapters = dict(args.lora)
+    if args.demo_adapters > 0:
+        adapters.update(
+            {k: str(v) for k, v in demo_adapters(loaded.cfg, args.demo_adapters,
+                                                 args.demo_rank).items()}
+        )  # fmt: skip
+    for name, p in adapters.items():
+        if name in names:
+            raise SystemExit(f"cara-serve: adapter name {name!r} is the base model's name")
+        t = time.perf_counter()
+        try:
+            entry = engine.load_adapter(name, p)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"cara-serve: adapter {name} ({p}): {e}") from e
+        state.metrics.lora_load.labels(name).observe(time.perf_counter() - t)
+        log.info("adapter %s: %s (rank %d)", name, p, entry.max_rank)
+
+    t0 = time.perf_counter()
+    if args.warmup == "full":
+        engine.warmup(progress=True)
+    elif args.warmup == "background":
+        engine.warmup(background=True)
+    elif args.warmup == "cover":
+        for v in engine.runner.covering_variants():
+            engine.runner.compile(v)
+    if args.warmup != "none":
+        log.info("warm-up (%s) took %.1fs", args.warmup, time.perf_counter() - t0)
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for name in ("cara_serve", "server", "cara_jax", "aiohttp.access"):  # not absl/jax chatter
+        logging.getLogger(name).setLevel(args.log_level.upper())
+    from aiohttp import web
+
+    from server.app import build_app
+
+    state = build_state(args)
+    app = build_app(state)
+    adapters = sorted(state.adapters.registered())
+    log.info(
+        "serving %s%s on http://%s:%d (OpenAPI at /openapi.json)",
+        state.base_name,
+        f" + adapters {', '.join(adapters)}" if adapters else "",
+        args.host,
+        args.port,
+    )
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        shutdown_timeout=args.drain_timeout + 5,
+        handler_cancellation=True,
+        access_log=logging.getLogger("aiohttp.access") if args.access_log else None,
+        print=None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Prometheus metrics on the server's own registry (two apps in one process never collide).
+
+Request-path metrics (status counters, TTFT/TPOT/e2e histograms, adapter load times) are
+observed by the handlers. Engine-side state (queues, per-adapter requests, tier counters, CPU
+assist) is read at scrape time by a collector, from the engine thread's lock-free snapshot and
+the stores' plain counters, so a scrape never waits for a step.
+
+Gateway routers read vLLM's names: ``vllm:lora_requests_info`` (labels running_lora_adapters,
+waiting_lora_adapters, max_lora; value = scrape time, as vLLM sets it), ``vllm:num_requests_running``,
+``vllm:num_requests_waiting`` and ``vllm:kv_cache_usage_perc``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.app import ServerState
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The server's metrics; ``render()`` is what GET /metrics returns."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "cara_http_requests", "HTTP requests by endpoint and status code",
+            ["endpoint", "status"], registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "cara_time_to_first_token_seconds", "Arrival to first token, per sequence",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "cara_time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per sequence",
+            buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "cara_e2e_request_latency_seconds", "Arrival to last token, per request",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("cara_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter(
+            "cara_generation_tokens", "Tokens generated", registry=r
+        )
+        self.finished = Counter(
+            "cara_sequences_finished", "Finished sequences by finish reason",
+            ["finish_reason"], registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "cara_requests_rejected_queue_full", "Requests answered 429 (queue full)", registry=r
+        )
+        self.slo_violations = Counter(
+            "cara_tpot_slo_violations", "Sequences whose mean TPOT exceeded --tpot-slo",
+            registry=r,
+        )  # fmt: skip
+        self.lora_load = Histogram(
+            "cara_lora_load_seconds",
+            "Adapter load by name: read, validate, register (and pin on the device in cached "
+            "mode)", ["adapter"], buckets=LOAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.device_load = Histogram(
+            "cara_lora_device_load_seconds", "Host-to-device adapter copies (device pool)",
+            buckets=LOAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._device_loads_seen = 0
+        r.register(EngineCollector(state))
+
+    def refresh(self) -> None:
+        """Move the device pool's new load times into the histogram."""
+        loads = self.state.engine.pool.stats.load_seconds
+        for s in loads[self._device_loads_seen :]:
+            self.device_load.observe(s)
+        self._device_loads_seen = len(loads)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        self.refresh()
+        return generate_latest(self.registry)
+
+
+def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
+    g = GaugeMetricFamily(name, doc, labels=list(labels) if labels else None)
+    g.add_metric(list(labels.values()) if labels else [], value)
+    return g
+
+
+class EngineCollector(Collector):
+    """Engine state at scrape time."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.state
+        eng = st.engine
+        snap = st.async_engine.snapshot
+        waiting = st.async_engine.num_waiting()
+        base = st.config.served_names[0]
+
+        yield _gauge("cara_requests_running", "Sequences in the running batch", snap.running)
+        yield _gauge("cara_requests_waiting", "Sequences waiting for a slot or an adapter",
+                     waiting)  # fmt: skip
+        yield _gauge("cara_max_queue", "Waiting sequences beyond which requests get 429",
+                     st.config.max_queue)  # fmt: skip
+        yield _gauge("cara_num_slots", "KV-cache slots (max running sequences)",
+                     eng.config.num_slots)  # fmt: skip
+        yield _gauge("vllm:num_requests_running", "Running requests (vLLM name)", snap.running)
+        yield _gauge("vllm:num_requests_waiting", "Waiting requests (vLLM name)", waiting)
+        yield _gauge("vllm:kv_cache_usage_perc", "Fraction of KV slots in use (vLLM name)",
+                     snap.running / max(1, eng.config.num_slots))  # fmt: skip
+
+        for name, counts in (("running", snap.running_by_adapter),
+                             ("waiting", snap.waiting_by_adapter)):  # fmt: skip
+            g = GaugeMetricFamily(
+                f"cara_adapter_requests_{name}",
+                f"Sequences {name} per model (the base model under its served name)",
+                labels=["adapter"],
+            )
+            for adapter, n in sorted(counts.items(), key=lambda kv: kv[0] or ""):
+                g.add_metric([adapter or base], n)
+            yield g
+
+        max_lora = max(0, eng.pool.config.max_adapters - 1)  # pool slot 0 is the base model
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running and waiting LoRA adapters (vLLM's labels; value = scrape time)",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        info.add_metric(
+            [
+                ",".join(sorted(a for a in snap.running_by_adapter if a)),
+                ",".join(sorted(a for a in snap.waiting_by_adapter if a)),
+                str(max_lora),
+            ],
+            time.time(),
+        )
+        yield info
+
+        pool, host = eng.pool.stats, eng.registry.host
+        for kind, doc, dev, hst in (
+            ("hits", "Adapter lookups found in the tier", pool.hits, host.hits),
+            ("misses", "Adapter lookups that had to load into the tier", pool.misses,
+             host.misses),
+            ("evictions", "Adapters evicted from the tier", pool.evictions, host.evictions),
+        ):  # fmt: skip
+            c = CounterMetricFamily(f"cara_lora_tier_{kind}", doc, labels=["tier"])
+            c.add_metric(["device"], dev)
+            c.add_metric(["host"], hst)
+            yield c
+        c = CounterMetricFamily("cara_lora_device_bytes_loaded", "Bytes copied host to device")
+        c.add_metric([], pool.bytes_loaded)
+        yield c
+        yield _gauge("cara_lora_adapters_registered", "Adapter names registered",
+                     len(eng.registry.names()))  # fmt: skip
+        yield _gauge("cara_lora_adapters_resident", "Adapters resident on the device",
+                     len(eng.pool.resident()))  # fmt: skip
+        yield _gauge("cara_lora_max_resident", "Adapters the device pool can hold", max_lora)
+        yield _gauge("cara_lora_host_bytes", "Host-tier bytes in use", host.nbytes)
+        yield _gauge("cara_lora_host_budget_bytes", "Host-tier budget", host.budget_bytes)
+        yield _gauge("cara_lora_device_budget_bytes", "Device-pool budget",
+                     eng.pool.config.budget_bytes)  # fmt: skip
+
+        runner = eng.runner
+        c = CounterMetricFamily("cara_runner_hot_compiles", "Steps that had to compile")
+        c.add_metric([], getattr(runner, "hot_compiles", 0))
+        yield c
+        c = CounterMetricFamily(
+            "cara_runner_variant_fallbacks", "Steps run on a larger compiled variant"
+        )
+        c.add_metric([], getattr(runner, "fallbacks", 0))
+        yield c
+        yield _gauge("cara_runner_compiled_variants", "Compiled step variants",
+                     runner.compiled_count())  # fmt: skip
+        c = CounterMetricFamily("cara_engine_step_errors", "Engine steps that raised")
+        c.add_metric([], st.async_engine.step_errors)
+        yield c
+
+        yield from _cpu_assist_metrics(eng)
+
+
+def _cpu_assist_metrics(engine) -> Iterator[Metric]:
+    """Every numeric entry of ``engine.cpu_assist_stats()`` (counters end in ``_total``)."""
+    stats = getattr(engine, "cpu_assist_stats", None)
+    if stats is None:
+        return
+    try:
+        entries = stats()
+    except Exception:  # a metrics scrape must not fail because a worker pool is closing
+        return
+    for name, value in sorted(entries.items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if name.endswith("_total"):
+            c = CounterMetricFamily(name[: -len("_total")], f"CPU assist: {name}")
+            c.add_metric([], value)
+            yield c
+        else:
+            yield _gauge(name, f"CPU assist: {name}", value)
