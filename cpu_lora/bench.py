@@ -121,17 +121,30 @@ def pool() -> None:
             print(f"workers={workers}: empty round trip (ping, spinning workers) median "
                   f"{statistics.median(pings) * 1e6:.0f} µs, min {min(pings) * 1e6:.0f} µs, "
                   f"p90 {np.percentile(pings, 90) * 1e6:.0f} µs")  # fmt: skip
-            for label, n_tok, gap in (("1 token, back to back", 1, 0.0),
-                                      ("128 tokens, back to back", 128, 0.0),
-                                      ("128 tokens, 10 ms apart (workers asleep)", 128, 0.01)):
+            for label, n_tok, gap in (
+                ("1 token, back to back", 1, 0.0),
+                ("128 tokens, back to back", 128, 0.0),
+                ("128 tokens, 10 ms apart (workers asleep)", 128, 0.01),
+            ):
                 x = x128[:n_tok]
                 tm = _median_timing(p, [(0, n_tok, "a")], qkv, x, 100 if gap else 300, gap)
                 print(f"  q,k,v r16 {label}: " + ", ".join(
                     f"{k} {v:.0f}" + ("" if k == "workers" else " µs") for k, v in tm.items()
                 ))  # fmt: skip
             st = p.stats()
-            print("  stats: " + ", ".join(f"{k}={st[k]:.3g}" for k in (
-                "calls", "worker_wakeups", "cpu_seconds", "wait_seconds", "flops_per_s")))
+            print(
+                "  stats: "
+                + ", ".join(
+                    f"{k}={st[k]:.3g}"
+                    for k in (
+                        "calls",
+                        "worker_wakeups",
+                        "cpu_seconds",
+                        "wait_seconds",
+                        "flops_per_s",
+                    )
+                )
+            )
         finally:
             p.close()
 

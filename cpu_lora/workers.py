@@ -94,6 +94,7 @@ class CpuLoraConfig:
     wait_spin_s: float = 2e-4  # the coordinator spins this long before sleeping between polls
     wait_sleep_s: float = 2e-5
     timeout_s: float = 30.0  # default for compute()/result()
+    start_timeout_s: float = 60.0  # a call first waits this long for (re)started workers
     kernel: str = "auto"  # "auto" (kernels.default_kernel), "numpy" or "numba"
     # Start workers with a stand-in __main__, so spawn does not re-import the server's main
     # script (and with it JAX) in every worker.
@@ -181,8 +182,15 @@ class CallTiming:
 class CpuLoraTicket:
     """An in-flight call; ``result()`` waits for it (or raises ``CpuWorkerError``)."""
 
-    def __init__(self, pool: CpuLoraPool, seq: int, workers: list[int],
-                 outs: list[tuple[str, int, int]], tokens: int, timing: CallTiming) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pool: CpuLoraPool,
+        seq: int,
+        workers: list[int],
+        outs: list[tuple[str, int, int]],
+        tokens: int,
+        timing: CallTiming,
+    ) -> None:
         self._pool = pool
         self.seq = seq
         self.workers = workers
@@ -301,7 +309,7 @@ class CpuLoraPool:
         row[L.W_DONE] = row[L.W_JOB]  # idle: the new process waits for the next job word
         row[L.W_STATUS] = row[L.W_HANG_MS] = row[L.W_PID] = row[L.W_READY] = 0
         calibrate = None
-        if w == 0 and cfg.flops_per_s is None:
+        if w == 0 and cfg.flops_per_s is None and not row[L.W_FLOPS]:  # measured once
             calibrate = (64, cfg.max_in, 16, min(cfg.max_out, 4096))
         args = _WorkerArgs(
             w, os.getpid(), self.tag, f"{self.tag}_ctrl", cfg.num_workers, cfg.max_segments,
@@ -321,6 +329,7 @@ class CpuLoraPool:
                 p.kill()
             p.join(5)
             p.close()
+            self._res.procs[w] = None
         self._stats["restarts"] += 1
         self._start(w)
         new = self._res.procs[w]
@@ -329,17 +338,36 @@ class CpuLoraPool:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every worker has started (and worker 0 has measured its speed)."""
-        deadline = time.monotonic() + timeout
         with self._lock:
-            ctrl = self._live_ctrl()
-            while not all(ctrl.rows[:, L.W_READY]):
-                for w, p in enumerate(self._res.procs):
-                    if p is not None and not p.is_alive():
-                        self._restart(w, f"exited during start-up (code {p.exitcode})")
-                        raise CpuWorkerError(f"CPU LoRA worker {w} exited during start-up")
-                if time.monotonic() > deadline:
-                    raise CpuWorkerTimeout(f"CPU LoRA workers not ready after {timeout} s")
-                time.sleep(0.005)
+            self._await_ready(range(self.config.num_workers), timeout)
+
+    def _ensure_workers(self) -> None:
+        """Replace workers that died between calls and wait until every worker is attached,
+        so that neither counts against a call's timeout or its copy-in time."""
+        for w, p in enumerate(self._res.procs):
+            if p is None or not p.is_alive():
+                self._restart(w, f"was found dead (exit code {p.exitcode if p else None})")
+        self._await_ready(range(self.config.num_workers), self.config.start_timeout_s)
+
+    def _await_ready(self, workers: Sequence[int] | range, timeout: float) -> None:
+        """Wait for (re)started workers to attach, so that process start-up never counts
+        against a call's timeout."""
+        ctrl = self._live_ctrl()
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting = [w for w in workers if not ctrl.rows[w, L.W_READY]]
+            if not waiting:
+                return
+            for w in waiting:
+                p = self._res.procs[w]
+                if p is not None and not p.is_alive():
+                    code = p.exitcode
+                    self._restart(w, f"exited during start-up (exit code {code})")
+                    raise CpuWorkerError(f"CPU LoRA worker {w} exited during start-up "
+                                         f"(exit code {code})")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise CpuWorkerTimeout(f"CPU LoRA workers {waiting} not ready after {timeout} s")
+            time.sleep(0.002)
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._res.procs if p is not None and p.pid is not None]
@@ -419,10 +447,11 @@ class CpuLoraPool:
         """Start the deltas x[start:end] @ A @ B of each segment's adapter for ``projs`` (which
         share the input x [T, in]) at ``layer``; returns at once. Rows outside every segment get
         zeros. A previous call still in flight is collected first."""
-        t0 = time.perf_counter()
         with self._lock:
             ctrl = self._live_ctrl()
             self._finish_inflight()
+            self._ensure_workers()
+            t0 = time.perf_counter()
             x = np.asarray(x)
             if x.ndim != 2:
                 raise ValueError(f"x must be [T, in], got shape {x.shape}")
@@ -473,9 +502,6 @@ class CpuLoraPool:
                 ctrl.segs[i] = (s, e, a.aid)
             for j, ((_, pid, _), (_, o, width)) in enumerate(zip(widths, outs, strict=True)):
                 ctrl.projs[j] = (pid, o, width)
-            for w, p in enumerate(self._res.procs):  # died between calls: replace, then post
-                if p is None or not p.is_alive():
-                    self._restart(w, f"was found dead (exit code {p.exitcode if p else None})")
             used = []
             for w, (lo, hi) in enumerate(ranges):
                 row = ctrl.rows[w]
@@ -508,6 +534,7 @@ class CpuLoraPool:
             ctrl = self._live_ctrl()
             self._finish_inflight()
             n = self.config.num_workers if workers is None else workers
+            self._ensure_workers()
             ctrl.job[L.J_TOKENS] = ctrl.job[L.J_NSEG] = ctrl.job[L.J_NPROJ] = 0
             self._seq += 1
             for w in range(n):
@@ -519,10 +546,14 @@ class CpuLoraPool:
         ticket.result(timeout)
         return time.perf_counter() - t0
 
-    def _check_segments(self, segments, n_tok: int) -> list[tuple[int, int, _Adapter]]:
+    def _check_segments(
+        self, segments: Sequence[tuple[int, int, str]], n_tok: int
+    ) -> list[tuple[int, int, _Adapter]]:
         if len(segments) > self.config.max_segments:
-            raise ValueError(f"{len(segments)} segments; the pool takes at most "
-                             f"{self.config.max_segments} (CpuLoraConfig.max_segments)")  # fmt: skip
+            raise ValueError(
+                f"{len(segments)} segments; the pool takes at most "
+                f"{self.config.max_segments} (CpuLoraConfig.max_segments)"
+            )
         out, end = [], 0
         for s, e, key in sorted(segments, key=lambda t: (t[0], t[1])):
             if not (end <= s <= e <= n_tok):
