@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for projs, ts in by_group.items():
-        m = lambda f: 1e3 * float(np.mean([f(t) for t in ts]))  # noqa: E731
+        m = lambda f, ts=ts: 1e3 * float(np.mean([f(t) for t in ts]))  # noqa: E731
         lines.append(f"| {'/'.join(p.removesuffix('_proj') for p in projs)} | "
                      f"{m(lambda t: t.copy_out_s):.2f} | {m(lambda t: t.wait_s):.2f} | "
                      f"{m(lambda t: t.copy_back_s):.2f} | {m(lambda t: t.span_s):.2f} |")  # fmt: skip
