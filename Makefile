@@ -21,7 +21,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 run: $(VENV)/.base
-	$(BIN)/cara-jax generate --chat --prompt "What is the capital of France?" --max-tokens 64
+	$(BIN)/cara-serve --demo-adapters 2
 
 test: $(VENV)/.test
 	$(BIN)/ruff check cara_jax pallas_kernels cpu_lora server tests bench
