@@ -74,8 +74,13 @@ def rss_mb(pid: int) -> dict[str, float]:
 
 async def one_request(session, url: str, i: int, models: list[str], args) -> Outcome:
     model = models[i % len(models)]
-    body: dict = {"model": model, "stream": True, "max_tokens": random.randint(8, args.max_tokens),
-                  "temperature": 0.7, "stream_options": {"include_usage": True}}  # fmt: skip
+    body: dict = {
+        "model": model,
+        "stream": True,
+        "max_tokens": random.randint(8, args.max_tokens),
+        "temperature": 0.7,
+        "stream_options": {"include_usage": True},
+    }
     if i % 2:
         body["messages"] = [{"role": "user", "content": random.choice(QUESTIONS)}]
         path = "/v1/chat/completions"
@@ -134,8 +139,10 @@ async def run_clients(url: str, models: list[str], args) -> tuple[list[Outcome],
     t0 = time.perf_counter()
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
         deadline = t0 + args.duration
-        tasks = [asyncio.create_task(client(s, url, c, models, args, deadline, out))
-                 for c in range(args.clients)]  # fmt: skip
+        tasks = [
+            asyncio.create_task(client(s, url, c, models, args, deadline, out))
+            for c in range(args.clients)
+        ]
         done, pending = await asyncio.wait(tasks, timeout=args.duration + args.grace)
         for t in pending:  # still running after the grace period: hung by definition
             t.cancel()
@@ -209,11 +216,29 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "server.cli", "--port", str(port),
-           "--demo-adapters", str(args.adapters), "--num-slots", str(args.num_slots),
-           "--max-len", str(args.max_len), "--max-prefill-batch", "2",
-           "--max-lora-rank", "16", "--max-queue", str(args.max_queue),
-           "--warmup", args.warmup, "--log-level", "warning"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "--port",
+        str(port),
+        "--demo-adapters",
+        str(args.adapters),
+        "--num-slots",
+        str(args.num_slots),
+        "--max-len",
+        str(args.max_len),
+        "--max-prefill-batch",
+        "2",
+        "--max-lora-rank",
+        "16",
+        "--max-queue",
+        str(args.max_queue),
+        "--warmup",
+        args.warmup,
+        "--log-level",
+        "warning",
+    ]
     log_path = Path(tempfile.mkdtemp(prefix="cara-load-")) / "server.log"
     t_start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -236,8 +261,9 @@ def main() -> None:
     server_log = log_path.read_text(errors="replace").splitlines()[-20:]
     shutil.rmtree(log_path.parent, ignore_errors=True)
 
-    count = {k: sum(o.kind == k for o in outcomes)
-             for k in ("completed", "failed", "rejected", "hung")}  # fmt: skip
+    count = {
+        k: sum(o.kind == k for o in outcomes) for k in ("completed", "failed", "rejected", "hung")
+    }
     done = [o for o in outcomes if o.kind == "completed"]
     ttfts = [o.ttft for o in done if o.ttft is not None]
     tokens = sum(o.tokens for o in done)

@@ -121,11 +121,11 @@ def ratios(ours: dict[str, float], base: dict[str, float]) -> dict[str, float]:
     attainment), base/ours where lower is better (latencies); > 1 means cara-jax is ahead."""
     out = {}
     for k in HIGHER_IS_BETTER:
-        out[k] = _div(ours.get(k, math.nan), base.get(k, math.nan))
+        out[k] = div(ours.get(k, math.nan), base.get(k, math.nan))
     for name in LATENCIES:
         for s in ("mean", *(f"p{q}" for q in PERCENTILES)):
             k = f"{name}_{s}"
-            out[k] = _div(base.get(k, math.nan), ours.get(k, math.nan))
+            out[k] = div(base.get(k, math.nan), ours.get(k, math.nan))
     return out
 
 
@@ -139,7 +139,8 @@ def _decode_rate(ok: Sequence[RequestResult]) -> float:
     return sum(len(t) - 1 for t in spans) / (t1 - t0) if t1 > t0 else math.nan
 
 
-def _div(a: float, b: float) -> float:
+def div(a: float | None, b: float | None) -> float:
+    """a / b, NaN when either is missing or b is 0."""
     if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
         return math.nan
     return a / b

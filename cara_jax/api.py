@@ -155,6 +155,8 @@ class AsyncEngine:
         self.engine = engine
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._inbox: collections.deque[tuple] = collections.deque()
+        self._pending_lock = threading.Lock()
+        self._pending_adds = 0  # submissions the engine thread has not taken in yet
         self._wake = threading.Event()
         self._stop = False
         self.snapshot = QueueSnapshot()
@@ -189,13 +191,15 @@ class AsyncEngine:
         self._drain_inbox(closing=True)
 
     def _drain_inbox(self, closing: bool = False) -> None:
+        taken = 0
         while True:
             try:
                 op = self._inbox.popleft()
             except IndexError:
-                return
+                break
             if op[0] == "add":
                 _, rid, prompt, params, adapter, loop, fut = op
+                taken += 1
                 error: BaseException | None = None
                 if closing:
                     error = RuntimeError("the engine is shut down")
@@ -207,6 +211,10 @@ class AsyncEngine:
                 self._call(loop, _resolve, fut, error)
             elif not closing:
                 self.engine.abort(op[1])
+        if taken:  # publish before uncounting, so num_waiting() never misses them
+            self._publish()
+            with self._pending_lock:
+                self._pending_adds -= taken
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -281,6 +289,8 @@ class AsyncEngine:
         queue = queue if queue is not None else asyncio.Queue()
         accepted = loop.create_future()
         self._queues[rid] = (loop, queue)
+        with self._pending_lock:
+            self._pending_adds += 1
         self._post(("add", rid, prompt, params, adapter, loop, accepted))
         return Submission(self, rid, loop, queue, accepted)
 
@@ -315,7 +325,7 @@ class AsyncEngine:
 
     def num_waiting(self) -> int:
         """Requests not yet running: the engine's queue plus submissions not yet taken in."""
-        return self.snapshot.waiting + sum(1 for op in list(self._inbox) if op[0] == "add")
+        return self.snapshot.waiting + self._pending_adds
 
     def num_active(self) -> int:
         """Submissions whose deltas are still being routed (running, waiting or unread)."""

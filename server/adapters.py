@@ -30,9 +30,7 @@ MAX_NAME = 256
 class AdapterManager:
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)
@@ -48,15 +46,24 @@ class AdapterManager:
 
     def check_name(self, name: object, param: str = "lora_name") -> str:
         if not isinstance(name, str) or not name:
-            raise ApiError(400, f"`{param}` must be a non-empty string", param=param,
-                           code="invalid_value")  # fmt: skip
+            raise ApiError(
+                400, f"`{param}` must be a non-empty string", param=param, code="invalid_value"
+            )
         if len(name) > MAX_NAME or "," in name or not name.isprintable() or name != name.strip():
-            raise ApiError(400, f"`{param}`: adapter names are printable, at most {MAX_NAME} "
-                           "characters, without commas or surrounding spaces", param=param,
-                           code="invalid_value")  # fmt: skip
+            raise ApiError(
+                400,
+                f"`{param}`: adapter names are printable, at most {MAX_NAME} "
+                "characters, without commas or surrounding spaces",
+                param=param,
+                code="invalid_value",
+            )
         if self.is_base(name):
-            raise ApiError(400, f"`{param}` {name!r} is the base model's name", param=param,
-                           code="invalid_value")  # fmt: skip
+            raise ApiError(
+                400,
+                f"`{param}` {name!r} is the base model's name",
+                param=param,
+                code="invalid_value",
+            )
         return name
 
     async def resolve_model(self, name: str | None) -> str | None:
@@ -95,16 +102,27 @@ class AdapterManager:
         try:
             entry, seconds, notes = await asyncio.to_thread(work)
         except AdapterError as e:
-            raise ApiError(400, f"cannot load adapter {name!r}: {e}", param="lora_path",
-                           code="invalid_adapter") from e  # fmt: skip
+            raise ApiError(
+                400, f"cannot load adapter {name!r}: {e}", param="lora_path", code="invalid_adapter"
+            ) from e
         except (OSError, ValueError) as e:
-            raise ApiError(400, f"cannot load adapter {name!r} from {str(path)!r}: {e}",
-                           param="lora_path", code="invalid_adapter") from e  # fmt: skip
+            raise ApiError(
+                400,
+                f"cannot load adapter {name!r} from {str(path)!r}: {e}",
+                param="lora_path",
+                code="invalid_adapter",
+            ) from e
         for note in notes:
             log.warning("adapter %s: %s", name, note)
         self.state.metrics.lora_load.labels(name).observe(seconds)
-        log.info("adapter %s loaded from %s in %.3fs (rank %d, content %s)", name, path,
-                 seconds, entry.max_rank, entry.content_hash[:12])  # fmt: skip
+        log.info(
+            "adapter %s loaded from %s in %.3fs (rank %d, content %s)",
+            name,
+            path,
+            seconds,
+            entry.max_rank,
+            entry.content_hash[:12],
+        )
         return entry
 
     async def unload(self, name: str) -> RegisteredAdapter:
@@ -114,8 +132,12 @@ class AdapterManager:
             try:
                 await asyncio.to_thread(self.state.engine.unload_adapter, name)
             except UnknownAdapterError as e:
-                raise ApiError(404, f"adapter {name!r} is not loaded", param="lora_name",
-                               code="model_not_found") from e  # fmt: skip
+                raise ApiError(
+                    404,
+                    f"adapter {name!r} is not loaded",
+                    param="lora_name",
+                    code="model_not_found",
+                ) from e
         try:
             self.state.metrics.lora_load.remove(name)  # per-adapter series live while loaded
         except KeyError:

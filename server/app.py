@@ -103,9 +103,13 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         resp = web.json_response(
-            error_body("internal server error (logged on the server)", "server_error",
-                       code="internal_error"), status=500,
-        )  # fmt: skip
+            error_body(
+                "internal server error (logged on the server)",
+                "server_error",
+                code="internal_error",
+            ),
+            status=500,
+        )
     state.metrics.requests.labels(endpoint, str(resp.status)).inc()
     return resp
 
@@ -149,9 +153,7 @@ async def _close_engine(app: web.Application) -> None:
 def build_app(state: ServerState) -> web.Application:
     from server.routes import add_routes
 
-    app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY
-    )
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[STATE] = state
     add_routes(app)
     app.on_shutdown.append(_drain)
@@ -201,7 +203,10 @@ def default_served_names(model: str | Path | None) -> tuple[str, ...]:
     from cara_jax.embedded import DEFAULT_MODEL_ID, DEFAULT_MODEL_PACKAGE
 
     if model is None:
-        return (DEFAULT_MODEL_ID, f"HuggingFaceTB/{DEFAULT_MODEL_ID}",
-                DEFAULT_MODEL_PACKAGE.replace("_", "-"))  # fmt: skip
+        return (
+            DEFAULT_MODEL_ID,
+            f"HuggingFaceTB/{DEFAULT_MODEL_ID}",
+            DEFAULT_MODEL_PACKAGE.replace("_", "-"),
+        )
     p = Path(model)
     return (p.stem if p.suffix == ".gguf" else p.resolve().name,)

@@ -84,72 +84,167 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", help="GGUF file or HF checkpoint folder (default: embedded SmolLM2)")
-    m.add_argument("--served-model-name", nargs="+", metavar="NAME",
-                   help="names the base model answers to; the first is reported "
-                   "(default: the model's folder/file name)")  # fmt: skip
-    m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and activations")
-    m.add_argument("--num-slots", type=positive(int), default=16,
-                   help="KV-cache slots = sequences decoded together")  # fmt: skip
-    m.add_argument("--max-len", type=positive(int), default=2048,
-                   help="context length per slot (prompt + new tokens)")  # fmt: skip
-    m.add_argument("--max-prefill-batch", type=positive(int), default=8,
-                   help="prompts prefilled together in one step")
-    m.add_argument("--compile-cache", metavar="DIR",
-                   help="persistent XLA compilation cache, so restarts skip most compile time "
-                   "(default: $CARA_JAX_CACHE/xla or ~/.cache/cara_jax/xla; 'none' disables)")
-    m.add_argument("--warmup", choices=["full", "background", "cover", "none"],
-                   default="background",
-                   help="compile step variants: all before serving; the covering ones before "
-                   "and the rest while serving; only the covering ones; none (compile on "
-                   "first use)")  # fmt: skip
+    m.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="names the base model answers to; the first is reported "
+        "(default: the model's folder/file name)",
+    )
+    m.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights and activations",
+    )
+    # Defaults sized for a CPU (a decode step there costs time in proportion to the whole KV
+    # cache, slots x max_len); raise them on an accelerator.
+    m.add_argument(
+        "--num-slots",
+        type=positive(int),
+        default=8,
+        help="KV-cache slots = sequences decoded together",
+    )
+    m.add_argument(
+        "--max-len",
+        type=positive(int),
+        default=512,
+        help="context length per slot (prompt + new tokens)",
+    )
+    m.add_argument(
+        "--max-prefill-batch",
+        type=positive(int),
+        default=4,
+        help="prompts prefilled together in one step",
+    )
+    m.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="persistent XLA compilation cache, so restarts skip most compile time "
+        "(default: $CARA_JAX_CACHE/xla or ~/.cache/cara_jax/xla; 'none' disables)",
+    )
+    m.add_argument(
+        "--warmup",
+        choices=["auto", "full", "background", "cover", "none"],
+        default="auto",
+        help="compile step variants: all before serving; the covering ones before "
+        "and the rest while serving; only the covering ones; none (each on first "
+        "use, kept in the compile cache); auto = background on an accelerator, "
+        "none on CPU, where the grid takes far too long to compile and the covering "
+        "variants are slow to run",
+    )
 
     a = p.add_argument_group("adapters")
-    a.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="NAME=PATH",
-                   help="register a PEFT adapter folder at start (repeatable)")  # fmt: skip
-    a.add_argument("--lora-dir", metavar="DIR",
-                   help="adapters in DIR load by name on first request (and runtime loads "
-                   "are confined to DIR)")  # fmt: skip
-    a.add_argument("--demo-adapters", type=int, default=0, metavar="N",
-                   help="write N small random PEFT adapters to the cache folder and register "
-                   "them as demo-0 .. demo-N-1")  # fmt: skip
+    a.add_argument(
+        "--lora",
+        action="append",
+        type=lora_spec,
+        default=[],
+        metavar="NAME=PATH",
+        help="register a PEFT adapter folder at start (repeatable)",
+    )
+    a.add_argument(
+        "--lora-dir",
+        metavar="DIR",
+        help="adapters in DIR load by name on first request (and runtime loads "
+        "are confined to DIR)",
+    )
+    a.add_argument(
+        "--demo-adapters",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write N small random PEFT adapters to the cache folder and register "
+        "them as demo-0 .. demo-N-1",
+    )
     a.add_argument("--demo-rank", type=positive(int), default=8, help="rank of demo adapters")
-    a.add_argument("--cold-start", default="sync",
-                   help="how a request whose adapter is not on the device starts: cached "
-                   "(everything preloaded), sync (wait for the copy), cpu_assist (prefill with "
-                   "CPU-computed LoRA deltas while it is copied)")  # fmt: skip
-    a.add_argument("--cpu-workers", type=positive(int), default=2,
-                   help="CPU-assist worker processes")  # fmt: skip
-    a.add_argument("--lora-kernel", choices=["bgmv", "mbgmv"], default="bgmv",
-                   help="decode kernel: bgmv pads to the batch's max rank, mbgmv sums ranks")
-    a.add_argument("--host-lora-bytes", type=byte_size, default="4G",
-                   help="host tier: parsed adapters kept in memory (LRU)")  # fmt: skip
-    a.add_argument("--device-lora-bytes", type=byte_size, default="512M",
-                   help="device tier: adapter rows on the accelerator")  # fmt: skip
-    a.add_argument("--max-loras", type=positive(int), default=63,
-                   help="adapters resident on the device at once")  # fmt: skip
-    a.add_argument("--max-lora-rank", type=positive(int), default=128,
-                   help="largest adapter rank accepted (sets the rank buckets compiled)")
+    a.add_argument(
+        "--cold-start",
+        default="sync",
+        help="how a request whose adapter is not on the device starts: cached "
+        "(everything preloaded), sync (wait for the copy), cpu_assist (prefill with "
+        "CPU-computed LoRA deltas while it is copied)",
+    )
+    a.add_argument(
+        "--cpu-workers", type=positive(int), default=2, help="CPU-assist worker processes"
+    )
+    a.add_argument(
+        "--lora-kernel",
+        choices=["bgmv", "mbgmv"],
+        default="bgmv",
+        help="decode kernel: bgmv pads to the batch's max rank, mbgmv sums ranks",
+    )
+    a.add_argument(
+        "--host-lora-bytes",
+        type=byte_size,
+        default="4G",
+        help="host tier: parsed adapters kept in memory (LRU)",
+    )
+    a.add_argument(
+        "--device-lora-bytes",
+        type=byte_size,
+        default="512M",
+        help="device tier: adapter rows on the accelerator",
+    )
+    a.add_argument(
+        "--max-loras",
+        type=positive(int),
+        default=63,
+        help="adapters resident on the device at once",
+    )
+    a.add_argument(
+        "--max-lora-rank",
+        type=positive(int),
+        default=128,
+        help="largest adapter rank accepted (sets the rank buckets compiled)",
+    )
 
     s = p.add_argument_group("scheduling")
-    s.add_argument("--max-queue", type=int, default=256,
-                   help="waiting sequences at which new requests get 429 + Retry-After")
-    s.add_argument("--tpot-slo", type=float, metavar="SECONDS",
-                   help="time-per-output-token SLO (metrics now; the scheduler later)")
-    s.add_argument("--cost-model", metavar="FILE",
-                   help="profiled decode cost model (JSON) for the rank-aware scheduler")
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="waiting sequences at which new requests get 429 + Retry-After",
+    )
+    s.add_argument(
+        "--tpot-slo",
+        type=float,
+        metavar="SECONDS",
+        help="time-per-output-token SLO (metrics now; the scheduler later)",
+    )
+    s.add_argument(
+        "--cost-model",
+        metavar="FILE",
+        help="profiled decode cost model (JSON) for the rank-aware scheduler",
+    )
 
     h = p.add_argument_group("http")
     h.add_argument("--host", default="127.0.0.1", help="address to listen on")
     h.add_argument("--port", type=int, default=8000, help="port to listen on")
-    h.add_argument("--api-key", default=os.environ.get("CARA_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/* (env CARA_API_KEY)")
-    h.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds a shutdown waits for running requests")  # fmt: skip
-    h.add_argument("--sse-keepalive", type=float, default=5.0, metavar="SECONDS",
-                   help="comment line on a stream silent this long (queued requests)")
-    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="level of the server's own log lines")
+    h.add_argument(
+        "--api-key",
+        default=os.environ.get("CARA_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1/* (env CARA_API_KEY)",
+    )
+    h.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a shutdown waits for running requests",
+    )
+    h.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="comment line on a stream silent this long (queued requests)",
+    )
+    h.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="level of the server's own log lines",
+    )
     h.add_argument("--access-log", action="store_true", help="log every HTTP request")
     return p
 
@@ -219,9 +314,11 @@ def build_state(args: argparse.Namespace):
     adapters = dict(args.lora)
     if args.demo_adapters > 0:
         adapters.update(
-            {k: str(v) for k, v in demo_adapters(loaded.cfg, args.demo_adapters,
-                                                 args.demo_rank).items()}
-        )  # fmt: skip
+            {
+                k: str(v)
+                for k, v in demo_adapters(loaded.cfg, args.demo_adapters, args.demo_rank).items()
+            }
+        )
     for name, p in adapters.items():
         if name in names:
             raise SystemExit(f"cara-serve: adapter name {name!r} is the base model's name")
@@ -234,6 +331,10 @@ def build_state(args: argparse.Namespace):
         log.info("adapter %s: %s (rank %d)", name, p, entry.max_rank)
 
     t0 = time.perf_counter()
+    if args.warmup == "auto":
+        import jax
+
+        args.warmup = "none" if jax.default_backend() == "cpu" else "background"
     if args.warmup == "full":
         engine.warmup(progress=True)
     elif args.warmup == "background":

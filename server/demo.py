@@ -36,17 +36,25 @@ def write_demo_adapter(path: Path, cfg: ModelConfig, rank: int, seed: int) -> No
     for layer in range(cfg.num_layers):
         for p in DEMO_TARGETS:
             din, dout = shapes[p]
-            mod = "self_attn" if p.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            mod = "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             key = f"base_model.model.model.layers.{layer}.{mod}.{p}"
             a = rng.standard_normal((rank, din)) / np.sqrt(din)
             b = rng.standard_normal((dout, rank)) * (0.5 / np.sqrt(rank))
             tensors[f"{key}.lora_A.weight"] = a.astype(np.float32)
             tensors[f"{key}.lora_B.weight"] = b.astype(np.float32)
     conf = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(DEMO_TARGETS),
-        "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
-        "fan_in_fan_out": False, "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": list(DEMO_TARGETS),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
@@ -65,8 +73,7 @@ def demo_adapters(
     cfg: ModelConfig, count: int, rank: int = 8, root: Path | None = None
 ) -> dict[str, Path]:
     """``{"demo-0": folder, ...}``, written once per model shape under the cache folder."""
-    shape = json.dumps([cfg.num_layers, sorted(cfg.projection_shapes().items()), rank,
-                        DEMO_FORMAT])  # fmt: skip
+    shape = json.dumps([cfg.num_layers, sorted(cfg.projection_shapes().items()), rank, DEMO_FORMAT])
     key = hashlib.sha256(shape.encode()).hexdigest()[:16]
     base = (root or cache_root()) / key
     out = {}

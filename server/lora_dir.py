@@ -29,8 +29,12 @@ class LoraDir:
 
     @staticmethod
     def _missing(name: str, param: str) -> ApiError:
-        return ApiError(404, f"The model `{name}` does not exist (no such adapter in the adapter "
-                        "folder either).", param=param, code="model_not_found")  # fmt: skip
+        return ApiError(
+            404,
+            f"The model `{name}` does not exist (no such adapter in the adapter folder either).",
+            param=param,
+            code="model_not_found",
+        )
 
     def resolve(self, name: str, param: str = "model", allow_absolute: bool = False) -> Path:
         """The adapter folder for ``name``; ApiError 400 for names that try to leave the
@@ -39,18 +43,27 @@ class LoraDir:
             raise ApiError(400, f"invalid adapter name {name!r}", param=param, code="invalid_value")
         p = PurePosixPath(name)
         if p.is_absolute() and not allow_absolute:
-            raise ApiError(400, "adapter names are paths relative to the adapter folder",
-                           param=param, code="invalid_value")  # fmt: skip
+            raise ApiError(
+                400,
+                "adapter names are paths relative to the adapter folder",
+                param=param,
+                code="invalid_value",
+            )
         if ".." in p.parts:
-            raise ApiError(400, "adapter names may not contain '..'", param=param,
-                           code="invalid_value")  # fmt: skip
+            raise ApiError(
+                400, "adapter names may not contain '..'", param=param, code="invalid_value"
+            )
         try:
             folder = (self.root / p).resolve(strict=True)
         except (OSError, RuntimeError):  # missing, or a symlink loop
             raise self._missing(name, param) from None
         if not self._inside(folder):
-            raise ApiError(400, f"adapter {name!r} resolves outside the adapter folder",
-                           param=param, code="invalid_value")  # fmt: skip
+            raise ApiError(
+                400,
+                f"adapter {name!r} resolves outside the adapter folder",
+                param=param,
+                code="invalid_value",
+            )
         if not folder.is_dir() or not (folder / "adapter_config.json").is_file():
             raise self._missing(name, param)
         for f in ADAPTER_FILES:
@@ -61,6 +74,10 @@ class LoraDir:
                 except (OSError, RuntimeError):
                     continue  # dangling: the loader reports the missing file
                 if not self._inside(real):
-                    raise ApiError(400, f"adapter {name!r}: {f} resolves outside the adapter "
-                                   "folder", param=param, code="invalid_value")  # fmt: skip
+                    raise ApiError(
+                        400,
+                        f"adapter {name!r}: {f} resolves outside the adapter folder",
+                        param=param,
+                        code="invalid_value",
+                    )
         return folder

@@ -35,46 +35,58 @@ class Metrics:
         self.state = state
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
-            "cara_http_requests", "HTTP requests by endpoint and status code",
-            ["endpoint", "status"], registry=r,
-        )  # fmt: skip
+            "cara_http_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.ttft = Histogram(
-            "cara_time_to_first_token_seconds", "Arrival to first token, per sequence",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "cara_time_to_first_token_seconds",
+            "Arrival to first token, per sequence",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tpot = Histogram(
             "cara_time_per_output_token_seconds",
             "Mean time between output tokens after the first, per sequence",
-            buckets=TOKEN_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.e2e = Histogram(
-            "cara_e2e_request_latency_seconds", "Arrival to last token, per request",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.prompt_tokens = Counter("cara_prompt_tokens", "Prompt tokens admitted", registry=r)
-        self.generation_tokens = Counter(
-            "cara_generation_tokens", "Tokens generated", registry=r
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
+        self.e2e = Histogram(
+            "cara_e2e_request_latency_seconds",
+            "Arrival to last token, per request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("cara_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter("cara_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter(
-            "cara_sequences_finished", "Finished sequences by finish reason",
-            ["finish_reason"], registry=r,
-        )  # fmt: skip
+            "cara_sequences_finished",
+            "Finished sequences by finish reason",
+            ["finish_reason"],
+            registry=r,
+        )
         self.rejected = Counter(
             "cara_requests_rejected_queue_full", "Requests answered 429 (queue full)", registry=r
         )
         self.slo_violations = Counter(
-            "cara_tpot_slo_violations", "Sequences whose mean TPOT exceeded --tpot-slo",
+            "cara_tpot_slo_violations",
+            "Sequences whose mean TPOT exceeded --tpot-slo",
             registry=r,
-        )  # fmt: skip
+        )
         self.lora_load = Histogram(
             "cara_lora_load_seconds",
-            "Adapter load by name: read, validate, register (and pin on the device in cached "
-            "mode)", ["adapter"], buckets=LOAD_BUCKETS, registry=r,
-        )  # fmt: skip
+            "Adapter load by name: read, validate, register (and pin on the device in cached mode)",
+            ["adapter"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
         self.device_load = Histogram(
-            "cara_lora_device_load_seconds", "Host-to-device adapter copies (device pool)",
-            buckets=LOAD_BUCKETS, registry=r,
-        )  # fmt: skip
+            "cara_lora_device_load_seconds",
+            "Host-to-device adapter copies (device pool)",
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
         self._device_loads_seen = 0
         r.register(EngineCollector(state))
 
@@ -112,19 +124,25 @@ class EngineCollector(Collector):
         base = st.config.served_names[0]
 
         yield _gauge("cara_requests_running", "Sequences in the running batch", snap.running)
-        yield _gauge("cara_requests_waiting", "Sequences waiting for a slot or an adapter",
-                     waiting)  # fmt: skip
-        yield _gauge("cara_max_queue", "Waiting sequences beyond which requests get 429",
-                     st.config.max_queue)  # fmt: skip
-        yield _gauge("cara_num_slots", "KV-cache slots (max running sequences)",
-                     eng.config.num_slots)  # fmt: skip
+        yield _gauge("cara_requests_waiting", "Sequences waiting for a slot or an adapter", waiting)
+        yield _gauge(
+            "cara_max_queue", "Waiting sequences beyond which requests get 429", st.config.max_queue
+        )
+        yield _gauge(
+            "cara_num_slots", "KV-cache slots (max running sequences)", eng.config.num_slots
+        )
         yield _gauge("vllm:num_requests_running", "Running requests (vLLM name)", snap.running)
         yield _gauge("vllm:num_requests_waiting", "Waiting requests (vLLM name)", waiting)
-        yield _gauge("vllm:kv_cache_usage_perc", "Fraction of KV slots in use (vLLM name)",
-                     snap.running / max(1, eng.config.num_slots))  # fmt: skip
+        yield _gauge(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV slots in use (vLLM name)",
+            snap.running / max(1, eng.config.num_slots),
+        )
 
-        for name, counts in (("running", snap.running_by_adapter),
-                             ("waiting", snap.waiting_by_adapter)):  # fmt: skip
+        for name, counts in (
+            ("running", snap.running_by_adapter),
+            ("waiting", snap.waiting_by_adapter),
+        ):
             g = GaugeMetricFamily(
                 f"cara_adapter_requests_{name}",
                 f"Sequences {name} per model (the base model under its served name)",
@@ -153,10 +171,9 @@ class EngineCollector(Collector):
         pool, host = eng.pool.stats, eng.registry.host
         for kind, doc, dev, hst in (
             ("hits", "Adapter lookups found in the tier", pool.hits, host.hits),
-            ("misses", "Adapter lookups that had to load into the tier", pool.misses,
-             host.misses),
+            ("misses", "Adapter lookups that had to load into the tier", pool.misses, host.misses),
             ("evictions", "Adapters evicted from the tier", pool.evictions, host.evictions),
-        ):  # fmt: skip
+        ):
             c = CounterMetricFamily(f"cara_lora_tier_{kind}", doc, labels=["tier"])
             c.add_metric(["device"], dev)
             c.add_metric(["host"], hst)
@@ -164,15 +181,20 @@ class EngineCollector(Collector):
         c = CounterMetricFamily("cara_lora_device_bytes_loaded", "Bytes copied host to device")
         c.add_metric([], pool.bytes_loaded)
         yield c
-        yield _gauge("cara_lora_adapters_registered", "Adapter names registered",
-                     len(eng.registry.names()))  # fmt: skip
-        yield _gauge("cara_lora_adapters_resident", "Adapters resident on the device",
-                     len(eng.pool.resident()))  # fmt: skip
+        yield _gauge(
+            "cara_lora_adapters_registered", "Adapter names registered", len(eng.registry.names())
+        )
+        yield _gauge(
+            "cara_lora_adapters_resident",
+            "Adapters resident on the device",
+            len(eng.pool.resident()),
+        )
         yield _gauge("cara_lora_max_resident", "Adapters the device pool can hold", max_lora)
         yield _gauge("cara_lora_host_bytes", "Host-tier bytes in use", host.nbytes)
         yield _gauge("cara_lora_host_budget_bytes", "Host-tier budget", host.budget_bytes)
-        yield _gauge("cara_lora_device_budget_bytes", "Device-pool budget",
-                     eng.pool.config.budget_bytes)  # fmt: skip
+        yield _gauge(
+            "cara_lora_device_budget_bytes", "Device-pool budget", eng.pool.config.budget_bytes
+        )
 
         runner = eng.runner
         c = CounterMetricFamily("cara_runner_hot_compiles", "Steps that had to compile")
@@ -183,8 +205,9 @@ class EngineCollector(Collector):
         )
         c.add_metric([], getattr(runner, "fallbacks", 0))
         yield c
-        yield _gauge("cara_runner_compiled_variants", "Compiled step variants",
-                     runner.compiled_count())  # fmt: skip
+        yield _gauge(
+            "cara_runner_compiled_variants", "Compiled step variants", runner.compiled_count()
+        )
         c = CounterMetricFamily("cara_engine_step_errors", "Engine steps that raised")
         c.add_metric([], st.async_engine.step_errors)
         yield c

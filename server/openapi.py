@@ -55,19 +55,27 @@ def _sampling_fields() -> dict[str, Any]:
         "frequency_penalty": _nullable({**num, "minimum": -2, "maximum": 2}),
         "repetition_penalty": _nullable({**num, "exclusiveMinimum": 0, "maximum": 10}),
         "seed": _nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}),
-        "stop": _nullable({"anyOf": [
-            {"type": "string"},
-            {"type": "array", "items": {"type": "string"}, "maxItems": 16},
-        ]}),  # fmt: skip
+        "stop": _nullable(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+                ]
+            }
+        ),
         "stop_token_ids": _nullable({"type": "array", "items": {"type": "integer"}}),
         "ignore_eos": _nullable({"type": "boolean"}),
         "n": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_N}),
         "stream": _nullable({"type": "boolean"}),
-        "stream_options": _nullable({
-            "type": "object", "properties": {"include_usage": {"type": "boolean"}},
-        }),  # fmt: skip
-        "logit_bias": _nullable({"type": "object", "maxProperties": 0,
-                                 "description": "not supported: must be empty"}),  # fmt: skip
+        "stream_options": _nullable(
+            {
+                "type": "object",
+                "properties": {"include_usage": {"type": "boolean"}},
+            }
+        ),
+        "logit_bias": _nullable(
+            {"type": "object", "maxProperties": 0, "description": "not supported: must be empty"}
+        ),
         "user": _nullable({"type": "string"}),
     }
 
@@ -76,121 +84,184 @@ def _schemas(max_len: int) -> dict[str, Any]:
     usage = {
         "type": "object",
         "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-        "properties": {k: {"type": "integer", "minimum": 0}
-                       for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
-    }  # fmt: skip
-    finish = _nullable({"type": "string", "enum": ["stop", "length", "error", "abort"]})
-    max_tokens = _nullable({"type": "integer", "minimum": 1, "maximum": max_len,
-                            "description": "new tokens; prompt + max_tokens must fit the "
-                            "context (else 400)"})  # fmt: skip
-    completion_lp = _nullable({
-        "type": "object",
         "properties": {
-            "tokens": {"type": "array", "items": {"type": "string"}},
-            "token_logprobs": {"type": "array", "items": {"type": "number"}},
-            "top_logprobs": {"type": "array", "items": {
-                "type": "object", "additionalProperties": {"type": "number"}}},
-            "text_offset": {"type": "array", "items": {"type": "integer"}},
+            k: {"type": "integer", "minimum": 0}
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens")
         },
-    })  # fmt: skip
+    }
+    finish = _nullable({"type": "string", "enum": ["stop", "length", "error", "abort"]})
+    max_tokens = _nullable(
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": max_len,
+            "description": "new tokens; prompt + max_tokens must fit the context (else 400)",
+        }
+    )
+    completion_lp = _nullable(
+        {
+            "type": "object",
+            "properties": {
+                "tokens": {"type": "array", "items": {"type": "string"}},
+                "token_logprobs": {"type": "array", "items": {"type": "number"}},
+                "top_logprobs": {
+                    "type": "array",
+                    "items": {"type": "object", "additionalProperties": {"type": "number"}},
+                },
+                "text_offset": {"type": "array", "items": {"type": "integer"}},
+            },
+        }
+    )
     top_entry = {
         "type": "object",
         "required": ["token", "logprob"],
-        "properties": {"token": {"type": "string"}, "logprob": {"type": "number"},
-                       "bytes": {"type": "array", "items": {"type": "integer"}}},
-    }  # fmt: skip
-    chat_lp = _nullable({
-        "type": "object",
-        "properties": {"content": {"type": "array", "items": {
-            **top_entry, "properties": {**top_entry["properties"],
-                                        "top_logprobs": {"type": "array", "items": top_entry}},
-        }}},
-    })  # fmt: skip
+        "properties": {
+            "token": {"type": "string"},
+            "logprob": {"type": "number"},
+            "bytes": {"type": "array", "items": {"type": "integer"}},
+        },
+    }
+    chat_lp = _nullable(
+        {
+            "type": "object",
+            "properties": {
+                "content": {
+                    "type": "array",
+                    "items": {
+                        **top_entry,
+                        "properties": {
+                            **top_entry["properties"],
+                            "top_logprobs": {"type": "array", "items": top_entry},
+                        },
+                    },
+                }
+            },
+        }
+    )
     model_card = {
         "type": "object",
         "required": ["id", "object", "created", "owned_by"],
         "properties": {
-            "id": {"type": "string"}, "object": {"type": "string", "const": "model"},
-            "created": {"type": "integer"}, "owned_by": {"type": "string"},
+            "id": {"type": "string"},
+            "object": {"type": "string", "const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
             "root": _nullable({"type": "string"}),
             "parent": _nullable({"type": "string"}),
             "max_model_len": {"type": "integer"},
             "rank": {"type": "integer", "description": "adapters: largest LoRA rank"},
         },
-    }  # fmt: skip
+    }
     return {
         "Error": {
             "type": "object",
             "required": ["error"],
-            "properties": {"error": {
-                "type": "object",
-                "required": ["message", "type"],
-                "properties": {
-                    "message": {"type": "string"}, "type": {"type": "string"},
-                    "param": _nullable({"type": "string"}),
-                    "code": _nullable({"type": ["string", "integer"]}),
-                },
-            }},
-        },  # fmt: skip
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": _nullable({"type": "string"}),
+                        "code": _nullable({"type": ["string", "integer"]}),
+                    },
+                }
+            },
+        },
         "Usage": usage,
         "CompletionRequest": {
             "type": "object",
             "required": ["model", "prompt"],  # as OpenAI; the server defaults to the base
             "properties": {
-                "model": {"type": "string", "description": "the base model's served name or "
-                          "an adapter's name (default: the base model)"},
-                "prompt": {"anyOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                    {"type": "array", "items": {"type": "integer"}, "minItems": 1},
-                    {"type": "array", "items": {"type": "array", "items": {"type": "integer"}},
-                     "minItems": 1},
-                ]},
+                "model": {
+                    "type": "string",
+                    "description": "the base model's served name or "
+                    "an adapter's name (default: the base model)",
+                },
+                "prompt": {
+                    "anyOf": [
+                        {"type": "string"},
+                        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+                        {
+                            "type": "array",
+                            "items": {"type": "array", "items": {"type": "integer"}},
+                            "minItems": 1,
+                        },
+                    ]
+                },
                 "max_tokens": max_tokens,
-                "logprobs": _nullable({"type": "integer", "minimum": 0,
-                                       "maximum": MAX_LOGPROBS}),
+                "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}),
                 "echo": _nullable({"type": "boolean"}),
-                "suffix": _nullable({"type": "string", "maxLength": 0,
-                                     "description": "not supported"}),
-                "best_of": _nullable({"type": "integer", "minimum": 1,
-                                      "description": "must equal n"}),
+                "suffix": _nullable(
+                    {"type": "string", "maxLength": 0, "description": "not supported"}
+                ),
+                "best_of": _nullable(
+                    {"type": "integer", "minimum": 1, "description": "must equal n"}
+                ),
                 **_sampling_fields(),
             },
-            "example": {"model": "MODEL", "prompt": "The capital of France is",
-                        "max_tokens": 4, "temperature": 0},
-        },  # fmt: skip
+            "example": {
+                "model": "MODEL",
+                "prompt": "The capital of France is",
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+        },
         "Completion": {
             "type": "object",
             "required": ["id", "object", "created", "model", "choices"],
             "properties": {
                 "id": {"type": "string"},
                 "object": {"type": "string", "const": "text_completion"},
-                "created": {"type": "integer"}, "model": {"type": "string"},
-                "choices": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["index", "text", "finish_reason"],
-                    "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
-                                   "logprobs": completion_lp, "finish_reason": finish},
-                }},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "text", "finish_reason"],
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "text": {"type": "string"},
+                            "logprobs": completion_lp,
+                            "finish_reason": finish,
+                        },
+                    },
+                },
                 "usage": _ref("Usage"),
             },
-        },  # fmt: skip
+        },
         "ChatMessage": {
             "type": "object",
             "required": ["role"],
             "properties": {
-                "role": {"type": "string",
-                         "enum": ["system", "developer", "user", "assistant", "tool"]},
-                "content": _nullable({"anyOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": {
-                        "type": "object", "required": ["type", "text"],
-                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-                    }},
-                ]}),
+                "role": {
+                    "type": "string",
+                    "enum": ["system", "developer", "user", "assistant", "tool"],
+                },
+                "content": _nullable(
+                    {
+                        "anyOf": [
+                            {"type": "string"},
+                            {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["type", "text"],
+                                    "properties": {
+                                        "type": {"const": "text"},
+                                        "text": {"type": "string"},
+                                    },
+                                },
+                            },
+                        ]
+                    }
+                ),
                 "name": {"type": "string"},
             },
-        },  # fmt: skip
+        },
         "ChatCompletionRequest": {
             "type": "object",
             "required": ["model", "messages"],
@@ -200,46 +271,65 @@ def _schemas(max_len: int) -> dict[str, Any]:
                 "max_tokens": max_tokens,
                 "max_completion_tokens": max_tokens,
                 "logprobs": _nullable({"type": "boolean"}),
-                "top_logprobs": _nullable({"type": "integer", "minimum": 0,
-                                           "maximum": MAX_LOGPROBS}),
-                "tools": _nullable({"type": "array", "maxItems": 0,
-                                    "description": "not supported"}),
-                "response_format": _nullable({"type": "object", "properties": {
-                    "type": {"const": "text"}}}),
+                "top_logprobs": _nullable(
+                    {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}
+                ),
+                "tools": _nullable(
+                    {"type": "array", "maxItems": 0, "description": "not supported"}
+                ),
+                "response_format": _nullable(
+                    {"type": "object", "properties": {"type": {"const": "text"}}}
+                ),
                 "add_generation_prompt": _nullable({"type": "boolean"}),
                 **_sampling_fields(),
             },
-            "example": {"model": "MODEL", "max_tokens": 8, "temperature": 0,
-                        "messages": [{"role": "user", "content": "Hi!"}]},
-        },  # fmt: skip
+            "example": {
+                "model": "MODEL",
+                "max_tokens": 8,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Hi!"}],
+            },
+        },
         "ChatCompletion": {
             "type": "object",
             "required": ["id", "object", "created", "model", "choices"],
             "properties": {
                 "id": {"type": "string"},
                 "object": {"type": "string", "const": "chat.completion"},
-                "created": {"type": "integer"}, "model": {"type": "string"},
-                "choices": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["index", "message", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "message": {"type": "object", "required": ["role", "content"],
-                                    "properties": {"role": {"const": "assistant"},
-                                                   "content": {"type": "string"}}},
-                        "logprobs": chat_lp, "finish_reason": finish,
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "message", "finish_reason"],
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "message": {
+                                "type": "object",
+                                "required": ["role", "content"],
+                                "properties": {
+                                    "role": {"const": "assistant"},
+                                    "content": {"type": "string"},
+                                },
+                            },
+                            "logprobs": chat_lp,
+                            "finish_reason": finish,
+                        },
                     },
-                }},
+                },
                 "usage": _ref("Usage"),
             },
-        },  # fmt: skip
+        },
         "Model": model_card,
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
-            "properties": {"object": {"const": "list"},
-                           "data": {"type": "array", "items": _ref("Model")}},
-        },  # fmt: skip
+            "properties": {
+                "object": {"const": "list"},
+                "data": {"type": "array", "items": _ref("Model")},
+            },
+        },
         "LoadLoraRequest": {
             "type": "object",
             "required": ["lora_name", "lora_path"],
@@ -256,18 +346,24 @@ def _schemas(max_len: int) -> dict[str, Any]:
             "type": "object",
             "required": ["id", "message"],
             "properties": {
-                "object": {"const": "lora_adapter"}, "id": {"type": "string"},
-                "root": {"type": "string"}, "parent": {"type": "string"},
-                "rank": {"type": "integer"}, "content_hash": {"type": "string"},
+                "object": {"const": "lora_adapter"},
+                "id": {"type": "string"},
+                "root": {"type": "string"},
+                "parent": {"type": "string"},
+                "rank": {"type": "integer"},
+                "content_hash": {"type": "string"},
                 "message": {"type": "string"},
             },
-        },  # fmt: skip
+        },
         "Health": {
             "type": "object",
             "required": ["status"],
-            "properties": {"status": {"type": "string"}, "running": {"type": "integer"},
-                           "waiting": {"type": "integer"}},
-        },  # fmt: skip
+            "properties": {
+                "status": {"type": "string"},
+                "running": {"type": "integer"},
+                "waiting": {"type": "integer"},
+            },
+        },
     }
 
 
@@ -280,12 +376,14 @@ def _generation_op(summary: str, req: str, resp: str, chunk_doc: str) -> dict:
                 "description": f"The whole answer, or with `stream: true` Server-Sent Events: "
                 f"`data: {{{chunk_doc}}}` chunks, a usage chunk with "
                 "`stream_options.include_usage`, then `data: [DONE]`",
-                "content": {**_json(_ref(resp)), "text/event-stream": {"schema": {
-                    "type": "string"}}},
+                "content": {
+                    **_json(_ref(resp)),
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
             },
             **_errors(400, 401, 404, 413, 429, 500, 503),
         },
-    }  # fmt: skip
+    }
 
 
 def openapi_spec(state: ServerState) -> dict:
@@ -301,54 +399,96 @@ def openapi_spec(state: ServerState) -> dict:
             f"base model ({', '.join(state.config.served_names)}) or a loaded adapter.",
         },
         "paths": {
-            "/v1/completions": {"post": _generation_op(
-                "Text completion", "CompletionRequest", "Completion", "text_completion chunk")},
-            "/v1/chat/completions": {"post": _generation_op(
-                "Chat completion", "ChatCompletionRequest", "ChatCompletion",
-                "chat.completion.chunk")},
-            "/v1/models": {"get": {
-                "summary": "The base model and every loaded adapter (`parent`, `root`)",
-                "responses": {"200": {"description": "Models", "content": _json(
-                    _ref("ModelList"))}, **_errors(401)},
-            }},
-            "/v1/models/{model}": {"get": {
-                "summary": "One model or adapter",
-                "parameters": [{"name": "model", "in": "path", "required": True,
-                                "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "Model", "content": _json(_ref("Model"))},
-                              **_errors(401, 404)},
-            }},
-            "/v1/load_lora_adapter": {"post": {
-                "summary": "Load (or reload) a PEFT adapter under a name (vLLM's body)",
-                "requestBody": {"required": True, "content": _json(_ref("LoadLoraRequest"))},
-                "responses": {"200": {"description": "Loaded", "content": _json(
-                    _ref("LoraAdapter"))}, **_errors(400, 401, 404, 500)},
-            }},
-            "/v1/unload_lora_adapter": {"post": {
-                "summary": "Unload an adapter by name (vLLM's body)",
-                "requestBody": {"required": True, "content": _json(_ref("UnloadLoraRequest"))},
-                "responses": {"200": {"description": "Unloaded", "content": _json(
-                    _ref("LoraAdapter"))}, **_errors(400, 401, 404)},
-            }},
-            "/health": {"get": {
-                "summary": "Liveness: 200 while serving, 503 while draining or broken",
-                "responses": {"200": {"description": "Serving", "content": _json(
-                    _ref("Health"))}, "503": {"description": "Not serving", "content": _json(
-                    _ref("Health"))}},
-            }},
-            "/metrics": {"get": {
-                "summary": "Prometheus metrics (text exposition format)",
-                "responses": {"200": {"description": "Metrics", "content": {
-                    "text/plain": {"schema": {"type": "string"}}}}},
-            }},
-            "/openapi.json": {"get": {
-                "summary": "This document",
-                "responses": {"200": {"description": "OpenAPI", "content": _json(
-                    {"type": "object"})}},
-            }},
+            "/v1/completions": {
+                "post": _generation_op(
+                    "Text completion", "CompletionRequest", "Completion", "text_completion chunk"
+                )
+            },
+            "/v1/chat/completions": {
+                "post": _generation_op(
+                    "Chat completion",
+                    "ChatCompletionRequest",
+                    "ChatCompletion",
+                    "chat.completion.chunk",
+                )
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "The base model and every loaded adapter (`parent`, `root`)",
+                    "responses": {
+                        "200": {"description": "Models", "content": _json(_ref("ModelList"))},
+                        **_errors(401),
+                    },
+                }
+            },
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "One model or adapter",
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "Model", "content": _json(_ref("Model"))},
+                        **_errors(401, 404),
+                    },
+                }
+            },
+            "/v1/load_lora_adapter": {
+                "post": {
+                    "summary": "Load (or reload) a PEFT adapter under a name (vLLM's body)",
+                    "requestBody": {"required": True, "content": _json(_ref("LoadLoraRequest"))},
+                    "responses": {
+                        "200": {"description": "Loaded", "content": _json(_ref("LoraAdapter"))},
+                        **_errors(400, 401, 404, 500),
+                    },
+                }
+            },
+            "/v1/unload_lora_adapter": {
+                "post": {
+                    "summary": "Unload an adapter by name (vLLM's body)",
+                    "requestBody": {"required": True, "content": _json(_ref("UnloadLoraRequest"))},
+                    "responses": {
+                        "200": {"description": "Unloaded", "content": _json(_ref("LoraAdapter"))},
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "Liveness: 200 while serving, 503 while draining or broken",
+                    "responses": {
+                        "200": {"description": "Serving", "content": _json(_ref("Health"))},
+                        "503": {"description": "Not serving", "content": _json(_ref("Health"))},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text exposition format)",
+                    "responses": {
+                        "200": {
+                            "description": "Metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {"description": "OpenAPI", "content": _json({"type": "object"})}
+                    },
+                }
+            },
         },
         "components": {"schemas": schemas},
-    }  # fmt: skip
+    }
     if state.config.api_key:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, ops in spec["paths"].items():

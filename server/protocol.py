@@ -88,8 +88,14 @@ def _field(body: dict, key: str, kinds: tuple, default: Any = None, what: str = 
 
 
 def _kind_names(kinds: tuple) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "an array", dict: "an object"}  # fmt: skip
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -119,6 +125,10 @@ def read_json_object(raw: bytes) -> dict:
         raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", code="invalid_json")
+    try:  # "\ud800" is valid JSON but no text: the tokenizer and the response would choke
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad("the request contains an unpaired UTF-16 surrogate", code="invalid_json") from e
     return body
 
 
@@ -255,8 +265,11 @@ def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Ge
     raw = body.get("prompt")
     if isinstance(raw, str):
         raw_prompts: list = [raw]
-    elif isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool)
-                                               for t in raw):  # fmt: skip
+    elif (
+        isinstance(raw, list)
+        and raw
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in raw)
+    ):
         raw_prompts = [raw]
     elif isinstance(raw, list) and raw and all(isinstance(p, (str, list)) for p in raw):
         raw_prompts = raw
@@ -284,8 +297,11 @@ def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Ge
         raise bad(f"`logprobs` must be between 0 and {MAX_LOGPROBS}", "logprobs")
     echo = _bool(body, "echo", False)
     if echo and logprobs is not None:
-        raise bad("`echo` with `logprobs` is not supported (no prompt log-probs)", "echo",
-                  code="unsupported")  # fmt: skip
+        raise bad(
+            "`echo` with `logprobs` is not supported (no prompt log-probs)",
+            "echo",
+            code="unsupported",
+        )
     if echo:
         texts = [t or tok.decode(ids) for t, ids in zip(texts, prompts, strict=True)]
     room = max_len - max(len(p) for p in prompts)
@@ -326,8 +342,11 @@ def _messages(body: dict) -> list[dict]:
             parts = []
             for part in content:
                 if not isinstance(part, dict) or part.get("type") != "text":
-                    raise bad(f"`{where}.content`: only text parts are supported", "messages",
-                              code="unsupported")  # fmt: skip
+                    raise bad(
+                        f"`{where}.content`: only text parts are supported",
+                        "messages",
+                        code="unsupported",
+                    )
                 if not isinstance(part.get("text"), str):
                     raise bad(f"`{where}.content`: a text part needs `text`", "messages")
                 parts.append(part["text"])
@@ -352,8 +371,11 @@ def parse_chat(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Generati
         raise bad("`tools` are not supported", "tools", code="unsupported")
     fmt = _field(body, "response_format", (dict,), {"type": "text"})
     if fmt.get("type", "text") != "text":
-        raise bad("only `response_format` {\"type\": \"text\"} is supported", "response_format",
-                  code="unsupported")  # fmt: skip
+        raise bad(
+            'only `response_format` {"type": "text"} is supported',
+            "response_format",
+            code="unsupported",
+        )
     add_gen = _bool(body, "add_generation_prompt", True)
     try:
         ids = tok.apply_chat_template(messages, add_generation_prompt=add_gen, tokenize=True)

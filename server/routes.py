@@ -91,8 +91,9 @@ def _engine_error(e: BaseException) -> ApiError:
 class _Generation:
     """One API request's life: submit every choice, then collect or stream the deltas."""
 
-    def __init__(self, state: ServerState, req: GenerationRequest, adapter: str | None,
-                 arrival: float) -> None:  # fmt: skip
+    def __init__(
+        self, state: ServerState, req: GenerationRequest, adapter: str | None, arrival: float
+    ) -> None:
         self.state = state
         self.req = req
         self.adapter = adapter
@@ -111,8 +112,15 @@ class _Generation:
         for p, ids in enumerate(req.prompts):
             for j in range(req.n):
                 idx = p * req.n + j
-                self.subs.append(ae.submit(ids, req.choice_params(j), self.adapter,
-                                           f"{self.id}-{idx}", queue=self.queue))  # fmt: skip
+                self.subs.append(
+                    ae.submit(
+                        ids,
+                        req.choice_params(j),
+                        self.adapter,
+                        f"{self.id}-{idx}",
+                        queue=self.queue,
+                    )
+                )
                 self.choices.append(_Choice())
         results = await asyncio.gather(*(s.accepted for s in self.subs), return_exceptions=True)
         for r in results:
@@ -182,32 +190,55 @@ class _Generation:
                 lp = None
                 if self.req.logprobs is not None:
                     lp = completion_logprobs(c.logprobs, tt, len(self._prefix(i)))
-                choices.append({"index": i, "text": self._prefix(i) + text, "logprobs": lp,
-                                "finish_reason": finish_reason(c.reason)})  # fmt: skip
+                choices.append(
+                    {
+                        "index": i,
+                        "text": self._prefix(i) + text,
+                        "logprobs": lp,
+                        "finish_reason": finish_reason(c.reason),
+                    }
+                )
             else:
                 lp = None
                 if self.req.logprobs is not None:
                     lp = {"content": chat_logprobs(c.logprobs, tt), "refusal": None}
-                choices.append({
-                    "index": i,
-                    "message": {"role": "assistant", "content": text, "refusal": None,
-                                "tool_calls": []},
-                    "logprobs": lp,
-                    "finish_reason": finish_reason(c.reason),
-                })  # fmt: skip
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {
+                            "role": "assistant",
+                            "content": text,
+                            "refusal": None,
+                            "tool_calls": [],
+                        },
+                        "logprobs": lp,
+                        "finish_reason": finish_reason(c.reason),
+                    }
+                )
         obj = "text_completion" if self.req.kind == "completion" else "chat.completion"
         return web.json_response(
-            {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-             "choices": choices, "usage": self.usage()},
+            {
+                "id": self.id,
+                "object": obj,
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                "usage": self.usage(),
+            },
             dumps=lambda o: json.dumps(o, ensure_ascii=False),
-        )  # fmt: skip
+        )
 
     # ---------------------------------------------------------------- server-sent events
 
     def _chunk(self, choices: list[dict]) -> dict:
         obj = "text_completion" if self.req.kind == "completion" else "chat.completion.chunk"
-        chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                 "choices": choices}  # fmt: skip
+        chunk = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.req.include_usage:
             chunk["usage"] = None
         return chunk
@@ -224,23 +255,40 @@ class _Generation:
             if lps is not None:
                 lp = completion_logprobs(lps, tt, c.offset)
                 c.offset += sum(len(t) for t in lp["tokens"])
-            return [self._chunk([{"index": i, "text": out.text, "logprobs": lp,
-                                  "finish_reason": reason}])]  # fmt: skip
+            return [
+                self._chunk(
+                    [{"index": i, "text": out.text, "logprobs": lp, "finish_reason": reason}]
+                )
+            ]
         chunks = []
         if out.text or lps:
             lp = {"content": chat_logprobs(lps, tt), "refusal": None} if lps else None
-            chunks.append(self._chunk([{"index": i, "delta": {"content": out.text},
-                                        "logprobs": lp, "finish_reason": None}]))  # fmt: skip
+            chunks.append(
+                self._chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"content": out.text},
+                            "logprobs": lp,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
         if out.finished:
-            chunks.append(self._chunk([{"index": i, "delta": {}, "logprobs": None,
-                                        "finish_reason": reason}]))  # fmt: skip
+            chunks.append(
+                self._chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+            )
         return chunks
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        })  # fmt: skip
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
 
         async def send(obj: dict | str) -> None:
             data = obj.encode() if isinstance(obj, str) else _json(obj)
@@ -250,12 +298,32 @@ class _Generation:
             await resp.prepare(request)
             for i in range(len(self.choices)):
                 if self.req.kind == "chat":
-                    await send(self._chunk([{"index": i, "delta": {"role": "assistant",
-                               "content": ""}, "logprobs": None, "finish_reason": None}]))  # fmt: skip
+                    await send(
+                        self._chunk(
+                            [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
                 elif self.req.echo:
                     self.choices[i].offset = len(self._prefix(i))
-                    await send(self._chunk([{"index": i, "text": self._prefix(i),
-                                             "logprobs": None, "finish_reason": None}]))  # fmt: skip
+                    await send(
+                        self._chunk(
+                            [
+                                {
+                                    "index": i,
+                                    "text": self._prefix(i),
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
             async for i, out in self.deltas(self.state.config.sse_keepalive_s):
                 if out is None:  # an SSE comment keeps proxies and clients from timing out
                     await resp.write(b": keep-alive\n\n")
@@ -267,9 +335,16 @@ class _Generation:
                     await send(error_body(c.error, "server_error", code=c.reason))
             self.state.metrics.e2e.observe(time.perf_counter() - self.arrival)
             if self.req.include_usage:
-                await send({"id": self.id, "object": self._chunk([])["object"],
-                            "created": self.created, "model": self.model, "choices": [],
-                            "usage": self.usage()})  # fmt: skip
+                await send(
+                    {
+                        "id": self.id,
+                        "object": self._chunk([])["object"],
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": self.usage(),
+                    }
+                )
             await send("[DONE]")
             await resp.write_eof()
         except ConnectionError:  # the client went away mid-stream; the caller cancels
@@ -277,8 +352,13 @@ class _Generation:
         except Exception:  # headers are sent: report in-band, never leave the client hanging
             log.exception("stream %s failed", self.id)
             try:
-                await send(error_body("internal server error (logged on the server)",
-                                      "server_error", code="internal_error"))  # fmt: skip
+                await send(
+                    error_body(
+                        "internal server error (logged on the server)",
+                        "server_error",
+                        code="internal_error",
+                    )
+                )
                 await send("[DONE]")
             except ConnectionError:
                 pass
@@ -293,8 +373,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     arrival = time.perf_counter()
     state = request.app[STATE]
     if state.draining:
-        raise ApiError(503, "the server is shutting down", type="server_error",
-                       code="shutting_down")  # fmt: skip
+        raise ApiError(
+            503, "the server is shutting down", type="server_error", code="shutting_down"
+        )
     raw = await request.read()
     body = read_json_object(raw)
     parse = parse_completion if kind == "completion" else parse_chat
@@ -332,8 +413,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def _model_card(state: ServerState, name: str) -> dict | None:
-    card = {"object": "model", "created": state.created, "owned_by": "cara-jax",
-            "max_model_len": state.max_len, "permission": []}  # fmt: skip
+    card = {
+        "object": "model",
+        "created": state.created,
+        "owned_by": "cara-jax",
+        "max_model_len": state.max_len,
+        "permission": [],
+    }
     if state.adapters.is_base(name):
         return {"id": name, **card, "root": state.config.model_root, "parent": None}
     e = state.adapters.registered().get(name)
@@ -353,8 +439,9 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     card = _model_card(state, name)
     if card is None:
-        raise ApiError(404, f"The model `{name}` does not exist.", param="model",
-                       code="model_not_found")  # fmt: skip
+        raise ApiError(
+            404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+        )
     return web.json_response(card)
 
 
@@ -364,24 +451,35 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
     name = state.adapters.check_name(body.get("lora_name"))
     raw = body.get("lora_path")
     if not isinstance(raw, str) or not raw:
-        raise ApiError(400, "`lora_path` must be a non-empty string", param="lora_path",
-                       code="invalid_value")  # fmt: skip
+        raise ApiError(
+            400, "`lora_path` must be a non-empty string", param="lora_path", code="invalid_value"
+        )
     if state.lora_dir is not None:
         try:
             path = state.lora_dir.resolve(raw, param="lora_path", allow_absolute=True)
         except ApiError as e:
             if e.status != 404:
                 raise
-            raise ApiError(400, f"cannot load adapter {name!r}: no adapter folder {raw!r} in the "
-                           "adapter folder", param="lora_path", code="invalid_adapter") from e
+            raise ApiError(
+                400,
+                f"cannot load adapter {name!r}: no adapter folder {raw!r} in the adapter folder",
+                param="lora_path",
+                code="invalid_adapter",
+            ) from e
     else:
         path = Path(raw).expanduser()
     entry = await state.adapters.load(name, path)
-    return web.json_response({
-        "object": "lora_adapter", "id": name, "root": entry.path, "parent": state.base_name,
-        "rank": entry.max_rank, "content_hash": entry.content_hash,
-        "message": f"Success: LoRA adapter '{name}' added successfully.",
-    })  # fmt: skip
+    return web.json_response(
+        {
+            "object": "lora_adapter",
+            "id": name,
+            "root": entry.path,
+            "parent": state.base_name,
+            "rank": entry.max_rank,
+            "content_hash": entry.content_hash,
+            "message": f"Success: LoRA adapter '{name}' added successfully.",
+        }
+    )
 
 
 async def unload_lora_adapter(request: web.Request) -> web.Response:
@@ -389,10 +487,13 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
     body = await _read_body(request)
     name = state.adapters.check_name(body.get("lora_name"))
     await state.adapters.unload(name)
-    return web.json_response({
-        "object": "lora_adapter", "id": name,
-        "message": f"Success: LoRA adapter '{name}' removed successfully.",
-    })  # fmt: skip
+    return web.json_response(
+        {
+            "object": "lora_adapter",
+            "id": name,
+            "message": f"Success: LoRA adapter '{name}' removed successfully.",
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- operations

@@ -263,7 +263,9 @@ def random_model(rng: random.Random) -> CostModel:
                       base_ms=rng.uniform(15, 30), c_ms=rng.uniform(0, 0.5))  # fmt: skip
     cm.base = LinearFit(("batch", "one"), (rng.uniform(0, 0.5) * MS, cm.base.get("one")))
     if rng.random() < 0.5:
-        cm.buckets = Buckets(rows=(1, 2, 4, 8, 16, 32, 64), rank=(16, 64), total_rank=(64, 256, 1024))
+        cm.buckets = Buckets(
+            rows=(1, 2, 4, 8, 16, 32, 64), rank=(16, 64), total_rank=(64, 256, 1024)
+        )
     return cm
 
 

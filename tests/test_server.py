@@ -60,12 +60,30 @@ def srv(tmp_path_factory):
     lora_dir = tmp_path_factory.mktemp("lora_dir")
     cache = Path(os.environ["CARA_JAX_CACHE"]) / "xla"
     before = {k: getattr(jax.config, k) for k in COMPILE_CACHE_KEYS}
-    args = build_parser().parse_args([
-        "--demo-adapters", "2", "--num-slots", "8", "--max-len", "128",
-        "--max-prefill-batch", "1", "--max-lora-rank", "16", "--warmup", "none",
-        "--lora-dir", str(lora_dir), "--max-queue", "64", "--drain-timeout", "10",
-        "--compile-cache", str(cache),
-    ])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "--demo-adapters",
+            "2",
+            "--num-slots",
+            "8",
+            "--max-len",
+            "128",
+            "--max-prefill-batch",
+            "1",
+            "--max-lora-rank",
+            "16",
+            "--warmup",
+            "none",
+            "--lora-dir",
+            str(lora_dir),
+            "--max-queue",
+            "64",
+            "--drain-timeout",
+            "10",
+            "--compile-cache",
+            str(cache),
+        ]
+    )
     state = build_state(args)
     runner = state.engine.runner
     # Two variants cover every step these tests run (prompts <= 64 tokens, <= 8 sequences);
@@ -142,12 +160,20 @@ def test_completions_match_python_api(srv):
     models = (srv.base, "demo-0", "demo-1")
     kw = dict(prompt=prompt, max_tokens=8, temperature=0)
     with ThreadPoolExecutor(9) as ex:  # concurrent: the engine batches them
-        jobs = {m: (
-            ex.submit(client.completions.create, model=m, **kw),
-            ex.submit(lambda m=m: list(client.completions.create(model=m, stream=True, **kw))),
-            ex.submit(py_generate, srv, prompt, SamplingParams(temperature=0, max_tokens=8),
-                      None if m == srv.base else m),
-        ) for m in models}  # fmt: skip
+        jobs = {
+            m: (
+                ex.submit(client.completions.create, model=m, **kw),
+                ex.submit(lambda m=m: list(client.completions.create(model=m, stream=True, **kw))),
+                ex.submit(
+                    py_generate,
+                    srv,
+                    prompt,
+                    SamplingParams(temperature=0, max_tokens=8),
+                    None if m == srv.base else m,
+                ),
+            )
+            for m in models
+        }
     texts = {}
     for model, (whole, streamed, ref) in jobs.items():
         r, chunks, ref = whole.result(), streamed.result(), ref.result()
@@ -166,14 +192,30 @@ def test_chat_stream_usage_and_python_api(srv):
     ids = srv.state.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
     kw = dict(messages=CHAT, temperature=0)
     with ThreadPoolExecutor(6) as ex:
-        jobs = {m: (
-            ex.submit(client.chat.completions.create, model=m, max_tokens=12, **kw),
-            ex.submit(lambda m=m: list(client.chat.completions.create(
-                model=m, max_completion_tokens=12, stream=True,
-                stream_options={"include_usage": True}, **kw))),
-            ex.submit(py_generate, srv, ids, SamplingParams(temperature=0, max_tokens=12),
-                      None if m == srv.base else m),
-        ) for m in (srv.base, "demo-1")}  # fmt: skip
+        jobs = {
+            m: (
+                ex.submit(client.chat.completions.create, model=m, max_tokens=12, **kw),
+                ex.submit(
+                    lambda m=m: list(
+                        client.chat.completions.create(
+                            model=m,
+                            max_completion_tokens=12,
+                            stream=True,
+                            stream_options={"include_usage": True},
+                            **kw,
+                        )
+                    )
+                ),
+                ex.submit(
+                    py_generate,
+                    srv,
+                    ids,
+                    SamplingParams(temperature=0, max_tokens=12),
+                    None if m == srv.base else m,
+                ),
+            )
+            for m in (srv.base, "demo-1")
+        }
     for whole, streamed, ref in jobs.values():
         r, chunks, ref = whole.result(), streamed.result(), ref.result()
         msg = r.choices[0].message
@@ -188,8 +230,9 @@ def test_chat_stream_usage_and_python_api(srv):
 
 def test_logprobs_shapes(srv):
     client = srv.client()
-    r = client.completions.create(model=srv.base, prompt="1, 2, 3,", max_tokens=5,
-                                  temperature=0, logprobs=3)  # fmt: skip
+    r = client.completions.create(
+        model=srv.base, prompt="1, 2, 3,", max_tokens=5, temperature=0, logprobs=3
+    )
     lp = r.choices[0].logprobs
     n = r.usage.completion_tokens
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n
@@ -198,13 +241,15 @@ def test_logprobs_shapes(srv):
     for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert val <= 0 and 3 <= len(top) <= 4 and top[tok] == pytest.approx(val)
         assert val == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the top token
-    s = client.completions.create(model=srv.base, prompt="1, 2, 3,", max_tokens=5,
-                                  temperature=0, logprobs=3, stream=True)  # fmt: skip
+    s = client.completions.create(
+        model=srv.base, prompt="1, 2, 3,", max_tokens=5, temperature=0, logprobs=3, stream=True
+    )
     streamed = [t for ch in s if ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
     assert streamed == lp.tokens
 
-    r = client.chat.completions.create(model="demo-0", messages=CHAT, max_tokens=6,
-                                       temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    r = client.chat.completions.create(
+        model="demo-0", messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for e in content:
@@ -215,12 +260,27 @@ def test_logprobs_shapes(srv):
 
 def test_sampling_fields_seed_stop_n(srv):
     client = srv.client()
-    kw = dict(model="demo-0", prompt="The weather today is", max_tokens=8, temperature=1.0,
-              top_p=0.9, seed=1234, presence_penalty=0.5, frequency_penalty=0.3,
-              extra_body={"top_k": 50, "min_p": 0.05, "repetition_penalty": 1.1})  # fmt: skip
+    kw = dict(
+        model="demo-0",
+        prompt="The weather today is",
+        max_tokens=8,
+        temperature=1.0,
+        top_p=0.9,
+        seed=1234,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        extra_body={"top_k": 50, "min_p": 0.05, "repetition_penalty": 1.1},
+    )
     ref_params = SamplingParams(
-        temperature=1.0, top_p=0.9, top_k=50, seed=1234, presence_penalty=0.5,
-        frequency_penalty=0.3, min_p=0.05, repetition_penalty=1.1, max_tokens=8,
+        temperature=1.0,
+        top_p=0.9,
+        top_k=50,
+        seed=1234,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        max_tokens=8,
     )
     count = dict(model=srv.base, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
     with ThreadPoolExecutor(6) as ex:
@@ -228,10 +288,22 @@ def test_sampling_fields_seed_stop_n(srv):
         b = ex.submit(client.completions.create, **kw)
         ref = ex.submit(py_generate, srv, kw["prompt"], ref_params, "demo-0")
         greedy_job = ex.submit(client.completions.create, **count)
-        many = ex.submit(client.completions.create, model=srv.base, prompt=["Hello", "Goodbye"],
-                         n=2, max_tokens=3, temperature=0.8, seed=7)  # fmt: skip
-        chat_n = ex.submit(lambda: list(client.chat.completions.create(
-            model=srv.base, messages=CHAT, n=2, max_tokens=4, temperature=0, stream=True)))
+        many = ex.submit(
+            client.completions.create,
+            model=srv.base,
+            prompt=["Hello", "Goodbye"],
+            n=2,
+            max_tokens=3,
+            temperature=0.8,
+            seed=7,
+        )
+        chat_n = ex.submit(
+            lambda: list(
+                client.chat.completions.create(
+                    model=srv.base, messages=CHAT, n=2, max_tokens=4, temperature=0, stream=True
+                )
+            )
+        )
     text = a.result().choices[0].text
     assert text == b.result().choices[0].text == ref.result()[0]  # seeded: reproducible
 
@@ -269,8 +341,9 @@ def test_models_list(srv):
     with pytest.raises(openai.NotFoundError):
         srv.client().models.retrieve("no-such-model")
     # aliases of the base model are accepted as `model`
-    r = srv.client().completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct",
-                                        prompt="Hi", max_tokens=1)  # fmt: skip
+    r = srv.client().completions.create(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", prompt="Hi", max_tokens=1
+    )
     assert r.choices[0].text is not None
 
 
@@ -345,9 +418,10 @@ def test_lora_dir_lazy_load_and_escapes(srv, tmp_path):
 
 def test_bad_requests(srv):
     url = srv.url + "/v1/completions"
-    status, _, body = post(url, b"{not json")
-    assert status == 400
-    assert_error(body, "invalid_json")
+    for raw in (b"{not json", b"[1, 2]", b'{"model": "x", "prompt": "a\\ud800b"}'):
+        status, _, body = post(url, raw)
+        assert status == 400, raw
+        assert_error(body, "invalid_json")
     for payload, param in [
         ({"model": srv.base, "prompt": "x", "temperature": "hot"}, "temperature"),
         ({"model": srv.base, "prompt": "x", "top_p": 0}, "top_p"),
@@ -366,10 +440,12 @@ def test_bad_requests(srv):
     assert status == 400
     assert_error(body, "context_length_exceeded")
     chat = srv.url + "/v1/chat/completions"
-    for payload in [{"model": srv.base, "messages": []},
-                    {"model": srv.base, "messages": [{"role": "wizard", "content": "x"}]},
-                    {"model": srv.base, "messages": CHAT, "tools": [{"type": "function"}]},
-                    {"model": srv.base, "messages": CHAT, "top_logprobs": 2}]:  # fmt: skip
+    for payload in [
+        {"model": srv.base, "messages": []},
+        {"model": srv.base, "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": srv.base, "messages": CHAT, "tools": [{"type": "function"}]},
+        {"model": srv.base, "messages": CHAT, "top_logprobs": 2},
+    ]:
         status, _, body = post(chat, payload)
         assert status == 400, (payload, body)
         assert_error(body)
@@ -393,9 +469,14 @@ def test_bad_requests(srv):
 def test_disconnect_frees_the_slot(srv):
     wait_idle(srv)
     client = srv.client()
-    stream = client.completions.create(model="demo-1", prompt="Count: 1, 2,", max_tokens=100,
-                                       temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})  # fmt: skip
+    stream = client.completions.create(
+        model="demo-1",
+        prompt="Count: 1, 2,",
+        max_tokens=100,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     got = 0
     for _ in stream:
         got += 1
@@ -410,10 +491,15 @@ def test_disconnect_frees_the_slot(srv):
 
 def test_queue_full_429_then_disconnects(srv):
     wait_idle(srv)
-    side = side_app(srv, max_queue=2)
+    side = side_app(srv, max_queue=2, sse_keepalive_s=0.2)
     slots = srv.state.engine.config.num_slots
-    body = {"model": srv.base, "prompt": "Count: 1, 2,", "max_tokens": 100, "stream": True,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": srv.base,
+        "prompt": "Count: 1, 2,",
+        "max_tokens": 100,
+        "stream": True,
+        "ignore_eos": True,
+    }
 
     async def run():
         async def until(cond) -> None:
@@ -433,6 +519,9 @@ def test_queue_full_429_then_disconnects(srv):
                 streams.append(await s.post(side.url + "/v1/completions", json=body))
             assert [r.status for r in streams] == [200] * (slots + 2)
             await until(lambda: ae.num_waiting() >= 2)
+            # a queued stream is silent but alive: SSE comments every keep-alive period
+            line = await asyncio.wait_for(streams[-1].content.readline(), 10)
+            assert line == b": keep-alive\n"
             async with s.post(side.url + "/v1/completions", json=body) as r:
                 status, retry, err = r.status, r.headers.get("Retry-After"), await r.json()
             for r in streams:  # every client disconnects mid-stream
@@ -487,9 +576,15 @@ def test_graceful_shutdown_drains(srv):
 
     def client():
         c = openai.OpenAI(base_url=side.url + "/v1", api_key="x", max_retries=0)
-        s = c.completions.create(model=srv.base, prompt="Count: 1, 2,", max_tokens=16,
-                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
-        chunks = list(s)  # fmt: skip
+        s = c.completions.create(
+            model=srv.base,
+            prompt="Count: 1, 2,",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chunks = list(s)
         result["reason"] = chunks[-1].choices[0].finish_reason
         result["text"] = "".join(ch.choices[0].text for ch in chunks)
 
@@ -511,22 +606,35 @@ def test_metrics_parse(srv):
     status, text = get(srv.url + "/metrics")
     assert status == 200
     fams = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("cara_time_to_first_token_seconds", "cara_time_per_output_token_seconds",
-                 "cara_e2e_request_latency_seconds", "cara_http_requests", "cara_requests_waiting",
-                 "cara_requests_running", "cara_lora_tier_hits", "cara_lora_tier_misses",
-                 "cara_lora_load_seconds", "cara_cpu_assist_prefills", "cara_adapter_requests_running",
-                 "vllm:num_requests_waiting"):  # fmt: skip
+    for name in (
+        "cara_time_to_first_token_seconds",
+        "cara_time_per_output_token_seconds",
+        "cara_e2e_request_latency_seconds",
+        "cara_http_requests",
+        "cara_requests_waiting",
+        "cara_requests_running",
+        "cara_lora_tier_hits",
+        "cara_lora_tier_misses",
+        "cara_lora_load_seconds",
+        "cara_cpu_assist_prefills",
+        "cara_adapter_requests_running",
+        "vllm:num_requests_waiting",
+    ):
         assert name in fams, name
     info = fams["vllm:lora_requests_info"].samples[0]
     assert set(info.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
     assert info.labels["max_lora"] == str(srv.state.engine.pool.config.max_adapters - 1)
     ttft = {s.name: s.value for s in fams["cara_time_to_first_token_seconds"].samples}
     assert ttft["cara_time_to_first_token_seconds_count"] > 0
-    statuses = {s.labels["status"] for s in fams["cara_http_requests"].samples
-                if s.name.endswith("_total")}  # fmt: skip
+    statuses = {
+        s.labels["status"] for s in fams["cara_http_requests"].samples if s.name.endswith("_total")
+    }
     assert "200" in statuses
-    tiers = {s.labels["tier"]: s.value for s in fams["cara_lora_tier_hits"].samples
-             if s.name.endswith("_total")}  # fmt: skip
+    tiers = {
+        s.labels["tier"]: s.value
+        for s in fams["cara_lora_tier_hits"].samples
+        if s.name.endswith("_total")
+    }
     assert set(tiers) == {"device", "host"} and tiers["device"] > 0
     loads = {s.labels["adapter"] for s in fams["cara_lora_load_seconds"].samples}
     assert {"demo-0", "demo-1"} <= loads
@@ -534,22 +642,52 @@ def test_metrics_parse(srv):
 
 def test_openapi_schemathesis_no_5xx(srv, tmp_path):
     spec = json.loads(get(srv.url + "/openapi.json")[1])
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
-            "/v1/unload_lora_adapter", "/health", "/metrics"} <= set(spec["paths"])  # fmt: skip
+    assert {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/health",
+        "/metrics",
+    } <= set(spec["paths"])
     exe = Path(sys.executable).parent / "schemathesis"
     # Fuzz every operation on an app whose queue admits nothing: parsing, validation, model
     # lookup and adapter paths all run, and a valid generation answers 429 instead of
     # spending model time. The documented examples then run on the serving app for real.
     side = side_app(srv, max_queue=0)
-    common = [str(exe), "run", "--checks", "not_a_server_error,status_code_conformance,"
-              "content_type_conformance,response_schema_conformance", "--seed", "1",
-              "--no-shrink", "--request-timeout", "60", "--warnings", "off"]  # fmt: skip
+    common = [
+        str(exe),
+        "run",
+        "--checks",
+        "not_a_server_error,status_code_conformance,"
+        "content_type_conformance,response_schema_conformance",
+        "--seed",
+        "1",
+        "--no-shrink",
+        "--request-timeout",
+        "60",
+        "--warnings",
+        "off",
+    ]
     runs = [
-        [*common, side.url + "/openapi.json", "--phases", "examples,coverage,fuzzing",
-         "--max-examples", "25"],
-        [*common, srv.url + "/openapi.json", "--phases", "examples", "--exclude-path",
-         "/v1/unload_lora_adapter"],
-    ]  # fmt: skip
+        [
+            *common,
+            side.url + "/openapi.json",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--max-examples",
+            "25",
+        ],
+        [
+            *common,
+            srv.url + "/openapi.json",
+            "--phases",
+            "examples",
+            "--exclude-path",
+            "/v1/unload_lora_adapter",
+        ],
+    ]
     try:
         for cmd in runs:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
@@ -566,9 +704,19 @@ def test_cli_parsing_and_engine_passthrough(srv, tmp_path):
     assert byte_size("512M") == 512 << 20 and byte_size("1.5G") == 3 << 29
     assert byte_size("4GiB") == 4 << 30 and byte_size("100") == 100
     assert lora_spec("a=/x/y") == ("a", "/x/y")
-    args = build_parser().parse_args(["--cold-start", "teleport", "--lora-kernel", "mbgmv",
-                                      "--max-loras", "7", "--device-lora-bytes", "64M"])
-    cfg = _engine_config(args)  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "--cold-start",
+            "teleport",
+            "--lora-kernel",
+            "mbgmv",
+            "--max-loras",
+            "7",
+            "--device-lora-bytes",
+            "64M",
+        ]
+    )
+    cfg = _engine_config(args)
     assert cfg.cold_start == "teleport" and cfg.lora_strategy == "mbgmv"
     assert cfg.pool.max_adapters == 8 and cfg.pool.budget_bytes == 64 << 20
     from cara_jax.engine import Engine
@@ -581,3 +729,29 @@ def test_cli_parsing_and_engine_passthrough(srv, tmp_path):
     for name in a:  # seeded: the same bytes on every machine and run
         fa, fb = (x[name] / "adapter_model.safetensors" for x in (a, b))
         assert fa.read_bytes() == fb.read_bytes()
+
+
+@pytest.mark.slow
+def test_schemathesis_serving_app_longer(srv, tmp_path):
+    """Fuzz the serving app itself (real generations), with more examples per operation."""
+    exe = Path(sys.executable).parent / "schemathesis"
+    cmd = [
+        str(exe),
+        "run",
+        srv.url + "/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "60",
+        "--seed",
+        "2",
+        "--request-timeout",
+        "300",
+        "--exclude-path",
+        "/v1/unload_lora_adapter",
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
+    assert {"demo-0", "demo-1"} <= set(srv.state.adapters.registered())
