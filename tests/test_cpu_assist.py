@@ -72,6 +72,7 @@ def reference(smollm, smol_tok, smol_adapters):
     return ref
 
 
+@pytest.mark.slow
 def test_sync_matches_cached(smollm, smol_tok, smol_adapters, reference):
     eng = _engine(smollm, smol_tok, smol_adapters, "sync")
     assert _run(eng, REQS) == reference
@@ -124,7 +125,7 @@ def _make_cold(eng, names, ready_groups, gate):
 @pytest.mark.parametrize(
     "cold, ready_groups",
     [
-        (("c0", "c1", "c2"), 0),
+        pytest.param(("c0", "c1", "c2"), 0, marks=pytest.mark.slow),
         (("c0",), 1),
         pytest.param(("c2",), 2, marks=pytest.mark.slow),
         pytest.param(("c1",), 3, marks=pytest.mark.slow),
