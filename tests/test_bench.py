@@ -368,9 +368,10 @@ def test_experiment_skips_an_unavailable_system(tmp_path, monkeypatch):
 
     class Missing(_FakeSystem):
         def start(self, adapters, max_context):
-            raise SystemUnavailable("not built here")
+            raise SystemUnavailable(f"not built here ({ROOT / 'build'})")
 
     monkeypatch.setattr(experiments, "model_config", _tiny_cfg)
+    monkeypatch.chdir(ROOT)  # the repo root is what the report must not name
     monkeypatch.setattr(
         experiments,
         "make_system",
@@ -390,8 +391,12 @@ def test_experiment_skips_an_unavailable_system(tmp_path, monkeypatch):
         ]
     )
     rep = experiments.run_cli(args)
-    assert rep["skipped"] == {"llama.cpp": "not built here"}
-    assert "Skipped llama.cpp: not built here" in (tmp_path / "serving_quick.md").read_text()
+    assert list(rep["skipped"]) == ["llama.cpp"]
+    assert (
+        "Skipped llama.cpp: not built here (<repo>/build)"
+        in (tmp_path / "serving_quick.md").read_text()
+    )  # the report names no local path
+    assert str(ROOT) not in (tmp_path / "serving_quick.json").read_text()
 
 
 def test_cold_start_plan_has_three_modes():

@@ -319,7 +319,7 @@ def test_aging_admits_a_starved_request_first():
     d = policy.select(running, waiting, free_slots=4, now=1.0)
     assert d.admitted == [0]  # big does not fit and has waited 1 s only
     d = policy.select(running, waiting, free_slots=4, now=2.5)
-    assert d.admitted[0] == 1 and d.forced == [1]  # waited 2.5 s: in first, whatever its rank
+    assert d.admitted[0] == 1 and d.forced == d.aged == [1]  # waited 2.5 s: first, any rank
     assert d.predicted_step_s > d.bound_s  # it did break the SLO: that is the price of aging
     assert 0 not in d.admitted  # after it, the small one no longer fits
     d = policy.select(running, waiting, free_slots=1, now=2.5, max_new=1)
@@ -330,7 +330,7 @@ def test_empty_instance_takes_the_oldest_request():
     cost = linear_model("bgmv", a_ms=1.0, b_ms=30.0, base_ms=10.0)  # rank 64 alone breaks it
     policy = AdmissionPolicy(cost)
     d = policy.select([], [WaitingInfo("b", 8, 0.5), WaitingInfo("a", 64, 0.1)], 4, now=0.6)
-    assert d.admitted[0] == 1 and d.forced == [1]
+    assert d.admitted[0] == 1 and d.forced == [1] and d.aged == []
 
 
 def test_bounded_queue_raises():

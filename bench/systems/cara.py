@@ -74,7 +74,7 @@ class CaraSystem:
         warm_ranks = sorted(set(ranks.values())) or [8]
         warm = {f"_warmup{i}": r for i, r in enumerate(warm_ranks)}
         # The pool holds only the targeted projections. cached mode pins every adapter, so its
-        # pool fits them all; the other modes get room for every adapter too, up to what four
+        # pool fits them all; the other modes get room for every adapter too, up to what three
         # full batches of the largest rank need (beyond that, LRU eviction as a server does).
         shapes = loaded.cfg.projection_shapes()
         projs = tuple(p for p in shapes if p in targets) or tuple(shapes)
@@ -83,10 +83,14 @@ class CaraSystem:
         rows = sum(ranks.values()) + sum(warm.values()) + 64
         n_adapters = len(adapters) + len(warm)
         if o.cold_start != "cached":
-            rows = min(rows, 4 * o.num_slots * top + sum(warm.values()))
-            n_adapters = min(n_adapters, 4 * o.num_slots + len(warm))
+            rows = min(rows, 3 * o.num_slots * top + sum(warm.values()))
+            n_adapters = min(n_adapters, 3 * o.num_slots + len(warm))
+        if o.pool_rows:  # a fixed shape, or the next power of two that fits
+            rows = o.pool_rows if rows <= o.pool_rows else _pow2_at_least(rows, o.pool_rows)
+        if o.pool_slots:
+            n_adapters = max(o.pool_slots, _pow2_at_least(n_adapters + 2, 16)) - 2
         pool = PoolConfig(
-            budget_bytes=o.pool_budget_bytes or rows * per_row,
+            budget_bytes=rows * per_row,
             max_adapters=n_adapters + 2,
             # the largest rank is the top LoRA bucket: a larger max_rank adds a bucket, and every
             # bucket multiplies the compiled step variants

@@ -48,7 +48,11 @@ class RunOptions:
     max_prefill_batch: int = 8
     link_gbps: float | None = None  # emulated host->device link (None: memcpy speed)
     host_budget_bytes: int | None = None  # small: adapters are re-read from disk (disk tier)
-    pool_budget_bytes: int | None = None  # device pool; None: sized from the adapters
+    # Device pool shape (rank rows per projection, adapter slots); None: sized from the adapters.
+    # The pool's shape is part of every compiled step, so experiments that share one shape share
+    # their compiled variants through the persistent compilation cache.
+    pool_rows: int | None = None
+    pool_slots: int | None = None
     cpu_workers: int = 2
     warmup_requests: int = 16  # untimed requests before the timed replay (first-use costs)
     # HF transformers + PEFT

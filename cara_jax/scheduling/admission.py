@@ -29,7 +29,7 @@ does not fit is skipped (a smaller rank behind it may fit). Two exceptions admit
 whatever its predicted step: *aging* (a request that has waited ``max_wait_s`` or more goes
 first, oldest first, so a large rank never starves) and an *empty instance* (with nothing
 running and nothing admitted, the oldest request goes: waiting cannot make its step faster).
-Both are reported in ``AdmissionDecision.forced``. The queue itself is bounded: ``WaitQueue``
+Both are reported in ``AdmissionDecision.forced`` (aging alone in ``aged``). The queue itself is bounded: ``WaitQueue``
 raises ``QueueFullError`` at ``max_queue`` requests (the server answers 429).
 """
 
@@ -96,6 +96,7 @@ class AdmissionDecision:
     forced: list[int]  # the admitted ones let in by aging or an empty instance
     predicted_step_s: float  # predicted TPOT of running + admitted (see predicted_tpot)
     bound_s: float  # tightest SLO of that batch after headroom (inf for an empty batch)
+    aged: list[int] = dataclasses.field(default_factory=list)  # forced by aging alone
 
 
 class AdmissionPolicy:
@@ -168,6 +169,7 @@ class AdmissionPolicy:
         admitted: list[int] = []
         taken: set[int] = set()
         forced: list[int] = []
+        aged: list[int] = []
 
         def take(i: int) -> None:
             nonlocal n, mx, total, explicit, any_default, stall
@@ -188,6 +190,7 @@ class AdmissionPolicy:
             if now - waiting[i].arrival >= self.config.max_wait_s:
                 take(i)
                 forced.append(i)
+                aged.append(i)
         # then the rest, oldest first, each only if the whole batch stays within its SLOs
         # per SLO value: the smallest (rank, prompt tokens) that did not fit this batch
         failed: dict[float | None, tuple[int, int]] = {}
@@ -215,12 +218,12 @@ class AdmissionPolicy:
             )  # fmt: skip
             if t <= b:
                 take(i)
-                failed.clear()  # the batch changed: earlier failures may fit now
+                failed.clear()  # the batch changed: check the candidates after it afresh
             elif f is None or (w.rank, w.prompt_tokens) < f:
                 failed[w.slo_s] = (w.rank, w.prompt_tokens)
         step = self.predict(n, mx, total, stall)
         bound = self.bound(n, explicit, any_default) if n else math.inf
-        return AdmissionDecision(admitted, forced, step, bound)
+        return AdmissionDecision(admitted, forced, step, bound, aged)
 
 
 def predicted_tpot(

@@ -92,7 +92,7 @@ class InstanceState:
     """What one instance publishes to the router.
 
     ``summary`` may be given by a caller that keeps running sums (a simulator); otherwise it
-    is computed from ``running`` + ``queued``.
+    is computed from ``running`` + ``queued`` on first use (publish a fresh state per route).
     """
 
     cost: CostModel
