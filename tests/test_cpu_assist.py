@@ -188,6 +188,7 @@ def _serve(eng, gate, steps_held=3):
     return [toks[i] for i in ids]
 
 
+@pytest.mark.slow
 def test_worker_faults(smollm, smol_tok, smol_adapters, reference, caplog):
     """A hung worker: its requests fall back to a synchronous load, nothing lost. Killed
     workers: replaced before the next job, the prefill is CPU-assisted as usual. Shutdown
