@@ -7,10 +7,11 @@ batch, and the coefficients belong to one device, model, dtype and kernel, so th
 where the server runs. This builds a real Engine (random PEFT adapters of each rank written to a
 temporary folder and pinned on the device), drives its runner over a grid of decode batches
 (batch size x rank mix x kernel, plus base-model batches) and prefills (prompt length x rank),
-times each step to its tokens (``block_until_ready``; median of repeats after warm-up), fits
-the models of cost_model.py and saves them. Compiling a step variant takes 10-30 s on a small
-CPU, and the grid is chosen so that few variants are needed: a few minutes in all (``--quick``:
-about seven variants, for tests).
+times each step to its tokens (``block_until_ready``) in interleaved rounds after a warm-up
+call, fits the models of cost_model.py on the minimum (``--stat``) of the repeats and saves
+them. Compiling a step variant takes 10-35 s on a 2-core CPU and the grid needs about 25, so a
+cold run took 14 minutes there under load (``--compile-cache``: 6 for a rerun; ``--quick``:
+seven variants, for tests). ``--refit FILE`` refits the samples a file already holds.
 
 Caveats: decode runs at one KV length (the cost model ignores context length), and a batch
 reuses ``--adapters-per-rank`` distinct adapters per rank (rows beyond that share adapters).
