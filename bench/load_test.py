@@ -268,7 +268,7 @@ def main() -> None:
     ttfts = [o.ttft for o in done if o.ttft is not None]
     tokens = sum(o.tokens for o in done)
     data = {
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},  # no machine paths
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
         "startup_s": round(startup, 1),
@@ -309,8 +309,10 @@ def main() -> None:
         f"| {'yes' if data['engine_idle_after'] else 'NO'} |",
         "",
         f"Hung = no byte for {args.hang_timeout:.0f} s (queued streams get SSE keep-alive "
-        f"comments) or not finished {args.grace:.0f} s after the end. TTFT is dominated by "
-        "queueing: the clients outnumber the slots.",
+        f"comments) or not finished {args.grace:.0f} s after the end. TTFT includes the wait "
+        f"for a slot ({args.clients} clients, {args.num_slots} slots) and admission at one "
+        "prefill step per step; with `cover` warm-up every step runs the largest compiled "
+        "shape, so on a CPU the numbers measure robustness, not speed.",
     ]
     if failures:
         lines += ["", "Failure samples:", *[f"- {w}" for w in failures[:10]]]
