@@ -111,6 +111,21 @@ def _attend_decode(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     return out.astype(q.dtype).reshape(b, 1, h, d)
 
 
+def _scatter_rows(
+    rows: jax.Array, k: jax.Array, v: jax.Array, num_slots: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pad a one-row cache write to two rows, the second out of bounds (dropped).
+
+    XLA simplifies a single-index scatter into a dynamic-update-slice, and XLA:CPU then copies
+    the whole donated cache buffer every step (measured: 270 ms per decode step at 16 slots x 2048
+    positions against 0.4 ms with two rows). A second, dropped row keeps it a scatter, in place.
+    """
+    if rows.shape[0] != 1:
+        return rows, k, v
+    rows = jnp.concatenate([rows, jnp.full((1,), num_slots, rows.dtype)])
+    return rows, jnp.concatenate([k, k]), jnp.concatenate([v, v])
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -143,16 +158,18 @@ class Attention(nnx.Module):
         v = v.astype(v_cache.dtype).transpose(0, 2, 1, 3)
         if isinstance(meta, PrefillMeta):
             # Write positions [0, T) of each prompt's slot; attend within the prompt only.
-            k_cache = k_cache.at[meta.slots, :, :t].set(k, mode="drop")
-            v_cache = v_cache.at[meta.slots, :, :t].set(v, mode="drop")
+            slots, kw, vw = _scatter_rows(meta.slots, k, v, k_cache.shape[0])
+            k_cache = k_cache.at[slots, :, :t].set(kw, mode="drop")
+            v_cache = v_cache.at[slots, :, :t].set(vw, mode="drop")
             pos = jnp.arange(t)
             causal = pos[None, :, None] >= pos[None, None, :]
             valid = pos[None, None, :] < meta.lengths[:, None, None]
             out = _attend(q, k, v, causal & valid)
         else:
-            rows = jnp.arange(b)
-            k_cache = k_cache.at[rows, :, meta.positions].set(k[:, :, 0], mode="drop")
-            v_cache = v_cache.at[rows, :, meta.positions].set(v[:, :, 0], mode="drop")
+            rows, kw, vw = _scatter_rows(jnp.arange(b), k[:, :, 0], v[:, :, 0], k_cache.shape[0])
+            positions = jnp.pad(meta.positions, (0, rows.shape[0] - b))
+            k_cache = k_cache.at[rows, :, positions].set(kw, mode="drop")
+            v_cache = v_cache.at[rows, :, positions].set(vw, mode="drop")
             keys = k_cache[:b, :, : meta.kv_len]
             vals = v_cache[:b, :, : meta.kv_len]
             mask = jnp.arange(meta.kv_len)[None, None, :] <= meta.positions[:, None, None]
