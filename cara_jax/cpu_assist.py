@@ -51,7 +51,11 @@ class CpuDeltaSource(Protocol):
     """What the CPU worker pool offers (see cpu_lora.workers)."""
 
     def submit(
-        self, segments: list[tuple[int, int, str]], layer: int, projs: tuple[str, ...], x: np.ndarray
+        self,
+        segments: list[tuple[int, int, str]],
+        layer: int,
+        projs: tuple[str, ...],
+        x: np.ndarray,
     ) -> CpuTicket: ...
 
 

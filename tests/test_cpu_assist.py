@@ -151,8 +151,14 @@ def test_cpu_assist_matches_cached_at_every_group_boundary(
         for _ in range(3):  # admission + the CPU-assisted prefill + decode, loads still held
             for o in eng.step():
                 toks[o.request_id] += o.token_ids
-        n_assisted = eng.cpu_stats["cara_cpu_assist_prefills_total"] - before["cara_cpu_assist_prefills_total"]
-        cpu_layers = eng.cpu_stats["cara_cpu_lora_layers_cpu_total"] - before["cara_cpu_lora_layers_cpu_total"]
+        n_assisted = (
+            eng.cpu_stats["cara_cpu_assist_prefills_total"]
+            - before["cara_cpu_assist_prefills_total"]
+        )
+        cpu_layers = (
+            eng.cpu_stats["cara_cpu_lora_layers_cpu_total"]
+            - before["cara_cpu_lora_layers_cpu_total"]
+        )
         if ready_groups < 3:
             assert n_assisted == len(cold)
             # 30 layers in 3 groups: the first cold adapter has ready_groups, the others none

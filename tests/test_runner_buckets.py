@@ -53,7 +53,6 @@ def test_prompt_too_long(tiny):
     assert len(generate_tokens(runner, [[5] * 8], 4)[0].token_ids) == 4
 
 
-
 def test_one_row_decode_updates_cache_in_place(smollm):
     """A one-row decode step must not copy the donated KV cache.
 
