@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from cara_jax import cpu_assist
@@ -31,6 +32,8 @@ from cara_jax.kv_cache import SlotAllocator
 from cara_jax.runner import ModelRunner, PromptTooLongError, RunnerConfig
 from cara_jax.sampler import SamplingArrays, token_logprobs
 from cara_jax.sampling_params import MAX_LOGPROBS, InvalidRequestError, SamplingParams
+from cara_jax.scheduler import Scheduler, SchedulerConfig
+from cara_jax.scheduling.admission import QueueFullError
 from cara_jax.sequence import RequestOutput, SeqStatus, Sequence
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import LoadedModel
@@ -57,6 +60,9 @@ class EngineConfig:
     min_kv_bucket: int = 128
     max_step_records: int = 10_000
     max_request_records: int = 10_000
+    # admission: fifo, or slo (rank-aware, needs a profiled cost model); see scheduler.py
+    scheduler: SchedulerConfig = SchedulerConfig()
+    max_queue: int | None = None  # waiting requests beyond which add_request raises QueueFullError
 
 
 @dataclasses.dataclass
@@ -127,6 +133,7 @@ class Engine:
             cpu_assist=cfg.cold_start == "cpu_assist",
         )
         self.runner = ModelRunner(loaded, rc, pool=self.pool, lora_strategy=cfg.lora_strategy)
+        self.scheduler = Scheduler(cfg.scheduler, cfg.lora_strategy, jax.default_backend())
         self.max_len = self.runner.max_len
         self.slots = SlotAllocator(cfg.num_slots)
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -216,9 +223,10 @@ class Engine:
             )
         if any(not 0 <= t < self.loaded.cfg.vocab_size for t in ids):
             raise InvalidRequestError("prompt token id out of the vocabulary", "prompt")
-        content_hash = None
+        content_hash, rank = None, 0
         if adapter is not None:
-            content_hash = self.registry.entry(adapter).content_hash  # UnknownAdapterError
+            entry = self.registry.entry(adapter)  # UnknownAdapterError
+            content_hash, rank = entry.content_hash, entry.max_rank
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(
             request_id=rid,
@@ -229,10 +237,13 @@ class Engine:
             eos_ids=frozenset(self.tokenizer.eos_token_ids),
             adapter_name=adapter,
             content_hash=content_hash,
+            rank=rank,
         )
         with self.lock:
             if rid in self.requests:
                 raise InvalidRequestError(f"duplicate request id {rid!r}", "request_id")
+            if self.config.max_queue is not None and len(self.waiting) >= self.config.max_queue:
+                raise QueueFullError(self.config.max_queue)
             self.requests[rid] = seq
             self.waiting.append(seq)
         return rid
@@ -305,7 +316,10 @@ class Engine:
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
-        for seq in list(self.waiting):
+        cap = min(self.config.max_prefill_batch, self.slots.num_free)
+        if cap == 0 or not self.waiting:
+            return admitted
+        for seq in self.scheduler.candidates(self.running.values(), list(self.waiting), cap, cap):
             if len(admitted) >= self.config.max_prefill_batch or self.slots.num_free == 0:
                 break
             try:
@@ -469,6 +483,23 @@ class Engine:
         seq.slot, seq.pos, seq.status = -1, 0, SeqStatus.WAITING
         seq.cpu_assist, seq.no_cpu_assist = False, True
         self.waiting.appendleft(seq)
+
+    def scheduler_state(self) -> dict:
+        """Running and queued requests with their ranks and SLOs: what a router weighs."""
+
+        def info(s: Sequence) -> dict:
+            return {
+                "rank": s.rank,
+                "prompt_tokens": len(s.prompt_ids),
+                "slo_s": s.params.tpot_slo,
+                "adapter": s.adapter_name,
+            }
+
+        with self.lock:
+            running = [info(s) for s in self.running.values()]
+            queued = [info(s) for s in self.waiting]
+            free = self.slots.num_free
+        return {"running": running, "queued": queued, "free_slots": free}
 
     def cpu_assist_stats(self) -> dict[str, float]:
         """Counters for metrics: CPU-assisted prefills, layers by path, CPU seconds."""

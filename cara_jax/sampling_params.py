@@ -34,6 +34,9 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # None: off; k: the chosen token's log-prob plus the top k
+    # scheduling, not sampling: this request's time-per-output-token SLO in seconds (None: the
+    # engine's default). Rank-aware admission keeps every running request inside its SLO.
+    tpot_slo: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +62,7 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
             (self.n == 1, "n", "only n=1 is supported; send several requests instead"),
+            (self.tpot_slo is None or self.tpot_slo > 0, "tpot_slo", "must be > 0 seconds"),
         ]
         for ok, field, why in checks:
             if not ok:

@@ -41,6 +41,7 @@ class Sequence:
     adapter_name: str | None = None
     content_hash: str | None = None  # adapter content this sequence holds
     adapter_slot: int = 0  # device-pool slot (0 = base model)
+    rank: int = 0  # the adapter's max LoRA rank (0 = base model): what scheduling counts
     acquired: bool = False
     status: SeqStatus = SeqStatus.WAITING
     slot: int = -1  # KV-cache slot

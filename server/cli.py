@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import re
@@ -208,14 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--tpot-slo",
-        type=float,
+        type=positive(float),
         metavar="SECONDS",
-        help="time-per-output-token SLO (metrics now; the scheduler later)",
+        help="default time-per-output-token SLO (default: 1.5x the base model's step at the "
+        "batch size, from the cost model); a request may send its own `tpot_slo`",
     )
     s.add_argument(
         "--cost-model",
         metavar="FILE",
-        help="profiled decode cost model (JSON) for the rank-aware scheduler",
+        help="profiled cost models (JSON, from `cara-jax profile`) for rank-aware admission",
+    )
+    s.add_argument(
+        "--admission",
+        choices=["auto", "fifo", "slo"],
+        default="auto",
+        help="which waiting requests join the batch: fifo, or slo (rank-aware, keeps running "
+        "requests inside their TPOT SLO; needs --cost-model). auto: slo with a cost model",
+    )
+    s.add_argument(
+        "--max-wait",
+        type=positive(float),
+        default=2.0,
+        metavar="SECONDS",
+        help="slo admission: a request waiting this long is admitted whatever its rank",
     )
 
     h = p.add_argument_group("http")
@@ -253,8 +267,8 @@ def _engine_config(args: argparse.Namespace):
     """EngineConfig from the flags; fields the engine does not have yet are kept by the server."""
     from cara_jax.adapters.device_pool import PoolConfig
     from cara_jax.engine import EngineConfig
+    from cara_jax.scheduler import SchedulerConfig
 
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
     cfg = dict(
         num_slots=args.num_slots,
         max_len=args.max_len,
@@ -269,8 +283,17 @@ def _engine_config(args: argparse.Namespace):
             max_rank=args.max_lora_rank,
         ),
     )
-    extra = {"cost_model": args.cost_model, "tpot_slo": args.tpot_slo}
-    cfg.update({k: v for k, v in extra.items() if k in fields and v is not None})
+    admission = args.admission
+    if admission == "auto":
+        admission = "slo" if args.cost_model else "fifo"
+    if admission == "slo" and not args.cost_model:
+        raise SystemExit("cara-serve: --admission slo needs --cost-model FILE (cara-jax profile)")
+    cfg["scheduler"] = SchedulerConfig(
+        admission=admission,
+        cost_model=args.cost_model,
+        tpot_slo=args.tpot_slo,
+        max_wait_s=args.max_wait,
+    )
     return EngineConfig(**cfg)
 
 

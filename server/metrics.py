@@ -213,6 +213,10 @@ class EngineCollector(Collector):
         yield c
 
         yield from _cpu_assist_metrics(eng)
+        for name, value in sorted(eng.scheduler.stats.items()):
+            c = CounterMetricFamily(name[: -len("_total")], f"Admission: {name}")
+            c.add_metric([], value)
+            yield c
 
 
 def _cpu_assist_metrics(engine) -> Iterator[Metric]:

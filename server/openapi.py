@@ -65,6 +65,13 @@ def _sampling_fields() -> dict[str, Any]:
         ),
         "stop_token_ids": _nullable({"type": "array", "items": {"type": "integer"}}),
         "ignore_eos": _nullable({"type": "boolean"}),
+        "tpot_slo": _nullable(
+            {
+                **num,
+                "exclusiveMinimum": 0,
+                "description": "cara-jax: this request's time-per-output-token SLO in seconds",
+            }
+        ),
         "n": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_N}),
         "stream": _nullable({"type": "boolean"}),
         "stream_options": _nullable(
@@ -464,6 +471,19 @@ def openapi_spec(state: ServerState) -> dict:
                     "responses": {
                         "200": {"description": "Serving", "content": _json(_ref("Health"))},
                         "503": {"description": "Not serving", "content": _json(_ref("Health"))},
+                    },
+                }
+            },
+            "/v1/scheduler/state": {
+                "get": {
+                    "summary": "Running and queued requests with LoRA ranks and SLOs, the cost "
+                    "model and the adapters served: what a rank-aware router reads",
+                    "responses": {
+                        "200": {
+                            "description": "Scheduler state",
+                            "content": _json({"type": "object"}),
+                        },
+                        **_errors(401),
                     },
                 }
             },

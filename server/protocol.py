@@ -99,8 +99,10 @@ def _kind_names(kinds: tuple) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _num(body: dict, key: str, default: float) -> float:
+def _num(body: dict, key: str, default: float | None) -> float | None:
     v = _field(body, key, (int, float), default)
+    if v is None:
+        return None
     try:
         return float(v)
     except OverflowError as e:  # a huge JSON integer
@@ -198,6 +200,7 @@ def _sampling(body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None)
             stop_token_ids=tuple(t for t in stop_ids if 0 <= t < tok_vocab),
             ignore_eos=_bool(body, "ignore_eos", False),
             logprobs=logprobs,
+            tpot_slo=_num(body, "tpot_slo", None),
         )
     except InvalidRequestError as e:
         raise bad(f"`{e.param}`: {e}", e.param) from e

@@ -22,6 +22,7 @@ from cara_jax.runner import PromptTooLongError
 from cara_jax.sampling_params import InvalidRequestError
 from cara_jax.sequence import RequestOutput
 from server.app import STATE, ServerState
+from server.instance_state import add_state_route
 from server.openapi import openapi_spec
 from server.protocol import (
     ApiError,
@@ -544,3 +545,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    add_state_route(app)

@@ -602,7 +602,8 @@ def test_graceful_shutdown_drains(srv):
 
 
 def test_metrics_parse(srv):
-    srv.client().completions.create(model="demo-0", prompt="Hi", max_tokens=2)
+    for _ in range(2):  # the second finds the adapter on the device (a hit, whatever ran before)
+        srv.client().completions.create(model="demo-0", prompt="Hi", max_tokens=2)
     status, text = get(srv.url + "/metrics")
     assert status == 200
     fams = {f.name: f for f in text_string_to_metric_families(text)}
@@ -729,6 +730,32 @@ def test_cli_parsing_and_engine_passthrough(srv, tmp_path):
     for name in a:  # seeded: the same bytes on every machine and run
         fa, fb = (x[name] / "adapter_model.safetensors" for x in (a, b))
         assert fa.read_bytes() == fb.read_bytes()
+
+
+def test_scheduler_state_and_request_slo(srv):
+    """What a router reads (GET /v1/scheduler/state), and the per-request `tpot_slo` field."""
+    status, text = get(srv.url + "/v1/scheduler/state")
+    state = json.loads(text)
+    assert status == 200 and state["object"] == "scheduler_state"
+    assert state["model"] == srv.base and state["kernel"] == "bgmv"
+    assert state["admission"] == "fifo" and state["cost_model"] is None
+    assert state["adapters"] and all(r > 0 for r in state["adapters"].values())
+    assert state["free_slots"] == state["num_slots"] - len(state["running"])
+    name = next(iter(state["adapters"]))
+    body = {"model": name, "prompt": "Hi", "max_tokens": 2, "temperature": 0, "tpot_slo": 0.5}
+    status, _, out = post(srv.url + "/v1/completions", body)
+    assert status == 200 and out["usage"]["completion_tokens"] == 2
+    for bad in (0, -1, "fast"):
+        status, _, out = post(srv.url + "/v1/completions", {**body, "tpot_slo": bad})
+        assert status == 400
+        assert_error(out)
+        assert out["error"]["param"] == "tpot_slo"
+    args = build_parser().parse_args(["--admission", "slo"])
+    with pytest.raises(SystemExit, match="cost-model"):
+        _engine_config(args)
+    args = build_parser().parse_args(["--cost-model", "models.json", "--tpot-slo", "0.2"])
+    sched = _engine_config(args).scheduler
+    assert sched.admission == "slo" and sched.tpot_slo == 0.2  # auto: slo with a cost model
 
 
 @pytest.mark.slow

@@ -1,0 +1,42 @@
+"""GET /v1/scheduler/state: what this instance publishes to a router (docs/router.md).
+
+A router runs CaraServe's Algorithm 1 over its instances: it needs each one's running and queued
+requests with their LoRA ranks and SLOs, its kernel's cost model, and the adapters it serves by
+name (with their ranks, so a request's rank is known before it is routed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from server.app import STATE
+
+
+async def scheduler_state(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    engine = state.engine
+    sched = engine.scheduler
+    cost = None
+    if sched.cost is not None:
+        cost = {k: v for k, v in sched.cost.to_dict().items() if k != "samples"}
+    body = {
+        "object": "scheduler_state",
+        "model": state.base_name,
+        "served_names": list(state.config.served_names),
+        "kernel": engine.config.lora_strategy,
+        "admission": sched.config.admission,
+        "num_slots": engine.config.num_slots,
+        "max_queue": state.config.max_queue,
+        "tpot_slo_s": sched.config.tpot_slo,
+        "cost_model": cost,
+        "adapters": {name: e.max_rank for name, e in state.adapters.registered().items()},
+        # the engine lock may be held for a step: read it off the event loop
+        **(await asyncio.to_thread(engine.scheduler_state)),
+    }
+    return web.json_response(body)
+
+
+def add_state_route(app: web.Application) -> None:
+    app.router.add_get("/v1/scheduler/state", scheduler_state)

@@ -1,0 +1,649 @@
+"""`cara-router`: one OpenAI-compatible endpoint in front of N cara-serve instances.
+
+For each completion or chat request the router reads the instances' scheduler states
+(router_state.py), turns them into ``InstanceState``s and lets a routing policy of
+cara_jax/scheduling/router.py pick the instance: CaraServe's Algorithm 1 (``rank_aware``) or a
+baseline. The body goes to that instance unchanged, and its answer comes back unchanged: JSON
+with the instance's status code, errors with their headers (429 keeps Retry-After), and SSE
+streams chunk by chunk as they arrive. A client that goes away closes the upstream connection,
+which makes the instance cancel the sequence. See docs/router.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from cara_jax.scheduling.cost_model import CostModel, load_cost_models
+from cara_jax.scheduling.router import (
+    POLICIES,
+    FirstFitRouter,
+    InstanceState,
+    RequestInfo,
+    make_router,
+)
+from server.protocol import ApiError, bad, error_body, read_json_object
+from server.router_state import Instance, InstancePool, Snapshot, describe_error
+
+log = logging.getLogger("cara_router")
+MAX_BODY = 16 << 20
+COST_POLICIES = ("rank_aware", "first_fit_slo")  # policies that predict step latencies
+CHARS_PER_TOKEN = 4  # the prompt-token estimate (docs/router.md)
+ROUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Failures before any byte of an answer: the instance is unreachable, try another one.
+UNREACHABLE = (
+    aiohttp.ClientOSError,
+    aiohttp.ConnectionTimeoutError,
+    aiohttp.ServerDisconnectedError,
+)
+PASS_HEADERS = (
+    "Content-Type",
+    "Retry-After",
+    "WWW-Authenticate",
+    "Cache-Control",
+    "X-Accel-Buffering",
+)
+
+
+class RouterConfigError(RuntimeError):
+    """The router cannot start as configured (message for the operator)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    instances: tuple[str, ...]  # base URLs of the cara-serve instances, e.g. http://host:8000
+    policy: str = "rank_aware"
+    cost_model: str | None = None  # JSON file, for instances that publish no cost model
+    avg_response_len: float = 128.0  # Algorithm 1 amortises a prefill over this many tokens
+    headroom: float = 0.0  # fraction of the SLO kept free
+    count_prefill_stalls: bool = False  # SLO check on the steady-state TPOT (admission's rule)
+    api_key: str | None = None  # required from clients on /v1/*, sent to the instances
+    request_timeout_s: float = 600.0  # a whole forwarded request, stream included
+    connect_timeout_s: float = 2.0
+    state_timeout_s: float = 1.0  # one state fetch
+    state_ttl_s: float = 0.05  # how long a fetched state serves routes
+    seed: int = 0  # the random policy's
+
+    def __post_init__(self) -> None:
+        if not self.instances:
+            raise RouterConfigError("give at least one instance URL (--instance)")
+        for u in self.instances:
+            if not u.startswith(("http://", "https://")):
+                raise RouterConfigError(f"instance URL {u!r} must start with http:// or https://")
+        if len({u.rstrip("/") for u in self.instances}) != len(self.instances):
+            raise RouterConfigError("an instance URL is given twice")
+        if self.policy not in POLICIES:
+            raise RouterConfigError(f"unknown policy {self.policy!r}; use one of {POLICIES}")
+        if self.avg_response_len <= 0 or not 0 <= self.headroom < 1:
+            raise RouterConfigError("need avg_response_len > 0 and 0 <= headroom < 1")
+
+
+# ---------------------------------------------------------------------------- request estimates
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of a message's content: a string, or text parts of a parts array."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(
+            len(p["text"])
+            for p in content
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return 0
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """Prompt tokens without a tokenizer: token-id prompts count exactly, text counts one token
+    per ``CHARS_PER_TOKEN`` characters (English BPE averages about four). Routing only needs
+    the order of magnitude; a body the instance will refuse counts as 0."""
+    prompt = body.get("prompt")
+    if prompt is not None:
+        items = prompt if isinstance(prompt, list) and not _is_ids(prompt) else [prompt]
+        total = 0
+        for p in items:
+            if isinstance(p, str):
+                total += len(p) // CHARS_PER_TOKEN
+            elif isinstance(p, list) and _is_ids(p):
+                total += len(p)
+        return total
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+        return chars // CHARS_PER_TOKEN
+    return 0
+
+
+def _is_ids(xs: list) -> bool:
+    return bool(xs) and all(isinstance(t, int) and not isinstance(t, bool) for t in xs)
+
+
+def request_slo(body: Mapping[str, Any]) -> float | None:
+    """The body's ``tpot_slo`` (seconds), if it is a valid one; the instance validates it."""
+    v = body.get("tpot_slo")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+        return float(v)
+    return None
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+class RouterMetrics:
+    def __init__(self, instances: list[Instance]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "cara_router_requests",
+            "Requests forwarded, by instance and policy",
+            ["instance", "policy"],
+            registry=r,
+        )
+        self.route = Histogram(
+            "cara_router_route_seconds",
+            "Time to pick an instance: state fetch (or cache) plus the policy",
+            buckets=ROUTE_BUCKETS,
+            registry=r,
+        )
+        self.up = Gauge(
+            "cara_router_instance_up",
+            "1 if the instance's last state fetch succeeded",
+            ["instance"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "cara_router_fallbacks",
+            "Requests sent to a second instance because the first was unreachable",
+            registry=r,
+        )
+        self.http = Counter(
+            "cara_router_http_requests",
+            "HTTP requests to the router by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        for inst in instances:
+            self.up.labels(inst.url).set(0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------------- the router
+
+
+def load_router_cost_models(path: str | Path) -> list[CostModel]:
+    try:
+        models = list(load_cost_models(path).values())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RouterConfigError(f"cannot read cost model file {path}: {e}") from e
+    if not models:
+        raise RouterConfigError(f"cost model file {path} holds no model")
+    return models
+
+
+class RouterState:
+    """What the handlers share: config, instances, the policy, the HTTP client, metrics."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.costs = load_router_cost_models(config.cost_model) if config.cost_model else []
+        self.session: aiohttp.ClientSession | None = None
+        self.pool = InstancePool(
+            config.instances,
+            lambda: self._session(),
+            headers=self._auth(None),
+            timeout_s=config.state_timeout_s,
+            ttl_s=config.state_ttl_s,
+            on_change=self._on_change,
+        )
+        self.metrics = RouterMetrics(self.pool.instances)
+        self.router = make_router(
+            config.policy,
+            seed=config.seed,
+            avg_response_len=config.avg_response_len,
+            headroom=config.headroom,
+            count_prefill_stalls=config.count_prefill_stalls,
+        )
+        self.decisions = 0
+        self.recent: collections.deque[dict] = collections.deque(maxlen=20)
+        self.started = time.time()
+
+    @property
+    def needs_cost(self) -> bool:
+        return self.config.policy in COST_POLICIES
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            raise RuntimeError("the router's HTTP client is not started")
+        return self.session
+
+    def _on_change(self, inst: Instance) -> None:
+        self.metrics.up.labels(inst.url).set(1 if inst.up else 0)
+
+    def _auth(self, request: web.Request | None) -> dict[str, str]:
+        """The router's key if it has one, else whatever the client sent."""
+        if self.config.api_key:
+            return {"Authorization": f"Bearer {self.config.api_key}"}
+        got = request.headers.get("Authorization") if request is not None else None
+        return {"Authorization": got} if got else {}
+
+    def cost_for(self, snap: Snapshot) -> CostModel | None:
+        """The instance's own cost model, else the router's for its kernel (one whose model
+        is among the instance's names if the file has several)."""
+        if snap.cost is not None:
+            return snap.cost
+        same = [c for c in self.costs if c.kernel == snap.kernel]
+        named = [c for c in same if c.model == snap.model or c.model in snap.served_names]
+        return (named or same or [None])[0]
+
+    def plan(
+        self, model: str | None, body: Mapping[str, Any], exclude: frozenset[int] = frozenset()
+    ) -> tuple[Instance, RequestInfo]:
+        """Pick the instance for a request (the policy over the eligible instances)."""
+        insts = self.pool.instances
+        usable = [i for i in insts if i.up and i.snapshot is not None and i.index not in exclude]
+        if not usable:
+            raise ApiError(
+                503, "no cara-serve instance is reachable", type="server_error", code="no_instance"
+            )
+        knows = [i for i in usable if i.snapshot.rank_of(model) is not None]
+        cands = knows or usable  # nobody knows the model: one may load it, or answer 404
+        if self.needs_cost:
+            cands = [i for i in cands if self.cost_for(i.snapshot) is not None]
+            if not cands:
+                raise ApiError(
+                    503,
+                    f"routing policy {self.config.policy} needs a cost model, and neither the "
+                    "instances nor the router have one (start cara-router with --cost-model)",
+                    type="server_error",
+                    code="no_cost_model",
+                )
+        room = [i for i in cands if not i.snapshot.queue_full]
+        eligible = {i.index for i in room or cands}  # all full: one answers 429 + Retry-After
+        ranks = [r for i in insts if i.index in eligible if (r := i.snapshot.rank_of(model))]
+        slo = request_slo(body)
+        if slo is None:  # the instances' default, where they agree on one
+            defaults = {i.snapshot.tpot_slo_s for i in insts if i.index in eligible}
+            slo = defaults.pop() if len(defaults) == 1 else None
+        info = RequestInfo(max(ranks, default=0), estimate_prompt_tokens(body), slo)
+        states = []
+        for inst in insts:
+            snap = inst.snapshot
+            if snap is None:
+                states.append(InstanceState(cost=None, eligible=False, name=inst.url))  # type: ignore[arg-type]
+                continue
+            states.append(
+                InstanceState(
+                    # None only for policies that never read it (COST_POLICIES checked above)
+                    cost=self.cost_for(snap),  # type: ignore[arg-type]
+                    running=snap.running,
+                    queued=(*snap.queued, *inst.unreported()),
+                    eligible=inst.index in eligible,
+                    name=inst.url,
+                )
+            )
+        if isinstance(self.router, FirstFitRouter):  # "full" = every slot of an instance busy
+            slots = [insts[i].snapshot.num_slots for i in eligible]
+            self.router.capacity = min((s for s in slots if s > 0), default=self.router.capacity)
+        return insts[self.router.route(info, states)], info
+
+    async def forward(
+        self, request: web.Request, inst: Instance, info: RequestInfo, raw: bytes
+    ) -> web.StreamResponse | None:
+        """Send the body to ``inst`` and relay its answer; None if it cannot be reached."""
+        key = self.pool.begin(inst, info)
+        self.metrics.requests.labels(inst.url, self.config.policy).inc()
+        headers = {"Content-Type": "application/json", **self._auth(request)}
+        timeout = aiohttp.ClientTimeout(
+            total=self.config.request_timeout_s, sock_connect=self.config.connect_timeout_s
+        )
+        up: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                up = await self._session().post(
+                    inst.url + request.path, data=raw, headers=headers, timeout=timeout
+                )
+            except UNREACHABLE as e:
+                self.pool.mark_down(inst, describe_error(e))
+                return None
+            except asyncio.TimeoutError as e:
+                raise _gateway_timeout(inst) from e
+            out_headers = {k: up.headers[k] for k in PASS_HEADERS if k in up.headers}
+            out_headers["X-Cara-Instance"] = inst.url
+            if up.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await _relay_stream(request, up, out_headers, inst)
+            try:
+                data = await up.read()
+            except asyncio.TimeoutError as e:
+                raise _gateway_timeout(inst) from e
+            except aiohttp.ClientError as e:
+                raise ApiError(
+                    502,
+                    f"instance {inst.url} failed mid-answer: {describe_error(e)}",
+                    type="server_error",
+                    code="upstream_error",
+                ) from e
+            if up.status >= 400 and not _is_error_body(data):
+                data = json.dumps(
+                    error_body(
+                        data.decode(errors="replace")[:500] or up.reason or "error",
+                        "server_error",
+                        code=str(up.status),
+                    )
+                ).encode()
+                out_headers["Content-Type"] = "application/json"
+            up.release()
+            return web.Response(body=data, status=up.status, headers=out_headers)
+        finally:
+            if up is not None:
+                up.close()  # no-op after release; otherwise drops the connection (cancels)
+            self.pool.end(inst, key)
+
+
+def _gateway_timeout(inst: Instance) -> ApiError:
+    return ApiError(
+        504,
+        f"instance {inst.url} did not answer in time",
+        type="server_error",
+        code="upstream_timeout",
+    )
+
+
+def _is_error_body(data: bytes) -> bool:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("error"), dict)
+
+
+async def _relay_stream(
+    request: web.Request, up: aiohttp.ClientResponse, headers: dict[str, str], inst: Instance
+) -> web.StreamResponse:
+    """Relay an SSE stream as its bytes arrive (never buffered to the end)."""
+    resp = web.StreamResponse(status=up.status, headers=headers)
+    await resp.prepare(request)
+    while True:
+        try:
+            data = await up.content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # the instance failed
+            log.warning("stream from %s broke: %s", inst.url, describe_error(e))
+            msg = f"instance {inst.url} failed mid-stream: {describe_error(e)}"
+            event = json.dumps(error_body(msg, "server_error", code="upstream_error"))
+            try:
+                await resp.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
+            except (ConnectionError, aiohttp.ClientError):
+                pass
+            return resp
+        if not data:
+            break
+        try:
+            await resp.write(data)
+        except (ConnectionError, aiohttp.ClientError):  # the client went away
+            log.debug("client of a stream from %s disconnected", inst.url)
+            up.close()  # the instance sees the disconnect and cancels the sequence
+            return resp
+    await resp.write_eof()
+    return resp
+
+
+# ---------------------------------------------------------------------------- handlers
+
+ROUTER: web.AppKey[RouterState] = web.AppKey("cara_router")
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    rs = request.app[ROUTER]
+    raw = await request.read()
+    body = read_json_object(raw)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("`model` must be a string", "model")
+    t0 = time.perf_counter()
+    await rs.pool.refresh()
+    inst, info = rs.plan(model, body)
+    rs.metrics.route.observe(time.perf_counter() - t0)
+    rs.decisions += 1
+    rs.recent.append(
+        {"model": model, "rank": info.rank, "prompt_tokens": info.prompt_tokens,
+         "slo_s": info.slo_s, "instance": inst.url,
+         "route_ms": round(1e3 * (time.perf_counter() - t0), 3)}
+    )  # fmt: skip
+    resp = await rs.forward(request, inst, info, raw)
+    tried = [inst.url]
+    if resp is None:  # unreachable: the next best, once
+        try:
+            inst, info = rs.plan(model, body, exclude=frozenset({inst.index}))
+        except ApiError:
+            pass
+        else:
+            rs.metrics.fallbacks.inc()
+            tried.append(inst.url)
+            resp = await rs.forward(request, inst, info, raw)
+    if resp is None:
+        raise ApiError(
+            503,
+            f"no instance could be reached (tried {', '.join(tried)})",
+            type="server_error",
+            code="instance_unavailable",
+        )
+    return resp
+
+
+async def _get_json(rs: RouterState, inst: Instance, path: str) -> Any:
+    timeout = aiohttp.ClientTimeout(total=max(5.0, rs.config.state_timeout_s))
+    try:
+        async with rs._session().get(
+            inst.url + path, headers=rs.pool.headers, timeout=timeout
+        ) as r:
+            if r.status != 200:
+                return None
+            return await r.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        return None
+
+
+async def _model_cards(rs: RouterState) -> list[dict]:
+    """The union of the instances' /v1/models, deduplicated by id (first instance wins)."""
+    docs = await asyncio.gather(*(_get_json(rs, i, "/v1/models") for i in rs.pool.instances))
+    if all(d is None for d in docs):
+        raise ApiError(
+            503, "no cara-serve instance is reachable", type="server_error", code="no_instance"
+        )
+    seen: dict[str, dict] = {}
+    for doc in docs:
+        data = doc.get("data") if isinstance(doc, dict) else None
+        for card in data if isinstance(data, list) else []:
+            if isinstance(card, dict) and isinstance(card.get("id"), str):
+                seen.setdefault(card["id"], card)
+    return list(seen.values())
+
+
+async def list_models(request: web.Request) -> web.Response:
+    cards = await _model_cards(request.app[ROUTER])
+    return web.json_response({"object": "list", "data": cards})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    for card in await _model_cards(request.app[ROUTER]):
+        if card["id"] == name:
+            return web.json_response(card)
+    raise ApiError(
+        404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+    )
+
+
+def _instance_view(rs: RouterState, inst: Instance, now: float) -> dict:
+    snap = inst.snapshot
+    view: dict[str, Any] = {
+        "url": inst.url,
+        "up": inst.up,
+        "error": inst.error,
+        "state_age_s": None if math.isinf(inst.checked_at) else round(now - inst.checked_at, 3),
+        "forwarded": inst.forwarded,
+        "in_flight": len(inst.open),
+        "unreported": len(inst.unreported()),
+    }
+    if snap is not None:
+        cost = rs.cost_for(snap)
+        view |= {
+            "model": snap.model,
+            "kernel": snap.kernel,
+            "num_slots": snap.num_slots,
+            "free_slots": snap.free_slots,
+            "running": len(snap.running),
+            "queued": len(snap.queued),
+            "adapters": len(snap.adapters),
+            "tpot_slo_s": snap.tpot_slo_s,
+            "cost_model": None
+            if cost is None
+            else {"source": "instance" if snap.cost is not None else "router", "key": cost.key},
+        }
+    return view
+
+
+async def router_state(request: web.Request) -> web.Response:
+    rs = request.app[ROUTER]
+    await rs.pool.refresh()
+    now = asyncio.get_running_loop().time()
+    return web.json_response(
+        {
+            "object": "router_state",
+            "policy": rs.config.policy,
+            "decisions": rs.decisions,
+            "instances": [_instance_view(rs, i, now) for i in rs.pool.instances],
+            "recent_decisions": list(rs.recent),
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    rs = request.app[ROUTER]
+    await rs.pool.refresh()
+    up = sum(i.up for i in rs.pool.instances)
+    body = {
+        "status": "ok" if up else "unavailable",
+        "policy": rs.config.policy,
+        "instances_up": up,
+        "instances": [{"url": i.url, "up": i.up, "error": i.error} for i in rs.pool.instances],
+    }
+    return web.json_response(body, status=200 if up else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    data = request.app[ROUTER].metrics.render()
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def _endpoint(request: web.Request) -> str:
+    route = request.match_info.route
+    if route.resource is None or request.match_info.http_exception is not None:
+        return "unmatched"
+    return route.resource.canonical
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure becomes OpenAI's error object; no request stops the router."""
+    rs = request.app[ROUTER]
+    endpoint = _endpoint(request)
+    try:
+        resp = await handler(request)
+    except ApiError as e:
+        resp = web.json_response(e.body(), status=e.status, headers=e.headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        msg = f"no route {request.method} {request.path}" if e.status == 404 else e.reason
+        headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
+        resp = web.json_response(
+            error_body(msg or "error", kind, code=str(e.status)), status=e.status, headers=headers
+        )
+    except asyncio.CancelledError:
+        rs.metrics.http.labels(endpoint, "499").inc()
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        resp = web.json_response(
+            error_body("internal router error (logged)", "server_error", code="internal_error"),
+            status=500,
+        )
+    rs.metrics.http.labels(endpoint, str(resp.status)).inc()
+    return resp
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """With an API key, /v1/* needs it; /health and /metrics stay open (as in cara-serve)."""
+    key = request.app[ROUTER].config.api_key
+    if key and request.path.startswith("/v1/"):
+        got = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
+            raise ApiError(
+                401,
+                "invalid or missing API key: send `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    return await handler(request)
+
+
+async def _start(app: web.Application) -> None:
+    rs = app[ROUTER]
+    rs.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+    )
+    await rs.pool.refresh(force=True)
+    up = [i for i in rs.pool.instances if i.up]
+    if not up:
+        log.warning("no instance is reachable yet; routing starts when one is")
+    elif rs.needs_cost and not any(rs.cost_for(i.snapshot) for i in up):
+        await rs.session.close()
+        raise RouterConfigError(
+            f"policy {rs.config.policy} needs a cost model: no instance publishes one in "
+            f"/v1/scheduler/state and the router has none for their kernel; start the instances "
+            "or the router with --cost-model FILE, or use a policy without one "
+            "(round_robin, least_loaded, first_fit, random)"
+        )
+
+
+async def _stop(app: web.Application) -> None:
+    rs = app[ROUTER]
+    if rs.session is not None:
+        await rs.session.close()
+
+
+def build_router_app(config: RouterConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
+    app[ROUTER] = RouterState(config)
+    app.router.add_post("/v1/completions", generate)
+    app.router.add_post("/v1/chat/completions", generate)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
+    app.router.add_get("/v1/router/state", router_state)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    return app
