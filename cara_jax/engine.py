@@ -154,6 +154,7 @@ class Engine:
         self._last_done = 0.0
         self.cpu_pool = None
         self._cpu_keys: set[str] = set()  # adapters whose weights the CPU workers hold
+        self._plan_keys: collections.Counter[str] = collections.Counter()  # in-flight plans' use
         self.cpu_stats = {
             "cara_cpu_assist_prefills_total": 0,
             "cara_cpu_assist_fallbacks_total": 0,
@@ -358,6 +359,8 @@ class Engine:
         outputs: list[RequestOutput] = []
         t0 = time.perf_counter()
         with self.lock:
+            if self._cpu_keys:
+                self._drop_loaded_cpu_adapters()
             new = self._admit()
             outputs, self._failed = self._failed, []
             prefill = None
@@ -450,6 +453,7 @@ class Engine:
         if not rows:
             return None
         plan = cpu_assist.PrefillPlan(rows, self.cpu_pool, self.config.cpu_timeout_s)
+        self._plan_keys.update(r.key for r in rows)
         return dev, plan.id, plan
 
     def _finish_plan(self, plan) -> set[int]:
@@ -457,6 +461,7 @@ class Engine:
         if plan is None:
             return set()
         cpu_assist.unregister(plan)
+        self._plan_keys.subtract(r.key for r in plan.rows)
         st = self.cpu_stats
         n_layers = self.loaded.cfg.num_layers
         for t in plan.timings:
@@ -472,6 +477,15 @@ class Engine:
         st["cara_cpu_lora_layers_cpu_total"] += plan.layers_cpu
         st["cara_cpu_lora_layers_device_total"] += len(plan.rows) * n_layers - plan.layers_cpu
         return set()
+
+    def _drop_loaded_cpu_adapters(self) -> None:
+        """Free the workers' copy of adapters now on the device that no plan in flight reads
+        (a later cold start of the same adapter puts it back)."""
+        for key in list(self._cpu_keys):
+            if self._plan_keys[key] <= 0 and self.pool.is_resident(key):
+                self.cpu_pool.drop_adapter(key)
+                self._cpu_keys.discard(key)
+                del self._plan_keys[key]
 
     def _requeue_sync(self, seq: Sequence) -> None:
         """Back to the queue head with a synchronous load; its KV slot is freed, nothing lost."""

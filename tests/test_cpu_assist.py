@@ -180,6 +180,8 @@ def test_cpu_assist_matches_cached_at_every_group_boundary(
             n += 1
             assert n < 5000
         assert [toks[i] for i in ids] == reference
+        # loaded adapters leave the workers' shared memory (their device copy serves now)
+        assert not eng.cpu_pool.adapter_keys()
     finally:
         gate.go.set()
         eng.pool.group_gate = None
