@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -27,7 +28,10 @@ from bench.systems import LABELS, SYSTEM_KEYS, RunOptions, SystemUnavailable, ma
 from bench.systems.common import TARGET_SETS, model_config, write_adapters
 from bench.workload import LengthDist, Trace, WorkloadSpec, describe, generate, save_jsonl
 
-EXPERIMENTS = ("serving", "load_sweep", "adapters_sweep", "cold_start", "engine_poisson")
+EXPERIMENTS = (
+    "serving", "load_sweep", "adapters_sweep", "cold_start", "admission", "engine_poisson"
+)  # fmt: skip
+DEFAULT_COST_MODEL = "bench/results/cost_model_smollm2_cpu.json"
 COLD_MODES = ("sync", "cached", "cpu_assist")
 GiB = 1 << 30
 
@@ -190,6 +194,32 @@ def build_plan(name: str, args: argparse.Namespace) -> Plan:
             f"from disk (the OS page cache may serve those reads)."
         )
         args.link_gbps, args.host_budget_mb = link, host / (1 << 20)
+    elif name == "admission":
+        # rank-aware admission beside FIFO: a loaded instance, skewed popularity, mixed ranks
+        spec = WorkloadSpec(
+            num_requests=8 if q else 96,
+            arrival="poisson",
+            rate=4.0 if q else 3.0,
+            num_adapters=4 if q else 32,
+            popularity="maf",
+            ranks=ranks,
+            prompt_len=LengthDist("fixed", 16) if q else LengthDist("lognormal", 64, 8, 128, 0.5),
+            output_len=LengthDist("fixed", 8) if q else LengthDist("lognormal", 48, 8, 96, 0.5),
+        )
+        spec = dataclasses.replace(spec, **over)
+        points = [Point(f"{spec.rate:g} req/s", spec.rate, spec)]
+        title = (
+            f"Admission: FIFO vs rank-aware (SLO {args.slo_tpot * 1e3:g} ms/token), "
+            f"{spec.num_requests} requests at {spec.rate:g}/s over {spec.num_adapters} adapters"
+        )
+        xlabel = "arrival rate (req/s)"
+        systems = ["cara"]
+        if not args.admission:
+            args.admission = "fifo,slo"
+        notes.append(
+            "Both runs use the same TPOT SLO for admission (the engine's default SLO) and for "
+            "attainment; the cost model is the profiled one for this machine."
+        )
     elif name == "engine_poisson":  # the first serving bench, kept for its results history
         spec = WorkloadSpec(
             num_requests=6 if q else 48,
@@ -223,20 +253,24 @@ def build_plan(name: str, args: argparse.Namespace) -> Plan:
     )
     modes = args.cold_start.split(",") if args.cold_start else default_modes
     strategies = args.lora_strategy.split(",") if args.lora_strategy else ["bgmv"]
+    admissions = args.admission.split(",") if args.admission else ["fifo"]
+    cost_model = args.cost_model if "slo" in admissions else None
     cara = []
-    for m in modes:
-        for s in strategies:
-            opts = dataclasses.replace(
-                base_opts,
-                cold_start=m,
-                lora_strategy=s,
-                link_gbps=args.link_gbps,
-                host_budget_bytes=None
-                if args.host_budget_mb is None
-                else int(args.host_budget_mb * (1 << 20)),
-            )
-            tags = ([m] if len(modes) > 1 else []) + ([s] if len(strategies) > 1 else [])
-            cara.append((f"cara-jax[{','.join(tags)}]" if tags else "cara-jax", opts))
+    for m, s, a in itertools.product(modes, strategies, admissions):
+        opts = dataclasses.replace(
+            base_opts,
+            cold_start=m,
+            lora_strategy=s,
+            link_gbps=args.link_gbps,
+            host_budget_bytes=None
+            if args.host_budget_mb is None
+            else int(args.host_budget_mb * (1 << 20)),
+            admission=a,
+            cost_model=cost_model,
+            tpot_slo=args.slo_tpot if cost_model else None,
+        )
+        tags = [t for t, many in ((m, modes), (s, strategies), (a, admissions)) if len(many) > 1]
+        cara.append((f"cara-jax[{','.join(tags)}]" if tags else "cara-jax", opts))
     return Plan(name, title, points, xlabel, systems, cara, base_opts, targets, notes)
 
 
@@ -694,6 +728,10 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--targets", choices=sorted(TARGET_SETS), help="projections the adapters adapt")
     ap.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds")
     ap.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT SLO in seconds")
+    ap.add_argument("--admission", help="cara-jax admission(s), comma list of fifo,slo")
+    ap.add_argument(
+        "--cost-model", default=DEFAULT_COST_MODEL, help="cost models for slo admission (JSON)"
+    )
     g = ap.add_argument_group("workload (defaults depend on the experiment)")
     g.add_argument("--requests", type=int)
     g.add_argument("--rate", type=float, help="mean arrivals per second")

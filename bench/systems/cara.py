@@ -63,6 +63,7 @@ class CaraSystem:
         from cara_jax.adapters.device_pool import PoolConfig
         from cara_jax.embedded import default_model_path
         from cara_jax.engine import Engine, EngineConfig
+        from cara_jax.scheduler import SchedulerConfig
         from cara_jax.tokenizer import Tokenizer
         from cara_jax.weights import load_model
 
@@ -107,6 +108,9 @@ class CaraSystem:
             lora_strategy=o.lora_strategy,
             pool=pool,
             host_budget_bytes=o.host_budget_bytes or EngineConfig.host_budget_bytes,
+            scheduler=SchedulerConfig(
+                admission=o.admission, cost_model=o.cost_model, tpot_slo=o.tpot_slo
+            ),
         )
         try:
             eng = Engine(loaded, Tokenizer.from_path(path), cfg)

@@ -55,6 +55,9 @@ class RunOptions:
     pool_slots: int | None = None
     cpu_workers: int = 2
     warmup_requests: int = 16  # untimed requests before the timed replay (first-use costs)
+    admission: str = "fifo"  # fifo | slo (rank-aware; needs cost_model)
+    cost_model: str | None = None  # cost-model JSON (cara-jax profile)
+    tpot_slo: float | None = None  # the engine's default TPOT SLO (None: 1.5x base step)
     # HF transformers + PEFT
     max_batch: int = 16
     # llama.cpp
