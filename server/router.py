@@ -282,16 +282,14 @@ class RouterState:
         info = RequestInfo(max(ranks, default=0), estimate_prompt_tokens(body), slo)
         states = []
         for inst in insts:
-            snap = inst.snapshot
-            if snap is None:
-                states.append(InstanceState(cost=None, eligible=False, name=inst.url))  # type: ignore[arg-type]
-                continue
+            snap = inst.snapshot  # None: never fetched, so not eligible
             states.append(
                 InstanceState(
-                    # None only for policies that never read it (COST_POLICIES checked above)
-                    cost=self.cost_for(snap),  # type: ignore[arg-type]
-                    running=snap.running,
-                    queued=(*snap.queued, *inst.unreported()),
+                    # None only where nothing reads it: an ineligible instance, or a policy
+                    # without a cost model (COST_POLICIES were filtered above)
+                    cost=self.cost_for(snap) if snap else None,  # type: ignore[arg-type]
+                    running=snap.running if snap else (),
+                    queued=(*snap.queued, *inst.unreported()) if snap else (),
                     eligible=inst.index in eligible,
                     name=inst.url,
                 )

@@ -226,7 +226,7 @@ class InstancePool:
                     raise BadStateError(f"HTTP {r.status} from {STATE_PATH}")
                 doc = await r.json(content_type=None)
             snap = parse_snapshot(doc, inst.cost_of)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        except Exception as e:  # refused, timed out, not JSON, off-schema: not eligible
             self.mark_down(inst, describe_error(e))
         else:
             inst.snapshot, inst.snapshot_started = snap, started
