@@ -25,9 +25,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cara_jax import cpu_assist
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig, PoolFullError
 from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
+from cara_jax.cpu_coordinator import CpuAssistCoordinator, zero_stats
 from cara_jax.kv_cache import SlotAllocator
 from cara_jax.runner import ModelRunner, PromptTooLongError, RunnerConfig
 from cara_jax.sampler import SamplingArrays, token_logprobs
@@ -152,22 +152,11 @@ class Engine:
             maxlen=cfg.max_request_records
         )
         self._last_done = 0.0
-        self.cpu_pool = None
-        self._cpu_keys: set[str] = set()  # adapters whose weights the CPU workers hold
-        self._plan_keys: collections.Counter[str] = collections.Counter()  # in-flight plans' use
-        self.cpu_stats = {
-            "cara_cpu_assist_prefills_total": 0,
-            "cara_cpu_assist_fallbacks_total": 0,
-            "cara_cpu_lora_layers_cpu_total": 0,
-            "cara_cpu_lora_layers_device_total": 0,
-            "cara_cpu_lora_wait_seconds_total": 0.0,
-            "cara_cpu_lora_copy_seconds_total": 0.0,
-        }
-        self.cpu_timings: collections.deque = collections.deque(maxlen=10_000)
+        self.cpu: CpuAssistCoordinator | None = None
         if cfg.cold_start == "cpu_assist":
-            from cpu_lora.workers import CpuLoraPool
-
-            self.cpu_pool = CpuLoraPool(num_workers=cfg.cpu_workers, cfg=loaded.cfg)
+            self.cpu = CpuAssistCoordinator(
+                loaded.cfg, self.pool, self.registry, cfg.cpu_workers, cfg.cpu_timeout_s
+            )
 
     def warmup(self, background: bool = False, progress: bool = False) -> None:
         """Compile every step variant before serving (``background``: only the covering ones
@@ -297,20 +286,8 @@ class Engine:
                 return False  # every resident adapter is busy: retry next step
             seq.acquired = True
         if not self.pool.is_resident(seq.content_hash):
-            if self.cpu_pool is None or seq.no_cpu_assist:
+            if self.cpu is None or not self.cpu.can_assist(seq):
                 return False
-            handle = self.pool.handle_of(seq.content_hash)
-            if handle is None or handle.error is not None:
-                return False
-            if seq.content_hash not in self._cpu_keys:
-                adapter = self.registry.host.get(seq.content_hash) or self.registry.resolve(
-                    seq.adapter_name
-                )
-                self.cpu_pool.put_adapter(
-                    seq.content_hash,
-                    {k: (m.a, m.b) for k, m in adapter.modules.items()},
-                )
-                self._cpu_keys.add(seq.content_hash)
             seq.cpu_assist = True
         seq.adapter_slot = self.pool.slot_of(seq.content_hash)
         return True
@@ -359,18 +336,17 @@ class Engine:
         outputs: list[RequestOutput] = []
         t0 = time.perf_counter()
         with self.lock:
-            if self._cpu_keys:
-                self._drop_loaded_cpu_adapters()
+            if self.cpu is not None and self.cpu.keys:
+                self.cpu.drop_loaded()
             new = self._admit()
             outputs, self._failed = self._failed, []
             prefill = None
             if new:
                 plan = None
                 with self.pool.lock:  # the layers ready now are the ones this dispatch sees
-                    cpu_plan = self._cpu_plan(new)
+                    cpu_plan = None if self.cpu is None else self.cpu.plan(new)
                     if cpu_plan is not None:
                         plan = cpu_plan[2]
-                        cpu_assist.register(plan)
                     logits, toks = self.runner.prefill(
                         [s.prompt_ids for s in new],
                         [s.slot for s in new],
@@ -412,7 +388,7 @@ class Engine:
                 toks, seqs, lp, plan = prefill
                 host = np.asarray(toks)
                 lp = None if lp is None else [np.asarray(a) for a in lp]
-                failed = self._finish_plan(plan)
+                failed = set() if self.cpu is None else self.cpu.finish(plan)
                 for row, s in enumerate(seqs):
                     if row in failed:
                         self._requeue_sync(s)
@@ -434,58 +410,18 @@ class Engine:
 
     # ------------------------------------------------------------------ CPU assist
 
-    def _cpu_plan(self, new: list[Sequence]):
-        """(dev_adapter [L, n], plan id, plan) for a prefill with cold rows, else None."""
-        if self.cpu_pool is None or not any(s.cpu_assist for s in new):
-            return None
-        n_layers = self.loaded.cfg.num_layers
-        dev = np.zeros((n_layers, len(new)), np.int32)
-        rows = []
-        for i, s in enumerate(new):
-            ready = set(range(n_layers))
-            if s.cpu_assist and not self.pool.is_resident(s.content_hash):
-                ready = set(self.pool.handle_of(s.content_hash).ready_layers())
-                cpu_layers = frozenset(range(n_layers)) - ready
-                if cpu_layers:
-                    rows.append(cpu_assist.CpuRow(i, s.content_hash, len(s.prompt_ids), cpu_layers))
-            for layer in ready:
-                dev[layer, i] = s.adapter_slot
-        if not rows:
-            return None
-        plan = cpu_assist.PrefillPlan(rows, self.cpu_pool, self.config.cpu_timeout_s)
-        self._plan_keys.update(r.key for r in rows)
-        return dev, plan.id, plan
+    @property
+    def cpu_pool(self):
+        """The CPU LoRA worker pool (cpu_assist mode), else None."""
+        return None if self.cpu is None else self.cpu.workers
 
-    def _finish_plan(self, plan) -> set[int]:
-        """Account a CPU-assisted prefill once its tokens are in; the rows that must re-run."""
-        if plan is None:
-            return set()
-        cpu_assist.unregister(plan)
-        self._plan_keys.subtract(r.key for r in plan.rows)
-        st = self.cpu_stats
-        n_layers = self.loaded.cfg.num_layers
-        for t in plan.timings:
-            st["cara_cpu_lora_wait_seconds_total"] += t.wait_s
-            st["cara_cpu_lora_copy_seconds_total"] += t.copy_out_s + t.copy_back_s
-        self.cpu_timings.extend(plan.timings)
-        if plan.failed:
-            log.warning("CPU-assisted prefill failed (%s): its requests fall back to a synchronous load",
-                        plan.failed)  # fmt: skip
-            st["cara_cpu_assist_fallbacks_total"] += len(plan.rows)
-            return {r.row for r in plan.rows}
-        st["cara_cpu_assist_prefills_total"] += len(plan.rows)
-        st["cara_cpu_lora_layers_cpu_total"] += plan.layers_cpu
-        st["cara_cpu_lora_layers_device_total"] += len(plan.rows) * n_layers - plan.layers_cpu
-        return set()
+    @property
+    def cpu_stats(self) -> dict[str, float]:
+        return zero_stats() if self.cpu is None else self.cpu.stats
 
-    def _drop_loaded_cpu_adapters(self) -> None:
-        """Free the workers' copy of adapters now on the device that no plan in flight reads
-        (a later cold start of the same adapter puts it back)."""
-        for key in list(self._cpu_keys):
-            if self._plan_keys[key] <= 0 and self.pool.is_resident(key):
-                self.cpu_pool.drop_adapter(key)
-                self._cpu_keys.discard(key)
-                del self._plan_keys[key]
+    @property
+    def cpu_timings(self) -> collections.deque:
+        return collections.deque() if self.cpu is None else self.cpu.timings
 
     def _requeue_sync(self, seq: Sequence) -> None:
         """Back to the queue head with a synchronous load; its KV slot is freed, nothing lost."""
@@ -517,12 +453,7 @@ class Engine:
 
     def cpu_assist_stats(self) -> dict[str, float]:
         """Counters for metrics: CPU-assisted prefills, layers by path, CPU seconds."""
-        out = dict(self.cpu_stats)
-        if self.cpu_pool is not None:
-            for k, v in self.cpu_pool.stats().items():
-                if isinstance(v, (int, float)):
-                    out[f"cara_cpu_lora_pool_{k}"] = v
-        return out
+        return zero_stats() if self.cpu is None else self.cpu.metrics()
 
     def _ranks(self, rows: list[tuple[int, Sequence]]) -> list[int]:
         return [self.pool.entry_rank(s.content_hash) if s.content_hash else 0 for _, s in rows]
@@ -553,5 +484,5 @@ class Engine:
 
     def close(self) -> None:
         self.pool.close()
-        if self.cpu_pool is not None:
-            self.cpu_pool.close()
+        if self.cpu is not None:
+            self.cpu.close()
