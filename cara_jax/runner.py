@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +210,8 @@ class ModelRunner:
         self._warmup_thread: threading.Thread | None = None
         self.hot_compiles = 0  # variants compiled on the hot path (a step waited for them)
         self.fallbacks = 0  # steps run on a larger covering variant
+        self.skipped_compiles = 0  # variants warm-up left out (memory-map budget)
+        self._maps_per_variant = 2000  # memory maps one compiled variant adds (measured)
 
     @property
     def max_len(self) -> int:
@@ -412,14 +415,35 @@ class ModelRunner:
             return (*head, *rows, sampling, hook), {}
         return (*head, i32((v.rows,)), sampling, hook), {"kv_len": v.length, "rows": v.rows}
 
-    def compile(self, v: Variant) -> jax.stages.Compiled:
-        """Compile one variant (idempotent; safe from a background thread)."""
+    def compile(self, v: Variant, force: bool = False) -> jax.stages.Compiled:
+        """Compile one variant (idempotent; safe from a background thread).
+
+        Raises ``CompileBudgetError`` (unless ``force``) when the process is too close to the
+        kernel's limit on memory maps: XLA:CPU's JIT maps ~2,000 regions per step variant of a
+        30-layer model, and past ``vm.max_map_count`` (65,530 by default) LLVM aborts the
+        whole process. A step then runs on a compiled variant that covers it.
+        """
         with self._compile_lock:
             exe = self._exe.get(v)
             if exe is None:
+                before = map_count()
+                if not force and before is not None:
+                    need = max(4000, 3 * self._maps_per_variant)
+                    if max_map_count() - before < need:
+                        raise CompileBudgetError(
+                            f"not compiling {v}: {before} memory maps in use, limit "
+                            f"{max_map_count()} (vm.max_map_count); each variant adds "
+                            f"~{self._maps_per_variant}"
+                        )
                 args, static = self._abstract(v)
                 fn = self._prefill if v.kind == "prefill" else self._decode
                 exe = self._exe[v] = fn.lower(*args, **static).compile()
+                after = map_count()
+                if before is not None and after is not None and len(self._exe) > 1:
+                    # the first compile also maps the compiler's one-time state: not counted
+                    self._maps_per_variant = int(
+                        0.7 * self._maps_per_variant + 0.3 * (after - before)
+                    )
             return exe
 
     def _executable(self, v: Variant) -> tuple[Variant, jax.stages.Compiled]:
@@ -433,17 +457,18 @@ class ModelRunner:
             return w, self._exe[w]
         self.hot_compiles += 1
         log.debug("compiling %s on the hot path", v)
-        return v, self.compile(v)
+        return v, self.compile(v, force=True)  # nothing covers it: no choice
 
     def warmup(self, background: bool = False, progress: bool = False) -> None:
         """Compile every variant. ``background``: compile the covering variants now (so any
         step can run) and the rest in a thread while serving."""
-        todo = self.variants()
+        covering = self.covering_variants()
+        for v in covering:  # first: with them compiled, every step can run
+            self.compile(v, force=True)
+        todo = [v for v in self.variants() if v not in covering]
         if background:
-            for v in self.covering_variants():
-                self.compile(v)
             self._warmup_thread = threading.Thread(
-                target=lambda: [self.compile(v) for v in todo], name="cara-compile", daemon=True
+                target=self._compile_all, args=(todo,), name="cara-compile", daemon=True
             )
             self._warmup_thread.start()
             return
@@ -451,8 +476,17 @@ class ModelRunner:
             from tqdm import tqdm
 
             todo = tqdm(todo, desc="compiling step variants", unit="variant")
+        self._compile_all(todo)
+
+    def _compile_all(self, todo) -> None:
         for v in todo:
-            self.compile(v)
+            try:
+                self.compile(v)
+            except CompileBudgetError as e:
+                self.skipped_compiles = len(self.variants()) - len(self._exe)
+                log.warning("warm-up stopped with %d variants left: %s (their steps run on a "
+                            "larger compiled variant)", self.skipped_compiles, e)  # fmt: skip
+                return
 
     def wait_warmup(self, timeout: float | None = None) -> None:
         if self._warmup_thread is not None:
@@ -488,3 +522,23 @@ def _full_logits(graphdef, state, tokens, hook):
 def full_logits(loaded: LoadedModel, tokens: np.ndarray, hook: LoraHook | None = None) -> jax.Array:
     """Logits [B, T, V] at every position of equal-length sequences (scoring, parity tests)."""
     return _full_logits(loaded.graphdef, loaded.state, jnp.asarray(tokens, jnp.int32), hook)
+
+
+class CompileBudgetError(RuntimeError):
+    """Compiling one more variant could exhaust the process's memory maps (see compile)."""
+
+
+def max_map_count() -> int:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 1 << 31
+
+
+def map_count() -> int | None:
+    """Memory maps of this process now (None where /proc is not there)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None

@@ -68,3 +68,23 @@ def test_one_row_decode_updates_cache_in_place(smollm):
     one = runner.compile(Variant("decode", 1, kv, 0)).memory_analysis().temp_size_in_bytes
     two = runner.compile(Variant("decode", 2, kv, 0)).memory_analysis().temp_size_in_bytes
     assert one <= two
+
+
+def test_warmup_stops_before_the_memory_map_limit(tiny, monkeypatch):
+    """Near vm.max_map_count, warm-up keeps the covering variants and skips the rest; steps
+    then run on a covering variant instead of letting LLVM abort the process."""
+    import cara_jax.runner as runner_mod
+    from cara_jax.runner import CompileBudgetError, Variant, map_count
+
+    if map_count() is None:
+        pytest.skip("no /proc on this system")
+    cfg = RunnerConfig(num_slots=4, max_len=64, max_prefill_batch=2, min_kv_bucket=32)
+    runner = ModelRunner(tiny, cfg)
+    monkeypatch.setattr(runner_mod, "max_map_count", lambda: map_count() + 100)
+    runner.warmup()
+    assert set(runner._exe) == set(runner.covering_variants())
+    assert runner.skipped_compiles == len(runner.variants()) - 2
+    with pytest.raises(CompileBudgetError, match="max_map_count"):
+        runner.compile(Variant("decode", 1, cfg.kv_len_buckets[0], 0))
+    toks = generate_tokens(runner, [[5, 6, 7]], 3)
+    assert len(toks[0].token_ids) == 3 and runner.fallbacks > 0 and runner.hot_compiles == 0

@@ -127,6 +127,7 @@ class CaraSystem:
         eng.warmup(progress=o.progress)
         self.info["warmup_compile_s"] = time.perf_counter() - t
         self.info["variants"] = eng.runner.compiled_count()
+        self.info["variants_skipped_map_budget"] = eng.runner.skipped_compiles
         self._warm_up(warm, max_context, loaded.cfg, tuple(sorted(targets)))
 
     def _warm_up(self, warm: dict[str, int], max_context: int, cfg, targets) -> None:
@@ -249,6 +250,15 @@ class CaraSystem:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+            # XLA:CPU maps ~1,500 memory regions per compiled step variant; a second engine in
+            # the same process would reach the kernel's map limit (65,530) unless the first
+            # one's executables are freed now
+            import gc
+
+            import jax
+
+            gc.collect()
+            jax.clear_caches()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
