@@ -20,6 +20,7 @@ from aiohttp import web
 from cara_jax.adapters.store import UnknownAdapterError
 from cara_jax.runner import PromptTooLongError
 from cara_jax.sampling_params import InvalidRequestError
+from cara_jax.scheduling.admission import QueueFullError
 from cara_jax.sequence import RequestOutput
 from server.app import STATE, ServerState
 from server.instance_state import add_state_route
@@ -84,6 +85,10 @@ def _engine_error(e: BaseException) -> ApiError:
         return ApiError(400, str(e), param=e.param, code="invalid_value")
     if isinstance(e, UnknownAdapterError):
         return ApiError(404, f"{e}", param="model", code="model_not_found")
+    if isinstance(e, QueueFullError):  # the engine's own bound (EngineConfig.max_queue)
+        return ApiError(
+            429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
+        )
     if isinstance(e, RuntimeError) and "shut down" in str(e):
         return ApiError(503, str(e), type="server_error", code="shutting_down")
     raise e

@@ -782,3 +782,11 @@ def test_schemathesis_serving_app_longer(srv, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
     assert {"demo-0", "demo-1"} <= set(srv.state.adapters.registered())
+
+
+def test_engine_queue_bound_maps_to_429():
+    from cara_jax.scheduling.admission import QueueFullError
+    from server.routes import _engine_error
+
+    e = _engine_error(QueueFullError(3))
+    assert e.status == 429 and e.code == "queue_full" and "Retry-After" in e.headers
