@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import socket
 import threading
@@ -21,7 +20,7 @@ from cara_jax.api import AsyncEngine
 from server.adapters import AdapterManager
 from server.lora_dir import LoraDir
 from server.metrics import Metrics
-from server.protocol import ApiError, TokenText, error_body
+from server.protocol import ApiError, TokenText, check_api_key, error_body
 
 log = logging.getLogger(__name__)
 STATE: web.AppKey[ServerState] = web.AppKey("cara_state")
@@ -118,15 +117,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     """``--api-key`` guards /v1/*; /health, /metrics and /openapi.json stay open, as in vLLM."""
     key = request.app[STATE].config.api_key
-    if key and request.path.startswith("/v1/"):
-        got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
-            raise ApiError(
-                401,
-                "invalid or missing API key: send `Authorization: Bearer <key>`",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    check_api_key(request.path, request.headers.get("Authorization", ""), key)
     return await handler(request)
 
 

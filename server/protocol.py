@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hmac
 import json
 import math
 from typing import Any
@@ -470,3 +471,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def finish_reason(reason: str | None) -> str | None:
     """OpenAI's vocabulary: the engine's ``abort`` (server shutting down) reads as ``stop``."""
     return {"abort": "stop"}.get(reason, reason) if reason else None
+
+
+def check_api_key(path: str, authorization: str, key: str | None) -> None:
+    """With an API key set, /v1/* needs ``Authorization: Bearer <key>`` (401 otherwise);
+    /health, /metrics and /openapi.json stay open, as in vLLM."""
+    if key and path.startswith("/v1/"):
+        if not hmac.compare_digest(authorization.encode(), f"Bearer {key}".encode()):
+            raise ApiError(
+                401,
+                "invalid or missing API key: send `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hmac
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from cara_jax.scheduling.router import (
     RequestInfo,
     make_router,
 )
-from server.protocol import ApiError, bad, error_body, read_json_object
+from server.protocol import ApiError, bad, check_api_key, error_body, read_json_object
 from server.router_state import Instance, InstancePool, Snapshot, describe_error
 
 log = logging.getLogger("cara_router")
@@ -595,15 +594,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     """With an API key, /v1/* needs it; /health and /metrics stay open (as in cara-serve)."""
     key = request.app[ROUTER].config.api_key
-    if key and request.path.startswith("/v1/"):
-        got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
-            raise ApiError(
-                401,
-                "invalid or missing API key: send `Authorization: Bearer <key>`",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    check_api_key(request.path, request.headers.get("Authorization", ""), key)
     return await handler(request)
 
 
