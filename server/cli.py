@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="weights and activations",
     )
-    # Defaults sized for a CPU (a decode step there costs time in proportion to the whole KV
-    # cache, slots x max_len); raise them on an accelerator.
+    # Defaults sized for a CPU (fewer slots and a shorter context keep the compiled step grid
+    # and the attention work small); raise them on an accelerator.
     m.add_argument(
         "--num-slots",
         type=positive(int),

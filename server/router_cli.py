@@ -8,18 +8,9 @@ import os
 import sys
 
 from cara_jax.scheduling.router import POLICIES
+from server.cli import positive
 
 log = logging.getLogger("cara_router")
-
-
-def _positive(kind):
-    def check(text: str):
-        v = kind(text)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return v
-
-    return check
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--avg-response-len",
-        type=_positive(float),
+        type=positive(float),
         default=128.0,
         help="tokens a response lasts: Algorithm 1 spreads a prefill over them",
     )
@@ -63,14 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--request-timeout",
-        type=_positive(float),
+        type=positive(float),
         default=600.0,
         metavar="SECONDS",
         help="limit of one forwarded request, streaming included",
     )
     p.add_argument(
         "--state-timeout",
-        type=_positive(float),
+        type=positive(float),
         default=1.0,
         metavar="SECONDS",
         help="limit of one instance state fetch (slower: the instance is skipped)",
