@@ -288,6 +288,106 @@ def _adapter_ranks(traces: list[Trace]) -> dict[str, int]:
     return ranks
 
 
+@dataclasses.dataclass
+class _SystemJob:
+    """One system's whole life in a bench run: start, replay every point, close.
+
+    Picklable, so that it can run in a fresh process: XLA:CPU maps memory regions for every
+    compiled step variant, and several engines' grids in one process can pass the kernel's
+    limit on memory maps (see ModelRunner.compile). One process per system also keeps one
+    system's threads and caches from slowing the next.
+    """
+
+    key: str
+    label: str
+    opts: RunOptions
+    adapters: dict[str, Path]
+    max_context: int
+    points: list[Point]
+    traces: list[Trace]
+    slo: Slo
+    compile_cache: str | None
+
+    def __call__(self) -> tuple[str | None, dict[str, Any], list[list[dict[str, Any]]]]:
+        """(why it was skipped, or None; its report entry; its raw results per point)."""
+        if self.compile_cache:
+            import jax
+
+            jax.config.update("jax_compilation_cache_dir", self.compile_cache)
+        label = self.label
+        print(f"== {label}: starting", flush=True)
+        system = make_system(self.key, self.opts, label)
+        t = time.perf_counter()
+        try:
+            system.start(self.adapters, self.max_context)
+        except SystemUnavailable as e:
+            print(f"== {label}: skipped: {e}", flush=True)
+            system.close()
+            return str(e), {}, []
+        except Exception as e:  # a broken system must not take the others down
+            msg = f"failed to start: {type(e).__name__}: {e}"
+            print(f"== {label}: {msg}", flush=True)
+            system.close()
+            return msg, {}, []
+        entry: dict[str, Any] = {"start_s": time.perf_counter() - t, "points": []}
+        raw: list[list[dict[str, Any]]] = []
+        try:
+            for p, tr in zip(self.points, self.traces, strict=True):
+                try:
+                    res = system.replay(tr, desc=f"{label} {p.label}")
+                except Exception as e:
+                    msg = f"{type(e).__name__}: {e}"
+                    print(f"== {label} {p.label}: replay failed: {msg}", flush=True)
+                    res = [
+                        RequestResult(r.id, r.arrival, [], False, msg, r.adapter, r.rank)
+                        for r in tr.requests
+                    ]
+                summary = metrics.summarize(res, self.slo)
+                cold = metrics.by_cold(res, True)
+                if cold:
+                    summary.update(
+                        {
+                            f"cold_{k}": v
+                            for k, v in metrics.summarize(cold, self.slo).items()
+                            if k.startswith("ttft") or k == "requests"
+                        }
+                    )
+                entry["points"].append(
+                    {
+                        "label": p.label,
+                        "summary": summary,
+                        "info": dict(getattr(system, "info", {})),
+                    }
+                )
+                raw.append([r.to_dict() for r in res])
+                print(f"== {label} {p.label}: {_one_line(summary)}", flush=True)
+        finally:
+            system.close()
+        entry["options"] = dataclasses.asdict(self.opts) if self.key == "cara" else None
+        return None, entry, raw
+
+
+def _isolated(job: _SystemJob) -> tuple[str | None, dict[str, Any], list]:
+    """Run ``job`` in a fresh spawned process; a crash there skips the system, not the run."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+        try:
+            return ex.submit(job).result()
+        except Exception as e:  # e.g. the process was killed (out of memory, LLVM abort)
+            msg = f"its process failed: {type(e).__name__}: {e}"
+            print(f"== {job.label}: {msg}", flush=True)
+            return msg, {}, []
+
+
+def _compile_cache_dir() -> str | None:
+    import jax
+
+    return jax.config.jax_compilation_cache_dir or None
+
+
 def run_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     slo = Slo(args.slo_ttft, args.slo_tpot)
     cfg = model_config()
@@ -343,57 +443,16 @@ def run_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             bar.close()
         report["adapters_written_s"] = time.perf_counter() - t
         for key, label, opts in runs:
-            print(f"== {label}: starting", flush=True)
-            system = make_system(key, opts, label)
-            t = time.perf_counter()
-            try:
-                system.start(adapters, max_context)
-            except SystemUnavailable as e:
-                print(f"== {label}: skipped: {e}", flush=True)
-                report["skipped"][label] = str(e)
-                system.close()
+            job = _SystemJob(key, label, opts, adapters, max_context, plan.points, traces, slo,
+                             _compile_cache_dir())  # fmt: skip
+            if args.in_process:
+                skipped, entry, res = job()
+            else:
+                skipped, entry, res = _isolated(job)
+            if skipped is not None:
+                report["skipped"][label] = skipped
                 continue
-            except Exception as e:  # a broken system must not take the others down
-                msg = f"failed to start: {type(e).__name__}: {e}"
-                print(f"== {label}: {msg}", flush=True)
-                report["skipped"][label] = msg
-                system.close()
-                continue
-            entry: dict[str, Any] = {"start_s": time.perf_counter() - t, "points": []}
-            raw[label] = []
-            try:
-                for p, tr in zip(plan.points, traces, strict=True):
-                    try:
-                        res = system.replay(tr, desc=f"{label} {p.label}")
-                    except Exception as e:
-                        msg = f"{type(e).__name__}: {e}"
-                        print(f"== {label} {p.label}: replay failed: {msg}", flush=True)
-                        res = [
-                            RequestResult(r.id, r.arrival, [], False, msg, r.adapter, r.rank)
-                            for r in tr.requests
-                        ]
-                    summary = metrics.summarize(res, slo)
-                    cold = metrics.by_cold(res, True)
-                    if cold:
-                        summary.update(
-                            {
-                                f"cold_{k}": v
-                                for k, v in metrics.summarize(cold, slo).items()
-                                if k.startswith("ttft") or k == "requests"
-                            }
-                        )
-                    entry["points"].append(
-                        {
-                            "label": p.label,
-                            "summary": summary,
-                            "info": dict(getattr(system, "info", {})),
-                        }
-                    )
-                    raw[label].append([r.to_dict() for r in res])
-                    print(f"== {label} {p.label}: {_one_line(summary)}", flush=True)
-            finally:
-                system.close()
-            entry["options"] = dataclasses.asdict(opts) if key == "cara" else None
+            raw[label] = res
             report["systems"][label] = entry
     report["ratios"] = _all_ratios(plan, report)
     _write(plan, report, raw, out_dir, stem)
@@ -724,6 +783,11 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
         "then skip most warm-up compiles (default: $CARA_JAX_CACHE/xla or ~/.cache/cara_jax/xla)",
     )
     ap.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every system in this process (default: each in a fresh process)",
+    )
     ap.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     ap.add_argument("--targets", choices=sorted(TARGET_SETS), help="projections the adapters adapt")
     ap.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds")

@@ -117,7 +117,10 @@ def unregister(plan: PrefillPlan) -> None:
 
 def _submit(layer: int, projs: tuple[str, ...], x: np.ndarray, plan_id: np.ndarray) -> np.ndarray:
     t0 = time.perf_counter()
-    plan = _PLANS.get(int(plan_id))
+    # callbacks receive jax arrays: index them as numpy (a zero-copy view on the host), since
+    # every jax-side slice would dispatch an op (measured 0.4 ms of each group's 0.65 ms)
+    x = np.asarray(x)
+    plan = _PLANS.get(int(np.asarray(plan_id)))
     if plan is None or plan.failed:
         return np.int32(-1)
     rows = plan.cpu_rows(layer)
@@ -127,7 +130,7 @@ def _submit(layer: int, projs: tuple[str, ...], x: np.ndarray, plan_id: np.ndarr
     for r in rows:
         segments.append((start, start + r.length, r.key))
         start += r.length
-    xs = np.concatenate([np.asarray(x[r.row, : r.length], np.float32) for r in rows])
+    xs = np.concatenate([x[r.row, : r.length] for r in rows]).astype(np.float32, copy=False)
     try:
         ticket = plan.source.submit(segments, layer, projs, xs)
     except Exception as e:  # a dead pool: the engine falls back to a synchronous load
@@ -147,8 +150,8 @@ def _fetch(
     plan_id: np.ndarray,
 ) -> np.ndarray:
     out = np.zeros((*shape, sum(sizes)), np.float32)
-    plan = _PLANS.get(int(plan_id))
-    tid = int(ticket)
+    plan = _PLANS.get(int(np.asarray(plan_id)))
+    tid = int(np.asarray(ticket))
     if plan is None or tid < 0 or tid not in plan._tickets:
         return out
     t_ticket, rows, t0, t1 = plan._tickets.pop(tid)

@@ -339,6 +339,7 @@ def test_experiment_plumbing_writes_reports(tmp_path, monkeypatch):
             str(tmp_path),
             "--no-progress",
             "--save-traces",
+            "--in-process",  # the fake systems are patched into this process
         ]
     )
     rep = experiments.run_cli(args)
@@ -388,6 +389,7 @@ def test_experiment_skips_an_unavailable_system(tmp_path, monkeypatch):
             "--out",
             str(tmp_path),
             "--no-progress",
+            "--in-process",
         ]
     )
     rep = experiments.run_cli(args)
@@ -458,3 +460,30 @@ def test_engine_poisson_keeps_its_old_flags():
     assert translate(["--requests", "8", "--new-tokens", "4", "--no-hf", "--warmups", "2"]) == [
         "run", "engine_poisson", "--requests", "8", "--output-len", "4", "--systems", "cara",
     ]  # fmt: skip
+
+
+class _ChildJob:
+    """Stands in for experiments._SystemJob in a spawned process (picklable, module level)."""
+
+    label = "child"
+
+    def __init__(self, crash: bool) -> None:
+        self.crash = crash
+
+    def __call__(self):
+        import os
+
+        if self.crash:
+            os._exit(3)  # like LLVM aborting the process
+        return None, {"pid": os.getpid()}, [[{"ok": True}]]
+
+
+def test_each_system_runs_in_its_own_process():
+    import os
+
+    from bench.experiments import _isolated
+
+    skipped, entry, raw = _isolated(_ChildJob(crash=False))
+    assert skipped is None and entry["pid"] != os.getpid() and raw == [[{"ok": True}]]
+    skipped, entry, raw = _isolated(_ChildJob(crash=True))  # the run goes on without it
+    assert "process failed" in skipped and entry == {} and raw == []
