@@ -24,7 +24,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cara_jax.scheduling.cost_model import CostModel, load_cost_models
 from cara_jax.scheduling.router import (
@@ -35,13 +34,13 @@ from cara_jax.scheduling.router import (
     make_router,
 )
 from server.protocol import ApiError, bad, check_api_key, error_body, read_json_object
+from server.router_estimates import estimate_prompt_tokens, request_slo
+from server.router_metrics import RouterMetrics
 from server.router_state import Instance, InstancePool, Snapshot, describe_error
 
 log = logging.getLogger("cara_router")
 MAX_BODY = 16 << 20
 COST_POLICIES = ("rank_aware", "first_fit_slo")  # policies that predict step latencies
-CHARS_PER_TOKEN = 4  # the prompt-token estimate (docs/router.md)
-ROUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Failures before any byte of an answer: the instance is unreachable, try another one.
 UNREACHABLE = (
     aiohttp.ClientOSError,
@@ -88,97 +87,6 @@ class RouterConfig:
             raise RouterConfigError(f"unknown policy {self.policy!r}; use one of {POLICIES}")
         if self.avg_response_len <= 0 or not 0 <= self.headroom < 1:
             raise RouterConfigError("need avg_response_len > 0 and 0 <= headroom < 1")
-
-
-# ---------------------------------------------------------------------------- request estimates
-
-
-def _text_chars(content: Any) -> int:
-    """Characters of a message's content: a string, or text parts of a parts array."""
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(
-            len(p["text"])
-            for p in content
-            if isinstance(p, dict) and isinstance(p.get("text"), str)
-        )
-    return 0
-
-
-def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """Prompt tokens without a tokenizer: token-id prompts count exactly, text counts one token
-    per ``CHARS_PER_TOKEN`` characters (English BPE averages about four). Routing only needs
-    the order of magnitude; a body the instance will refuse counts as 0."""
-    prompt = body.get("prompt")
-    if prompt is not None:
-        items = prompt if isinstance(prompt, list) and not _is_ids(prompt) else [prompt]
-        total = 0
-        for p in items:
-            if isinstance(p, str):
-                total += len(p) // CHARS_PER_TOKEN
-            elif isinstance(p, list) and _is_ids(p):
-                total += len(p)
-        return total
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
-        return chars // CHARS_PER_TOKEN
-    return 0
-
-
-def _is_ids(xs: list) -> bool:
-    return bool(xs) and all(isinstance(t, int) and not isinstance(t, bool) for t in xs)
-
-
-def request_slo(body: Mapping[str, Any]) -> float | None:
-    """The body's ``tpot_slo`` (seconds), if it is a valid one; the instance validates it."""
-    v = body.get("tpot_slo")
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
-        return float(v)
-    return None
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-class RouterMetrics:
-    def __init__(self, instances: list[Instance]) -> None:
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter(
-            "cara_router_requests",
-            "Requests forwarded, by instance and policy",
-            ["instance", "policy"],
-            registry=r,
-        )
-        self.route = Histogram(
-            "cara_router_route_seconds",
-            "Time to pick an instance: state fetch (or cache) plus the policy",
-            buckets=ROUTE_BUCKETS,
-            registry=r,
-        )
-        self.up = Gauge(
-            "cara_router_instance_up",
-            "1 if the instance's last state fetch succeeded",
-            ["instance"],
-            registry=r,
-        )
-        self.fallbacks = Counter(
-            "cara_router_fallbacks",
-            "Requests sent to a second instance because the first was unreachable",
-            registry=r,
-        )
-        self.http = Counter(
-            "cara_router_http_requests",
-            "HTTP requests to the router by endpoint and status code",
-            ["endpoint", "status"],
-            registry=r,
-        )
-        for inst in instances:
-            self.up.labels(inst.url).set(0)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 # ---------------------------------------------------------------------------- the router
