@@ -1,0 +1,418 @@
+"""The HTTP server over real loopback HTTP, part 2: bad requests, back-pressure and
+disconnects, auth, drain, metrics, schemathesis against the server's own OpenAPI document, and
+the CLI's pieces. Part 1 (generation, adapters) is test_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import BackgroundServer, ServerState, build_app
+from server.cli import (
+    _engine_config,
+    build_parser,
+    byte_size,
+    lora_spec,
+)
+from server.demo import demo_adapters
+from tests.server_helpers import (
+    CHAT,
+    assert_error,
+    get,
+    post,
+    side_app,
+    start_server,
+    wait_idle,
+)
+
+srv = pytest.fixture(scope="module")(start_server)
+
+
+# ---------------------------------------------------------------------------- errors, load
+
+
+def test_bad_requests(srv):
+    url = srv.url + "/v1/completions"
+    for raw in (b"{not json", b"[1, 2]", b'{"model": "x", "prompt": "a\\ud800b"}'):
+        status, _, body = post(url, raw)
+        assert status == 400, raw
+        assert_error(body, "invalid_json")
+    for payload, param in [
+        ({"model": srv.base, "prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"model": srv.base, "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": srv.base, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": srv.base, "prompt": "x", "max_tokens": 500}, "max_tokens"),
+        ({"model": srv.base, "prompt": 5}, "prompt"),
+        ({"model": srv.base, "prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"model": srv.base, "prompt": "x", "stop": [1]}, "stop"),
+        ({"model": srv.base, "prompt": "x", "n": True}, "n"),
+        ({"model": srv.base, "prompt": "x", "seed": 10**30}, "seed"),
+        ({"model": srv.base, "prompt": "x", "temperature": 10**400}, "temperature"),
+    ]:
+        status, _, body = post(url, payload)
+        assert status == 400 and body["error"]["param"] == param, (payload, body)
+    status, _, body = post(url, {"model": srv.base, "prompt": "word " * 200})
+    assert status == 400
+    assert_error(body, "context_length_exceeded")
+    chat = srv.url + "/v1/chat/completions"
+    for payload in [
+        {"model": srv.base, "messages": []},
+        {"model": srv.base, "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": srv.base, "messages": CHAT, "tools": [{"type": "function"}]},
+        {"model": srv.base, "messages": CHAT, "top_logprobs": 2},
+    ]:
+        status, _, body = post(chat, payload)
+        assert status == 400, (payload, body)
+        assert_error(body)
+    status, _, body = post(url, {"model": "nope", "prompt": "x"})
+    assert status == 404
+    assert_error(body, "model_not_found")
+    status, text = get(srv.url + "/v1/nothing-here")
+    assert status == 404
+    assert_error(json.loads(text))
+    status, text = get(url)  # GET on a POST route
+    assert status == 405
+    assert_error(json.loads(text))
+    with pytest.raises(openai.BadRequestError, match="context"):
+        srv.client().chat.completions.create(
+            model=srv.base, messages=[{"role": "user", "content": "word " * 200}]
+        )
+    status, _ = get(srv.url + "/health")
+    assert status == 200  # still serving
+
+
+def test_disconnect_frees_the_slot(srv):
+    wait_idle(srv)
+    client = srv.client()
+    stream = client.completions.create(
+        model="demo-1",
+        prompt="Count: 1, 2,",
+        max_tokens=100,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    got = 0
+    for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    assert srv.state.engine.running  # still generating when the client leaves
+    stream.close()
+    wait_idle(srv, timeout=10)
+    reasons = [r.finish_reason for r in list(srv.state.engine.finished_requests)[-3:]]
+    assert "abort" in reasons
+
+
+def test_queue_full_429_then_disconnects(srv):
+    wait_idle(srv)
+    side = side_app(srv, max_queue=2, sse_keepalive_s=0.2)
+    slots = srv.state.engine.config.num_slots
+    body = {
+        "model": srv.base,
+        "prompt": "Count: 1, 2,",
+        "max_tokens": 100,
+        "stream": True,
+        "ignore_eos": True,
+    }
+
+    async def run():
+        async def until(cond) -> None:
+            for _ in range(400):
+                if cond():
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"timed out: {ae.snapshot}")
+
+        ae = srv.state.async_engine
+        async with aiohttp.ClientSession() as s:
+            streams = []
+            for k in range(slots):  # fill every slot, one at a time: the queue holds only 2
+                streams.append(await s.post(side.url + "/v1/completions", json=body))
+                await until(lambda k=k: ae.snapshot.running == k + 1)
+            for _ in range(2):  # then the queue
+                streams.append(await s.post(side.url + "/v1/completions", json=body))
+            assert [r.status for r in streams] == [200] * (slots + 2)
+            await until(lambda: ae.num_waiting() >= 2)
+            # a queued stream is silent but alive: SSE comments every keep-alive period
+            line = await asyncio.wait_for(streams[-1].content.readline(), 10)
+            assert line == b": keep-alive\n"
+            async with s.post(side.url + "/v1/completions", json=body) as r:
+                status, retry, err = r.status, r.headers.get("Retry-After"), await r.json()
+            for r in streams:  # every client disconnects mid-stream
+                r.close()
+            return status, retry, err
+
+    status, retry, err = asyncio.run(run())
+    assert status == 429 and retry is not None and int(retry) >= 1
+    assert_error(err, "queue_full")
+    wait_idle(srv, timeout=20)
+    assert srv.state.engine.slots.num_free == slots
+    side.stop()
+
+
+def test_api_key(srv):
+    side = side_app(srv, api_key="sekret")
+    base = side.url + "/v1"
+    bad = openai.OpenAI(base_url=base, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    status, _, body = post(base + "/completions", {"model": srv.base, "prompt": "x"})
+    assert status == 401
+    assert_error(body, "invalid_api_key")
+    good = openai.OpenAI(base_url=base, api_key="sekret", max_retries=0)
+    assert srv.base in {m.id for m in good.models.list().data}
+    assert good.completions.create(model=srv.base, prompt="Hi", max_tokens=1).choices
+    assert get(side.url + "/health")[0] == 200  # operations endpoints stay open
+    spec = json.loads(get(side.url + "/openapi.json")[1])
+    assert spec["paths"]["/v1/completions"]["post"]["security"] == [{"bearer": []}]
+    side.stop()
+
+
+def test_catch_all_returns_500_json(srv):
+    app = build_app(ServerState(srv.state.async_engine, srv.state.config, owns_engine=False))
+
+    async def boom(request):
+        raise ZeroDivisionError("a handler bug")
+
+    app.router.add_get("/boom", boom)
+    side = BackgroundServer(app)
+    status, text = get(side.url + "/boom")
+    assert status == 500
+    assert_error(json.loads(text), "internal_error")
+    assert get(side.url + "/health")[0] == 200
+    side.stop()
+
+
+def test_graceful_shutdown_drains(srv):
+    wait_idle(srv)
+    side = side_app(srv)
+    result = {}
+
+    def client():
+        c = openai.OpenAI(base_url=side.url + "/v1", api_key="x", max_retries=0)
+        s = c.completions.create(
+            model=srv.base,
+            prompt="Count: 1, 2,",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chunks = list(s)
+        result["reason"] = chunks[-1].choices[0].finish_reason
+        result["text"] = "".join(ch.choices[0].text for ch in chunks)
+
+    t = threading.Thread(target=client)
+    t.start()
+    deadline = time.time() + 30
+    while not srv.state.engine.running and time.time() < deadline:
+        time.sleep(0.02)
+    side.stop()  # returns once the running request has finished (bounded by the drain timeout)
+    t.join(timeout=30)
+    assert result.get("reason") == "length" and result["text"]
+
+
+# ---------------------------------------------------------------------------- metrics, schema
+
+
+def test_metrics_parse(srv):
+    for _ in range(2):  # the second finds the adapter on the device (a hit, whatever ran before)
+        srv.client().completions.create(model="demo-0", prompt="Hi", max_tokens=2)
+    status, text = get(srv.url + "/metrics")
+    assert status == 200
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "cara_time_to_first_token_seconds",
+        "cara_time_per_output_token_seconds",
+        "cara_e2e_request_latency_seconds",
+        "cara_http_requests",
+        "cara_requests_waiting",
+        "cara_requests_running",
+        "cara_lora_tier_hits",
+        "cara_lora_tier_misses",
+        "cara_lora_load_seconds",
+        "cara_cpu_assist_prefills",
+        "cara_adapter_requests_running",
+        "vllm:num_requests_waiting",
+    ):
+        assert name in fams, name
+    info = fams["vllm:lora_requests_info"].samples[0]
+    assert set(info.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
+    assert info.labels["max_lora"] == str(srv.state.engine.pool.config.max_adapters - 1)
+    ttft = {s.name: s.value for s in fams["cara_time_to_first_token_seconds"].samples}
+    assert ttft["cara_time_to_first_token_seconds_count"] > 0
+    statuses = {
+        s.labels["status"] for s in fams["cara_http_requests"].samples if s.name.endswith("_total")
+    }
+    assert "200" in statuses
+    tiers = {
+        s.labels["tier"]: s.value
+        for s in fams["cara_lora_tier_hits"].samples
+        if s.name.endswith("_total")
+    }
+    assert set(tiers) == {"device", "host"} and tiers["device"] > 0
+    loads = {s.labels["adapter"] for s in fams["cara_lora_load_seconds"].samples}
+    assert {"demo-0", "demo-1"} <= loads
+
+
+def test_openapi_schemathesis_no_5xx(srv, tmp_path):
+    spec = json.loads(get(srv.url + "/openapi.json")[1])
+    assert {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/health",
+        "/metrics",
+    } <= set(spec["paths"])
+    exe = Path(sys.executable).parent / "schemathesis"
+    # Fuzz every operation on an app whose queue admits nothing: parsing, validation, model
+    # lookup and adapter paths all run, and a valid generation answers 429 instead of
+    # spending model time. The documented examples then run on the serving app for real.
+    side = side_app(srv, max_queue=0)
+    common = [
+        str(exe),
+        "run",
+        "--checks",
+        "not_a_server_error,status_code_conformance,"
+        "content_type_conformance,response_schema_conformance",
+        "--seed",
+        "1",
+        "--no-shrink",
+        "--request-timeout",
+        "60",
+        "--warnings",
+        "off",
+    ]
+    runs = [
+        [
+            *common,
+            side.url + "/openapi.json",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--max-examples",
+            "25",
+        ],
+        [
+            *common,
+            srv.url + "/openapi.json",
+            "--phases",
+            "examples",
+            "--exclude-path",
+            "/v1/unload_lora_adapter",
+        ],
+    ]
+    try:
+        for cmd in runs:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+            assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
+    finally:
+        side.stop()
+    assert {"demo-0", "demo-1"} <= set(srv.state.adapters.registered())
+
+
+# ---------------------------------------------------------------------------- CLI pieces
+
+
+def test_cli_parsing_and_engine_passthrough(srv, tmp_path):
+    assert byte_size("512M") == 512 << 20 and byte_size("1.5G") == 3 << 29
+    assert byte_size("4GiB") == 4 << 30 and byte_size("100") == 100
+    assert lora_spec("a=/x/y") == ("a", "/x/y")
+    args = build_parser().parse_args(
+        [
+            "--cold-start",
+            "teleport",
+            "--lora-kernel",
+            "mbgmv",
+            "--max-loras",
+            "7",
+            "--device-lora-bytes",
+            "64M",
+        ]
+    )
+    cfg = _engine_config(args)
+    assert cfg.cold_start == "teleport" and cfg.lora_strategy == "mbgmv"
+    assert cfg.pool.max_adapters == 8 and cfg.pool.budget_bytes == 64 << 20
+    from cara_jax.engine import Engine
+
+    with pytest.raises(ValueError, match="cold_start"):  # the engine refuses unknown modes
+        Engine(srv.state.engine.loaded, srv.state.tokenizer, cfg)
+    cfg_model = srv.state.engine.loaded.cfg
+    a = demo_adapters(cfg_model, 2, rank=4, root=tmp_path / "a")
+    b = demo_adapters(cfg_model, 2, rank=4, root=tmp_path / "b")
+    for name in a:  # seeded: the same bytes on every machine and run
+        fa, fb = (x[name] / "adapter_model.safetensors" for x in (a, b))
+        assert fa.read_bytes() == fb.read_bytes()
+
+
+def test_scheduler_state_and_request_slo(srv):
+    """What a router reads (GET /v1/scheduler/state), and the per-request `tpot_slo` field."""
+    status, text = get(srv.url + "/v1/scheduler/state")
+    state = json.loads(text)
+    assert status == 200 and state["object"] == "scheduler_state"
+    assert state["model"] == srv.base and state["kernel"] == "bgmv"
+    assert state["admission"] == "fifo" and state["cost_model"] is None
+    assert state["adapters"] and all(r > 0 for r in state["adapters"].values())
+    assert state["free_slots"] == state["num_slots"] - len(state["running"])
+    name = next(iter(state["adapters"]))
+    body = {"model": name, "prompt": "Hi", "max_tokens": 2, "temperature": 0, "tpot_slo": 0.5}
+    status, _, out = post(srv.url + "/v1/completions", body)
+    assert status == 200 and out["usage"]["completion_tokens"] == 2
+    for bad in (0, -1, "fast"):
+        status, _, out = post(srv.url + "/v1/completions", {**body, "tpot_slo": bad})
+        assert status == 400
+        assert_error(out)
+        assert out["error"]["param"] == "tpot_slo"
+    args = build_parser().parse_args(["--admission", "slo"])
+    with pytest.raises(SystemExit, match="cost-model"):
+        _engine_config(args)
+    args = build_parser().parse_args(["--cost-model", "models.json", "--tpot-slo", "0.2"])
+    sched = _engine_config(args).scheduler
+    assert sched.admission == "slo" and sched.tpot_slo == 0.2  # auto: slo with a cost model
+
+
+@pytest.mark.slow
+def test_schemathesis_serving_app_longer(srv, tmp_path):
+    """Fuzz the serving app itself (real generations), more examples: ~20 min on two cores."""
+    exe = Path(sys.executable).parent / "schemathesis"
+    cmd = [
+        str(exe),
+        "run",
+        srv.url + "/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "60",
+        "--seed",
+        "2",
+        "--request-timeout",
+        "300",
+        "--exclude-path",
+        "/v1/unload_lora_adapter",
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
+    assert {"demo-0", "demo-1"} <= set(srv.state.adapters.registered())
+
+
+def test_engine_queue_bound_maps_to_429():
+    from cara_jax.scheduling.admission import QueueFullError
+    from server.routes import _engine_error
+
+    e = _engine_error(QueueFullError(3))
+    assert e.status == 429 and e.code == "queue_full" and "Retry-After" in e.headers
