@@ -129,8 +129,8 @@ def _write_rows(pools: list[jax.Array], rows: list[jax.Array], values: list[jax.
 
     One call per layer group, covering every projection's A and B: a donated pool array that a
     step in flight still reads makes the write wait for that step, so each call costs up to one
-    step of latency (16 calls per adapter, one per projection and group, made a 4-group load
-    take ~16 decode steps; measured in the cold-start bench).
+    step of latency. With one call per projection and group (16 per adapter) the cold-start
+    bench's sync TTFT p50 was 1.86 s; with one per group it is 0.69 s (same trace).
     """
     return [
         p.at[r].set(v.astype(p.dtype)) for p, r, v in zip(pools, rows, values, strict=True)
