@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from cara_jax.embedded import default_model_path
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
-from cara_jax.sequence import RequestOutput
+from cara_jax.engine.sequence import RequestOutput
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import load_model
 

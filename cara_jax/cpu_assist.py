@@ -1,8 +1,8 @@
 """CPU-assisted prefill: LoRA deltas of cold adapters computed by CPU workers inside the jitted step.
 
-A request whose adapter is still being copied to the device starts its prefill at once. The
-base model runs on the device for every row; for each (layer, projection group) the LoRA delta
-of a cold row comes from
+A request whose adapter is still being copied to the device starts its prefill at once, chunk by
+chunk like any prompt. The base model runs on the device for every token; for each (layer,
+projection group) the LoRA delta of a cold chunk row comes from
 - the device pool, when that layer's group of the adapter has arrived by dispatch time, or
 - the CPU workers (``cpu_lora``), otherwise.
 
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from cara_jax.adapters.multi_lora import MultiLoraHook
+from cara_jax.adapters.multi_lora import RaggedLoraHook
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +182,16 @@ def _fetch(
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class CpuAssistHook:
-    """LoraHook of a CPU-assisted prefill: device deltas per layer plus the CPU's deltas.
+    """LoraHook of a step with CPU-assisted prefill chunks: device deltas per layer plus the
+    CPU's deltas for cold chunk rows.
 
-    ``dev_adapter[layer, row]`` is the pool slot the device path uses for that row and layer
-    (0 for a cold row at a layer that has not arrived: its delta comes from the CPU instead).
+    ``dev_adapter[layer, row]`` is the pool slot the device path uses for chunk row ``row`` at
+    that layer (0 for a cold row at a layer that has not arrived: its delta comes from the CPU
+    instead). Decode rows always use the device pool.
     """
 
-    inner: MultiLoraHook
-    dev_adapter: jax.Array  # [L, B] int32
+    inner: RaggedLoraHook
+    dev_adapter: jax.Array  # [L, P] int32
     plan_id: jax.Array  # () int32
     out_sizes: tuple[tuple[str, int], ...] = dataclasses.field(metadata=dict(static=True))
 
@@ -200,16 +202,20 @@ class CpuAssistHook:
         return self.__dict__["_tickets"]
 
     def before(self, layer: int, projs: tuple[str, ...], x: jax.Array) -> jax.Array:
+        xc = self.inner.meta.ch_gather(x)  # [P, Q, in]: the rows the workers may serve
         ticket = io_callback(
-            partial(_submit, layer, projs), jax.ShapeDtypeStruct((), jnp.int32), x, self.plan_id
+            partial(_submit, layer, projs), jax.ShapeDtypeStruct((), jnp.int32), xc, self.plan_id
         )
         x, ticket = jax.lax.optimization_barrier((x, ticket))
         self._pending()[(layer, projs)] = ticket
         return x
 
     def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
-        inner = dataclasses.replace(self.inner, adapter=self.dev_adapter[layer])
-        return inner.delta(layer, proj, x)
+        inner = self.inner
+        if proj not in inner.a:
+            return None
+        dc = inner.chunk_delta(layer, proj, inner.meta.ch_gather(x), self.dev_adapter[layer])
+        return inner.meta.scatter(inner.decode_delta(layer, proj, x), dc)
 
     def after(
         self, layer: int, projs: tuple[str, ...], x: jax.Array, ys: list[jax.Array]
@@ -218,15 +224,18 @@ class CpuAssistHook:
         *ys, ticket = jax.lax.optimization_barrier((*ys, ticket))
         sizes_of = dict(self.out_sizes)
         sizes = tuple(sizes_of[p] for p in projs)
-        shape = tuple(x.shape[:2])
+        meta = self.inner.meta
+        shape = (int(meta.ch_len.shape[0]), meta.num_tokens)
         cpu = io_callback(
             partial(_fetch, layer, projs, sizes, shape),
             jax.ShapeDtypeStruct((*shape, sum(sizes)), jnp.float32),
             ticket,
             self.plan_id,
         )
+        s = int(meta.dec_tok.shape[0])
+        flat = meta.scatter(jnp.zeros((s, sum(sizes)), jnp.float32), cpu)  # [T, sum(out)]
         out, off = [], 0
         for y, size in zip(ys, sizes, strict=True):
-            out.append(y + cpu[..., off : off + size].astype(y.dtype))
+            out.append(y + flat[:, off : off + size].astype(y.dtype))
             off += size
         return out

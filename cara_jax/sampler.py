@@ -131,7 +131,11 @@ class SlotState:
 
 
 def apply_penalties(
-    logits: jax.Array, counts: jax.Array, seen: jax.Array, params: SamplingArrays
+    logits: jax.Array,
+    counts: jax.Array,
+    seen: jax.Array,
+    params: SamplingArrays,
+    force: bool = False,
 ) -> jax.Array:
     """vLLM's penalties: repetition (prompt + output, divides positive logits), then
     frequency and presence (output only, subtracted). Skipped when no row uses them."""
@@ -142,6 +146,8 @@ def apply_penalties(
         c = counts.astype(x.dtype)
         return x - params.frequency[:, None] * c - params.presence[:, None] * (c > 0)
 
+    if force:  # the caller already checked that some row uses a penalty
+        return penalize(logits)
     active = (
         jnp.any(params.repetition != 1)
         | jnp.any(params.frequency != 0)

@@ -267,7 +267,7 @@ def _engine_config(args: argparse.Namespace):
     """EngineConfig from the flags; fields the engine does not have yet are kept by the server."""
     from cara_jax.adapters.device_pool import PoolConfig
     from cara_jax.engine import EngineConfig
-    from cara_jax.scheduler import SchedulerConfig
+    from cara_jax.engine.admission import SchedulerConfig
 
     cfg = dict(
         num_slots=args.num_slots,

@@ -18,10 +18,10 @@ from pathlib import Path
 from aiohttp import web
 
 from cara_jax.adapters.store import UnknownAdapterError
-from cara_jax.runner import PromptTooLongError
+from cara_jax.engine import PromptTooLongError
 from cara_jax.sampling_params import InvalidRequestError
 from cara_jax.scheduling.admission import QueueFullError
-from cara_jax.sequence import RequestOutput
+from cara_jax.engine.sequence import RequestOutput
 from server.app import STATE, ServerState
 from server.instance_state import add_state_route
 from server.openapi import openapi_spec

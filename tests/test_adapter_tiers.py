@@ -9,7 +9,7 @@ import pytest
 
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig, PoolFullError
 from cara_jax.adapters.store import AdapterRegistry, HostStore, UnknownAdapterError
-from cara_jax.runner import full_logits
+from cara_jax.scoring import full_logits
 from tests.test_multi_lora_parity import ALL7, make_peft_adapters
 
 SPECS = {

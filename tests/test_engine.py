@@ -10,7 +10,7 @@ import pytest
 from cara_jax.adapters.store import UnknownAdapterError
 from cara_jax.api import AsyncEngine
 from cara_jax.engine import Engine, EngineConfig
-from cara_jax.runner import PromptTooLongError
+from cara_jax.engine import PromptTooLongError
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.tokenizer import Tokenizer
 from tests.test_multi_lora_parity import ALL7, make_peft_adapters
@@ -154,7 +154,7 @@ def test_logprobs_and_min_p(tiny, smol_tok):
     import jax
     import jax.numpy as jnp
 
-    from cara_jax.runner import full_logits
+    from cara_jax.scoring import full_logits
     from cara_jax.sampler import SamplingArrays, sample
 
     eng = _engine(tiny, smol_tok)

@@ -227,7 +227,7 @@ def _adapter(cfg, name, rank, projs, seed):
 
 def test_model_step_through_hook():
     """A SmolLM2-shaped model: logits with the Pallas hook equal those with the jnp hook."""
-    from cara_jax.runner import full_logits
+    from cara_jax.scoring import full_logits
 
     loaded = _smollm2_like()
     cfg = loaded.cfg

@@ -63,7 +63,7 @@ class CaraSystem:
         from cara_jax.adapters.device_pool import PoolConfig
         from cara_jax.embedded import default_model_path
         from cara_jax.engine import Engine, EngineConfig
-        from cara_jax.scheduler import SchedulerConfig
+        from cara_jax.engine.admission import SchedulerConfig
         from cara_jax.tokenizer import Tokenizer
         from cara_jax.weights import load_model
 

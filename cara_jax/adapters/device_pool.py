@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cara_jax.adapters.multi_lora import MultiLoraHook
+from cara_jax.adapters.multi_lora import MultiLoraHook, RaggedLoraHook
 from cara_jax.adapters.peft import LoraAdapter
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import PROJECTIONS
+from cara_jax.ragged import RaggedMeta
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +397,42 @@ class DevicePool:
             slot_rows=rows,
             slot_rank=rank,
             adapter=jnp.asarray(slots, jnp.int32),
+            strategy=strategy,
+            rank_bucket=rank_bucket,
+            backend=backend,
+        )
+
+    def stats_dict(self) -> dict:
+        """Counters and occupancy, one consistent read (for Engine.stats)."""
+        with self.lock:
+            st = self.stats
+            return {
+                "hits": st.hits, "misses": st.misses, "evictions": st.evictions,
+                "bytes_loaded": st.bytes_loaded, "resident": len(self._entries),
+                "slots_total": self.config.max_adapters - 1,
+            }  # fmt: skip
+
+    def ragged_hook(
+        self,
+        dec_slots: np.ndarray,
+        ch_slots: np.ndarray,
+        meta: RaggedMeta,
+        strategy: str = "bgmv",
+        rank_bucket: int = 8,
+        backend: str = "auto",
+    ) -> RaggedLoraHook:
+        """The hook of one engine step (ragged.py): decode row i uses adapter slot
+        ``dec_slots[i]``, chunk row j ``ch_slots[j]`` (0 = none). Call and dispatch under
+        ``pool.lock``, as for ``hook``."""
+        rows, rank = self._table()
+        return RaggedLoraHook(
+            a={p: list(v) for p, v in self.a.items()},
+            b={p: list(v) for p, v in self.b.items()},
+            slot_rows=rows,
+            slot_rank=rank,
+            dec_adapter=jnp.asarray(dec_slots, jnp.int32),
+            ch_adapter=jnp.asarray(ch_slots, jnp.int32),
+            meta=meta,
             strategy=strategy,
             rank_bucket=rank_bucket,
             backend=backend,

@@ -26,6 +26,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from cara_jax.ragged import RaggedMeta
+
 STRATEGIES = ("bgmv", "mbgmv")
 BACKENDS = ("auto", "jnp", "pallas", "pallas_interpret")
 
@@ -180,3 +182,49 @@ class MultiLoraHook:
             rank_bucket=self.rank_bucket,
             backend=self.backend,
         )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RaggedLoraHook:
+    """LoraHook over the device pool for a flat token batch (ragged.py): decode-view rows run
+    ``strategy`` (BGMV / MBGMV, one token each), chunk-view rows the segment kernel, each row
+    with its own adapter slot."""
+
+    a: dict[str, list[jax.Array]]  # proj -> per-layer [N, in]
+    b: dict[str, list[jax.Array]]  # proj -> per-layer [N, out]
+    slot_rows: dict[str, jax.Array]  # proj -> [S_pool, R_cap] int32
+    slot_rank: dict[str, jax.Array]  # proj -> [S_pool] int32
+    dec_adapter: jax.Array  # [S] pool slot of each decode row (0 = none)
+    ch_adapter: jax.Array  # [P] pool slot of each chunk row
+    meta: RaggedMeta
+    strategy: str = dataclasses.field(default="bgmv", metadata=dict(static=True))
+    rank_bucket: int = dataclasses.field(default=8, metadata=dict(static=True))
+    backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
+
+    def chunk_delta(self, layer: int, proj: str, xc: jax.Array, adapter: jax.Array) -> jax.Array:
+        """Delta of chunk-view rows xc [P, Q, in] with per-row adapter slots -> [P, Q, out]."""
+        return multi_lora_delta(
+            xc, self.a[proj][layer], self.b[proj][layer], self.slot_rows[proj],
+            self.slot_rank[proj], adapter, strategy="bgmv", rank_bucket=self.rank_bucket,
+            backend=self.backend,
+        )  # fmt: skip
+
+    def decode_delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array:
+        """Delta of the decode-view rows, gathered from flat x [T, in] -> [S, out]."""
+        bucket = self.rank_bucket
+        if self.strategy == "mbgmv":  # a bucket of summed ranks covering every row
+            bucket *= self.dec_adapter.shape[0]
+        d = multi_lora_delta(
+            self.meta.dec_gather(x)[:, None], self.a[proj][layer], self.b[proj][layer],
+            self.slot_rows[proj], self.slot_rank[proj], self.dec_adapter,
+            strategy=self.strategy, rank_bucket=bucket, backend=self.backend,
+        )  # fmt: skip
+        return d[:, 0]
+
+    def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
+        if proj not in self.a:
+            return None
+        xc = self.meta.ch_gather(x)
+        dc = self.chunk_delta(layer, proj, xc, self.ch_adapter)
+        return self.meta.scatter(self.decode_delta(layer, proj, x), dc)

@@ -1,13 +1,13 @@
-"""Which waiting requests the engine tries to admit at a step: FIFO, or rank-aware by TPOT SLO.
+"""Which waiting requests the scheduler tries to admit at a step: FIFO, or rank-aware by TPOT SLO.
 
-Why a separate concept: the engine knows slots, adapters and loads; the scheduler only decides
+Why a separate concept: the scheduler knows KV pages, adapters and loads; admission only decides
 the order and the subset to try. ``fifo`` tries every waiting request in arrival order (what
 vLLM does). ``slo`` asks ``AdmissionPolicy`` (scheduling/admission.py) with the profiled cost
 model: a request joins only if the predicted decode step of the batch it makes keeps every
 request in that batch inside its time-per-output-token SLO; aging admits a request that has
 waited ``max_wait_s`` whatever its rank, so a large rank never starves.
 
-The engine then checks each chosen request's adapter: one still loading stays waiting (its load
+The scheduler then checks each chosen request's adapter: one still loading stays waiting (its load
 proceeds) and is chosen again at a later step.
 """
 
@@ -26,7 +26,7 @@ from cara_jax.scheduling.admission import (
     WaitingInfo,
 )
 from cara_jax.scheduling.cost_model import DEFAULT_SLO_FACTOR, CostModel, load_cost_models
-from cara_jax.sequence import Sequence
+from cara_jax.engine.sequence import Sequence
 
 ADMISSION_MODES = ("fifo", "slo")
 
@@ -70,7 +70,7 @@ def load_engine_cost_model(
     return model
 
 
-class Scheduler:
+class Admission:
     """Chooses the waiting requests to try this step; counts what the SLO rule held back."""
 
     def __init__(self, config: SchedulerConfig, kernel: str, device: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""A request's life in the engine: prompt, adapter, slot, generated tokens, stop handling."""
+"""A request's life in the engine: prompt, adapter, KV progress, generated tokens, stop handling."""
 
 from __future__ import annotations
 
@@ -44,8 +44,12 @@ class Sequence:
     rank: int = 0  # the adapter's max LoRA rank (0 = base model): what scheduling counts
     acquired: bool = False
     status: SeqStatus = SeqStatus.WAITING
-    slot: int = -1  # KV-cache slot
-    pos: int = 0  # tokens in the KV cache
+    row: int = -1  # sequence row of the device-side state while running
+    num_computed: int = 0  # tokens whose KV is in the cache
+    prefill_target: int = 0  # tokens to prefill before decoding (prompt, or all on recompute)
+    num_sampled: int = 0  # tokens sampled so far, those still in flight included
+    epoch: int = 0  # bumped when in-flight results must be dropped (CPU-assist fallback)
+    preemptions: int = 0
     output_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     emitted: int = 0  # chars of text already streamed
@@ -61,6 +65,20 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and the outputs known so far (what a recompute prefills)."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed >= self.prefill_target
+
+    def sampling_row(self) -> tuple:
+        p = self.params
+        return (p.temperature, p.top_k, p.top_p, self.seed, p.min_p,
+                p.presence_penalty, p.frequency_penalty, p.repetition_penalty)  # fmt: skip
 
     def append(self, token: int, max_len: int) -> None:
         """Take one generated token: update text, apply stop rules (strings across tokens)."""
@@ -81,7 +99,7 @@ class Sequence:
                 self.text = self.text[: min(hits)]
                 self.finish(reason="stop")
                 return
-        if len(self.output_ids) >= p.max_tokens or self.pos + 1 >= max_len:
+        if len(self.output_ids) >= p.max_tokens or len(self.tokens) >= max_len:
             self.text += self.detok.flush()
             self.finish(reason="length")
 

@@ -20,7 +20,8 @@ from cara_jax import cpu_assist
 from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.store import AdapterRegistry
 from cara_jax.config import ModelConfig
-from cara_jax.sequence import Sequence
+from cara_jax.engine.batch import CpuPlan
+from cara_jax.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -78,29 +79,30 @@ class CpuAssistCoordinator:
             self.keys.add(seq.content_hash)
         return True
 
-    def plan(self, new: list[Sequence]) -> tuple[np.ndarray, int, cpu_assist.PrefillPlan] | None:
-        """(device adapter per layer and row [L, n], plan id, plan) for a prefill with cold rows
-        (call under the device pool's lock: the layers ready now are what the dispatch sees)."""
-        if not any(s.cpu_assist for s in new):
+    def plan(self, chunks: list) -> CpuPlan | None:
+        """Where the LoRA deltas of a step's chunk rows come from, per layer (call under the
+        device pool's lock: the layers ready now are what the dispatch sees). None when no
+        chunk row is cold."""
+        if not any(c.cpu_assist for c in chunks):
             return None
-        dev = np.zeros((self.num_layers, len(new)), np.int32)
+        dev = np.zeros((self.num_layers, len(chunks)), np.int32)
         rows = []
         every = frozenset(range(self.num_layers))
-        for i, s in enumerate(new):
+        for i, c in enumerate(chunks):
+            key = c.seq.content_hash
             ready = every
-            if s.cpu_assist and not self.pool.is_resident(s.content_hash):
-                ready = frozenset(self.pool.handle_of(s.content_hash).ready_layers())
+            if c.cpu_assist and not self.pool.is_resident(key):
+                ready = frozenset(self.pool.handle_of(key).ready_layers())
                 if every - ready:
-                    rows.append(cpu_assist.CpuRow(i, s.content_hash, len(s.prompt_ids),
-                                                  every - ready))  # fmt: skip
+                    rows.append(cpu_assist.CpuRow(i, key, len(c.tokens), every - ready))
             for layer in ready:
-                dev[layer, i] = s.adapter_slot
+                dev[layer, i] = c.adapter_slot
         if not rows:
             return None
         plan = cpu_assist.PrefillPlan(rows, self.workers, self.timeout_s)
         self.plan_keys.update(r.key for r in rows)
         cpu_assist.register(plan)
-        return dev, plan.id, plan
+        return CpuPlan(dev, plan.id, plan)
 
     def finish(self, plan: cpu_assist.PrefillPlan | None) -> set[int]:
         """Account a CPU-assisted prefill once its tokens are in; the rows that must re-run."""

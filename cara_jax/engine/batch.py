@@ -1,0 +1,78 @@
+"""Typed records at the scheduler -> runner seam: what one step runs, row by row.
+
+The scheduler fills a ``ScheduledBatch`` from its queues and block tables; the runner turns it
+into device arrays (runner.py) and never looks at a ``Sequence``. The engine keeps the
+sequences beside the rows (``DecodeRow.seq`` / ``ChunkRow.seq``) to route the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+# per-row sampling parameters, in SamplingArrays.from_rows order:
+# temperature, top_k, top_p, seed, min_p, presence, frequency, repetition
+SamplingRow = tuple[float, int, float, int, float, float, float, float]
+
+
+@dataclasses.dataclass
+class DecodeRow:
+    """One running sequence's next token."""
+
+    seq: Any  # the engine's Sequence (opaque to the runner)
+    row: int  # sequence row in the device-side state
+    position: int  # position of the token fed in (its KV is written there)
+    table: list[int]  # KV pages of the sequence
+    adapter_slot: int  # device-pool slot (0 = base model)
+    sampling: SamplingRow
+
+
+@dataclasses.dataclass
+class ChunkRow:
+    """A chunk of a prompt (or of a preempted sequence's tokens, recomputed)."""
+
+    seq: Any
+    row: int
+    tokens: list[int]  # the chunk's token ids
+    start: int  # position of the chunk's first token
+    table: list[int]
+    adapter_slot: int
+    sampling: SamplingRow
+    final: bool  # the chunk ends the prompt: its last token's logits are sampled
+    out_from: int  # positions >= out_from are earlier outputs (recompute after preemption)
+    cpu_assist: bool = False  # the adapter is still loading: deltas may come from the CPU
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    decode: list[DecodeRow]
+    chunks: list[ChunkRow]
+    preempted: list[Any] = dataclasses.field(default_factory=list)  # sequences sent back
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(len(c.tokens) for c in self.chunks)
+
+    @property
+    def rows(self) -> list[DecodeRow | ChunkRow]:
+        """Sample rows in the step's order: decode rows, then chunk rows."""
+        return [*self.decode, *self.chunks]
+
+    def __bool__(self) -> bool:
+        return bool(self.decode or self.chunks)
+
+
+@dataclasses.dataclass
+class CpuPlan:
+    """Where each chunk row's LoRA deltas come from, per layer, for a step with cold rows:
+    ``dev_adapter[layer, chunk]`` is the pool slot (0: the CPU workers serve that layer)."""
+
+    dev_adapter: np.ndarray  # [layers, chunks]
+    plan_id: int
+    plan: Any  # cpu_assist.PrefillPlan

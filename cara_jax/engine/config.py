@@ -1,0 +1,57 @@
+"""Engine configuration and the KV-cache sizing rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+from cara_jax.adapters.device_pool import PoolConfig
+from cara_jax.engine.admission import SchedulerConfig
+
+COLD_START_MODES = ("sync", "cached", "cpu_assist")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 32  # sequences running at once (rows of the device-side state)
+    max_model_len: int | None = None  # prompt + output tokens; default: the model's context
+    max_num_batched_tokens: int = 256  # token budget of one step = the largest program
+    max_prefill_seqs: int = 2  # prompts that advance (one chunk each) in one step
+    block_size: int = 16  # tokens per KV page
+    # bytes of KV cache; default: a share of the device's free memory (GPU), of RAM (CPU)
+    kv_cache_memory: int | None = None
+    # sync: wait for the load; cached: every adapter preloaded; cpu_assist: prefill at once,
+    # the cold adapter's deltas from CPU workers while it is copied (see cpu_assist.py)
+    cold_start: str = "sync"
+    cpu_workers: int = 2
+    cpu_timeout_s: float = 30.0  # a CPU-assisted group slower than this falls back to sync
+    lora_strategy: str = "bgmv"
+    pool: PoolConfig = PoolConfig()
+    host_budget_bytes: int = 4 << 30
+    rank_buckets: tuple[int, ...] = (16, 64)  # LoRA rank buckets of the programs
+    min_token_bucket: int = 16
+    compile_threads: int = 2
+    max_step_records: int = 10_000
+    max_request_records: int = 10_000
+    # admission: fifo, or slo (rank-aware, needs a profiled cost model); see admission.py
+    scheduler: SchedulerConfig = SchedulerConfig()
+    max_queue: int | None = None  # waiting requests beyond which add_request raises QueueFullError
+
+
+def default_kv_cache_memory() -> int:
+    """vLLM-like default: on an accelerator, 90% of its free memory less the weights' share the
+    caller already took (the caller passes what is free now); on a CPU, 10% of RAM, at most
+    4 GiB (the CPU also runs the host tiers, the workers and the server)."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
+        if limit:
+            return int(0.9 * limit - used) // 2  # half of the free share: the rest for LoRA, temps
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 8 << 30
+    return min(ram // 10, 4 << 30)

@@ -1,0 +1,386 @@
+"""The engine loop: requests in, one scheduled step at a time, streamed deltas out.
+
+One ``step()``:
+1. the scheduler builds the step's batch under the token budget (decode tokens first, then
+   prompt chunks; scheduler.py);
+2. the runner dispatches it (one compiled program; runner.py) and returns at once;
+3. while that step runs, the host reads the *previous* step's tokens: detokenize, stop checks,
+   streaming deltas; finished sequences give back their pages, row and adapter at once.
+Host work thus trails the device by one step (a finished sequence costs one discarded token).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cara_jax.adapters.device_pool import DevicePool
+from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
+from cara_jax.engine.cpu_coordinator import CpuAssistCoordinator, zero_stats
+from cara_jax.engine.admission import Admission
+from cara_jax.engine.batch import ScheduledBatch
+from cara_jax.engine.block_manager import BlockManager
+from cara_jax.engine.config import COLD_START_MODES, EngineConfig, default_kv_cache_memory
+from cara_jax.engine.errors import EngineClosedError, PromptTooLongError
+from cara_jax.engine.records import EngineStats, RequestRecord, StepRecord
+from cara_jax.engine.runner import ModelRunner, RunnerConfig, StepResult
+from cara_jax.engine.scheduler import Scheduler, SchedulerLimits
+from cara_jax.engine.sequence import RequestOutput, SeqStatus, Sequence
+from cara_jax.kv_cache import bytes_per_token
+from cara_jax.sampling_params import InvalidRequestError, SamplingParams
+from cara_jax.scheduling.admission import QueueFullError
+from cara_jax.tokenizer import Tokenizer
+from cara_jax.weights import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Synchronous engine core; drive it with ``step()`` (AsyncEngine runs it in a thread)."""
+
+    def __init__(
+        self, loaded: LoadedModel, tokenizer: Tokenizer, config: EngineConfig | None = None
+    ):
+        self.config = cfg = config or EngineConfig()
+        if cfg.cold_start not in COLD_START_MODES:
+            raise ValueError(
+                f"cold_start must be one of {COLD_START_MODES}, not {cfg.cold_start!r}"
+            )
+        self.loaded = loaded
+        self.tokenizer = tokenizer
+        self.max_len = min(cfg.max_model_len or loaded.cfg.max_position_embeddings,
+                           loaded.cfg.max_position_embeddings)  # fmt: skip
+        kv_bytes = cfg.kv_cache_memory or default_kv_cache_memory()
+        per_page = cfg.block_size * bytes_per_token(loaded.cfg, loaded.dtype)
+        num_pages = max(2, kv_bytes // per_page)
+        capacity = (num_pages - 1) * cfg.block_size
+        if capacity < self.max_len:
+            log.warning("the KV cache holds %d tokens: max_model_len lowered from %d to that",
+                        capacity, self.max_len)  # fmt: skip
+            self.max_len = capacity
+        self.pool = DevicePool(loaded.cfg, cfg.pool, dtype=loaded.dtype)
+        self.registry = AdapterRegistry(
+            loaded.cfg, HostStore(cfg.host_budget_bytes), base_model_name=None
+        )
+        self.runner = ModelRunner(
+            loaded,
+            RunnerConfig(
+                num_pages=num_pages, max_model_len=self.max_len, block_size=cfg.block_size,
+                max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_prefill_seqs=cfg.max_prefill_seqs, min_token_bucket=cfg.min_token_bucket,
+                rank_buckets=cfg.rank_buckets, cpu_assist=cfg.cold_start == "cpu_assist",
+            ),
+            pool=self.pool,
+            lora_strategy=cfg.lora_strategy,
+        )  # fmt: skip
+        self.cpu: CpuAssistCoordinator | None = None
+        if cfg.cold_start == "cpu_assist":
+            self.cpu = CpuAssistCoordinator(
+                loaded.cfg, self.pool, self.registry, cfg.cpu_workers, cfg.cpu_timeout_s
+            )
+        self.admission = Admission(cfg.scheduler, cfg.lora_strategy, jax.default_backend())
+        self.blocks = BlockManager(num_pages, cfg.block_size)
+        self.scheduler = Scheduler(
+            SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_prefill_seqs,
+                            self.max_len),  # fmt: skip
+            self.blocks, self.pool, self.registry, self.admission,
+            can_assist=None if self.cpu is None else self.cpu.can_assist,
+        )  # fmt: skip
+        self.requests: dict[str, Sequence] = {}
+        self._in_flight: tuple[StepResult, dict, object, StepRecord] | None = None
+        self._ids = itertools.count()
+        self.lock = threading.RLock()  # add/abort from other threads vs step()
+        self._failed: list[RequestOutput] = []  # final outputs of requests that failed
+        self.steps: collections.deque[StepRecord] = collections.deque(maxlen=cfg.max_step_records)
+        self.finished_requests: collections.deque[RequestRecord] = collections.deque(
+            maxlen=cfg.max_request_records
+        )
+        self._num_steps = 0
+        self._last_done = 0.0
+        self._closed = False
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def waiting(self) -> collections.deque[Sequence]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    def warmup(self, progress=None) -> None:
+        """Compile every program the engine can dispatch (nothing compiles after this)."""
+        self.runner.warmup(threads=self.config.compile_threads, progress=progress)
+
+    def stats(self) -> EngineStats:
+        with self.lock:
+            run = self.scheduler.running
+            return EngineStats(
+                running=len(run), waiting=len(self.scheduler.waiting),
+                max_num_seqs=self.config.max_num_seqs,
+                kv_pages_total=self.blocks.num_pages, kv_pages_free=self.blocks.num_free,
+                kv_block_size=self.blocks.block_size, kv_cache_bytes=self.runner.cache.nbytes(),
+                compiled_programs=self.runner.compiled_count(),
+                programs_total=len(self.runner.programs()), hot_compiles=self.runner.hot_compiles,
+                ready=self.runner.is_ready(), preemptions=self.scheduler.preemptions,
+                steps=self._num_steps, lora_pool=self.pool.stats_dict(),
+                admission=dict(self.admission.stats), cpu_assist=self.cpu_assist_stats(),
+                running_adapters=tuple(sorted({s.adapter_name for s in run if s.adapter_name})),
+                waiting_adapters=tuple(sorted({s.adapter_name for s in self.scheduler.waiting
+                                               if s.adapter_name})),
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, name: str, path: str | Path) -> RegisteredAdapter:
+        """Register (or replace) an adapter; ``cached`` mode also pins it on the device."""
+        old = self.registry.names().get(name)
+        entry = self.registry.register(name, path)
+        if self.config.cold_start == "cached":
+            adapter = self.registry.resolve(name)
+            if old is None or old.content_hash != entry.content_hash:
+                self.pool.acquire(adapter).wait()
+                self.pool.pin(adapter.content_hash)
+            if old is not None and old.content_hash != entry.content_hash:
+                self._unpin_if_unused(old.content_hash)
+        return entry
+
+    def unload_adapter(self, name: str) -> None:
+        entry = self.registry.unregister(name)
+        if self.config.cold_start == "cached":
+            self._unpin_if_unused(entry.content_hash)
+
+    def _unpin_if_unused(self, content_hash: str) -> None:
+        """Drop ``cached`` mode's hold on a content no registered name points at any more."""
+        if content_hash not in {e.content_hash for e in self.registry.names().values()}:
+            self.pool.pin(content_hash, False)
+            self.pool.release(content_hash)
+
+    # ------------------------------------------------------------------ requests
+
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """Reject a request that can never run, before it is queued."""
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if len(ids) >= self.max_len:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens does not fit the context of {self.max_len} tokens "
+                "(it needs room for at least one generated token)"
+            )
+        if any(not 0 <= t < self.loaded.cfg.vocab_size for t in ids):
+            raise InvalidRequestError("prompt token id out of the vocabulary", "prompt")
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; invalid input raises at once and never disturbs other requests."""
+        params = params or SamplingParams()
+        ids = (
+            self.tokenizer.encode(prompt, add_special_tokens=True)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        self.validate(ids, params)
+        content_hash, rank = None, 0
+        if adapter is not None:
+            entry = self.registry.entry(adapter)  # UnknownAdapterError
+            content_hash, rank = entry.content_hash, entry.max_rank
+        rid = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(
+            request_id=rid,
+            prompt_ids=ids,
+            params=params,
+            seed=params.seed if params.seed is not None else random.getrandbits(31),
+            detok=self.tokenizer.detokenizer(),
+            eos_ids=frozenset(self.tokenizer.eos_token_ids),
+            adapter_name=adapter,
+            content_hash=content_hash,
+            rank=rank,
+        )
+        with self.lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            if rid in self.requests:
+                raise InvalidRequestError(f"duplicate request id {rid!r}", "request_id")
+            q = self.config.max_queue
+            if q is not None and len(self.scheduler.waiting) >= q:
+                raise QueueFullError(q)
+            self.requests[rid] = seq
+            self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its pages and row are free for the next step."""
+        with self.lock:
+            seq = self.requests.get(request_id)
+            if seq is None or seq.finished:
+                return
+            seq.finish("abort")
+            self._release(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running or self._in_flight
+                    or self._failed)  # fmt: skip
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            rank = self.pool.entry_rank(seq.content_hash) if seq.content_hash else 0
+            self.finished_requests.append(
+                RequestRecord(
+                    seq.request_id, seq.adapter_name, rank, seq.cold, seq.arrival, seq.admitted,
+                    seq.token_times, len(seq.prompt_ids), seq.finish_reason, seq.preemptions,
+                )
+            )  # fmt: skip
+        self.scheduler.release(seq)
+        self.requests.pop(seq.request_id, None)
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the streamed deltas of the step before it."""
+        with self.lock:
+            t0 = time.perf_counter()
+            if self.cpu is not None and self.cpu.keys:
+                self.cpu.drop_loaded()
+            batch = self.scheduler.schedule()
+            if not batch and self.scheduler.running and self._in_flight is None:
+                self.scheduler.unstick()
+                batch = self.scheduler.schedule()
+            outputs, self._failed = self._failed, []
+            for seq, err in self.scheduler.failed:
+                seq.finish("error")
+                self._release(seq)
+                out = seq.take_delta([])
+                out.error = err
+                outputs.append(out)
+            self.scheduler.failed.clear()
+            launched = self._launch(batch, t0) if batch else None
+            if launched is None and self._in_flight is None:
+                time.sleep(0.001)  # nothing to run (e.g. waiting for a load): do not spin
+            if self._in_flight is not None:
+                outputs += self._collect(*self._in_flight)
+            self._in_flight = launched
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, t0: float):
+        want_lp = any(r.seq.params.logprobs is not None for r in batch.rows)
+        with self.pool.lock:  # the layers ready now are the ones this dispatch sees
+            cpu = None if self.cpu is None else self.cpu.plan(batch.chunks)
+            res = self.runner.run(batch, cpu, want_lp)
+        ranks = [self.pool.entry_rank(d.seq.content_hash) if d.seq.content_hash else 0
+                 for d in batch.decode]  # fmt: skip
+        rec = StepRecord(
+            t0, len(batch.decode), sorted(ranks), sum(len(c.tokens) for c in batch.chunks),
+            time.perf_counter() - t0, self.config.lora_strategy, None, batch.num_tokens,
+            (res.program.tokens, res.program.rank),
+        )  # fmt: skip
+        self.steps.append(rec)
+        self._num_steps += 1
+        epochs = {id(r.seq): r.seq.epoch for r in batch.rows}
+        return res, epochs, cpu, rec
+
+    def _collect(self, res: StepResult, epochs: dict, cpu, rec: StepRecord) -> list[RequestOutput]:
+        """Read a dispatched step's tokens (blocks until it is done) and stream them."""
+        toks = np.asarray(res.outputs.tokens)
+        done = time.perf_counter()
+        rec.latency_s = done - max(rec.t_start, self._last_done)
+        self._last_done = done
+        lp = None
+        if any(r.seq.params.logprobs is not None for r in res.batch.rows):
+            o = res.outputs
+            lp = (np.asarray(o.chosen_logprob), np.asarray(o.top_ids), np.asarray(o.top_logprobs))
+        failed = set() if self.cpu is None else self.cpu.finish(None if cpu is None else cpu.plan)
+        s = self.runner.config.decode_rows(res.program.tokens)
+        outputs: list[RequestOutput] = []
+        for j, ch in enumerate(res.batch.chunks):
+            if j in failed:
+                self._requeue_sync(ch.seq)
+        for k, row in enumerate(res.batch.rows):
+            is_chunk = k >= len(res.batch.decode)
+            idx = s + (k - len(res.batch.decode)) if is_chunk else k
+            if is_chunk and not row.final:
+                continue
+            seq = row.seq
+            if seq.finished or seq.epoch != epochs[id(seq)]:
+                continue  # finished, aborted or re-run while this token was in flight
+            outputs.extend(self._accept(seq, int(toks[idx]), lp, idx))
+        return outputs
+
+    def _requeue_sync(self, seq: Sequence) -> None:
+        """A CPU-assisted prefill failed: back to the queue head with a synchronous load."""
+        if seq.finished:
+            return
+        seq.epoch += 1
+        seq.cpu_assist, seq.no_cpu_assist = False, True
+        self.scheduler.requeue(seq, recompute_outputs=False)
+
+    def _accept(self, seq: Sequence, token: int, lp=None, row: int = 0) -> list[RequestOutput]:
+        k = seq.params.logprobs
+        if k is not None and lp is not None:
+            chosen, top_ids, top_lp = lp
+            seq.pending_logprobs.append(
+                {"token_id": token, "logprob": float(chosen[row]),
+                 "top": [(int(i), float(v)) for i, v in zip(top_ids[row, :k], top_lp[row, :k], strict=True)]}
+            )  # fmt: skip
+        n0 = len(seq.output_ids)
+        seq.append(token, self.max_len)
+        out = seq.take_delta(seq.output_ids[n0:])  # empty for EOS / stop token ids
+        if seq.finished:
+            self._release(seq)
+        return [out] if (out.text or out.token_ids or out.finished) else []
+
+    # ------------------------------------------------------------------ CPU assist, routing
+
+    @property
+    def cpu_pool(self):
+        """The CPU LoRA worker pool (cpu_assist mode), else None."""
+        return None if self.cpu is None else self.cpu.workers
+
+    @property
+    def cpu_stats(self) -> dict[str, float]:
+        return zero_stats() if self.cpu is None else self.cpu.stats
+
+    @property
+    def cpu_timings(self) -> collections.deque:
+        return collections.deque() if self.cpu is None else self.cpu.timings
+
+    def cpu_assist_stats(self) -> dict[str, float]:
+        """Counters for metrics: CPU-assisted prefills, layers by path, CPU seconds."""
+        return zero_stats() if self.cpu is None else self.cpu.metrics()
+
+    def scheduler_state(self) -> dict:
+        """Running and queued requests with their ranks and SLOs: what a router weighs."""
+
+        def info(s: Sequence) -> dict:
+            return {
+                "rank": s.rank,
+                "prompt_tokens": len(s.prompt_ids),
+                "slo_s": s.params.tpot_slo,
+                "adapter": s.adapter_name,
+            }
+
+        with self.lock:
+            running = [info(s) for s in self.scheduler.running]
+            queued = [info(s) for s in self.scheduler.waiting]
+            free = self.scheduler.num_free_rows
+        return {"running": running, "queued": queued, "free_slots": free}
+
+    def close(self) -> None:
+        with self.lock:
+            self._closed = True
+        self.pool.close()
+        if self.cpu is not None:
+            self.cpu.close()

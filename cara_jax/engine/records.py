@@ -1,0 +1,78 @@
+"""Instrumentation records: per step, per finished request, and the engine's stats snapshot."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """Per-step instrumentation: the raw data for the cost model, metrics and benches.
+
+    ``latency_s`` is known one step later, when the host reads the step's tokens: the time from
+    launch (or from the previous step's end, if the device was still busy) to its tokens.
+    """
+
+    t_start: float
+    batch_size: int  # decode rows
+    ranks: list[int]  # adapter rank of each decode row
+    prefill_tokens: int  # tokens of prompt chunks in the step
+    dispatch_s: float
+    kernel: str = "bgmv"
+    latency_s: float | None = None
+    num_tokens: int = 0  # decode rows + chunk tokens
+    program: tuple[int, int] = (0, 0)  # (token bucket, rank bucket)
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """Per-request instrumentation of a finished request (times from time.perf_counter)."""
+
+    request_id: str
+    adapter: str | None
+    rank: int
+    cold: bool  # the adapter was not on the device when the request arrived
+    arrival: float
+    admitted: float | None
+    token_times: list[float]
+    prompt_tokens: int
+    finish_reason: str | None
+    preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.arrival if self.token_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        t = self.token_times
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """One consistent snapshot of the engine for /health, /metrics and routers."""
+
+    running: int
+    waiting: int
+    max_num_seqs: int
+    kv_pages_total: int
+    kv_pages_free: int
+    kv_block_size: int
+    kv_cache_bytes: int
+    compiled_programs: int
+    programs_total: int
+    hot_compiles: int
+    ready: bool
+    preemptions: int
+    steps: int
+    lora_pool: dict
+    admission: dict
+    cpu_assist: dict
+    running_adapters: tuple[str, ...]
+    waiting_adapters: tuple[str, ...]
+
+    @property
+    def kv_usage(self) -> float:
+        usable = max(self.kv_pages_total - 1, 1)
+        return (usable - self.kv_pages_free) / usable

@@ -1,0 +1,322 @@
+"""Model runner: device arrays from a scheduled batch, and the handful of compiled programs.
+
+A program is keyed by (token-count bucket, LoRA rank bucket[, CPU assist]) and nothing else:
+the context length, the number of sequences and where each one is in its prompt are data. The
+runner compiles every program ahead of time (``warmup``); after that a step never waits for a
+compiler (``hot_compiles`` counts any that did, and tests hold it at zero).
+
+The parameters, the paged KV cache and the per-sequence state are donated to every step, so they
+update in place; a step's sampled tokens stay on the device until the engine reads them one
+step later (JAX's async dispatch overlaps that host work with the next step).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cara_jax.adapters.device_pool import DevicePool
+from cara_jax.adapters.multi_lora import STRATEGIES
+from cara_jax.cpu_assist import CpuAssistHook
+from cara_jax.engine.batch import CpuPlan, ScheduledBatch
+from cara_jax.engine.step import SeqState, StepInputs, StepOutputs, run_step
+from cara_jax.kv_cache import KVCache
+from cara_jax.lora_hooks import PROJECTIONS
+from cara_jax.ragged import DROP, RaggedMeta
+from cara_jax.sampler import SamplingArrays
+from cara_jax.weights import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+def bucket(value: int, buckets: tuple[int, ...]) -> int:
+    """Smallest bucket >= value."""
+    i = bisect.bisect_left(buckets, value)
+    if i == len(buckets):
+        raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    """Shapes of the compiled programs and the size of the KV cache."""
+
+    num_pages: int  # KV pages, page 0 reserved
+    max_model_len: int
+    block_size: int = 16
+    max_num_seqs: int = 32  # sequence rows of the device-side state
+    max_num_batched_tokens: int = 256  # token budget of a step = the largest token bucket
+    max_prefill_seqs: int = 2  # chunk rows per step
+    min_token_bucket: int = 16
+    pages_per_chunk: int = 16  # KV pages attention reads per loop iteration
+    rank_buckets: tuple[int, ...] = (16, 64)  # LoRA rank buckets (capped at the pool's max)
+    cpu_assist: bool = False  # also compile the CPU-assisted program of each token bucket
+    cache_dtype: str | None = None  # default: the model's dtype
+
+    @property
+    def token_buckets(self) -> tuple[int, ...]:
+        lo = min(self.min_token_bucket, self.max_num_batched_tokens)
+        return pow2_buckets(lo, self.max_num_batched_tokens)
+
+    @property
+    def table_width(self) -> int:
+        """Block-table columns: pages of max_model_len, rounded up to whole loop iterations."""
+        pages = -(-self.max_model_len // self.block_size)
+        return -(-pages // self.pages_per_chunk) * self.pages_per_chunk
+
+    def decode_rows(self, tokens: int) -> int:
+        return min(tokens, self.max_num_seqs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One compiled step shape. ``rank`` is the LoRA rank bucket (0: no LoRA ops at all)."""
+
+    tokens: int
+    rank: int
+    cpu: bool = False
+
+
+@dataclasses.dataclass
+class StepResult:
+    """A dispatched step: device arrays, read by the engine one step later."""
+
+    outputs: StepOutputs
+    logits: jax.Array  # [S+P, V]
+    batch: ScheduledBatch
+    program: Program
+
+
+class ModelRunner:
+    """Holds parameters, the paged KV cache and the sequence state; runs compiled steps."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: RunnerConfig,
+        pool: DevicePool | None = None,
+        lora_strategy: str = "bgmv",
+    ) -> None:
+        if lora_strategy not in STRATEGIES:
+            raise ValueError(f"lora_strategy must be one of {STRATEGIES}, not {lora_strategy!r}")
+        self.loaded = loaded
+        self.cfg = loaded.cfg
+        self.config = config
+        self.pool = pool
+        self.lora_strategy = lora_strategy
+        dtype = jnp.dtype(config.cache_dtype or loaded.dtype)
+        self.cache = KVCache.allocate(self.cfg, config.num_pages, config.block_size, dtype)
+        self.state = SeqState.zeros(config.max_num_seqs, self.cfg.vocab_size)
+        # graphdef and tree structure bound once: passing them per call would re-hash the module
+        # graph every step; parameters travel as a flat list of arrays
+        self.params, treedef = jax.tree_util.tree_flatten(loaded.state)
+        self._step = jax.jit(
+            partial(run_step, loaded.graphdef, treedef), donate_argnames=("cache", "state")
+        )
+        self._exe: dict[Program, jax.stages.Compiled] = {}
+        self._lock = threading.Lock()
+        self.hot_compiles = 0
+        self.compile_seconds = 0.0
+
+    # ------------------------------------------------------------------ programs
+
+    def rank_buckets(self) -> tuple[int, ...]:
+        """LoRA rank buckets of the programs; base-only steps run on the smallest (its pool
+        rows are zeros, so the delta is exactly zero)."""
+        if self.pool is None:
+            return (0,)
+        mx = self.pool.config.max_rank
+        return tuple(sorted({r for r in self.config.rank_buckets if r < mx} | {mx}))
+
+    def programs(self) -> list[Program]:
+        """Every program this runner can dispatch, smallest first."""
+        out = [Program(t, r) for t in self.config.token_buckets for r in self.rank_buckets()]
+        if self.config.cpu_assist and self.pool is not None:
+            out += [Program(t, self.rank_buckets()[-1], True) for t in self.config.token_buckets]
+        return out
+
+    def program_for(self, batch: ScheduledBatch, cpu: bool = False) -> Program:
+        t = bucket(max(batch.num_tokens, 1), self.config.token_buckets)
+        buckets = self.rank_buckets()
+        if cpu:
+            return Program(t, buckets[-1], True)
+        if self.pool is None:
+            return Program(t, 0)
+        slots = [r.adapter_slot for r in batch.rows]
+        mx, _ = self.pool.batch_ranks(np.asarray(slots or [0], np.int32))
+        return Program(t, bucket(max(mx, 1), buckets))
+
+    def _abstract(self, p: Program) -> tuple:
+        sds = partial(jax.tree_util.tree_map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+        host, sampling, dec_ad, ch_ad = self._empty_inputs(p.tokens)
+        inp = host.device(False, self.config)
+        hook = self._hook(p, inp.meta, dec_ad, ch_ad, None)
+        return (sds(self.params), sds(self.cache), sds(self.state), sds(inp), sds(sampling),
+                None if hook is None else sds(hook))  # fmt: skip
+
+    def compile(self, p: Program) -> jax.stages.Compiled:
+        """Compile one program (idempotent; safe from several threads)."""
+        exe = self._exe.get(p)
+        if exe is not None:
+            return exe
+        t0 = time.perf_counter()
+        exe = self._step.lower(*self._abstract(p)).compile()
+        with self._lock:
+            self._exe.setdefault(p, exe)
+            self.compile_seconds += time.perf_counter() - t0
+        return self._exe[p]
+
+    def warmup(
+        self, threads: int = 2, progress: Callable[[int, int, Program], None] | None = None
+    ) -> None:
+        """Compile every program (``threads`` at a time: XLA compiles one program on one core)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [p for p in self.programs() if p not in self._exe]
+        done = 0
+        with ThreadPoolExecutor(max(1, threads)) as ex:
+            for p, _ in zip(todo, ex.map(self.compile, todo), strict=True):
+                done += 1
+                if progress is not None:
+                    progress(done, len(todo), p)
+
+    def compiled_count(self) -> int:
+        return len(self._exe)
+
+    def is_ready(self) -> bool:
+        return all(p in self._exe for p in self.programs())
+
+    # ------------------------------------------------------------------ inputs
+
+    def _empty_inputs(self, t: int):
+        c = self.config
+        s, pch, mb = c.decode_rows(t), c.max_prefill_seqs, c.table_width
+        i32 = partial(np.zeros, dtype=np.int32)
+        meta = dict(
+            positions=i32(t), slot_mapping=np.full(t, DROP, np.int32),
+            dec_tok=np.full(s, t, np.int32), dec_len=i32(s), dec_table=i32((s, mb)),
+            ch_start=i32(pch), ch_len=i32(pch), ch_ctx=i32(pch), ch_table=i32((pch, mb)),
+        )  # fmt: skip
+        inp = dict(
+            tokens=i32(t), dec_row=i32(s), ch_row=i32(pch), ch_reset=np.zeros(pch, bool),
+            ch_out_from=np.full(pch, DROP, np.int32), sample_tok=i32(s + pch),
+            sample_row=i32(s + pch), sample_valid=np.zeros(s + pch, bool),
+        )  # fmt: skip
+        return _Host(meta, inp), SamplingArrays.greedy(s + pch), i32(s), i32(pch)
+
+    def build(self, batch: ScheduledBatch, p: Program):
+        """Host arrays of a batch for program ``p`` -> (StepInputs, SamplingArrays, slots)."""
+        c = self.config
+        host, _, dec_ad, ch_ad = self._empty_inputs(p.tokens)
+        m, x = host.meta, host.inp
+        bs = c.block_size
+        s = c.decode_rows(p.tokens)
+        samp = [_IDLE] * (s + c.max_prefill_seqs)
+        off = 0
+        for i, d in enumerate(batch.decode):
+            pos = d.position
+            m["dec_tok"][i] = off
+            m["positions"][off] = pos
+            m["slot_mapping"][off] = d.table[pos // bs] * bs + pos % bs
+            m["dec_len"][i] = pos + 1
+            m["dec_table"][i, : len(d.table)] = d.table
+            x["dec_row"][i] = d.row
+            x["sample_tok"][i], x["sample_row"][i], x["sample_valid"][i] = off, d.row, True
+            dec_ad[i] = d.adapter_slot
+            samp[i] = d.sampling
+            off += 1
+        for j, ch in enumerate(batch.chunks):
+            n = len(ch.tokens)
+            pos = np.arange(ch.start, ch.end, dtype=np.int32)
+            table = np.asarray(ch.table, np.int32)
+            m["ch_start"][j], m["ch_len"][j], m["ch_ctx"][j] = off, n, ch.end
+            m["ch_table"][j, : len(ch.table)] = ch.table
+            x["tokens"][off : off + n] = ch.tokens
+            m["positions"][off : off + n] = pos
+            m["slot_mapping"][off : off + n] = table[pos // bs] * bs + pos % bs
+            x["ch_row"][j], x["ch_reset"][j], x["ch_out_from"][j] = ch.row, ch.start == 0, ch.out_from
+            k = s + j
+            x["sample_tok"][k], x["sample_row"][k], x["sample_valid"][k] = off + n - 1, ch.row, ch.final
+            ch_ad[j] = ch.adapter_slot
+            samp[k] = ch.sampling
+            off += n
+        return host, SamplingArrays.from_rows(samp), dec_ad, ch_ad
+
+    def _hook(self, p: Program, meta, dec_ad, ch_ad, cpu: CpuPlan | None):
+        if p.rank == 0 or self.pool is None:
+            return None
+        hook = self.pool.ragged_hook(dec_ad, ch_ad, meta, self.lora_strategy, p.rank)
+        if not p.cpu:
+            return hook
+        shapes = self.cfg.projection_shapes()
+        dev = np.zeros((self.cfg.num_layers, self.config.max_prefill_seqs), np.int32)
+        plan_id = 0
+        if cpu is not None:
+            dev[:, : cpu.dev_adapter.shape[1]] = cpu.dev_adapter
+            plan_id = cpu.plan_id
+        return CpuAssistHook(
+            inner=hook,
+            dev_adapter=jnp.asarray(dev),
+            plan_id=jnp.asarray(plan_id, jnp.int32),
+            out_sizes=tuple((q, shapes[q][1]) for q in PROJECTIONS),
+        )
+
+    # ------------------------------------------------------------------ running
+
+    def run(
+        self, batch: ScheduledBatch, cpu: CpuPlan | None = None, logprobs: bool = False
+    ) -> StepResult:
+        """Dispatch one step (returns at once; the result's arrays fill in on the device).
+        Call under the device pool's lock when the batch uses adapters."""
+        p = self.program_for(batch, cpu is not None)
+        exe = self._exe.get(p)
+        if exe is None:
+            self.hot_compiles += 1
+            log.warning("compiling %s on the hot path", p)
+            exe = self.compile(p)
+        host, sampling, dec_ad, ch_ad = self.build(batch, p)
+        inp = host.device(logprobs, self.config)
+        hook = self._hook(p, inp.meta, dec_ad, ch_ad, cpu)
+        out, logits, self.cache, self.state = exe(
+            self.params, self.cache, self.state, inp, sampling, hook
+        )
+        return StepResult(out, logits, batch, p)
+
+
+_IDLE = (0.0, 0, 1.0, 0, 0.0, 0.0, 0.0, 1.0)
+
+
+@dataclasses.dataclass
+class _Host:
+    meta: dict[str, np.ndarray]
+    inp: dict[str, np.ndarray]
+
+    def device(self, logprobs: bool, config: RunnerConfig) -> StepInputs:
+        meta = RaggedMeta(
+            **{k: jnp.asarray(v) for k, v in self.meta.items()},
+            block_size=config.block_size,
+            pages_per_chunk=config.pages_per_chunk,
+        )
+        return StepInputs(
+            meta=meta,
+            want_logprobs=jnp.asarray(logprobs),
+            **{k: jnp.asarray(v) for k, v in self.inp.items()},
+        )

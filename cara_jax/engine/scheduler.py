@@ -1,0 +1,238 @@
+"""The scheduler: waiting and running queues, KV pages, adapter residency, SLO admission.
+
+Each step gets a token budget (``max_num_batched_tokens``). Running sequences that are decoding
+take one token each, first; then prompts fill what is left, in chunks: a prompt already
+started continues, then waiting requests are admitted (in the order admission.py chooses) while
+there is budget, a free chunk row (``max_prefill_seqs``), a sequence row and KV pages. A long
+prompt thus spans several steps while the others keep decoding (chunked prefill).
+
+When a decoding sequence needs a page and none is free, the newest running sequence is
+preempted: its pages are freed and it goes back to the head of the queue, to be recomputed from
+its prompt and the tokens it has generated (same greedy output, nothing lost).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import logging
+import time
+from collections.abc import Callable
+
+from cara_jax.adapters.device_pool import DevicePool, PoolFullError
+from cara_jax.adapters.store import AdapterRegistry
+from cara_jax.engine.admission import Admission
+from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
+from cara_jax.engine.block_manager import BlockManager
+from cara_jax.engine.sequence import SeqStatus, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_prefill_seqs: int
+    max_model_len: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        limits: SchedulerLimits,
+        blocks: BlockManager,
+        pool: DevicePool,
+        registry: AdapterRegistry,
+        admission: Admission,
+        can_assist: Callable[[Sequence], bool] | None = None,
+    ) -> None:
+        self.limits = limits
+        self.blocks = blocks
+        self.pool = pool
+        self.registry = registry
+        self.admission = admission
+        self.can_assist = can_assist  # CPU assist: may a cold request prefill before its load?
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # admission order: the last is the newest
+        self._rows = list(range(limits.max_num_seqs))
+        heapq.heapify(self._rows)
+        self.failed: list[tuple[Sequence, str]] = []  # adapter errors found while admitting
+        self.preemptions = 0
+
+    # ------------------------------------------------------------------ queues
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._rows)
+
+    def release(self, seq: Sequence) -> None:
+        """A finished or aborted sequence gives back its pages, row and adapter at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._free_kv(seq)
+        if seq.acquired and seq.content_hash:
+            self.pool.release(seq.content_hash)
+            seq.acquired = False
+
+    def _free_kv(self, seq: Sequence) -> None:
+        self.blocks.free(seq.request_id)
+        if seq.row >= 0:
+            heapq.heappush(self._rows, seq.row)
+            seq.row = -1
+
+    def requeue(self, seq: Sequence, *, recompute_outputs: bool) -> None:
+        """Back to the head of the queue with no KV; it is prefilled again from scratch."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self._free_kv(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed = 0
+        if not recompute_outputs:
+            seq.num_sampled = len(seq.output_ids)
+        self.waiting.appendleft(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.info("preempting %s (%d tokens in the cache): out of KV pages",
+                 seq.request_id, seq.num_computed)  # fmt: skip
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.requeue(seq, recompute_outputs=True)
+
+    # ------------------------------------------------------------------ adapters
+
+    def _adapter_ready(self, seq: Sequence) -> bool:
+        if seq.content_hash is None:
+            return True
+        if not seq.acquired:
+            adapter = self.registry.host.get(seq.content_hash)
+            if adapter is None:  # evicted from the host tier: re-read by name
+                adapter = self.registry.resolve(seq.adapter_name)
+                seq.content_hash = adapter.content_hash
+            seq.cold = not self.pool.is_resident(seq.content_hash)
+            try:
+                self.pool.acquire(adapter)
+            except PoolFullError:
+                return False  # every resident adapter is busy: retry next step
+            seq.acquired = True
+        if not self.pool.is_resident(seq.content_hash):
+            if self.can_assist is None or not self.can_assist(seq):
+                return False
+            seq.cpu_assist = True
+        seq.adapter_slot = self.pool.slot_of(seq.content_hash)
+        return True
+
+    # ------------------------------------------------------------------ one step
+
+    def _can_decode(self, seq: Sequence) -> bool:
+        if not seq.prefilled or seq.num_sampled >= seq.params.max_tokens:
+            return False
+        if seq.num_computed >= self.limits.max_model_len:
+            return False
+        if seq.cpu_assist:  # prefilled with CPU help: decodes once its load is done
+            if not self.pool.is_resident(seq.content_hash):
+                return False
+            seq.cpu_assist = False
+        return True
+
+    def _chunk(self, seq: Sequence, budget: int) -> ChunkRow | None:
+        want = min(seq.prefill_target - seq.num_computed, budget)
+        n = self.blocks.fits(seq.request_id, seq.num_computed + want) - seq.num_computed
+        if n <= 0 or not self.blocks.grow(seq.request_id, seq.num_computed + n):
+            return None
+        start = seq.num_computed
+        toks = seq.tokens[start : start + n]
+        seq.num_computed += n
+        final = seq.num_computed >= seq.prefill_target
+        if final:
+            seq.num_sampled += 1
+        return ChunkRow(
+            seq=seq, row=seq.row, tokens=toks, start=start,
+            table=list(self.blocks.table(seq.request_id)), adapter_slot=seq.adapter_slot,
+            sampling=seq.sampling_row(), final=final, out_from=len(seq.prompt_ids),
+            cpu_assist=seq.cpu_assist,
+        )  # fmt: skip
+
+    def schedule(self) -> ScheduledBatch:
+        lim = self.limits
+        budget = lim.max_num_batched_tokens
+        batch = ScheduledBatch([], [])
+        # 1. one token for every decoding sequence, oldest first; preempt the newest for pages
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0 or not self._can_decode(seq):
+                continue
+            while not self.blocks.grow(seq.request_id, seq.num_computed + 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            batch.decode.append(
+                DecodeRow(seq, seq.row, seq.num_computed, list(self.blocks.table(seq.request_id)),
+                          seq.adapter_slot, seq.sampling_row())  # fmt: skip
+            )
+            seq.num_computed += 1
+            seq.num_sampled += 1
+            budget -= 1
+        # 2. chunks of prompts already started
+        for seq in self.running:
+            if len(batch.chunks) >= lim.max_prefill_seqs or budget == 0:
+                break
+            if not seq.prefilled:
+                ch = self._chunk(seq, budget)
+                if ch is not None:
+                    batch.chunks.append(ch)
+                    budget -= len(ch.tokens)
+        # 3. admit waiting requests (none after a preemption: pages are short)
+        if batch.preempted or not self.waiting:
+            return batch
+        room = min(lim.max_prefill_seqs - len(batch.chunks), len(self._rows))
+        if room <= 0 or budget == 0:
+            return batch
+        for seq in self.admission.candidates(self.running, list(self.waiting), room, room):
+            if len(batch.chunks) >= lim.max_prefill_seqs or budget == 0 or not self._rows:
+                break
+            if self.blocks.num_free == 0:
+                break
+            try:
+                ready = self._adapter_ready(seq)
+            except Exception as e:  # e.g. the adapter was unloaded and evicted meanwhile
+                log.warning("request %s failed to get adapter %s: %s",
+                            seq.request_id, seq.adapter_name, e)  # fmt: skip
+                self.waiting.remove(seq)
+                self.failed.append((seq, f"adapter {seq.adapter_name!r} is unavailable: {e}"))
+                continue
+            if not ready:
+                continue  # its load proceeds; requests behind it are not blocked
+            seq.row = heapq.heappop(self._rows)
+            seq.prefill_target = len(seq.tokens)
+            ch = self._chunk(seq, budget)
+            if ch is None:
+                heapq.heappush(self._rows, seq.row)
+                seq.row = -1
+                break
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            if seq.admitted is None:
+                seq.admitted = time.perf_counter()
+            self.running.append(seq)
+            batch.chunks.append(ch)
+            budget -= len(ch.tokens)
+        return batch
+
+    def unstick(self) -> Sequence | None:
+        """When nothing could run although sequences are running (their prompts wait for pages
+        that other half-prefilled prompts hold), preempt the newest so the others can go on."""
+        if len(self.running) < 2:
+            return None
+        victim = self.running[-1]
+        self._preempt(victim)
+        return victim

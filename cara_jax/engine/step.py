@@ -1,0 +1,133 @@
+"""The one jitted step: a flat token batch through the model, then sampling, in one program.
+
+Every step, whatever mix of decode tokens and prefill chunks it carries, is this function. Its
+static shape is the token-count bucket T (with S = min(T, max_num_seqs) decode rows and P chunk
+rows derived from it) and the LoRA rank bucket: a handful of programs in all, each compiled
+before the server reports healthy.
+
+Device-side state carried between steps (``SeqState``, donated): each running sequence's last
+sampled token, which is the next decode step's input (so the host never has to see a token
+before launching the next step), and the per-sequence token counts that penalties read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cara_jax.kv_cache import KVCache
+from cara_jax.ragged import DROP, RaggedMeta
+from cara_jax.sampler import SamplingArrays, apply_penalties, sample
+from cara_jax.sampling_params import MAX_LOGPROBS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SeqState:
+    """Per sequence row (one per running sequence, up to max_num_seqs), on the device."""
+
+    last: jax.Array  # [N] int32: the token a decode step of this row feeds in
+    counts: jax.Array  # [N, V] int32: generated-token counts (presence/frequency penalties)
+    seen: jax.Array  # [N, V] bool: tokens in prompt or output (repetition penalty)
+
+    @classmethod
+    def zeros(cls, rows: int, vocab: int) -> SeqState:
+        return cls(
+            last=jnp.zeros((rows,), jnp.int32),
+            counts=jnp.zeros((rows, vocab), jnp.int32),
+            seen=jnp.zeros((rows, vocab), jnp.bool_),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    """What the host sends each step besides the hook (built by runner.py from the batch)."""
+
+    tokens: jax.Array  # [T] token ids of chunk tokens (decode tokens come from SeqState.last)
+    meta: RaggedMeta
+    dec_row: jax.Array  # [S] sequence row of each decode row
+    ch_row: jax.Array  # [P] sequence row of each chunk row
+    ch_reset: jax.Array  # [P] bool: the chunk starts a sequence (clear its penalty counts)
+    ch_out_from: jax.Array  # [P] position from which the chunk's tokens are outputs (recompute)
+    sample_tok: jax.Array  # [S+P] flat index of the token whose logits are sampled
+    sample_row: jax.Array  # [S+P] sequence row of each sample
+    sample_valid: jax.Array  # [S+P] bool: a real sample (a decode row, or a prompt's last chunk)
+    want_logprobs: jax.Array  # () bool
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepOutputs:
+    tokens: jax.Array  # [S+P] sampled token per sample row
+    chosen_logprob: jax.Array  # [S+P] (zeros unless want_logprobs)
+    top_ids: jax.Array  # [S+P, MAX_LOGPROBS]
+    top_logprobs: jax.Array  # [S+P, MAX_LOGPROBS]
+
+
+def _logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+    return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: StepInputs,
+             sampling: SamplingArrays, hook):  # fmt: skip
+    """One engine step -> (StepOutputs, logits [S+P, V], cache, state)."""
+    model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, params))
+    meta = inp.meta
+    tokens = inp.tokens.at[meta.dec_tok].set(state.last.at[inp.dec_row].get(mode="clip"),
+                                             mode="drop")  # fmt: skip
+    h, cache = model(tokens, cache, meta, hook)
+    logits = model.logits(h.at[inp.sample_tok].get(mode="clip"))  # [S+P, V]
+
+    # penalty state: clear rows that start now, count the chunk tokens (outputs only for counts)
+    counts, seen = state.counts, state.seen
+    reset = jnp.where(inp.ch_reset, inp.ch_row, DROP)
+    counts = counts.at[reset].set(0, mode="drop")
+    seen = seen.at[reset].set(False, mode="drop")
+    idx, valid = meta.chunk_index()
+    ctok = tokens.at[idx].get(mode="clip").reshape(-1)
+    cpos = meta.positions.at[idx].get(mode="clip")
+    crow = jnp.where(valid, inp.ch_row[:, None], DROP).reshape(-1)
+    seen = seen.at[crow, ctok].set(True, mode="drop")
+    is_out = (cpos >= inp.ch_out_from[:, None]).astype(jnp.int32).reshape(-1)
+    counts = counts.at[crow, ctok].add(is_out, mode="drop")
+
+    rows = inp.sample_row
+
+    def penalize(x):
+        c = counts.at[rows].get(mode="clip")
+        s = seen.at[rows].get(mode="clip")
+        return apply_penalties(x, c, s, sampling, force=True)
+
+    active = (
+        jnp.any(sampling.repetition != 1)
+        | jnp.any(sampling.frequency != 0)
+        | jnp.any(sampling.presence != 0)
+    )
+    shaped = jax.lax.cond(active, penalize, lambda x: x, logits)
+    positions = meta.positions.at[inp.sample_tok].get(mode="clip")
+    next_tok = sample(shaped, sampling, positions + 1)
+
+    srow = jnp.where(inp.sample_valid, rows, DROP)
+    state = SeqState(
+        last=state.last.at[srow].set(next_tok, mode="drop"),
+        counts=counts.at[srow, next_tok].add(1, mode="drop"),
+        seen=seen.at[srow, next_tok].set(True, mode="drop"),
+    )
+    n = next_tok.shape[0]
+    chosen, top_ids, top_lp = jax.lax.cond(
+        inp.want_logprobs,
+        lambda: _logprobs(logits, next_tok),
+        lambda: (
+            jnp.zeros((n,), jnp.float32),
+            jnp.zeros((n, MAX_LOGPROBS), jnp.int32),
+            jnp.zeros((n, MAX_LOGPROBS), jnp.float32),
+        ),
+    )
+    return StepOutputs(next_tok, chosen, top_ids, top_lp), logits, cache, state

@@ -1,0 +1,71 @@
+"""The layout of one engine step: a flat batch of tokens seen through two row views.
+
+Every step runs T tokens (T is the token-count bucket) through the projections as one flat
+[T, hidden] batch, whatever request each token belongs to. Attention and LoRA need the tokens
+grouped by sequence, so the step also describes two views of the same tokens:
+
+- the *decode view*: S rows of one token each (a running sequence's next token);
+- the *chunk view*: P rows of up to Q = T tokens each (a chunk of a prompt being prefilled, so a
+  long prompt spans several steps while the others keep decoding).
+
+Each real token is in exactly one view; padding tokens are in none. Gathering into a view and
+scattering back are plain index operations whose indices the host computes once per step.
+Keys and values live in a paged cache (``kv_cache.py``): ``slot_mapping`` says where each token's
+K/V go, and each row's block table lists its pages. Index conventions: out-of-range indices are
+dropped on scatter; they are large positive values (``DROP``), never -1, which JAX would wrap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+DROP = 1 << 30  # scatter index that lands nowhere (mode="drop")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RaggedMeta:
+    """Per-token and per-row indices of one step (all int32 device arrays)."""
+
+    positions: jax.Array  # [T] position of each token in its sequence
+    slot_mapping: jax.Array  # [T] flat KV-cache row (page * block_size + offset); DROP = none
+    dec_tok: jax.Array  # [S] flat index of each decode row's token; T = padding row
+    dec_len: jax.Array  # [S] keys the row attends to (its context incl. this token); 0 = padding
+    dec_table: jax.Array  # [S, MB] pages of each decode row
+    ch_start: jax.Array  # [P] flat index of each chunk's first token
+    ch_len: jax.Array  # [P] tokens in the chunk; 0 = padding row
+    ch_ctx: jax.Array  # [P] keys after the chunk (its first token sits at ch_ctx - ch_len)
+    ch_table: jax.Array  # [P, MB] pages of each chunk row
+    block_size: int = dataclasses.field(default=16, metadata=dict(static=True))
+    pages_per_chunk: int = dataclasses.field(default=16, metadata=dict(static=True))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    def chunk_index(self) -> tuple[jax.Array, jax.Array]:
+        """([P, Q] flat index of each chunk-view slot (T where empty), [P, Q] validity)."""
+        q = self.num_tokens
+        j = jnp.arange(q, dtype=jnp.int32)[None, :]
+        valid = j < self.ch_len[:, None]
+        return jnp.where(valid, self.ch_start[:, None] + j, q), valid
+
+    def dec_gather(self, x: jax.Array) -> jax.Array:
+        """[T, ...] -> [S, ...] (padding rows read token 0; their results are dropped)."""
+        return x.at[self.dec_tok].get(mode="clip")
+
+    def ch_gather(self, x: jax.Array) -> jax.Array:
+        """[T, ...] -> [P, Q, ...]."""
+        idx, _ = self.chunk_index()
+        return x.at[idx].get(mode="clip")
+
+    def scatter(self, dec: jax.Array, ch: jax.Array) -> jax.Array:
+        """Decode-view [S, ...] and chunk-view [P, Q, ...] rows back to flat [T, ...] (zeros
+        where a token is in neither view)."""
+        idx, _ = self.chunk_index()
+        out = jnp.zeros((self.num_tokens, *dec.shape[1:]), dec.dtype)
+        out = out.at[self.dec_tok].set(dec, mode="drop")
+        return out.at[idx.reshape(-1)].set(ch.reshape(-1, *ch.shape[2:]), mode="drop")

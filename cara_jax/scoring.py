@@ -1,0 +1,61 @@
+"""Logits at every position of whole sequences: scoring, and the parity tests against HF.
+
+Runs the serving model itself (model.py) on a flat batch whose rows are whole sequences in the
+chunk view (ragged.py), over a paged cache just large enough for them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cara_jax.adapters.multi_lora import MultiLoraHook, RaggedLoraHook
+from cara_jax.kv_cache import KVCache
+from cara_jax.ragged import RaggedMeta
+from cara_jax.weights import LoadedModel
+
+
+def _meta(b: int, t: int, block_size: int) -> RaggedMeta:
+    pages = -(-t // block_size)
+    n = b * t
+    table = 1 + np.arange(b * pages, dtype=np.int32).reshape(b, pages)  # page 0 stays unused
+    pos = np.tile(np.arange(t, dtype=np.int32), b)
+    slot = (table[np.repeat(np.arange(b), t), pos // block_size] * block_size + pos % block_size)
+    i32 = partial(jnp.asarray, dtype=jnp.int32)
+    return RaggedMeta(
+        positions=i32(pos), slot_mapping=i32(slot),
+        dec_tok=i32(np.full(1, n)), dec_len=i32(np.zeros(1)), dec_table=i32(np.zeros((1, pages))),
+        ch_start=i32(np.arange(b) * t), ch_len=i32(np.full(b, t)), ch_ctx=i32(np.full(b, t)),
+        ch_table=i32(table), block_size=block_size, pages_per_chunk=pages,
+    )  # fmt: skip
+
+
+@partial(jax.jit, static_argnames=("graphdef", "block_size"))
+def _full_logits(graphdef, state, tokens, hook, block_size):
+    model = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    meta = _meta(b, t, block_size)
+    pages = 1 + b * (-(-t // block_size))
+    cache = KVCache.allocate(model.cfg, pages, block_size, model.dtype)
+    if isinstance(hook, MultiLoraHook):
+        hook = RaggedLoraHook(
+            a=hook.a, b=hook.b, slot_rows=hook.slot_rows, slot_rank=hook.slot_rank,
+            dec_adapter=jnp.zeros((1,), jnp.int32), ch_adapter=hook.adapter, meta=meta,
+            strategy=hook.strategy, rank_bucket=hook.rank_bucket, backend=hook.backend,
+        )  # fmt: skip
+    h, _ = model(tokens.reshape(-1), cache, meta, hook)
+    return model.logits(h).reshape(b, t, -1)
+
+
+def full_logits(
+    loaded: LoadedModel, tokens: np.ndarray, hook: MultiLoraHook | None = None, block_size=16
+) -> jax.Array:
+    """Logits [B, T, V] at every position of equal-length sequences; ``hook`` gives row i the
+    adapter slot ``hook.adapter[i]`` (device_pool.hook)."""
+    return _full_logits(
+        loaded.graphdef, loaded.state, jnp.asarray(tokens, jnp.int32), hook, block_size
+    )
