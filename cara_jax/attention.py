@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cara_jax.ragged import put, take
+
 NEG = -1e30  # finite "minus infinity": a fully masked block leaves no NaN behind
 
 
@@ -45,8 +47,8 @@ def paged_attention_rows(
     def body(i, carry):
         m, l, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(tables, i * pages_per_chunk, pages_per_chunk, 1)
-        k = kp[pages].reshape(r, span, hkv, d).astype(jnp.float32)
-        v = vp[pages].reshape(r, span, hkv, d).astype(jnp.float32)
+        k = take(kp, pages).reshape(r, span, hkv, d).astype(jnp.float32)
+        v = take(vp, pages).reshape(r, span, hkv, d).astype(jnp.float32)
         s = jnp.einsum("rqkgd,rckd->rkgqc", qg, k)
         kpos = i * span + jnp.arange(span, dtype=jnp.int32)
         mask = kpos[None, None, :] <= qpos[:, :, None]  # [R, Q, C]
@@ -72,6 +74,4 @@ def write_kv(
     k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter the step's new keys/values [T, Hkv, D] to their cache rows (DROP = padding)."""
-    k_cache = k_cache.at[slot_mapping].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[slot_mapping].set(v.astype(v_cache.dtype), mode="drop")
-    return k_cache, v_cache
+    return put(k_cache, slot_mapping, k), put(v_cache, slot_mapping, v)

@@ -185,13 +185,15 @@ class CpuAssistHook:
     """LoraHook of a step with CPU-assisted prefill chunks: device deltas per layer plus the
     CPU's deltas for cold chunk rows.
 
-    ``dev_adapter[layer, row]`` is the pool slot the device path uses for chunk row ``row`` at
-    that layer (0 for a cold row at a layer that has not arrived: its delta comes from the CPU
-    instead). Decode rows always use the device pool.
+    ``dev_idx`` gives, per layer, the pool rows the device path uses for each chunk row (zeros
+    for a cold row at a layer that has not arrived: its delta comes from the CPU instead).
+    Decode rows always use the device pool.
     """
 
     inner: RaggedLoraHook
-    dev_adapter: jax.Array  # [L, P] int32
+    # proj -> layer -> per rank bucket [P, r] pool rows of each chunk row at that layer (row 0,
+    # zeros, for a cold row whose layer has not arrived: the CPU serves it)
+    dev_idx: dict[str, list[list[jax.Array]]]
     plan_id: jax.Array  # () int32
     out_sizes: tuple[tuple[str, int], ...] = dataclasses.field(metadata=dict(static=True))
 
@@ -214,7 +216,7 @@ class CpuAssistHook:
         inner = self.inner
         if proj not in inner.a:
             return None
-        dc = inner.chunk_delta(layer, proj, inner.meta.ch_gather(x), self.dev_adapter[layer])
+        dc = inner.chunk_delta(layer, proj, x, self.dev_idx[proj][layer], inner.ch_bucket)
         return inner.meta.scatter(inner.decode_delta(layer, proj, x), dc)
 
     def after(

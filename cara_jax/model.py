@@ -91,15 +91,21 @@ class Attention(nnx.Module):
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         kw = dict(block_size=meta.block_size, pages_per_chunk=meta.pages_per_chunk)
-        qd = meta.dec_gather(q)[:, None]  # [S, 1, H, D]
-        od = paged_attention_rows(
-            qd, (meta.dec_len > 0).astype(jnp.int32), meta.dec_len, meta.dec_table,
-            k_cache, v_cache, **kw,
-        )  # fmt: skip
-        oc = paged_attention_rows(
-            meta.ch_gather(q), meta.ch_len, meta.ch_ctx, meta.ch_table, k_cache, v_cache, **kw
-        )
-        out = meta.scatter(od[:, 0], oc).reshape(t, cfg.q_size)
+
+        def dec_view():
+            qd = meta.dec_gather(q)[:, None]  # [S, 1, H, D]
+            live = (meta.dec_len > 0).astype(jnp.int32)
+            od = paged_attention_rows(qd, live, meta.dec_len, meta.dec_table, k_cache, v_cache,
+                                      **kw)  # fmt: skip
+            return od[:, 0]
+
+        def ch_view():
+            qc = meta.ch_gather(q)
+            return paged_attention_rows(qc, meta.ch_len, meta.ch_ctx, meta.ch_table, k_cache,
+                                        v_cache, **kw)  # fmt: skip
+
+        out = meta.scatter(meta.if_decode(dec_view), meta.if_chunks(ch_view))
+        out = out.reshape(t, cfg.q_size)
         (o,) = project(hook, i, out, {"o_proj": self.o_proj})
         return o, k_cache, v_cache
 

@@ -25,6 +25,34 @@ import jax.numpy as jnp
 DROP = 1 << 30  # scatter index that lands nowhere (mode="drop")
 
 
+def take(a: jax.Array, idx: jax.Array, clip: bool = False) -> jax.Array:
+    """a[idx] along axis 0 for an index array of any shape, as one plain gather.
+
+    jnp indexing also emits the arithmetic that wraps negative indices, per call; in a step that
+    gathers thousands of times (views, pool rows, pages) that made a third of the program. Our
+    indices are never negative: in range, or (``clip``) clamped to the last row."""
+    mode = jax.lax.GatherScatterMode.CLIP if clip else jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+    dnums = jax.lax.GatherDimensionNumbers(
+        offset_dims=tuple(range(idx.ndim, idx.ndim + a.ndim - 1)),
+        collapsed_slice_dims=(0,),
+        start_index_map=(0,),
+    )
+    return jax.lax.gather(a, idx[..., None], dnums, (1, *a.shape[1:]), mode=mode)
+
+
+def put(a: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
+    """a with a[idx] = values along axis 0; out-of-range indices (``DROP``) are dropped."""
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=tuple(range(idx.ndim, idx.ndim + a.ndim - 1)),
+        inserted_window_dims=(0,),
+        scatter_dims_to_operand_dims=(0,),
+    )
+    return jax.lax.scatter(
+        a, idx[..., None], values.astype(a.dtype), dnums,
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )  # fmt: skip
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RaggedMeta:
@@ -39,6 +67,7 @@ class RaggedMeta:
     ch_len: jax.Array  # [P] tokens in the chunk; 0 = padding row
     ch_ctx: jax.Array  # [P] keys after the chunk (its first token sits at ch_ctx - ch_len)
     ch_table: jax.Array  # [P, MB] pages of each chunk row
+    ch_tok: jax.Array  # [P, Q] flat index of each chunk-view slot; T where empty
     block_size: int = dataclasses.field(default=16, metadata=dict(static=True))
     pages_per_chunk: int = dataclasses.field(default=16, metadata=dict(static=True))
 
@@ -48,24 +77,39 @@ class RaggedMeta:
 
     def chunk_index(self) -> tuple[jax.Array, jax.Array]:
         """([P, Q] flat index of each chunk-view slot (T where empty), [P, Q] validity)."""
-        q = self.num_tokens
-        j = jnp.arange(q, dtype=jnp.int32)[None, :]
-        valid = j < self.ch_len[:, None]
-        return jnp.where(valid, self.ch_start[:, None] + j, q), valid
+        return self.ch_tok, self.ch_tok < self.num_tokens
+
+    def if_decode(self, fn):
+        """fn() when the step has decode rows, else zeros of its shape: a step without decode
+        rows (or without chunks, below) skips that view's work at run time."""
+        return _when(jnp.any(self.dec_len > 0), fn)
+
+    def if_chunks(self, fn):
+        return _when(jnp.any(self.ch_len > 0), fn)
 
     def dec_gather(self, x: jax.Array) -> jax.Array:
         """[T, ...] -> [S, ...] (padding rows read token 0; their results are dropped)."""
-        return x.at[self.dec_tok].get(mode="clip")
+        return take(x, self.dec_tok, clip=True)
 
     def ch_gather(self, x: jax.Array) -> jax.Array:
         """[T, ...] -> [P, Q, ...]."""
-        idx, _ = self.chunk_index()
-        return x.at[idx].get(mode="clip")
+        return take(x, self.ch_tok, clip=True)
 
     def scatter(self, dec: jax.Array, ch: jax.Array) -> jax.Array:
         """Decode-view [S, ...] and chunk-view [P, Q, ...] rows back to flat [T, ...] (zeros
         where a token is in neither view)."""
-        idx, _ = self.chunk_index()
         out = jnp.zeros((self.num_tokens, *dec.shape[1:]), dec.dtype)
-        out = out.at[self.dec_tok].set(dec, mode="drop")
-        return out.at[idx.reshape(-1)].set(ch.reshape(-1, *ch.shape[2:]), mode="drop")
+        return put(put(out, self.dec_tok, dec), self.ch_tok, ch)
+
+
+import os  # noqa: E402
+
+_NO_COND = os.environ.get("CARA_NO_COND") == "1"
+
+
+def _when(pred: jax.Array, fn):
+    if _NO_COND:
+        return fn()
+    shape = jax.eval_shape(fn)
+    zeros = lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)  # noqa: E731
+    return jax.lax.cond(pred, fn, zeros)

@@ -30,7 +30,8 @@ def _meta(b: int, t: int, block_size: int) -> RaggedMeta:
         positions=i32(pos), slot_mapping=i32(slot),
         dec_tok=i32(np.full(1, n)), dec_len=i32(np.zeros(1)), dec_table=i32(np.zeros((1, pages))),
         ch_start=i32(np.arange(b) * t), ch_len=i32(np.full(b, t)), ch_ctx=i32(np.full(b, t)),
-        ch_table=i32(table), block_size=block_size, pages_per_chunk=pages,
+        ch_table=i32(table), ch_tok=i32(np.arange(n).reshape(b, t)), block_size=block_size,
+        pages_per_chunk=pages,
     )  # fmt: skip
 
 
@@ -42,10 +43,12 @@ def _full_logits(graphdef, state, tokens, hook, block_size):
     pages = 1 + b * (-(-t // block_size))
     cache = KVCache.allocate(model.cfg, pages, block_size, model.dtype)
     if isinstance(hook, MultiLoraHook):
+        r = hook.rank_bucket
+        idx = {p: [rows[hook.adapter, :r]] for p, rows in hook.slot_rows.items() if p in hook.a}
         hook = RaggedLoraHook(
-            a=hook.a, b=hook.b, slot_rows=hook.slot_rows, slot_rank=hook.slot_rank,
-            dec_adapter=jnp.zeros((1,), jnp.int32), ch_adapter=hook.adapter, meta=meta,
-            strategy=hook.strategy, rank_bucket=hook.rank_bucket, backend=hook.backend,
+            a=hook.a, b=hook.b, dec_idx={p: [jnp.zeros((1, r), jnp.int32)] for p in idx},
+            ch_idx=idx, dec_bucket=jnp.int32(0), ch_bucket=jnp.int32(1), meta=meta,
+            strategy="bgmv", rank_buckets=(r,), backend=hook.backend,
         )  # fmt: skip
     h, _ = model(tokens.reshape(-1), cache, meta, hook)
     return model.logits(h).reshape(b, t, -1)

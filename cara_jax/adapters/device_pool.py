@@ -412,29 +412,68 @@ class DevicePool:
                 "slots_total": self.config.max_adapters - 1,
             }  # fmt: skip
 
+    def bucket_index(self, slots: np.ndarray, rank_buckets: tuple[int, ...]) -> int:
+        """0 when no slot has an adapter, else 1 + the index of the smallest bucket that holds
+        the slots' largest rank."""
+        mx, _ = self.batch_ranks(slots)
+        if mx == 0:
+            return 0
+        for i, r in enumerate(rank_buckets):
+            if mx <= r:
+                return i + 1
+        raise ValueError(f"rank {mx} exceeds the largest rank bucket {rank_buckets[-1]}")
+
+    def row_index(self, proj: str, slots: np.ndarray, r: int) -> np.ndarray:
+        """[len(slots), r] pool rows of each slot's adapter on ``proj`` (row 0 pads)."""
+        with self.lock:
+            return self._slot_rows[proj][slots, :r].astype(np.int32)
+
+    def flat_index(self, proj: str, slots: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """MBGMV's flattened rank rows: (rows [n*r], owner [n*r]), each slot at its own rank,
+        padded with row 0 (zeros) owned by row 0."""
+        n = len(slots)
+        rows, owner = np.zeros(n * r, np.int32), np.zeros(n * r, np.int32)
+        with self.lock:
+            ranks = self._slot_rank[proj][slots]
+            k = 0
+            for i, (s, rk) in enumerate(zip(slots, ranks, strict=True)):
+                rows[k : k + rk] = self._slot_rows[proj][s, :rk]
+                owner[k : k + rk] = i
+                k += rk
+        return rows, owner
+
     def ragged_hook(
         self,
         dec_slots: np.ndarray,
         ch_slots: np.ndarray,
         meta: RaggedMeta,
         strategy: str = "bgmv",
-        rank_bucket: int = 8,
+        rank_buckets: tuple[int, ...] = (16, 64),
         backend: str = "auto",
     ) -> RaggedLoraHook:
         """The hook of one engine step (ragged.py): decode row i uses adapter slot
-        ``dec_slots[i]``, chunk row j ``ch_slots[j]`` (0 = none). Call and dispatch under
+        ``dec_slots[i]``, chunk row j ``ch_slots[j]`` (0 = none). Each view's rank bucket and
+        every index table are computed here, once per step. Call and dispatch under
         ``pool.lock``, as for ``hook``."""
-        rows, rank = self._table()
+        dec_slots, ch_slots = np.asarray(dec_slots), np.asarray(ch_slots)
+        dec_idx, ch_idx = {}, {}
+        for p in self.a:
+            if strategy == "mbgmv":
+                dec_idx[p] = [tuple(jnp.asarray(v) for v in self.flat_index(p, dec_slots, r))
+                              for r in rank_buckets]  # fmt: skip
+            else:
+                dec_idx[p] = [jnp.asarray(self.row_index(p, dec_slots, r)) for r in rank_buckets]
+            ch_idx[p] = [jnp.asarray(self.row_index(p, ch_slots, r)) for r in rank_buckets]
         return RaggedLoraHook(
             a={p: list(v) for p, v in self.a.items()},
             b={p: list(v) for p, v in self.b.items()},
-            slot_rows=rows,
-            slot_rank=rank,
-            dec_adapter=jnp.asarray(dec_slots, jnp.int32),
-            ch_adapter=jnp.asarray(ch_slots, jnp.int32),
+            dec_idx=dec_idx,
+            ch_idx=ch_idx,
+            dec_bucket=jnp.asarray(self.bucket_index(dec_slots, rank_buckets), jnp.int32),
+            ch_bucket=jnp.asarray(self.bucket_index(ch_slots, rank_buckets), jnp.int32),
             meta=meta,
             strategy=strategy,
-            rank_bucket=rank_bucket,
+            rank_buckets=tuple(rank_buckets),
             backend=backend,
         )
 

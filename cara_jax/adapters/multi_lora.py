@@ -26,7 +26,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from cara_jax.ragged import RaggedMeta
+from cara_jax.ragged import RaggedMeta, take
 
 STRATEGIES = ("bgmv", "mbgmv")
 BACKENDS = ("auto", "jnp", "pallas", "pallas_interpret")
@@ -49,7 +49,7 @@ def resolve_backend(backend: str, din: int, dout: int) -> str:
 
 def _rows(pool: jax.Array, idx: jax.Array) -> jax.Array:
     """Gather pool rows; indices come from the slot table and are always in range."""
-    return pool.at[idx].get(mode="promise_in_bounds")
+    return take(pool, idx)
 
 
 def bgmv(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
@@ -60,10 +60,21 @@ def bgmv(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
     )
 
 
+def row_lora(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
+    """One adapter per row of tokens (a prefill chunk): x [P, Q, in], idx [P, R] -> [P, Q, out].
+
+    Two batched matmuls after one gather of each row's rank rows: the segment kernel when every
+    segment is a row (the chunk view of a step), with none of ragged_dot's per-group masking."""
+    v = jnp.einsum("pqi,pri->pqr", x, _rows(a, idx), preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "pqr,pro->pqo", v.astype(b.dtype), _rows(b, idx), preferred_element_type=jnp.float32
+    )
+
+
 def mbgmv(x: jax.Array, a: jax.Array, b: jax.Array, rows: jax.Array, owner: jax.Array) -> jax.Array:
     """x [B, in]; rows [T] pool rows of the whole batch; owner [T] batch row of each -> [B, out]."""
-    v = jnp.sum(x[owner].astype(jnp.float32) * a[rows].astype(jnp.float32), axis=-1)  # [T]
-    contrib = v[:, None] * b[rows].astype(jnp.float32)
+    v = jnp.sum(take(x, owner).astype(jnp.float32) * take(a, rows).astype(jnp.float32), axis=-1)
+    contrib = v[:, None] * take(b, rows).astype(jnp.float32)
     return jax.ops.segment_sum(contrib, owner, num_segments=x.shape[0])
 
 
@@ -188,43 +199,77 @@ class MultiLoraHook:
 @dataclasses.dataclass
 class RaggedLoraHook:
     """LoraHook over the device pool for a flat token batch (ragged.py): decode-view rows run
-    ``strategy`` (BGMV / MBGMV, one token each), chunk-view rows the segment kernel, each row
-    with its own adapter slot."""
+    ``strategy`` (BGMV / MBGMV, one token each), chunk-view rows one adapter per row (the
+    segment kernel), each row with its own adapter slot.
+
+    The rank bucket is data, not shape: each view picks, at run time, the smallest bucket of
+    ``rank_buckets`` that holds its rows' largest rank (index 0: no adapter in the view, no LoRA
+    work at all). One program thus serves base-only steps and every mix of ranks, and a batch
+    of rank-8 adapters does not pay for rank 64. The pool-row indices of every (projection,
+    bucket) are computed on the host once per step (``DevicePool.ragged_hook``), not per layer.
+    """
 
     a: dict[str, list[jax.Array]]  # proj -> per-layer [N, in]
     b: dict[str, list[jax.Array]]  # proj -> per-layer [N, out]
-    slot_rows: dict[str, jax.Array]  # proj -> [S_pool, R_cap] int32
-    slot_rank: dict[str, jax.Array]  # proj -> [S_pool] int32
-    dec_adapter: jax.Array  # [S] pool slot of each decode row (0 = none)
-    ch_adapter: jax.Array  # [P] pool slot of each chunk row
+    dec_idx: dict[str, list]  # proj -> per bucket: [S, r] rows (bgmv) or ([S*r], [S*r]) (mbgmv)
+    ch_idx: dict[str, list[jax.Array]]  # proj -> per bucket: [P, r] rows of each chunk row
+    dec_bucket: jax.Array  # () int32: 0 = no LoRA, i = rank_buckets[i - 1]
+    ch_bucket: jax.Array  # () int32
     meta: RaggedMeta
     strategy: str = dataclasses.field(default="bgmv", metadata=dict(static=True))
-    rank_bucket: int = dataclasses.field(default=8, metadata=dict(static=True))
+    rank_buckets: tuple[int, ...] = dataclasses.field(default=(16, 64), metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
-    def chunk_delta(self, layer: int, proj: str, xc: jax.Array, adapter: jax.Array) -> jax.Array:
-        """Delta of chunk-view rows xc [P, Q, in] with per-row adapter slots -> [P, Q, out]."""
-        return multi_lora_delta(
-            xc, self.a[proj][layer], self.b[proj][layer], self.slot_rows[proj],
-            self.slot_rank[proj], adapter, strategy="bgmv", rank_bucket=self.rank_bucket,
-            backend=self.backend,
-        )  # fmt: skip
+    def _kernels(self, proj: str, layer: int):
+        a, b = self.a[proj][layer], self.b[proj][layer]
+        mode = resolve_backend(self.backend, a.shape[1], b.shape[1])
+        pk = None
+        if mode != "jnp":
+            import pallas_kernels as pk
+        return a, b, pk, mode == "pallas_interpret"
+
+    def chunk_delta(
+        self, layer: int, proj: str, x: jax.Array, idx: list[jax.Array], bucket: jax.Array
+    ) -> jax.Array:
+        """Delta of the chunk-view rows, gathered from flat x [T, in] -> [P, Q, out]."""
+        a, b, pk, interpret = self._kernels(proj, layer)
+        xc = self.meta.ch_gather(x)
+        p, q = xc.shape[:2]
+
+        def run(rows: jax.Array):
+            if pk is None:
+                return lambda: row_lora(xc, a, b, rows).astype(x.dtype)
+            sizes = jnp.full((p,), q, jnp.int32)
+            return lambda: pk.sgmv(xc.reshape(p * q, -1), a, b, rows, sizes,
+                                   interpret=interpret).reshape(p, q, -1).astype(x.dtype)  # fmt: skip
+
+        zero = jnp.zeros((p, q, b.shape[1]), x.dtype)
+        return jax.lax.switch(bucket, [lambda: zero] + [run(r) for r in idx])
 
     def decode_delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array:
         """Delta of the decode-view rows, gathered from flat x [T, in] -> [S, out]."""
-        bucket = self.rank_bucket
-        if self.strategy == "mbgmv":  # a bucket of summed ranks covering every row
-            bucket *= self.dec_adapter.shape[0]
-        d = multi_lora_delta(
-            self.meta.dec_gather(x)[:, None], self.a[proj][layer], self.b[proj][layer],
-            self.slot_rows[proj], self.slot_rank[proj], self.dec_adapter,
-            strategy=self.strategy, rank_bucket=bucket, backend=self.backend,
-        )  # fmt: skip
-        return d[:, 0]
+        a, b, pk, interpret = self._kernels(proj, layer)
+        xd = self.meta.dec_gather(x)
+
+        def run(ix):
+            if self.strategy == "bgmv":
+                if pk is None:
+                    return lambda: bgmv(xd, a, b, ix).astype(x.dtype)
+                return lambda: pk.bgmv(xd, a, b, ix, interpret=interpret).astype(x.dtype)
+            rows, owner = ix
+            if pk is None:
+                return lambda: mbgmv(xd, a, b, rows, owner).astype(x.dtype)
+            r = rows.shape[0] // xd.shape[0]  # each row's segment: r rows from row * r
+            start = jnp.arange(xd.shape[0], dtype=jnp.int32) * r
+            count = jnp.full((xd.shape[0],), r, jnp.int32)
+            return lambda: pk.mbgmv_segments(xd, a, b, rows, owner, start, count,
+                                             interpret=interpret).astype(x.dtype)  # fmt: skip
+
+        zero = jnp.zeros((xd.shape[0], b.shape[1]), x.dtype)
+        return jax.lax.switch(self.dec_bucket, [lambda: zero] + [run(i) for i in self.dec_idx[proj]])
 
     def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
         if proj not in self.a:
             return None
-        xc = self.meta.ch_gather(x)
-        dc = self.chunk_delta(layer, proj, xc, self.ch_adapter)
+        dc = self.chunk_delta(layer, proj, x, self.ch_idx[proj], self.ch_bucket)
         return self.meta.scatter(self.decode_delta(layer, proj, x), dc)

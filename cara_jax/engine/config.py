@@ -30,7 +30,7 @@ class EngineConfig:
     lora_strategy: str = "bgmv"
     pool: PoolConfig = PoolConfig()
     host_budget_bytes: int = 4 << 30
-    rank_buckets: tuple[int, ...] = (16, 64)  # LoRA rank buckets of the programs
+    rank_buckets: tuple[int, ...] = (16,)  # LoRA rank buckets below the pool max (run-time choice)
     min_token_bucket: int = 16
     compile_threads: int = 2
     max_step_records: int = 10_000

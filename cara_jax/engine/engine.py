@@ -285,7 +285,7 @@ class Engine:
         rec = StepRecord(
             t0, len(batch.decode), sorted(ranks), sum(len(c.tokens) for c in batch.chunks),
             time.perf_counter() - t0, self.config.lora_strategy, None, batch.num_tokens,
-            (res.program.tokens, res.program.rank),
+            (res.program.tokens, int(res.program.cpu)),
         )  # fmt: skip
         self.steps.append(rec)
         self._num_steps += 1

@@ -65,9 +65,9 @@ class RunnerConfig:
     max_num_seqs: int = 32  # sequence rows of the device-side state
     max_num_batched_tokens: int = 256  # token budget of a step = the largest token bucket
     max_prefill_seqs: int = 2  # chunk rows per step
-    min_token_bucket: int = 16
-    pages_per_chunk: int = 16  # KV pages attention reads per loop iteration
-    rank_buckets: tuple[int, ...] = (16, 64)  # LoRA rank buckets (capped at the pool's max)
+    min_token_bucket: int = 2  # not 1: XLA turns a one-row scatter into a cache copy
+    pages_per_chunk: int = 8  # KV pages attention reads per loop iteration
+    rank_buckets: tuple[int, ...] = (16,)  # LoRA rank buckets (+ the pool max)
     cpu_assist: bool = False  # also compile the CPU-assisted program of each token bucket
     cache_dtype: str | None = None  # default: the model's dtype
 
@@ -88,10 +88,11 @@ class RunnerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """One compiled step shape. ``rank`` is the LoRA rank bucket (0: no LoRA ops at all)."""
+    """One compiled step shape: the token bucket, whether it has LoRA ops (the rank bucket is
+    picked inside, per step) and whether it takes CPU-computed deltas."""
 
     tokens: int
-    rank: int
+    lora: bool = True
     cpu: bool = False
 
 
@@ -139,30 +140,24 @@ class ModelRunner:
     # ------------------------------------------------------------------ programs
 
     def rank_buckets(self) -> tuple[int, ...]:
-        """LoRA rank buckets of the programs; base-only steps run on the smallest (its pool
-        rows are zeros, so the delta is exactly zero)."""
+        """LoRA rank buckets, chosen per step and view at run time (multi_lora.RaggedLoraHook):
+        powers of two from 8 up to the pool's max rank."""
         if self.pool is None:
-            return (0,)
+            return ()
         mx = self.pool.config.max_rank
         return tuple(sorted({r for r in self.config.rank_buckets if r < mx} | {mx}))
 
     def programs(self) -> list[Program]:
         """Every program this runner can dispatch, smallest first."""
-        out = [Program(t, r) for t in self.config.token_buckets for r in self.rank_buckets()]
-        if self.config.cpu_assist and self.pool is not None:
-            out += [Program(t, self.rank_buckets()[-1], True) for t in self.config.token_buckets]
+        lora = self.pool is not None
+        out = [Program(t, lora) for t in self.config.token_buckets]
+        if self.config.cpu_assist and lora:
+            out += [Program(t, True, True) for t in self.config.token_buckets]
         return out
 
     def program_for(self, batch: ScheduledBatch, cpu: bool = False) -> Program:
         t = bucket(max(batch.num_tokens, 1), self.config.token_buckets)
-        buckets = self.rank_buckets()
-        if cpu:
-            return Program(t, buckets[-1], True)
-        if self.pool is None:
-            return Program(t, 0)
-        slots = [r.adapter_slot for r in batch.rows]
-        mx, _ = self.pool.batch_ranks(np.asarray(slots or [0], np.int32))
-        return Program(t, bucket(max(mx, 1), buckets))
+        return Program(t, self.pool is not None, cpu)
 
     def _abstract(self, p: Program) -> tuple:
         sds = partial(jax.tree_util.tree_map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
@@ -214,6 +209,7 @@ class ModelRunner:
             positions=i32(t), slot_mapping=np.full(t, DROP, np.int32),
             dec_tok=np.full(s, t, np.int32), dec_len=i32(s), dec_table=i32((s, mb)),
             ch_start=i32(pch), ch_len=i32(pch), ch_ctx=i32(pch), ch_table=i32((pch, mb)),
+            ch_tok=np.full((pch, t), t, np.int32),
         )  # fmt: skip
         inp = dict(
             tokens=i32(t), dec_row=i32(s), ch_row=i32(pch), ch_reset=np.zeros(pch, bool),
@@ -248,6 +244,7 @@ class ModelRunner:
             pos = np.arange(ch.start, ch.end, dtype=np.int32)
             table = np.asarray(ch.table, np.int32)
             m["ch_start"][j], m["ch_len"][j], m["ch_ctx"][j] = off, n, ch.end
+            m["ch_tok"][j, :n] = np.arange(off, off + n, dtype=np.int32)
             m["ch_table"][j, : len(ch.table)] = ch.table
             x["tokens"][off : off + n] = ch.tokens
             m["positions"][off : off + n] = pos
@@ -261,9 +258,10 @@ class ModelRunner:
         return host, SamplingArrays.from_rows(samp), dec_ad, ch_ad
 
     def _hook(self, p: Program, meta, dec_ad, ch_ad, cpu: CpuPlan | None):
-        if p.rank == 0 or self.pool is None:
+        if not p.lora or self.pool is None:
             return None
-        hook = self.pool.ragged_hook(dec_ad, ch_ad, meta, self.lora_strategy, p.rank)
+        buckets = self.rank_buckets()
+        hook = self.pool.ragged_hook(dec_ad, ch_ad, meta, self.lora_strategy, buckets)
         if not p.cpu:
             return hook
         shapes = self.cfg.projection_shapes()
@@ -272,9 +270,15 @@ class ModelRunner:
         if cpu is not None:
             dev[:, : cpu.dev_adapter.shape[1]] = cpu.dev_adapter
             plan_id = cpu.plan_id
+        # per projection and layer, the chunk rows' pool rows (row 0 where the CPU serves)
+        dev_idx = {
+            q: [[jnp.asarray(self.pool.row_index(q, dev[layer], r)) for r in buckets]
+                for layer in range(self.cfg.num_layers)]
+            for q in hook.a
+        }  # fmt: skip
         return CpuAssistHook(
             inner=hook,
-            dev_adapter=jnp.asarray(dev),
+            dev_idx=dev_idx,
             plan_id=jnp.asarray(plan_id, jnp.int32),
             out_sizes=tuple((q, shapes[q][1]) for q in PROJECTIONS),
         )
@@ -299,6 +303,34 @@ class ModelRunner:
             self.params, self.cache, self.state, inp, sampling, hook
         )
         return StepResult(out, logits, batch, p)
+
+
+    # ------------------------------------------------------------------ probes (profiling)
+
+    def synthetic_batch(
+        self, decode_slots: list[int], prompt_lens: list[int] = (), ctx: int = 128,
+        prompt_slots: list[int] | None = None,
+    ) -> ScheduledBatch:
+        """A batch of ``len(decode_slots)`` decode rows at context ``ctx`` (adapter slot each)
+        and one whole-prompt chunk per ``prompt_lens`` entry, over pages that hold whatever is
+        there: for timing steps (profiler, benches), not for their tokens."""
+        from cara_jax.engine.batch import ChunkRow, DecodeRow
+
+        bs = self.config.block_size
+        table = [1 + i % (self.config.num_pages - 1) for i in range(-(-(ctx + 1) // bs))]
+        decode = [DecodeRow(None, i % self.config.max_num_seqs, ctx, table, s, _IDLE)
+                  for i, s in enumerate(decode_slots)]  # fmt: skip
+        slots = list(prompt_slots) if prompt_slots is not None else [0] * len(prompt_lens)
+        chunks = []
+        for j, (n, s) in enumerate(zip(prompt_lens, slots, strict=True)):
+            t = [1 + i % (self.config.num_pages - 1) for i in range(-(-n // bs))]
+            chunks.append(ChunkRow(None, (len(decode) + j) % self.config.max_num_seqs,
+                                   [1] * n, 0, t, s, _IDLE, True, n))  # fmt: skip
+        return ScheduledBatch(decode, chunks)
+
+    def time_step(self, batch: ScheduledBatch) -> jax.Array:
+        """Dispatch a (synthetic) batch; returns its tokens to block on."""
+        return self.run(batch).outputs.tokens
 
 
 _IDLE = (0.0, 0, 1.0, 0, 0.0, 0.0, 0.0, 1.0)
