@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.lora_decode import write_peft_adapter
 from bench.report import write_report
+from bench.systems.common import compile_progress, kv_cache_bytes
 from cara_jax.adapters.device_pool import PoolConfig
 from cara_jax.embedded import default_model_path
 from cara_jax.engine import Engine, EngineConfig
@@ -50,8 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--no-warmup", action="store_true",
-                    help="compile lazily: one untimed round first instead of the whole grid")
+    ap.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="compile lazily: one untimed round first instead of every program",
+    )
     args = ap.parse_args(argv)
     path = default_model_path()
     loaded = load_model(path)
@@ -59,8 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, 40000, size=args.prompt_len).tolist() for _ in range(args.batch)]
     max_len = 1 << (args.prompt_len + 1).bit_length()
-    cfg = EngineConfig(num_slots=max(2, args.batch), max_len=max_len, max_prefill_batch=args.batch,
-                       cold_start="cpu_assist", cpu_workers=args.workers, rank_buckets=(),
+    seqs = max(2, args.batch)
+    # the whole batch's prompts in one step, as one prefill (a budget of batch x prompt tokens),
+    # and no smaller step: one program, and its CPU-assisted twin
+    budget = max(16, 1 << (args.batch * args.prompt_len - 1).bit_length())
+    cfg = EngineConfig(max_num_seqs=seqs, max_model_len=max_len, max_prefill_seqs=args.batch,
+                       max_num_batched_tokens=budget, min_token_bucket=budget,
+                       cold_start="cpu_assist",
+                       cpu_workers=args.workers, rank_buckets=(),
+                       kv_cache_memory=kv_cache_bytes(loaded.cfg, loaded.dtype, seqs, max_len),
                        pool=PoolConfig(max_rank=max(16, args.rank)))  # fmt: skip
     eng = Engine(loaded, tok, cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         eng.load_adapter("a", Path(tmp) / "a")
         h = eng.registry.entry("a").content_hash
         if not args.no_warmup:
-            eng.warmup(progress=True)
+            eng.warmup(progress=compile_progress(True, "compiling"))
         cold, warm = [], []
         for i in range(args.repeats + args.no_warmup):
             if eng.pool.is_resident(h):
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             eng.pool.group_gate = None
             eng.pool.handle_of(h).wait(60)
             warm.append(_prefill_time(eng, prompts, "a"))
-            if args.no_warmup and i == 0:  # that round compiled the variants it used
+            if args.no_warmup and i == 0:  # that round compiled the programs it used
                 cold.pop(), warm.pop()
     eng.close()
     by_group: dict[tuple, list] = collections.defaultdict(list)

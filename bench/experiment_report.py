@@ -175,12 +175,21 @@ def write(plan: Plan, report: dict[str, Any], raw: dict[str, Any], out: Path, st
     (out / f"{stem}_requests.json").write_text(json.dumps(_clean(raw)))
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def _scrub(text: str) -> str:
-    """Error texts may quote local paths (an import failure, a temp file); results must not."""
-    for path, name in [(tempfile.gettempdir(), "<tmp>"), (str(Path.cwd()), "<repo>"),
-                       (str(Path.home()), "~")]:  # fmt: skip
+    """Error texts may quote local paths (an import failure, a temp file); results must not.
+
+    The most specific path goes first: a checkout under the temp folder or the home folder is
+    named ``<repo>``, not ``<tmp>/...`` (after which the repo root would no longer match)."""
+    names: dict[str, str] = {}  # the first name given to a path wins
+    for path, name in [(str(REPO_ROOT), "<repo>"), (tempfile.gettempdir(), "<tmp>"),
+                       (str(Path.cwd()), "<repo>"), (str(Path.home()), "~")]:  # fmt: skip
         if len(path) > 1:
-            text = text.replace(path, name)
+            names.setdefault(path, name)
+    for path in sorted(names, key=len, reverse=True):
+        text = text.replace(path, names[path])
     return text
 
 

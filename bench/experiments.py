@@ -25,6 +25,7 @@ from bench.metrics import RequestResult, Slo
 from bench.systems import LABELS, SYSTEM_KEYS, RunOptions, SystemUnavailable, make_system
 from bench.systems.common import TARGET_SETS, model_config, write_adapters
 from bench.workload import LengthDist, Trace, WorkloadSpec, generate, save_jsonl
+from server.cli import byte_size
 
 EXPERIMENTS = (
     "serving", "load_sweep", "adapters_sweep", "cold_start", "admission", "engine_poisson"
@@ -91,15 +92,17 @@ def build_plan(name: str, args: argparse.Namespace) -> Plan:
     q = args.quick
     over = _spec_overrides(args)
     ranks = (8, 16, 32, 64)
-    slots = args.num_slots or (4 if q else 16)
+    seqs = args.max_num_seqs or (4 if q else 16)
     shared_pool = not q and name != "engine_poisson" and (args.targets or "qkvo") == "qkvo"
     base_opts = RunOptions(
         progress=not args.no_progress,
-        num_slots=slots,
-        max_batch=slots,
-        max_prefill_batch=args.max_prefill_batch or (2 if q else 8),
+        max_num_seqs=seqs,
+        max_batch=seqs,
+        max_prefill_seqs=args.max_prefill_seqs or (2 if q else 8),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=args.kv_cache_memory,
         # full size: one pool shape for serving, load_sweep, adapters_sweep and cold_start, so
-        # their step variants compile once (persistent cache); ~1.9 GB for q/k/v/o adapters
+        # their programs compile once (persistent cache); ~1.9 GB for q/k/v/o adapters
         pool_rows=4096 if shared_pool else None,
         pool_slots=256 if shared_pool else None,
         llama_threads=args.threads,
@@ -291,9 +294,8 @@ class _SystemJob:
     """One system's whole life in a bench run: start, replay every point, close.
 
     Picklable, so that it can run in a fresh process: XLA:CPU maps memory regions for every
-    compiled step variant, and several engines' grids in one process can pass the kernel's
-    limit on memory maps (see ModelRunner.compile). One process per system also keeps one
-    system's threads and caches from slowing the next.
+    compiled program, and a crash there (e.g. LLVM aborting) then takes only this system down.
+    One process per system also keeps one system's threads and caches from slowing the next.
     """
 
     key: str
@@ -516,8 +518,31 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--host-budget-mb", type=float, help="cara-jax host tier (small: disk re-reads)"
     )
-    ap.add_argument("--num-slots", type=int, help="cara-jax slots = HF max batch (16; quick 4)")
-    ap.add_argument("--max-prefill-batch", type=int, help="cara-jax prefill rows (8; quick 2)")
+    ap.add_argument(
+        "--num-slots",
+        "--max-num-seqs",
+        dest="max_num_seqs",
+        type=int,
+        help="cara-jax sequences running at once = HF max batch (16; quick 4)",
+    )
+    ap.add_argument(
+        "--max-prefill-batch",
+        "--max-prefill-seqs",
+        dest="max_prefill_seqs",
+        type=int,
+        help="cara-jax prompts advancing one chunk each per step (8; quick 2)",
+    )
+    ap.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="cara-jax token budget of one step = its largest program (default: the engine's)",
+    )
+    ap.add_argument(
+        "--kv-cache-memory",
+        type=byte_size,
+        help="cara-jax paged KV cache, bytes (512M, 2G; default: room for every sequence's "
+        "full context)",
+    )
     ap.add_argument(
         "--compile-cache",
         help="JAX persistent compilation cache folder; reruns and the other cold-start modes "

@@ -2,7 +2,7 @@
 
 Both run the real ``Engine`` on a Llama-2-7B-shaped model with random weights (no download):
 hidden 4096, intermediate 11008, 32 heads, 32 KV heads, vocab 32000, bfloat16. Only
-``CARA_GPU_CHECK_LAYERS`` of the 32 layers are built (default 8): every step variant is compiled
+``CARA_GPU_CHECK_LAYERS`` of the 32 layers are built (default 8): every program is compiled
 per engine and layer count, and at full depth the compiles and the adapter files (640 MB per
 rank-64 adapter) do not fit one call beside the kernel checks. Per-layer costs (prefill, adapter
 bytes, CPU deltas) scale together, so TTFT ratios keep their meaning; absolute tok/s is higher than
@@ -14,10 +14,11 @@ at 32 layers, and host overheads weigh more. Each row records the depth it ran.
 - ``e2e_throughput``: 16 concurrent requests over 16 adapters (``cached``), bgmv and mbgmv decode,
   beside the base model serving the same batch without adapters.
 
-The step variants a run uses are compiled before anything is timed, once per section where engines
-share a shape (compiled executables take every buffer as an argument, so engines of equal
-runner/pool shapes and LoRA strategy can share them). Rows note any compile that still happened
-while timing (should be 0). ``--smoke`` runs tiny shapes and smaller batches on any backend
+The programs a run uses (one per token bucket the cases reach) are compiled before anything is
+timed, once per section where engines share a shape (compiled executables take every buffer as an
+argument, so engines of equal runner/pool shapes and LoRA strategy can share them); an untimed
+pass of every case then runs first. Rows note any compile that still happened while timing
+(should be 0). ``--smoke`` runs tiny shapes and smaller batches on any backend
 (about a minute on 2 CPU cores, most of it compiling).
 """
 
@@ -38,10 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.lora_decode import write_peft_adapter
+from bench.systems.common import kv_cache_bytes
 from cara_jax.adapters.device_pool import PoolConfig, PoolFullError
 from cara_jax.config import ModelConfig
 from cara_jax.engine import Engine, EngineConfig, RequestRecord
-from cara_jax.runner import Variant, bucket
+from cara_jax.engine.runner import Program, bucket
 from cara_jax.sampling_params import SamplingParams
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import LoadedModel, build_model
@@ -169,10 +171,10 @@ def pool_config(cfg: ModelConfig, dtype: jnp.dtype, ranks: list[int]) -> PoolCon
 
 @dataclasses.dataclass
 class CompiledSteps:
-    """A runner's compiled step variants, kept after its engine is closed so a later engine of
-    the same runner and pool shapes reuses them: compiled steps take params, cache, state and the
-    LoRA pool as arguments, so nothing in them belongs to one engine (the runner keeps them in
-    its executable table)."""
+    """A runner's compiled programs, kept after its engine is closed so a later engine of the
+    same runner and pool shapes and LoRA strategy reuses them: compiled steps take params, cache,
+    state and the LoRA pool as arguments, so nothing in them belongs to one engine (the runner
+    keeps them in its executable table)."""
 
     key: tuple
     table: dict
@@ -187,17 +189,14 @@ class CompiledSteps:
     def of(cls, eng: Engine) -> CompiledSteps:
         return cls(cls._key(eng), dict(getattr(eng.runner, "_exe", {})))
 
-    def give(self, eng: Engine, keep: Callable[[Variant], bool] = lambda v: True) -> int:
-        """Hand ``eng`` the variants ``keep`` selects (all if the LoRA strategy matches too)."""
-        mine, theirs = self._key(eng), self.key
+    def give(self, eng: Engine) -> int:
+        """Hand ``eng`` these programs if its shapes and LoRA strategy match (every program
+        carries the LoRA ops of its strategy; the base model runs the same programs)."""
         table = getattr(eng.runner, "_exe", None)
-        if mine[:3] != theirs[:3] or not isinstance(table, dict):
+        if self._key(eng) != self.key or not isinstance(table, dict):
             return 0
-        same = mine[3] == theirs[3]
-        cpu = eng.runner.config.cpu_assist  # a CPU-assisted variant would also cover plain steps
-        picked = {
-            v: exe for v, exe in self.table.items() if (same or keep(v)) and (cpu or not v.cpu)
-        }
+        cpu = eng.runner.config.cpu_assist  # CPU-assisted programs only where they can run
+        picked = {p: exe for p, exe in self.table.items() if cpu or not p.cpu}
         table.update(picked)
         return len(picked)
 
@@ -227,9 +226,22 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [rng.integers(0, vocab, size=length).tolist() for _ in range(n)]
 
 
-def _compile(eng: Engine, variants: list[Variant]) -> None:
-    for v in variants:
-        eng.runner.compile(v)
+def _compile(eng: Engine, programs: list[Program]) -> None:
+    for p in programs:
+        eng.runner.compile(p)
+
+
+def _programs(eng: Engine, tokens: list[int], cpu_tokens: list[int] = ()) -> list[Program]:
+    """The engine's programs of the token buckets that steps of ``tokens`` tokens run, and the
+    CPU-assisted programs of ``cpu_tokens`` (where the engine has them)."""
+    tb = eng.runner.config.token_buckets
+    want = {bucket(min(n, tb[-1]), tb) for n in tokens}
+    want_cpu = {bucket(min(n, tb[-1]), tb) for n in cpu_tokens}
+    return [p for p in eng.runner.programs() if p.tokens in (want_cpu if p.cpu else want)]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _needs_gpu(ctx: Ctx) -> list[dict] | None:
@@ -294,26 +306,21 @@ def _cold_case(eng: Engine, plan: ColdPlan, kind: str, names: list[str], prompts
 def _cold_engine(loaded, tok, mode: str, plan: ColdPlan, pool: PoolConfig, host_bytes: int,
                  workers: int) -> Engine:  # fmt: skip
     max_len = plan.prompt_len + 16
-    cfg = EngineConfig(num_slots=plan.burst, max_len=max_len, max_prefill_batch=plan.burst,
+    # a burst's prompts fit one step whole (budget: burst x prompt tokens), as one prefill
+    cfg = EngineConfig(max_num_seqs=plan.burst, max_model_len=max_len,
+                       max_prefill_seqs=plan.burst,
+                       max_num_batched_tokens=_pow2(plan.burst * plan.prompt_len),
+                       kv_cache_memory=kv_cache_bytes(loaded.cfg, loaded.dtype, plan.burst, max_len),
                        cold_start=mode, cpu_workers=workers, pool=pool, rank_buckets=(),
-                       host_budget_bytes=host_bytes, min_prefill_bucket=plan.prompt_len,
-                       min_kv_bucket=max_len)  # fmt: skip
+                       host_budget_bytes=host_bytes)  # fmt: skip
     return Engine(loaded, tok, cfg)
 
 
-def _cold_variants(eng: Engine, plan: ColdPlan) -> list[Variant]:
-    """Exactly the steps the cases run: 1 row and a burst, prompt bucket, top rank bucket."""
-    rc, r = eng.runner.config, eng.runner
-    lora = r.lora_buckets("bgmv")[-1]
-    tb = bucket(plan.prompt_len, rc.prefill_len_buckets)
-    kv = rc.kv_len_buckets[-1]
-    pre = sorted({bucket(n, rc.prefill_batch_buckets) for n in (1, plan.burst)})
-    dec = sorted({bucket(n, rc.decode_row_buckets) for n in (1, plan.burst)})
-    out = [Variant("prefill", b, tb, lora) for b in pre]
-    out += [Variant("decode", b, kv, lora) for b in dec]
-    if eng.config.cold_start == "cpu_assist":
-        out += [Variant("prefill", b, tb, lora, cpu=True) for b in pre]
-    return out
+def _cold_programs(eng: Engine, plan: ColdPlan) -> list[Program]:
+    """The steps the cases run: 1 to ``burst`` whole prompts (prefill, CPU-assisted too), and
+    1 to ``burst`` decode rows."""
+    prefill = [k * plan.prompt_len for k in range(1, plan.burst + 1)]
+    return _programs(eng, prefill + list(range(1, plan.burst + 1)), prefill)
 
 
 @dataclasses.dataclass
@@ -336,7 +343,7 @@ def _cold_mode(ctx: Ctx, mode: str, loaded, tok, plan: ColdPlan, adapters: Adapt
                 eng.load_adapter(n, adapters.paths[n])
         for steps in shared:
             steps.give(eng)
-        _compile(eng, _cold_variants(eng, plan))
+        _compile(eng, _cold_programs(eng, plan))
         shared.append(CompiledSteps.of(eng))
         # untimed: one burst and one single request (first use of every host path and shape)
         until = ctx.deadline + GRACE_S
@@ -462,27 +469,21 @@ def _rates(recs: list[RequestRecord], t0: float) -> dict:
 def _throughput_engine(loaded, tok, strategy: str, plan: ThroughputPlan, pool: PoolConfig,
                        host_bytes: int) -> Engine:  # fmt: skip
     max_len = plan.prompt_len + plan.new_tokens + 16
-    cfg = EngineConfig(num_slots=plan.requests, max_len=max_len, max_prefill_batch=plan.requests,
+    # the batch's prompts fit one step whole (budget: requests x prompt tokens), as one prefill
+    cfg = EngineConfig(max_num_seqs=plan.requests, max_model_len=max_len,
+                       max_prefill_seqs=plan.requests,
+                       max_num_batched_tokens=_pow2(plan.requests * plan.prompt_len),
+                       kv_cache_memory=kv_cache_bytes(loaded.cfg, loaded.dtype, plan.requests,
+                                                      max_len),
                        cold_start="cached", lora_strategy=strategy, pool=pool, rank_buckets=(),
-                       host_budget_bytes=host_bytes, min_prefill_bucket=plan.prompt_len,
-                       min_kv_bucket=max_len)  # fmt: skip
+                       host_budget_bytes=host_bytes)  # fmt: skip
     return Engine(loaded, tok, cfg)
 
 
-def _throughput_variants(eng: Engine, plan: ThroughputPlan, slots: np.ndarray) -> list[Variant]:
-    """The batch's prefill and decode steps, with the LoRA rank buckets the runner will pick
-    (bgmv: the largest rank; mbgmv: the batch's summed rank), and without LoRA (base)."""
-    rc, r = eng.runner.config, eng.runner
-    rows_p = bucket(plan.requests, rc.prefill_batch_buckets)
-    rows_d = bucket(plan.requests, rc.decode_row_buckets)
-    tb = bucket(plan.prompt_len, rc.prefill_len_buckets)
-    kv = rc.kv_len_buckets[-1]
-    mx, total = eng.pool.batch_ranks(slots)
-    strategy = eng.config.lora_strategy
-    lp = bucket(mx, r.lora_buckets("bgmv"))
-    ld = bucket(total if strategy == "mbgmv" else mx, r.lora_buckets(strategy))
-    return [Variant("prefill", rows_p, tb, lp), Variant("decode", rows_d, kv, ld),
-            Variant("prefill", rows_p, tb, 0), Variant("decode", rows_d, kv, 0)]  # fmt: skip
+def _throughput_programs(eng: Engine, plan: ThroughputPlan) -> list[Program]:
+    """The batch's prefill step and its decode steps (the base model runs the same programs;
+    the LoRA rank bucket is chosen inside each program, per step)."""
+    return _programs(eng, [plan.requests * plan.prompt_len, plan.requests])
 
 
 def _timed_batch(eng: Engine, batch, sp: SamplingParams, tag: str,
@@ -529,10 +530,9 @@ def e2e_throughput_section(ctx: Ctx) -> list[dict]:
             eng = _throughput_engine(loaded, tok, strategy, plan, pool, host_bytes)
             for n in names:
                 eng.load_adapter(n, adapters.paths[n])
-            slots = np.array([eng.pool.slot_of(eng.registry.entry(n).content_hash) for n in names])
-            for steps in shared:  # prefill always runs the bgmv/segment kernel; base no LoRA
-                steps.give(eng, lambda v: v.kind == "prefill" or v.lora == 0)
-            _compile(eng, _throughput_variants(eng, plan, slots))
+            for steps in shared:  # another strategy's programs do not fit this engine
+                steps.give(eng)
+            _compile(eng, _throughput_programs(eng, plan))
             shared.append(CompiledSteps.of(eng))
             for c in configs:  # untimed pass of the same batch: first use of every path
                 serve(eng, base_batch if c == "base" else lora_batch, warm_sp, f"w{c}-", until)

@@ -30,8 +30,12 @@ import time
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 
 from bench.report import write_report
+from bench.serve_flags import engine_flags
+from bench.systems.common import kv_cache_bytes, model_config
+from server.cli import byte_size
 
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = [
@@ -205,15 +209,31 @@ def main() -> None:
     ap.add_argument("--hang-timeout", type=float, default=30.0)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=4, help="demo adapters (plus the base)")
-    ap.add_argument("--num-slots", type=int, default=16)
-    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument(
+        "--num-slots", "--max-num-seqs", dest="max_num_seqs", type=int, default=16,
+        help="sequences running at once",
+    )  # fmt: skip
+    ap.add_argument("--max-len", "--max-model-len", dest="max_model_len", type=int, default=128)
+    ap.add_argument(
+        "--max-prefill-batch", "--max-prefill-seqs", dest="max_prefill_seqs", type=int,
+        default=2, help="prompts that advance one chunk each per step",
+    )  # fmt: skip
+    ap.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
+    ap.add_argument(
+        "--kv-cache-memory", type=byte_size,
+        help="paged KV cache bytes (512M, 2G; default: every sequence's full context)",
+    )  # fmt: skip
     ap.add_argument("--max-queue", type=int, default=1024)
-    ap.add_argument("--warmup", default="cover")
+    ap.add_argument("--warmup", default="full", help="the server's --warmup")
     ap.add_argument("--startup-timeout", type=float, default=900.0)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     random.seed(0)
 
+    if args.kv_cache_memory is None:  # what the old slot cache took: every context in full
+        args.kv_cache_memory = kv_cache_bytes(
+            model_config(), np.float32, args.max_num_seqs, args.max_model_len
+        )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
@@ -224,18 +244,18 @@ def main() -> None:
         str(port),
         "--demo-adapters",
         str(args.adapters),
-        "--num-slots",
-        str(args.num_slots),
-        "--max-len",
-        str(args.max_len),
-        "--max-prefill-batch",
-        "2",
+        *engine_flags(
+            warmup=args.warmup,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            max_prefill_seqs=args.max_prefill_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_memory=args.kv_cache_memory,
+        ),
         "--max-lora-rank",
         "16",
         "--max-queue",
         str(args.max_queue),
-        "--warmup",
-        args.warmup,
         "--log-level",
         "warning",
     ]
@@ -295,9 +315,11 @@ def main() -> None:
         f"# Load test: {args.clients} streaming clients for {args.duration:.0f} s over loopback",
         "",
         f"Machine: {data['machine']}; {data['date']}. Server: embedded SmolLM2-135M float32, "
-        f"{args.adapters} demo adapters + base (round-robin), {args.num_slots} slots, max_len "
-        f"{args.max_len}, warm-up `{args.warmup}`; requests alternate chat/completions, "
-        f"8-{args.max_tokens} new tokens, temperature 0.7. Startup {data['startup_s']} s.",
+        f"{args.adapters} demo adapters + base (round-robin), {args.max_num_seqs} sequences at "
+        f"once, max_model_len {args.max_model_len}, KV cache "
+        f"{args.kv_cache_memory / 2**20:.0f} MiB, warm-up `{args.warmup}`; requests alternate "
+        f"chat/completions, 8-{args.max_tokens} new tokens, temperature 0.7. Startup "
+        f"{data['startup_s']} s.",
         "",
         "| completed | failed | rejected (429) | hung | TTFT p50 s | TTFT p99 s | e2e p99 s "
         "| req/s | tok/s | server RSS end MB (peak) | engine idle after |",
@@ -310,9 +332,9 @@ def main() -> None:
         "",
         f"Hung = no byte for {args.hang_timeout:.0f} s (queued streams get SSE keep-alive "
         f"comments) or not finished {args.grace:.0f} s after the end. TTFT includes the wait "
-        f"for a slot ({args.clients} clients, {args.num_slots} slots) and admission at one "
-        "prefill step per step; with `cover` warm-up every step runs the largest compiled "
-        "shape, so on a CPU the numbers measure robustness, not speed.",
+        f"for a sequence row ({args.clients} clients, {args.max_num_seqs} rows) and for "
+        f"admission ({args.max_prefill_seqs} prompts advance per step); on a CPU the numbers "
+        "measure robustness, not speed.",
     ]
     if failures:
         lines += ["", "Failure samples:", *[f"- {w}" for w in failures[:10]]]

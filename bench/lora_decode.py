@@ -26,8 +26,7 @@ from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.store import AdapterRegistry
 from cara_jax.config import ModelConfig
 from cara_jax.embedded import default_model_path
-from cara_jax.runner import ModelRunner, RunnerConfig
-from cara_jax.sampler import SamplingArrays
+from cara_jax.engine.runner import ModelRunner, RunnerConfig
 from cara_jax.weights import load_model
 
 MEM_BW = 26e9  # bytes/s, measured memory read bandwidth of the 2-core development machine
@@ -60,21 +59,22 @@ def write_peft_adapter(path: Path, cfg: ModelConfig, rank: int, seed: int) -> No
     (path / "adapter_config.json").write_text(json.dumps(conf))
 
 
-def decode_rate(runner: ModelRunner, batch: int, steps: int, prompt_len: int, adapters) -> float:
-    sampling = SamplingArrays.greedy(batch)
-    prompts = [[(7 * i + j) % 1000 + 10 for j in range(prompt_len)] for i in range(batch)]
-    chunk = runner.config.max_prefill_batch
-    for i in range(0, batch, chunk):
-        idx = list(range(i, min(batch, i + chunk)))
-        ad = None if adapters is None else [int(adapters[j]) for j in idx]
-        runner.prefill([prompts[j] for j in idx], idx, sampling.take(np.array(idx)), ad)
-    pos = np.full(batch, prompt_len, np.int32)
-    runner.decode(pos, sampling, adapters)[1].block_until_ready()  # compile + warm
-    t = time.perf_counter()
-    for k in range(steps):
-        _, toks = runner.decode(pos + 1 + k, sampling, adapters)
-    toks.block_until_ready()
-    return batch * steps / (time.perf_counter() - t)
+def decode_rate(runner: ModelRunner, steps: int, prompt_len: int, slots: list[int]) -> float:
+    """Decode tokens per second over ``steps`` steps of ``len(slots)`` rows (contexts growing
+    from ``prompt_len``); the step's program is compiled and run once untimed first."""
+    # one decode row per slot, each over its own KV pages, at contexts prompt_len, prompt_len+1..
+    batches = [runner.synthetic_batch(slots, ctx=prompt_len + k) for k in range(steps + 1)]
+    runner.compile(runner.program_for(batches[0]))
+    hot = runner.hot_compiles
+    with runner.pool.lock:  # the pool's arrays are the step's arguments
+        np.asarray(runner.time_step(batches[0]))  # warm
+        t = time.perf_counter()
+        for b in batches[1:]:
+            toks = runner.time_step(b)
+        toks.block_until_ready()
+        dt = time.perf_counter() - t
+    assert runner.hot_compiles == hot, "a timed step compiled"
+    return len(slots) * steps / dt
 
 
 def main() -> None:
@@ -104,16 +104,21 @@ def main() -> None:
             a = reg.resolve(f"a{i}")
             pool.acquire(a).wait()
             slots.append(pool.slot_of(a.content_hash))
-    slots = np.array(slots, np.int32)
-    rc = RunnerConfig(num_slots=args.batch, max_len=512, max_prefill_batch=8)
+    # one program per runner: the token bucket of a step of ``batch`` decode rows. One LoRA rank
+    # bucket, the pool's max rank: the batch holds every rank, so a step picks that one anyway
+    # (and DevicePool.flat_index, mbgmv's tables, fails for a bucket below a rank in the batch)
+    max_len = 1 << (args.prompt_len + args.steps + 1).bit_length()
+    pages_per_seq = -(-(args.prompt_len + args.steps + 1) // 16)
+    rc = RunnerConfig(num_pages=args.batch * pages_per_seq + 1, max_model_len=max_len,
+                      max_num_seqs=args.batch, max_num_batched_tokens=max(2, args.batch),
+                      max_prefill_seqs=1, rank_buckets=())  # fmt: skip
     runners = {s: ModelRunner(loaded, rc, pool=pool, lora_strategy=s) for s in ("bgmv", "mbgmv")}
+    base = [0] * args.batch  # slot 0: no adapter (the program skips the LoRA ops)
     rates: dict[str, list[float]] = {"base": [], "bgmv": [], "mbgmv": []}
     for _ in range(args.repeats):
-        rates["base"].append(
-            decode_rate(runners["bgmv"], args.batch, args.steps, args.prompt_len, None)
-        )
+        rates["base"].append(decode_rate(runners["bgmv"], args.steps, args.prompt_len, base))
         for s in ("bgmv", "mbgmv"):
-            rates[s].append(decode_rate(runners[s], args.batch, args.steps, args.prompt_len, slots))
+            rates[s].append(decode_rate(runners[s], args.steps, args.prompt_len, slots))
     best = {k: max(v) for k, v in rates.items()}
     base_bytes = cfg.num_params() * 4
     kv = 2 * cfg.kv_size * 4 * cfg.num_layers * (args.prompt_len + args.steps // 2) * args.batch

@@ -7,11 +7,13 @@ Both sides run the same weights (the embedded SmolLM2-135M GGUF, dequantised to 
 same token ids: B real-text prompts of exactly ``--prompt-len`` tokens, then ``--new-tokens``
 greedy decode steps (the first token comes from prefill, as in serving).
 
-cara-jax: one ModelRunner per batch size (num_slots = max_prefill_batch = B, so prefill is one
-call and decode runs B rows with no padding rows). Compile time is excluded: a prefill call and
-one decode call per kv-length bucket the timed loop will touch run first. Decode is the
-generate.py loop (tokens stay on the device; the host launches step t+1 without waiting), timed
-with block_until_ready on the last step's tokens.
+cara-jax: the engine's ModelRunner, one per batch size (max_num_seqs = max_prefill_seqs = B and
+a token budget of B x prompt tokens, so prefill is one step of B whole-prompt chunks over the
+paged KV cache), driven with hand-built scheduled batches. Decode runs B decode rows a step, the
+program of the token bucket >= B (each step feeds the token the step before sampled, kept on the
+device, so the host launches step t+1 without waiting; the host still builds each step's inputs,
+as the engine does). Compile time is excluded: both programs are compiled and run once first.
+Decode is timed with block_until_ready on the last step's tokens.
 
 HF: AutoModelForCausalLM in eval + inference_mode, torch.set_num_threads(cores), default (SDPA)
 attention. Prefill = one forward over the batch with logits_to_keep=1 (cara also computes logits
@@ -24,8 +26,8 @@ other. Each figure is the median of ``--repeats`` timed runs.
 
 Roofline (decode): the floor of one step over B rows at context c is
     max((WEIGHT_BYTES + kv_bytes(B, c)) / MEM_BW, 2 * PARAMS * B / GEMM_FLOPS)
-summed over the timed steps (c = the entries each step actually attends to, without bucket
-padding); "fraction" = achieved cara decode tok/s / roofline tok/s.
+summed over the timed steps (c = the entries each step actually attends to, without padding);
+"fraction" = achieved cara decode tok/s / roofline tok/s.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cara_jax.embedded import default_model_path
-from cara_jax.runner import ModelRunner, RunnerConfig, bucket
-from cara_jax.sampler import SamplingArrays
+from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
+from cara_jax.engine.runner import ModelRunner, RunnerConfig
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import load_model
 
@@ -142,24 +144,47 @@ def roofline(cfg, batch: int, prompt_len: int, new_tokens: int, mem_bw: float, g
     return batch * new_tokens / total, total, kv_sum / new_tokens
 
 
+GREEDY = (0.0, 0, 1.0, 0, 0.0, 0.0, 0.0, 1.0)  # a SamplingRow (engine.batch): temperature 0
+
+
 def bench_cara(loaded, prompts, new_tokens: int, repeats: int) -> dict:
     b, plen = len(prompts), len(prompts[0])
-    cfg = RunnerConfig(num_slots=b, max_len=plen + new_tokens + 1, max_prefill_batch=b)
+    bs = 16
+    per_seq = -(-(plen + new_tokens + 1) // bs)  # KV pages of one sequence
+    cfg = RunnerConfig(
+        num_pages=b * per_seq + 1,  # page 0 is reserved
+        max_model_len=plen + new_tokens + 1,
+        block_size=bs,
+        max_num_seqs=b,
+        max_num_batched_tokens=max(2, b * plen),  # every prompt whole in one step
+        max_prefill_seqs=b,
+    )
     runner = ModelRunner(loaded, cfg)
-    sampling = SamplingArrays.greedy(b)
-    slots = list(range(b))
-    steps = range(plen, plen + new_tokens)
+    tables = [list(range(1 + j * per_seq, 1 + (j + 1) * per_seq)) for j in range(b)]
+    prefill_batch = ScheduledBatch(
+        [],
+        [
+            ChunkRow(None, j, list(p), 0, tables[j], 0, GREEDY, True, plen)
+            for j, p in enumerate(prompts)
+        ],
+    )
+    # decode step t feeds the token sampled by the step before (kept on the device) at position p
+    steps = [
+        ScheduledBatch([DecodeRow(None, j, p, tables[j], 0, GREEDY) for j in range(b)], [])
+        for p in range(plen, plen + new_tokens)
+    ]
+    pre_prog, dec_prog = runner.program_for(prefill_batch), runner.program_for(steps[0])
+    first_at = runner.config.decode_rows(pre_prog.tokens)  # chunk rows' samples follow these
 
     def prefill():
-        _, toks = runner.prefill(prompts, slots, sampling)
-        return toks.block_until_ready()
+        return np.asarray(runner.run(prefill_batch).outputs.tokens)[first_at : first_at + b]
 
-    # warm-up: the prefill shape and every kv-length bucket the timed decode loop will touch
+    # compile time excluded: both programs compiled, then run once untimed
+    runner.compile(pre_prog)
+    runner.compile(dec_prog)
     prefill()
-    for kv in sorted({bucket(p + 1, runner.config.kv_len_buckets) for p in steps}):
-        p = next(p for p in steps if bucket(p + 1, runner.config.kv_len_buckets) == kv)
-        runner.decode(np.full(b, p, np.int32), sampling)[1].block_until_ready()
-    compiled = runner.compiled_count()
+    runner.run(steps[0]).outputs.tokens.block_until_ready()
+    hot = runner.hot_compiles
 
     prefill_s, decode_s, tokens = [], [], None
     for _ in range(repeats):
@@ -168,15 +193,15 @@ def bench_cara(loaded, prompts, new_tokens: int, repeats: int) -> dict:
         prefill_s.append(time.perf_counter() - t0)
         out = []
         t0 = time.perf_counter()
-        for p in steps:
-            out.append(runner.decode(np.full(b, p, np.int32), sampling)[1])
+        for batch in steps:
+            out.append(runner.run(batch).outputs.tokens)
         jax.block_until_ready(out[-1])
         decode_s.append(time.perf_counter() - t0)
         if tokens is None:
             tokens = np.concatenate(
-                [np.asarray(first)[:, None]] + [np.asarray(t)[:b, None] for t in out], axis=1
+                [first[:, None]] + [np.asarray(t)[:b, None] for t in out], axis=1
             )
-    assert runner.compiled_count() == compiled, "a timed step recompiled"
+    assert runner.hot_compiles == hot, "a timed step compiled"
     return {
         "prefill_s": statistics.median(prefill_s),
         "decode_s": statistics.median(decode_s),

@@ -4,7 +4,7 @@
         --policies rank_aware,round_robin,least_loaded,first_fit
 
 Starts N ``cara-serve`` subprocesses on free ports, one after the other (the first compiles the
-step variants, the rest read them from the persistent compile cache), each serving the same
+engine's programs, the rest read them from the persistent compile cache), each serving the same
 random PEFT adapters of mixed ranks (``--ranks``, assigned in turn; popularity Zipf, so the
 traffic is skewed). Then, per policy, it starts a ``cara-router`` subprocess in front of them
 and replays the same Poisson trace of streaming completions through it: token-id prompts,
@@ -37,10 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 from bench.metrics import RequestResult, Slo, summarize
 from bench.report import write_report
+from bench.serve_flags import engine_flags
 from bench.workload import LengthDist, Trace, WorkloadSpec, generate
+from server.cli import byte_size
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_COST_MODEL = "bench/results/cost_model_smollm2_cpu.json"  # relative to the repo root
@@ -216,7 +219,7 @@ def tpot_slo(args, state: dict | None) -> tuple[float, str]:
         cost = CostModel.load(args.cost_model, kernel=args.kernel)
     if cost is None:
         raise SystemExit("no TPOT SLO: give --slo-tpot or a --cost-model")
-    return cost.default_slo(args.num_slots), f"1.5 x base step at {args.num_slots} rows"
+    return cost.default_slo(args.max_num_seqs), f"1.5 x base step at {args.max_num_seqs} rows"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,8 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--zipf-alpha", type=float, default=1.0, help="adapter popularity skew")
     ap.add_argument("--prompt-len", default="uniform:16:64", help="tokens (workload syntax)")
     ap.add_argument("--output-len", default="32", help="tokens (workload syntax)")
-    ap.add_argument("--num-slots", type=int, default=4)
-    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument(
+        "--num-slots", "--max-num-seqs", dest="max_num_seqs", type=int, default=4,
+        help="sequences each instance runs at once",
+    )  # fmt: skip
+    ap.add_argument("--max-len", "--max-model-len", dest="max_model_len", type=int, default=128)
+    ap.add_argument(
+        "--max-prefill-batch", "--max-prefill-seqs", dest="max_prefill_seqs", type=int,
+        default=1, help="prompts that advance one chunk each per step, per instance",
+    )  # fmt: skip
+    ap.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
+    ap.add_argument(
+        "--kv-cache-memory", type=byte_size,
+        help="each instance's paged KV cache, bytes (512M, 2G; default: every sequence's full "
+        "context)",
+    )  # fmt: skip
     ap.add_argument("--kernel", choices=["bgmv", "mbgmv"], default="bgmv")
     ap.add_argument(
         "--cost-model",
@@ -257,12 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def instance_cmd(args, port: int, adapters: dict[str, Path]) -> list[str]:
+    engine = engine_flags(
+        warmup=args.warmup, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        max_prefill_seqs=args.max_prefill_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+    )  # fmt: skip
     cmd = [
-        sys.executable, "-m", "server.cli", "--port", str(port),
-        "--num-slots", str(args.num_slots), "--max-len", str(args.max_len),
-        "--max-prefill-batch", "1", "--max-lora-rank", str(max(args.rank_list)),
+        sys.executable, "-m", "server.cli", "--port", str(port), *engine,
+        "--max-lora-rank", str(max(args.rank_list)),
         "--lora-kernel", args.kernel, "--cold-start", "cached", "--device-lora-bytes", "2G",
-        "--warmup", args.warmup, "--max-queue", "1024", "--log-level", "warning",
+        "--max-queue", "1024", "--log-level", "warning",
     ]  # fmt: skip
     for name, path in adapters.items():
         cmd += ["--lora", f"{name}={path}"]
@@ -295,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.rank_list = [int(r) for r in args.ranks.split(",")]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    from bench.systems.common import TARGET_SETS, model_config, write_adapters
+    from bench.systems.common import TARGET_SETS, kv_cache_bytes, model_config, write_adapters
     from cara_jax.scheduling.router import POLICIES
 
     bad = [p for p in policies if p not in POLICIES]
@@ -314,8 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=cfg.vocab_size, seed=args.seed, adapter_prefix="lora-",
     )  # fmt: skip
     trace = generate(spec)
-    if trace.max_context() > args.max_len:
+    if trace.max_context() > args.max_model_len:
         raise SystemExit(f"prompt + output up to {trace.max_context()} tokens > --max-len")
+    if args.kv_cache_memory is None:  # what the old slot cache took: every context in full
+        args.kv_cache_memory = kv_cache_bytes(
+            cfg, np.float32, args.max_num_seqs, args.max_model_len
+        )
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     work = Path(tempfile.mkdtemp(prefix="cara-router-run-"))
@@ -407,7 +431,8 @@ def report_lines(args, data: dict, trace: Trace) -> list[str]:
         f"{args.duration:.0f} s",
         "",
         f"Machine: {data['machine']}; {data['date']}. Instances: embedded SmolLM2-135M float32, "
-        f"{args.num_slots} slots, max_len {args.max_len}, {args.kernel.upper()}, warm-up "
+        f"{args.max_num_seqs} sequences at once, max_model_len {args.max_model_len}, "
+        f"{args.kernel.upper()}, warm-up "
         f"`{args.warmup}`, adapters preloaded (`cached`), cost model `{cm}`; startup "
         f"{data['startup_s']} s. Trace: {len(trace)} streaming completions, Poisson, "
         f"{args.adapters} adapters on all seven projections, Zipf {args.zipf_alpha:g} "

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 from cara_jax.embedded import default_model_path
 from cara_jax.engine import Engine, EngineConfig
-from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.engine.sequence import RequestOutput
+from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import load_model
 
@@ -255,7 +255,7 @@ class AsyncEngine:
     def _publish(self) -> None:
         eng = self.engine
         with eng.lock:
-            running = collections.Counter(s.adapter_name for s in eng.running.values())
+            running = collections.Counter(s.adapter_name for s in eng.running)
             waiting = collections.Counter(s.adapter_name for s in eng.waiting)
         self.snapshot = QueueSnapshot(
             sum(running.values()), sum(waiting.values()), dict(running), dict(waiting)

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 
 def _generate(args: argparse.Namespace) -> int:
     from cara_jax.embedded import default_model_path
-    from cara_jax.generate import generate_tokens
-    from cara_jax.runner import ModelRunner, PromptTooLongError, RunnerConfig
+    from cara_jax.engine import PromptTooLongError
+    from cara_jax.generate import compile_for_prompts, generate_tokens, offline_engine
+    from cara_jax.sampling_params import InvalidRequestError, SamplingParams
     from cara_jax.tokenizer import Tokenizer
     from cara_jax.weights import load_model
 
@@ -26,44 +27,47 @@ def _generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     loaded = load_model(path, dtype=dtype)
     tok = Tokenizer.from_path(path)
-    runner = ModelRunner(loaded, RunnerConfig(num_slots=1, max_len=args.max_len))
-    if args.chat:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
-        )
-    else:
-        ids = tok.encode(args.prompt, add_special_tokens=True)
-    t1 = time.perf_counter()
-    detok = tok.detokenizer()
-    first: list[float] = []
-
-    def on_token(_row: int, token: int) -> None:
-        if not first:
-            first.append(time.perf_counter())
-        sys.stdout.write(detok.add(token))
-        sys.stdout.flush()
-
+    # one token bucket = one compiled program: prompts go in chunks of --chunk tokens and a
+    # decode step runs at that size too (the smallest program costs as much to compile)
+    engine = offline_engine(loaded, tok, max_model_len=args.max_len, num_seqs=1,
+                            max_num_batched_tokens=args.chunk, min_token_bucket=args.chunk)  # fmt: skip
     try:
+        if args.chat:
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                tokenize=True,
+            )  # fmt: skip
+        else:
+            ids = tok.encode(args.prompt, add_special_tokens=True)
+        try:
+            engine.validate(ids, SamplingParams(max_tokens=args.max_tokens))
+        except (PromptTooLongError, InvalidRequestError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        t1 = time.perf_counter()
+        compile_for_prompts(engine, [len(ids)])
+        t2 = time.perf_counter()
+        first: list[float] = []
+
+        def on_text(_row: int, text: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
         out = generate_tokens(
-            runner,
-            [ids],
-            args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop_ids=frozenset(tok.eos_token_ids),
-            on_token=on_token,
-        )[0]
-    except PromptTooLongError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    sys.stdout.write(detok.flush() + "\n")
-    t2 = time.perf_counter()
+            engine, [ids], args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed, on_text=on_text,
+        )[0]  # fmt: skip
+        sys.stdout.write("\n")
+        t3 = time.perf_counter()
+    finally:
+        engine.close()
     n = len(out.token_ids)
     print(
         f"[{n} tokens, finish_reason={out.finish_reason}; load {t1 - t0:.1f}s, "
-        f"first token {first[0] - t1 if first else 0:.2f}s (includes compile), "
-        f"total {t2 - t1:.1f}s]",
+        f"compile {t2 - t1:.1f}s, first token {first[0] - t2 if first else 0:.2f}s, "
+        f"total {t3 - t2:.1f}s]",
         file=sys.stderr,
     )
     return 0
@@ -81,7 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--model", help="GGUF file or HF checkpoint folder (default: embedded SmolLM2)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    g.add_argument("--max-len", type=int, default=2048, help="context length to allocate")
+    g.add_argument(
+        "--max-len",
+        type=int,
+        default=2048,
+        help="context length (prompt + output) to allocate KV cache for",
+    )
+    g.add_argument(
+        "--chunk",
+        type=int,
+        default=16,
+        help="tokens per step: prompts are prefilled in chunks of this size; each step runs the "
+        "one compiled program of this size (default 16)",
+    )
     g.set_defaults(func=_generate)
     # parsed by cara_jax.profiler.main: listed here for `cara-jax --help`
     sub.add_parser("profile", help="profile step latency and fit the scheduling cost model",

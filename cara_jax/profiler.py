@@ -5,16 +5,25 @@
 Why: admission and routing (cara_jax/scheduling) predict a step's latency from the ranks in the
 batch, and the coefficients belong to one device, model, dtype and kernel, so they are measured
 where the server runs. This builds a real Engine (random PEFT adapters of each rank written to a
-temporary folder and pinned on the device), drives its runner over a grid of decode batches
-(batch size x rank mix x kernel, plus base-model batches) and prefills (prompt length x rank),
-times each step to its tokens (``block_until_ready``) in interleaved rounds after a warm-up
-call, fits the models of cost_model.py on the minimum (``--stat``) of the repeats and saves
-them. Compiling a step variant takes 10-35 s on a 2-core CPU and the grid needs about 25, so a
-cold run took 14 minutes there under load (``--compile-cache``: 6 for a rerun; ``--quick``:
-seven variants, for tests). ``--refit FILE`` refits the samples a file already holds.
+temporary folder and pinned on the device) and times engine steps on its runner
+(``synthetic_batch`` / ``time_step``, one runner per kernel): decode steps over a grid of batch
+size x rank mix x kernel (each row on an adapter of its rank, plus base-model steps) and
+prefill steps (one whole-prompt chunk per prompt length x rank). Each step is timed to its
+tokens (``block_until_ready``) in interleaved rounds after a warm-up call; the models of
+cost_model.py are fitted on the minimum (``--stat``) of the repeats and saved.
 
-Caveats: decode runs at one KV length (the cost model ignores context length), and a batch
-reuses ``--adapters-per-rank`` distinct adapters per rank (rows beyond that share adapters).
+A step program is keyed by its token bucket only (the LoRA rank bucket is picked inside at run
+time), so the grid compiles one program per (kernel, token bucket) it touches, up front: the
+full grid about six (decode buckets, prefill 32/128/256, the second kernel's decode buckets),
+``--quick`` three; a program takes about 15-35 s to compile on a 2-core CPU
+(``--compile-cache`` keeps them for a rerun). ``--refit FILE`` refits the samples a file
+already holds.
+
+Caveats: decode runs at one KV length (the cost model ignores context length) and the rows of a
+synthetic batch share their KV pages; a batch reuses ``--adapters-per-rank`` distinct adapters
+per rank (rows beyond that share adapters). The recorded ``Buckets`` are the engine's: decode
+rows and prefill tokens pad to the token buckets, ranks to the rank buckets; MBGMV's summed
+rank has no bucket of its own (its rows pad to the max-rank bucket like BGMV's).
 """
 
 from __future__ import annotations
@@ -101,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-lens", help=f"prompt lengths (default {FULL['prefill_lens']})")
     p.add_argument("--prefill-ranks", help=f"default {FULL['prefill_ranks']} (0 = no adapter)")
     p.add_argument("--rank-buckets", help="runner rank buckets (default: EngineConfig's)")
+    p.add_argument("--min-token-bucket", type=int,
+                   help="smallest step program in tokens (default: EngineConfig's)")  # fmt: skip
     p.add_argument("--adapters-per-rank", type=int, help="distinct adapters per rank (default 4)")
     p.add_argument("--kv-position", type=int, default=100, help="decode position (KV length)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per point (compiles)")
@@ -140,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     from cara_jax.adapters.device_pool import PoolConfig
     from cara_jax.embedded import DEFAULT_MODEL_ID, default_model_path
     from cara_jax.engine import Engine, EngineConfig
-    from cara_jax.runner import ModelRunner
-    from cara_jax.sampler import SamplingArrays
+    from cara_jax.engine.runner import ModelRunner
+    from cara_jax.kv_cache import bytes_per_token
     from cara_jax.scheduling.cost_model import Buckets
     from cara_jax.tokenizer import Tokenizer
     from cara_jax.weights import load_model
@@ -150,8 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    defaults = EngineConfig()
     rank_buckets = tuple(_ints(args.rank_buckets)) if args.rank_buckets else None
-    rank_buckets = rank_buckets or EngineConfig().rank_buckets
+    rank_buckets = rank_buckets or defaults.rank_buckets
+    min_bucket = args.min_token_bucket or defaults.min_token_bucket
+    # the token budget: the smallest power-of-two multiple of the smallest bucket that holds the
+    # largest step of the grid, so every step is one whole program (buckets min_bucket * 2^k)
+    budget = min_bucket
+    while budget < max(*batches, *prefill_lens):
+        budget *= 2
     max_len = max(256, 2 * max(prefill_lens), args.kv_position + 2)
     max_len = 1 << (max_len - 1).bit_length()
     model_path = Path(args.model) if args.model else default_model_path()
@@ -165,11 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         budget_bytes=(per_rank * sum(ranks) + 1) * row_bytes, max_rank=max(ranks),
         max_adapters=per_rank * len(ranks) + 1,
     )  # fmt: skip
+    # KV pages for the largest decode batch at its context and the longest prompt, and at least
+    # one whole max_len sequence (synthetic batches reuse pages; only their count matters)
+    bs = defaults.block_size
+    pages = max(batches) * -(-(args.kv_position + 1) // bs) + -(-max(prefill_lens) // bs)
+    pages = max(pages, -(-max_len // bs)) + 1
     engine = Engine(
         loaded, Tokenizer.from_path(model_path),
-        EngineConfig(num_slots=max(batches), max_len=max_len, max_prefill_batch=1,
-                     cold_start="cached", lora_strategy=kernels[0], rank_buckets=rank_buckets,
-                     pool=pool),
+        EngineConfig(max_num_seqs=max(max(batches), defaults.max_num_seqs), max_model_len=max_len,
+                     max_num_batched_tokens=budget, min_token_bucket=min_bucket,
+                     kv_cache_memory=pages * bs * bytes_per_token(cfg, dtype), cold_start="cached",
+                     lora_strategy=kernels[0], rank_buckets=rank_buckets, pool=pool),
     )  # fmt: skip
     slots: dict[int, list[int]] = {}
     with tempfile.TemporaryDirectory(prefix="cara-profile-") as tmp:
@@ -179,17 +203,17 @@ def main(argv: list[str] | None = None) -> int:
                 write_random_adapter(Path(tmp) / name, cfg, r, seed=1000 * r + k)
                 entry = engine.load_adapter(name, Path(tmp) / name)
                 slots.setdefault(r, []).append(engine.pool.slot_of(entry.content_hash))
+    # one runner per kernel (the strategy is compiled in); they share parameters and the pool
     runners = {kernels[0]: engine.runner}
     for k in kernels[1:]:
         runners[k] = ModelRunner(engine.loaded, engine.runner.config, engine.pool, k)
 
-    def slot_array(batch_ranks: list[int]) -> np.ndarray:
+    def slot_list(batch_ranks: list[int]) -> list[int]:
         used: dict[int, int] = {}
-        out = np.zeros(len(batch_ranks), np.int32)
-        for j, r in enumerate(batch_ranks):
-            if r:
-                out[j] = slots[r][used.get(r, 0) % per_rank]
-                used[r] = used.get(r, 0) + 1
+        out = []
+        for r in batch_ranks:
+            out.append(slots[r][used.get(r, 0) % per_rank] if r else 0)
+            used[r] = used.get(r, 0) + 1
         return out
 
     tasks: list[dict[str, Any]] = []
@@ -202,30 +226,43 @@ def main(argv: list[str] | None = None) -> int:
         for r in prefill_ranks:
             tasks.append({"kind": "prefill", "lengths": [n_tok], "ranks": [r]})
 
-    rng = np.random.default_rng(0)
-
-    def make_call(task: dict[str, Any]) -> Callable[[], Any]:
-        ad = slot_array(task["ranks"])
+    def make_batch(task: dict[str, Any]) -> tuple[ModelRunner, Any]:
+        ad = slot_list(task["ranks"])
         if task["kind"] == "decode":
             runner = runners[task["kernel"] or kernels[0]]
-            pos = np.full(len(ad), args.kv_position, np.int32)
-            sampling = SamplingArrays.greedy(len(ad))
-            return lambda: runner.decode(pos, sampling, ad)[1]
+            return runner, runner.synthetic_batch(ad, ctx=args.kv_position)
         runner = runners[kernels[0]]
-        prompts = [rng.integers(10, cfg.vocab_size - 10, n).tolist() for n in task["lengths"]]
-        sampling = SamplingArrays.greedy(len(prompts))
-        rows = list(range(len(prompts)))
-        return lambda: runner.prefill(prompts, rows, sampling, ad.tolist())[1]
+        return runner, runner.synthetic_batch([], task["lengths"], prompt_slots=ad)
 
-    calls = [make_call(t) for t in tasks]
+    def make_call(runner: ModelRunner, batch) -> Callable[[], Any]:
+        def call():
+            with engine.pool.lock:  # a dispatch reads the pool's tables
+                return runner.time_step(batch)
 
-    # Warm every point first (the first call compiles), then time in rounds, each round visiting
-    # every point once in a fresh random order: on a shared machine a busy spell then inflates
-    # one sample of many points instead of all samples of a few.
+        return call
+
+    batches_of = [make_batch(t) for t in tasks]
+    calls = [make_call(r, b) for r, b in batches_of]
+    rng = np.random.default_rng(0)
+
+    # Compile the grid's programs first (a token bucket per runner, ``compile_threads`` at a
+    # time), then warm every point, then time in rounds, each round visiting every point once
+    # in a fresh random order: on a shared machine a busy spell then inflates one sample of
+    # many points instead of all samples of a few.
+    programs = list(dict.fromkeys((r, r.program_for(b)) for r, b in batches_of))
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
+        bar = tqdm(total=len(programs), desc="compiling steps", unit="program", file=sys.stderr)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, engine.config.compile_threads)) as ex:
+        for _ in ex.map(lambda rp: rp[0].compile(rp[1]), programs):
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
         total = len(tasks) * (args.warmup + args.repeats)
         bar = tqdm(total=total, desc="profiling steps", unit="step", file=sys.stderr)
     wall: list[list[float]] = [[] for _ in tasks]
@@ -258,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
 
     c = engine.runner.config
     buckets = Buckets(
-        rows=c.decode_row_buckets, rank=engine.runner.lora_buckets("bgmv"),
-        total_rank=engine.runner.lora_buckets("mbgmv"), prefill_rows=c.prefill_batch_buckets,
-        prefill_len=c.prefill_len_buckets, prefill_batch=c.max_prefill_batch,
+        rows=tuple(sorted({c.decode_rows(t) for t in c.token_buckets})),
+        rank=engine.runner.rank_buckets(), prefill_len=c.token_buckets,
+        prefill_batch=c.max_prefill_seqs,
     )  # fmt: skip
     model_name = DEFAULT_MODEL_ID if args.model is None else Path(args.model).stem
     device = jax.devices()[0].device_kind
@@ -273,13 +310,16 @@ def main(argv: list[str] | None = None) -> int:
                  "prefill_ranks": prefill_ranks, "adapters_per_rank": per_rank,
                  "kv_position": args.kv_position, "warmup": args.warmup,
                  "repeats": args.repeats, "stat": args.stat, "quick": args.quick},
+        "engine": {"token_buckets": list(c.token_buckets), "max_num_seqs": c.max_num_seqs,
+                   "max_prefill_seqs": c.max_prefill_seqs,
+                   "rank_buckets": list(engine.runner.rank_buckets()),
+                   "compile_seconds": round(sum(r.compile_seconds for r in runners.values()), 1),
+                   "hot_compiles": sum(r.hot_compiles for r in runners.values())},
         "profile_seconds": round(time.perf_counter() - t_start, 1),
     }  # fmt: skip
     fit_and_save(samples, kernels, model_name, device, args.dtype, buckets, meta, args.stat,
                  args.out)  # fmt: skip
     print(f"saved {args.out} ({meta['profile_seconds']:.0f} s)")
-    for r in runners.values():
-        r.wait_warmup()
     engine.close()
     return 0
 

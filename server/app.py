@@ -60,7 +60,19 @@ class ServerState:
         self.adapters = AdapterManager(self)
         self.created = int(time.time())
         self.draining = False
+        # healthy means ready: every program compiled (server/cli.py start_warmup); until then
+        # /health answers 503 "starting" and generation requests 503 with Retry-After
+        self._ready = False
+        self.start_error: str | None = None
+        self.warmup_mode = "full"
         self.active = 0  # generation requests in flight on this app
+
+    def mark_ready(self) -> None:
+        self._ready = True
+
+    @property
+    def ready(self) -> bool:
+        return self._ready or self.engine.runner.is_ready()
 
     @property
     def base_name(self) -> str:

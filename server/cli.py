@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,26 +97,52 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="weights and activations",
     )
-    # Defaults sized for a CPU (fewer slots and a shorter context keep the compiled step grid
-    # and the attention work small); raise them on an accelerator.
     m.add_argument(
+        "--max-num-seqs",
         "--num-slots",
+        dest="max_num_seqs",
         type=positive(int),
-        default=8,
-        help="KV-cache slots = sequences decoded together",
+        default=32,
+        help="sequences running at once",
     )
     m.add_argument(
+        "--max-model-len",
         "--max-len",
+        dest="max_model_len",
         type=positive(int),
-        default=512,
-        help="context length per slot (prompt + new tokens)",
+        default=None,
+        help="context length (prompt + new tokens); default: the model's own",
     )
     m.add_argument(
-        "--max-prefill-batch",
+        "--max-num-batched-tokens",
         type=positive(int),
-        default=4,
-        help="prompts prefilled together in one step",
+        default=None,
+        help="token budget of one step (decode tokens + prompt chunks) = the largest compiled "
+        "program; default 256 on a CPU, 2048 on an accelerator",
     )
+    m.add_argument(
+        "--max-prefill-seqs",
+        "--max-prefill-batch",
+        dest="max_prefill_seqs",
+        type=positive(int),
+        default=2,
+        help="prompts that advance (one chunk each) in one step",
+    )
+    m.add_argument(
+        "--token-buckets",
+        type=lambda s: tuple(sorted({int(x) for x in s.split(",")})),
+        default=None,
+        help="comma list of step sizes to compile (default: powers of two from 2 up to "
+        "--max-num-batched-tokens); fewer buckets start faster and pad more",
+    )
+    m.add_argument(
+        "--kv-cache-memory",
+        type=byte_size,
+        default=None,
+        help="bytes of paged KV cache (e.g. 1G); default: 45%% of the accelerator's free "
+        "memory, or 10%% of RAM (at most 4 GiB) on a CPU",
+    )
+    m.add_argument("--block-size", type=positive(int), default=16, help="tokens per KV page")
     m.add_argument(
         "--compile-cache",
         metavar="DIR",
@@ -124,13 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--warmup",
-        choices=["auto", "full", "background", "cover", "none"],
-        default="auto",
-        help="compile step variants: all before serving; the covering ones before "
-        "and the rest while serving; only the covering ones; none (each on first "
-        "use, kept in the compile cache); auto = background on an accelerator, "
-        "none on CPU, where the grid takes far too long to compile and the covering "
-        "variants are slow to run",
+        choices=["full", "none"],
+        default="full",
+        help="full: compile every program before /health reports ready (the server listens "
+        "meanwhile and answers 503 'starting'); none: report ready at once and compile each "
+        "program on first use (development only: a request then waits for the compiler)",
     )
 
     a = p.add_argument_group("adapters")
@@ -270,9 +295,13 @@ def _engine_config(args: argparse.Namespace):
     from cara_jax.engine.admission import SchedulerConfig
 
     cfg = dict(
-        num_slots=args.num_slots,
-        max_len=args.max_len,
-        max_prefill_batch=args.max_prefill_batch,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens or default_token_budget(),
+        max_prefill_seqs=args.max_prefill_seqs,
+        token_buckets=args.token_buckets,
+        kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size,
         cold_start=args.cold_start,
         cpu_workers=args.cpu_workers,
         lora_strategy=args.lora_kernel,
@@ -353,21 +382,44 @@ def build_state(args: argparse.Namespace):
         state.metrics.lora_load.labels(name).observe(time.perf_counter() - t)
         log.info("adapter %s: %s (rank %d)", name, p, entry.max_rank)
 
-    t0 = time.perf_counter()
-    if args.warmup == "auto":
-        import jax
-
-        args.warmup = "none" if jax.default_backend() == "cpu" else "background"
-    if args.warmup == "full":
-        engine.warmup(progress=True)
-    elif args.warmup == "background":
-        engine.warmup(background=True)
-    elif args.warmup == "cover":
-        for v in engine.runner.covering_variants():
-            engine.runner.compile(v)
-    if args.warmup != "none":
-        log.info("warm-up (%s) took %.1fs", args.warmup, time.perf_counter() - t0)
+    state.warmup_mode = args.warmup
     return state
+
+
+def default_token_budget() -> int:
+    import jax
+
+    return 256 if jax.default_backend() == "cpu" else 2048
+
+
+def start_warmup(state) -> threading.Thread | None:
+    """Compile every program in the background; /health says "starting" until it is done."""
+    engine = state.engine
+    if getattr(state, "warmup_mode", "full") == "none":
+        state.mark_ready()
+        return None
+    n = len(engine.runner.programs())
+    log.info("compiling %d programs (token buckets %s) before reporting healthy", n,
+             ",".join(str(t) for t in engine.runner.config.token_buckets))  # fmt: skip
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int, program) -> None:
+        log.info("compiled %d/%d (%d tokens%s) after %.1fs", done, total, program.tokens,
+                 ", CPU assist" if program.cpu else "", time.perf_counter() - t0)  # fmt: skip
+
+    def run() -> None:
+        try:
+            engine.warmup(progress=progress)
+        except Exception:
+            log.exception("compiling the programs failed")
+            state.start_error = "compiling the programs failed (see the log)"
+            return
+        log.info("ready: %d programs compiled in %.1fs", n, time.perf_counter() - t0)
+        state.mark_ready()
+
+    th = threading.Thread(target=run, name="cara-warmup", daemon=True)
+    th.start()
+    return th
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import build_app
 
     state = build_state(args)
+    start_warmup(state)
     app = build_app(state)
     adapters = sorted(state.adapters.registered())
     log.info(

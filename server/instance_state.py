@@ -17,7 +17,7 @@ from server.app import STATE
 async def scheduler_state(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engine = state.engine
-    sched = engine.scheduler
+    sched = engine.admission
     cost = None
     if sched.cost is not None:
         cost = {k: v for k, v in sched.cost.to_dict().items() if k != "samples"}
@@ -27,7 +27,8 @@ async def scheduler_state(request: web.Request) -> web.Response:
         "served_names": list(state.config.served_names),
         "kernel": engine.config.lora_strategy,
         "admission": sched.config.admission,
-        "num_slots": engine.config.num_slots,
+        "num_slots": engine.config.max_num_seqs,  # name kept for routers of older versions
+        "max_num_seqs": engine.config.max_num_seqs,
         "max_queue": state.config.max_queue,
         "tpot_slo_s": sched.config.tpot_slo,
         "cost_model": cost,

@@ -128,16 +128,28 @@ class EngineCollector(Collector):
         yield _gauge(
             "cara_max_queue", "Waiting sequences beyond which requests get 429", st.config.max_queue
         )
-        yield _gauge(
-            "cara_num_slots", "KV-cache slots (max running sequences)", eng.config.num_slots
-        )
+        es = eng.stats()
+        yield _gauge("cara_max_num_seqs", "Sequences that can run at once", es.max_num_seqs)
         yield _gauge("vllm:num_requests_running", "Running requests (vLLM name)", snap.running)
         yield _gauge("vllm:num_requests_waiting", "Waiting requests (vLLM name)", waiting)
         yield _gauge(
-            "vllm:kv_cache_usage_perc",
-            "Fraction of KV slots in use (vLLM name)",
-            snap.running / max(1, eng.config.num_slots),
+            "vllm:kv_cache_usage_perc", "Fraction of KV-cache pages in use (vLLM name)",
+            es.kv_usage,
+        )  # fmt: skip
+        yield _gauge("cara_kv_cache_pages", "KV-cache pages (page 0 reserved)", es.kv_pages_total)
+        yield _gauge("cara_kv_cache_pages_free", "KV-cache pages free", es.kv_pages_free)
+        yield _gauge("cara_kv_cache_bytes", "KV-cache memory", es.kv_cache_bytes)
+        yield _gauge("cara_kv_block_size", "Tokens per KV-cache page", es.kv_block_size)
+        c = CounterMetricFamily(
+            "vllm:num_preemptions", "Sequences preempted for KV pages (vLLM name)"
         )
+        c.add_metric([], es.preemptions)
+        yield c
+        yield _gauge(
+            "cara_compiled_programs", "Compiled step programs", es.compiled_programs
+        )
+        yield _gauge("cara_programs", "Step programs the engine can dispatch", es.programs_total)
+        yield _gauge("cara_ready", "1 once every program is compiled (healthy)", float(es.ready))
 
         for name, counts in (
             ("running", snap.running_by_adapter),
@@ -196,24 +208,15 @@ class EngineCollector(Collector):
             "cara_lora_device_budget_bytes", "Device-pool budget", eng.pool.config.budget_bytes
         )
 
-        runner = eng.runner
         c = CounterMetricFamily("cara_runner_hot_compiles", "Steps that had to compile")
-        c.add_metric([], getattr(runner, "hot_compiles", 0))
+        c.add_metric([], es.hot_compiles)
         yield c
-        c = CounterMetricFamily(
-            "cara_runner_variant_fallbacks", "Steps run on a larger compiled variant"
-        )
-        c.add_metric([], getattr(runner, "fallbacks", 0))
-        yield c
-        yield _gauge(
-            "cara_runner_compiled_variants", "Compiled step variants", runner.compiled_count()
-        )
         c = CounterMetricFamily("cara_engine_step_errors", "Engine steps that raised")
         c.add_metric([], st.async_engine.step_errors)
         yield c
 
         yield from _cpu_assist_metrics(eng)
-        for name, value in sorted(eng.scheduler.stats.items()):
+        for name, value in sorted(es.admission.items()):
             c = CounterMetricFamily(name[: -len("_total")], f"Admission: {name}")
             c.add_metric([], value)
             yield c

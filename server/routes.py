@@ -19,9 +19,9 @@ from aiohttp import web
 
 from cara_jax.adapters.store import UnknownAdapterError
 from cara_jax.engine import PromptTooLongError
+from cara_jax.engine.sequence import RequestOutput
 from cara_jax.sampling_params import InvalidRequestError
 from cara_jax.scheduling.admission import QueueFullError
-from cara_jax.engine.sequence import RequestOutput
 from server.app import STATE, ServerState
 from server.instance_state import add_state_route
 from server.openapi import openapi_spec
@@ -382,6 +382,11 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         raise ApiError(
             503, "the server is shutting down", type="server_error", code="shutting_down"
         )
+    if not state.ready:
+        raise ApiError(
+            503, "the server is starting (compiling its programs); retry shortly",
+            type="server_error", code="starting", headers={"Retry-After": "5"},
+        )  # fmt: skip
     raw = await request.read()
     body = read_json_object(raw)
     parse = parse_completion if kind == "completion" else parse_chat
@@ -509,12 +514,20 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ae = state.async_engine
     status = "ok"
+    stats = await asyncio.to_thread(state.engine.stats)
     if state.draining:
         status = "draining"
     elif not ae.is_alive():
         status = "engine stopped"
+    elif state.start_error:
+        status = "failed to start"
+    elif not state.ready:
+        status = "starting"
     body = {
         "status": status,
+        "compiled_programs": stats.compiled_programs,
+        "programs": stats.programs_total,
+        "kv_cache_usage": round(stats.kv_usage, 4),
         "model": state.base_name,
         "running": ae.snapshot.running,
         "waiting": ae.num_waiting(),

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import aiohttp
 import openai
-
 from cara_jax.runner import Variant
+
 from cara_jax.sampling_params import SamplingParams
 from server.app import BackgroundServer, ServerState, build_app
 from server.cli import (

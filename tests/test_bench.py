@@ -401,6 +401,63 @@ def test_experiment_skips_an_unavailable_system(tmp_path, monkeypatch):
     assert str(ROOT) not in (tmp_path / "serving_quick.json").read_text()
 
 
+def test_scrub_names_a_repo_under_the_temp_folder(tmp_path, monkeypatch):
+    """A checkout under the temp folder is ``<repo>``: the longer path is replaced first."""
+    from bench import experiment_report
+
+    repo = tmp_path / "clone" / "repo"
+    repo.mkdir(parents=True)
+    monkeypatch.setattr(experiment_report.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(experiment_report, "REPO_ROOT", repo)
+    monkeypatch.chdir(repo)
+    text = f"not built here ({repo / 'build'}); log {tmp_path / 'x.log'}"
+    assert experiment_report._scrub(text) == "not built here (<repo>/build); log <tmp>/x.log"
+    monkeypatch.chdir(tmp_path)  # the repo root is known without being the working folder
+    assert experiment_report._scrub(str(repo / "build")) == "<repo>/build"
+
+
+@pytest.mark.parametrize("flag", ["--num-slots", "--max-num-seqs"])
+def test_cara_engine_flags(flag):
+    from bench.experiments import build_plan
+
+    args = _args(["serving", "--quick", flag, "6", "--max-prefill-batch", "3",
+                  "--max-num-batched-tokens", "128", "--kv-cache-memory", "64M"])  # fmt: skip
+    o = build_plan("serving", args).cara[0][1]
+    assert (o.max_num_seqs, o.max_batch, o.max_prefill_seqs) == (6, 6, 3)
+    assert (o.max_num_batched_tokens, o.kv_cache_memory) == (128, 64 << 20)
+    d = build_plan("serving", _args(["serving", "--quick"])).cara[0][1]
+    assert (d.max_num_seqs, d.max_prefill_seqs, d.max_num_batched_tokens) == (4, 2, None)
+
+
+def test_kv_cache_bytes_holds_every_context():
+    from bench.systems.common import kv_cache_bytes
+
+    per_token = 2 * 30 * 2 * 16 * 4  # K and V, layers, KV heads, head dim, float32
+    assert kv_cache_bytes(_tiny_cfg(), np.float32, 2, 20) == (2 * 2 + 1) * 16 * per_token
+
+
+def test_server_engine_flags_follow_the_servers_spelling():
+    from bench.serve_flags import engine_flags
+
+    warm = {"--warmup": ("full", "none")}
+    old = {"--num-slots": None, "--max-len": None, "--max-prefill-batch": None, **warm}
+    new = {"--max-num-seqs": None, "--max-model-len": None, "--max-prefill-seqs": None,
+           "--kv-cache-memory": None, **warm}  # fmt: skip
+    kw = dict(max_num_seqs=4, max_model_len=128, max_prefill_seqs=1, kv_cache_memory=1024)
+    assert engine_flags("full", old, **kw) == [
+        "--num-slots", "4", "--max-len", "128", "--max-prefill-batch", "1", "--warmup", "full",
+    ]  # fmt: skip
+    assert engine_flags(None, new, **kw, max_num_batched_tokens=None) == [
+        "--max-num-seqs", "4", "--max-model-len", "128", "--max-prefill-seqs", "1",
+        "--kv-cache-memory", "1024",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        engine_flags("cover", new, **kw)
+    with pytest.raises(SystemExit):
+        engine_flags(None, warm, max_num_seqs=4)
+    assert engine_flags(None, max_num_seqs=4, max_model_len=64)[1::2] == ["4", "64"]  # real parser
+
+
 def test_cold_start_plan_has_three_modes():
     from bench.experiments import build_plan
 

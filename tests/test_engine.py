@@ -9,8 +9,7 @@ import pytest
 
 from cara_jax.adapters.store import UnknownAdapterError
 from cara_jax.api import AsyncEngine
-from cara_jax.engine import Engine, EngineConfig
-from cara_jax.engine import PromptTooLongError
+from cara_jax.engine import Engine, EngineConfig, PromptTooLongError
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.tokenizer import Tokenizer
 from tests.test_multi_lora_parity import ALL7, make_peft_adapters
@@ -30,7 +29,8 @@ def engine_adapters(tiny_llama_dir, tmp_path_factory):
 
 
 def _engine(loaded, tok, adapters=None, **kw):
-    cfg = dict(num_slots=8, max_len=96, max_prefill_batch=4)
+    cfg = dict(max_num_seqs=8, max_model_len=96, max_prefill_seqs=2, max_num_batched_tokens=64,
+               kv_cache_memory=8 << 20)  # fmt: skip
     cfg.update(kw)
     eng = Engine(loaded, tok, EngineConfig(**cfg))
     for name, path in (adapters or {}).items():
@@ -69,12 +69,13 @@ def test_batching_changes_no_result(tiny, smol_tok, engine_adapters):
             alone = _run(eng, [(prompt, sp, adapter)])[0]
             assert got[0] == alone[0], (mode, adapter, sp)  # greedy and seeded alike
             assert len(got[0]) == sp.max_tokens and got[2] == "length"
-        assert not eng.running and eng.slots.num_free == 8
+        assert not eng.running and eng.scheduler.num_free_rows == 8
+        assert eng.blocks.num_free == eng.blocks.num_pages - 1  # every KV page back
         eng.close()
 
 
 def test_stop_string_across_token_boundary(smollm, smol_tok):
-    eng = _engine(smollm, smol_tok, max_len=128)
+    eng = _engine(smollm, smol_tok, max_model_len=128)
     prompt = smol_tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], tokenize=True
     )
@@ -109,13 +110,14 @@ def test_errors_leave_other_requests_alone(tiny, smol_tok, engine_adapters):
 
 
 def test_abort_frees_slot_and_async_stream(tiny, smol_tok):
-    eng = _engine(tiny, smol_tok, num_slots=2)
+    eng = _engine(tiny, smol_tok, max_num_seqs=2)
     a = eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     eng.step()
     eng.step()
-    assert eng.slots.num_free == 1
+    assert eng.scheduler.num_free_rows == 1
     eng.abort(a)
-    assert eng.slots.num_free == 2
+    assert eng.scheduler.num_free_rows == 2
+    assert eng.blocks.num_free == eng.blocks.num_pages - 1
     while eng.has_unfinished():
         assert all(o.request_id != a for o in eng.step())
     # streaming: leaving the generator early cancels the request
@@ -141,12 +143,12 @@ def test_abort_frees_slot_and_async_stream(tiny, smol_tok):
     assert len(got) == 3 and full[-1].finished and sum(len(o.token_ids) for o in full) == 6
     assert [t for o in full[:3] for t in o.token_ids] == [t for o in got for t in o.token_ids]
     for _ in range(50):
-        if eng.slots.num_free == 2:
+        if eng.scheduler.num_free_rows == 2:
             break
         import time
 
         time.sleep(0.05)
-    assert eng.slots.num_free == 2
+    assert eng.scheduler.num_free_rows == 2
     ae.shutdown()
 
 
@@ -154,8 +156,8 @@ def test_logprobs_and_min_p(tiny, smol_tok):
     import jax
     import jax.numpy as jnp
 
-    from cara_jax.scoring import full_logits
     from cara_jax.sampler import SamplingArrays, sample
+    from cara_jax.scoring import full_logits
 
     eng = _engine(tiny, smol_tok)
     prompt = [5, 9, 17, 33]
@@ -229,7 +231,7 @@ def test_adapter_gone_before_admission_fails_only_that_request(tiny, smol_tok, e
     assert final == {doomed: "error", fine: "length"}
     err = next(o.error for o in outs if o.request_id == doomed and o.finished)
     assert "'e1'" in err
-    assert eng.slots.num_free == eng.config.num_slots
+    assert eng.scheduler.num_free_rows == eng.config.max_num_seqs
     eng.close()
 
 
@@ -239,13 +241,14 @@ def test_no_compile_after_warmup_and_instrumentation(tiny, smol_tok, engine_adap
     from cara_jax.adapters.device_pool import PoolConfig
 
     eng = _engine(
-        tiny, smol_tok, engine_adapters, num_slots=4, max_len=64, max_prefill_batch=2,
-        rank_buckets=(16,), pool=PoolConfig(max_rank=64), lora_strategy=strategy,
-        cold_start="cached", min_kv_bucket=32,
+        tiny, smol_tok, engine_adapters, max_num_seqs=4, max_model_len=64, max_prefill_seqs=2,
+        max_num_batched_tokens=32, rank_buckets=(16,), pool=PoolConfig(max_rank=64),
+        lora_strategy=strategy, cold_start="cached",
     )  # fmt: skip
     eng.warmup()
     warm = eng.runner.compiled_count()
-    assert warm == len(eng.runner.variants())
+    assert warm == len(eng.runner.programs()) == len(eng.runner.config.token_buckets)
+    assert eng.stats().ready
     rng = np.random.default_rng(1)
     reqs = [
         (rng.integers(3, 500, size=int(rng.integers(1, 60))).tolist(),
@@ -255,26 +258,14 @@ def test_no_compile_after_warmup_and_instrumentation(tiny, smol_tok, engine_adap
     ]  # fmt: skip
     _run(eng, reqs)
     assert eng.runner.compiled_count() == warm
-    assert eng.runner.hot_compiles == 0 and eng.runner.fallbacks == 0
+    assert eng.runner.hot_compiles == 0
     # instrumentation: every step has a latency, every request its token times and rank
     assert all(r.latency_s is not None and r.latency_s >= 0 for r in list(eng.steps)[:-1])
     assert max(r.batch_size for r in eng.steps) > 1
+    assert any(r.batch_size and r.prefill_tokens for r in eng.steps)  # decode beside a chunk
     recs = sorted(eng.finished_requests, key=lambda r: int(r.request_id.split("-")[1]))
     assert len(recs) == 16
     for (_, sp, adapter), r in zip(reqs, recs, strict=True):
         assert r.adapter == adapter and len(r.token_times) == sp.max_tokens
         assert (r.rank > 0) == (adapter is not None) and r.ttft > 0
-    eng.close()
-
-
-def test_background_warmup_serves_on_covering_variant(tiny, smol_tok):
-    eng = _engine(tiny, smol_tok, num_slots=4, max_len=64, max_prefill_batch=2, min_kv_bucket=32)
-    runner = eng.runner
-    for v in runner.covering_variants():
-        runner.compile(v)
-    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    got = _run(eng, [([5, 6, 7], sp, None)])[0][0]
-    assert runner.hot_compiles == 0 and runner.fallbacks > 0  # ran on the big variants
-    runner.warmup()
-    assert _run(eng, [([5, 6, 7], sp, None)])[0][0] == got  # exact variants: same tokens
     eng.close()

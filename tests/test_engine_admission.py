@@ -9,13 +9,13 @@ rank-64 one to them does not (22.6 ms > 19.5 ms).
 from __future__ import annotations
 
 import pytest
+from cara_jax.scheduler import Scheduler, SchedulerConfig, load_engine_cost_model
 
 from cara_jax.engine import Engine, EngineConfig
+from cara_jax.engine.sequence import SeqStatus
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
-from cara_jax.scheduler import Scheduler, SchedulerConfig, load_engine_cost_model
 from cara_jax.scheduling.admission import QueueFullError
 from cara_jax.scheduling.cost_model import CostModel, LinearFit
-from cara_jax.engine.sequence import SeqStatus
 from cara_jax.tokenizer import Tokenizer
 from tests.test_multi_lora_parity import ALL7, make_peft_adapters
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cara_jax.runner import ModelRunner, RunnerConfig, full_logits
 
 from cara_jax.generate import generate_tokens
-from cara_jax.runner import ModelRunner, RunnerConfig, full_logits
 from tests.conftest import rel_err
 
 PROMPTS = [

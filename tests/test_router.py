@@ -537,8 +537,8 @@ def real(tmp_path_factory):
     """Two in-process cara-serve instances on one compile cache (built like test_server's
     `srv`); the second publishes the CPU cost model, the first publishes none."""
     import jax
-
     from cara_jax.runner import Variant
+
     from server.app import BackgroundServer, build_app
     from server.cli import COMPILE_CACHE_KEYS, build_parser, build_state
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cara_jax.runner import ModelRunner, PromptTooLongError, RunnerConfig, bucket
 
 from cara_jax.generate import generate_tokens
-from cara_jax.runner import ModelRunner, PromptTooLongError, RunnerConfig, bucket
 
 
 def test_bucket():

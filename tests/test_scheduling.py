@@ -390,7 +390,7 @@ def test_profile_subcommand_help():
 
 @pytest.mark.slow
 def test_profile_quick_runs_as_a_real_process(tmp_path):
-    """About 4 minutes on a 2-core CPU: compiling seven step variants dominates."""
+    """About 2 minutes on a 2-core CPU: compiling three step programs dominates."""
     out_file = tmp_path / "cm.json"
     out = subprocess.run(
         [sys.executable, "-m", "cara_jax.cli", "profile", "--quick", "--no-progress",

@@ -1,9 +1,10 @@
 """cara-jax: the continuous-batching Engine in-process, replayed in real time.
 
 ``start`` builds one Engine (cold-start mode, LoRA strategy, emulated link, host budget from the
-options), registers every adapter, compiles every step variant (``warmup``), then serves a few
-untimed requests on separate warm-up adapters (first-use host costs; their contents differ from
-the trace's adapters, so no trace adapter is warm unless ``cached`` preloaded it) and evicts them.
+options), registers every adapter, compiles every program (``warmup``: a handful, one per token
+bucket), then serves a few untimed requests on separate warm-up adapters (first-use host costs;
+their contents differ from the trace's adapters, so no trace adapter is warm unless ``cached``
+preloaded it) and evicts them.
 ``replay`` adds each request at its arrival time between ``step()`` calls and takes the token
 times from the engine's per-request records.
 """
@@ -22,6 +23,8 @@ from bench.systems.common import (
     ReplayClock,
     RunOptions,
     SystemUnavailable,
+    compile_progress,
+    kv_cache_bytes,
     progress_bar,
     run_system,
     write_adapters,
@@ -84,8 +87,8 @@ class CaraSystem:
         rows = sum(ranks.values()) + sum(warm.values()) + 64
         n_adapters = len(adapters) + len(warm)
         if o.cold_start != "cached":
-            rows = min(rows, 3 * o.num_slots * top + sum(warm.values()))
-            n_adapters = min(n_adapters, 3 * o.num_slots + len(warm))
+            rows = min(rows, 3 * o.max_num_seqs * top + sum(warm.values()))
+            n_adapters = min(n_adapters, 3 * o.max_num_seqs + len(warm))
         if o.pool_rows:  # a fixed shape, or the next power of two that fits
             rows = o.pool_rows if rows <= o.pool_rows else _pow2_at_least(rows, o.pool_rows)
         if o.pool_slots:
@@ -93,16 +96,23 @@ class CaraSystem:
         pool = PoolConfig(
             budget_bytes=rows * per_row,
             max_adapters=n_adapters + 2,
-            # the largest rank is the top LoRA bucket: a larger max_rank adds a bucket, and every
-            # bucket multiplies the compiled step variants
+            # the largest rank is the top LoRA rank bucket (chosen per step inside each program):
+            # a larger max_rank adds a bucket to every program
             max_rank=_pow2_at_least(top, floor=16),
             emulate_link_gbps=o.link_gbps,
             projections=projs,
         )
+        max_model_len = _pow2_at_least(max_context + 1, floor=32)
+        block = EngineConfig.block_size
         cfg = EngineConfig(
-            num_slots=o.num_slots,
-            max_len=_pow2_at_least(max_context + 1, floor=32),
-            max_prefill_batch=o.max_prefill_batch,
+            max_num_seqs=o.max_num_seqs,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=o.max_num_batched_tokens or EngineConfig.max_num_batched_tokens,
+            max_prefill_seqs=o.max_prefill_seqs,
+            block_size=block,
+            # default: what the old slot cache took, every sequence's full context
+            kv_cache_memory=o.kv_cache_memory
+            or kv_cache_bytes(loaded.cfg, loaded.dtype, o.max_num_seqs, max_model_len, block),
             cold_start=o.cold_start,
             cpu_workers=o.cpu_workers,
             lora_strategy=o.lora_strategy,
@@ -124,10 +134,12 @@ class CaraSystem:
             eng.load_adapter(name, p)
         self.info["adapter_load_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        eng.warmup(progress=o.progress)
+        eng.warmup(progress=compile_progress(o.progress, f"{self.name} compiling"))
         self.info["warmup_compile_s"] = time.perf_counter() - t
-        self.info["variants"] = eng.runner.compiled_count()
-        self.info["variants_skipped_map_budget"] = eng.runner.skipped_compiles
+        st = eng.stats()
+        self.info["programs"] = st.compiled_programs
+        self.info["kv_pages"] = st.kv_pages_total
+        self.info["kv_cache_bytes"] = st.kv_cache_bytes
         self._warm_up(warm, max_context, loaded.cfg, tuple(sorted(targets)))
 
     def _warm_up(self, warm: dict[str, int], max_context: int, cfg, targets) -> None:
@@ -250,9 +262,8 @@ class CaraSystem:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-            # XLA:CPU maps ~1,500 memory regions per compiled step variant; a second engine in
-            # the same process would reach the kernel's map limit (65,530) unless the first
-            # one's executables are freed now
+            # XLA:CPU maps memory regions for every compiled program; free the first engine's
+            # executables before a second engine in the same process compiles its own
             import gc
 
             import jax

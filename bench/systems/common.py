@@ -32,6 +32,15 @@ def model_config():
     return gguf_config(gguf.GGUFReader(str(default_model_path())))
 
 
+def kv_cache_bytes(cfg, dtype, seqs: int, max_model_len: int, block_size: int = 16) -> int:
+    """Bytes of paged KV cache that hold ``seqs`` full contexts of ``max_model_len`` tokens
+    (whole pages each, plus the engine's reserved page 0): what the old slot cache took."""
+    from cara_jax.kv_cache import bytes_per_token
+
+    pages = seqs * -(-max_model_len // block_size) + 1
+    return pages * block_size * bytes_per_token(cfg, dtype)
+
+
 class SystemUnavailable(RuntimeError):
     """The system cannot run here (not installed, cannot be built); the suite skips it."""
 
@@ -44,13 +53,15 @@ class RunOptions:
     # cara-jax
     cold_start: str = "cached"  # sync | cached | cpu_assist
     lora_strategy: str = "bgmv"  # bgmv | mbgmv
-    num_slots: int = 16
-    max_prefill_batch: int = 8
+    max_num_seqs: int = 16  # sequences running at once (--num-slots)
+    max_prefill_seqs: int = 8  # prompts that advance one chunk each per step
+    max_num_batched_tokens: int | None = None  # token budget of a step (None: the engine's)
+    kv_cache_memory: int | None = None  # bytes of paged KV cache (None: max_num_seqs contexts)
     link_gbps: float | None = None  # emulated host->device link (None: memcpy speed)
     host_budget_bytes: int | None = None  # small: adapters are re-read from disk (disk tier)
     # Device pool shape (rank rows per projection, adapter slots); None: sized from the adapters.
-    # The pool's shape is part of every compiled step, so experiments that share one shape share
-    # their compiled variants through the persistent compilation cache.
+    # The pool's shape is part of every compiled program, so experiments that share one shape
+    # share their compiled programs through the persistent compilation cache.
     pool_rows: int | None = None
     pool_slots: int | None = None
     cpu_workers: int = 2
@@ -125,6 +136,25 @@ def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="req", leave=False)
+
+
+def compile_progress(enabled: bool, desc: str):
+    """A progress callback for ``Engine.warmup`` (done, total, program), or None when disabled."""
+    if not enabled:
+        return None
+    bar = None
+
+    def report(done: int, total: int, program) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit="program", leave=False)
+        bar.update()
+        if done == total:
+            bar.close()
+
+    return report
 
 
 class _NoBar:

@@ -437,6 +437,7 @@ class DevicePool:
             ranks = self._slot_rank[proj][slots]
             k = 0
             for i, (s, rk) in enumerate(zip(slots, ranks, strict=True)):
+                rk = min(int(rk), r)  # a bucket below the batch's rank is never selected
                 rows[k : k + rk] = self._slot_rows[proj][s, :rk]
                 owner[k : k + rk] = i
                 k += rk

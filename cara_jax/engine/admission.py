@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
+from cara_jax.engine.sequence import Sequence
 from cara_jax.scheduling.admission import (
     AdmissionConfig,
     AdmissionPolicy,
@@ -26,7 +27,6 @@ from cara_jax.scheduling.admission import (
     WaitingInfo,
 )
 from cara_jax.scheduling.cost_model import DEFAULT_SLO_FACTOR, CostModel, load_cost_models
-from cara_jax.engine.sequence import Sequence
 
 ADMISSION_MODES = ("fifo", "slo")
 

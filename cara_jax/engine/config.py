@@ -19,6 +19,8 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output tokens; default: the model's context
     max_num_batched_tokens: int = 256  # token budget of one step = the largest program
     max_prefill_seqs: int = 2  # prompts that advance (one chunk each) in one step
+    # step sizes to compile; default: powers of two from min_token_bucket to the token budget
+    token_buckets: tuple[int, ...] | None = None
     block_size: int = 16  # tokens per KV page
     # bytes of KV cache; default: a share of the device's free memory (GPU), of RAM (CPU)
     kv_cache_memory: int | None = None
@@ -31,7 +33,7 @@ class EngineConfig:
     pool: PoolConfig = PoolConfig()
     host_budget_bytes: int = 4 << 30
     rank_buckets: tuple[int, ...] = (16,)  # LoRA rank buckets below the pool max (run-time choice)
-    min_token_bucket: int = 16
+    min_token_bucket: int = 2  # not 1: XLA turns a one-row scatter into a cache copy
     compile_threads: int = 2
     max_step_records: int = 10_000
     max_request_records: int = 10_000

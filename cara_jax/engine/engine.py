@@ -24,16 +24,16 @@ import numpy as np
 
 from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
-from cara_jax.engine.cpu_coordinator import CpuAssistCoordinator, zero_stats
 from cara_jax.engine.admission import Admission
 from cara_jax.engine.batch import ScheduledBatch
 from cara_jax.engine.block_manager import BlockManager
 from cara_jax.engine.config import COLD_START_MODES, EngineConfig, default_kv_cache_memory
+from cara_jax.engine.cpu_coordinator import CpuAssistCoordinator, zero_stats
 from cara_jax.engine.errors import EngineClosedError, PromptTooLongError
 from cara_jax.engine.records import EngineStats, RequestRecord, StepRecord
 from cara_jax.engine.runner import ModelRunner, RunnerConfig, StepResult
 from cara_jax.engine.scheduler import Scheduler, SchedulerLimits
-from cara_jax.engine.sequence import RequestOutput, SeqStatus, Sequence
+from cara_jax.engine.sequence import RequestOutput, Sequence
 from cara_jax.kv_cache import bytes_per_token
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.scheduling.admission import QueueFullError
@@ -77,6 +77,7 @@ class Engine:
                 max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                 max_prefill_seqs=cfg.max_prefill_seqs, min_token_bucket=cfg.min_token_bucket,
                 rank_buckets=cfg.rank_buckets, cpu_assist=cfg.cold_start == "cpu_assist",
+                buckets=cfg.token_buckets,
             ),
             pool=self.pool,
             lora_strategy=cfg.lora_strategy,

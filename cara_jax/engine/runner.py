@@ -70,9 +70,13 @@ class RunnerConfig:
     rank_buckets: tuple[int, ...] = (16,)  # LoRA rank buckets (+ the pool max)
     cpu_assist: bool = False  # also compile the CPU-assisted program of each token bucket
     cache_dtype: str | None = None  # default: the model's dtype
+    buckets: tuple[int, ...] | None = None  # explicit token buckets (the largest = the budget)
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
+        if self.buckets:
+            out = tuple(sorted({b for b in self.buckets if b < self.max_num_batched_tokens}))
+            return (*out, self.max_num_batched_tokens)
         lo = min(self.min_token_bucket, self.max_num_batched_tokens)
         return pow2_buckets(lo, self.max_num_batched_tokens)
 
@@ -316,10 +320,13 @@ class ModelRunner:
         there: for timing steps (profiler, benches), not for their tokens."""
         from cara_jax.engine.batch import ChunkRow, DecodeRow
 
-        bs = self.config.block_size
-        table = [1 + i % (self.config.num_pages - 1) for i in range(-(-(ctx + 1) // bs))]
-        decode = [DecodeRow(None, i % self.config.max_num_seqs, ctx, table, s, _IDLE)
-                  for i, s in enumerate(decode_slots)]  # fmt: skip
+        bs, usable = self.config.block_size, self.config.num_pages - 1
+        per_row = -(-(ctx + 1) // bs)  # each row its own pages (wrapping when the cache is small)
+        decode = [
+            DecodeRow(None, i % self.config.max_num_seqs, ctx,
+                      [1 + (i * per_row + k) % usable for k in range(per_row)], s, _IDLE)
+            for i, s in enumerate(decode_slots)
+        ]  # fmt: skip
         slots = list(prompt_slots) if prompt_slots is not None else [0] * len(prompt_lens)
         chunks = []
         for j, (n, s) in enumerate(zip(prompt_lens, slots, strict=True)):

@@ -1,0 +1,167 @@
+"""The token-budget step: paged attention, chunked prefill, KV pages, preemption."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cara_jax.engine import Engine, EngineConfig
+from cara_jax.engine.batch import ChunkRow, ScheduledBatch
+from cara_jax.engine.block_manager import BlockManager
+from cara_jax.sampling_params import SamplingParams
+from cara_jax.scoring import full_logits
+from cara_jax.tokenizer import Tokenizer
+
+IDLE = (0.0, 0, 1.0, 0, 0.0, 0.0, 0.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm_path):
+    return Tokenizer.from_path(smollm_path)
+
+
+def _engine(loaded, tok, **kw):
+    cfg = dict(max_num_seqs=8, max_model_len=256, max_prefill_seqs=2, max_num_batched_tokens=64,
+               kv_cache_memory=4 << 20)  # fmt: skip
+    cfg.update(kw)
+    return Engine(loaded, tok, EngineConfig(**cfg))
+
+
+def _run(eng, requests):
+    ids = [eng.add_request(p, sp) for p, sp in requests]
+    got = {i: [] for i in ids}
+    reasons = {}
+    steps = 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id] += o.token_ids
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        steps += 1
+        assert steps < 5000
+    return [got[i] for i in ids], [reasons[i] for i in ids]
+
+
+def test_paged_attention_matches_dense():
+    import jax.numpy as jnp
+
+    from cara_jax.attention import paged_attention_rows
+
+    rng = np.random.default_rng(0)
+    bs, hkv, g, d, pages = 4, 2, 3, 8, 40
+    k_cache = rng.normal(size=(pages * bs, hkv, d)).astype(np.float32)
+    v_cache = rng.normal(size=(pages * bs, hkv, d)).astype(np.float32)
+    ctx = np.array([1, 7, 33, 12], np.int32)  # keys per row, new queries included
+    q_len = np.array([1, 7, 5, 3], np.int32)  # a decode row, a whole prompt, two later chunks
+    perm = rng.permutation(np.arange(1, pages))  # pages of a sequence are scattered
+    mb = 16
+    tables = np.zeros((4, mb), np.int32)
+    used = 0
+    for r, c in enumerate(ctx):
+        n = -(-c // bs)
+        tables[r, :n] = perm[used : used + n]
+        used += n
+    nq = 8
+    q = rng.normal(size=(4, nq, hkv * g, d)).astype(np.float32)
+    out = np.asarray(paged_attention_rows(
+        jnp.asarray(q), jnp.asarray(q_len), jnp.asarray(ctx), jnp.asarray(tables),
+        jnp.asarray(k_cache), jnp.asarray(v_cache), block_size=bs, pages_per_chunk=4,
+    ))  # fmt: skip
+    for r in range(4):
+        rows = (tables[r][:, None] * bs + np.arange(bs)).reshape(-1)[: ctx[r]]
+        k, v = k_cache[rows], v_cache[rows]  # [ctx, hkv, d]
+        for j in range(q_len[r]):
+            pos = ctx[r] - q_len[r] + j
+            for h in range(hkv * g):
+                s = k[: pos + 1, h // g] @ q[r, j, h] / np.sqrt(d)
+                p = np.exp(s - s.max())
+                ref = (p / p.sum()) @ v[: pos + 1, h // g]
+                np.testing.assert_allclose(out[r, j, h], ref, rtol=2e-5, atol=2e-6)
+
+
+def test_block_manager():
+    bm = BlockManager(num_pages=5, block_size=4)  # 4 usable pages
+    assert bm.grow("a", 5) and bm.table("a") and len(bm.table("a")) == 2
+    assert 0 not in bm.table("a")
+    assert bm.fits("b", 100) == 8 and bm.grow("b", 8) and bm.num_free == 0
+    assert not bm.grow("c", 1) and bm.table("c") == []
+    assert bm.grow("a", 8)  # still within its two pages
+    bm.free("a")
+    assert bm.num_free == 2 and bm.grow("c", 1)
+
+
+def _chunk_logits(eng, ids, chunk):
+    """Run a prompt through the runner in chunks of ``chunk`` tokens; logits of its last token."""
+    r = eng.runner
+    key = "probe"
+    assert eng.blocks.grow(key, len(ids))
+    table = eng.blocks.table(key)
+    start, out = 0, None
+    while start < len(ids):
+        toks = ids[start : start + chunk]
+        final = start + len(toks) == len(ids)
+        row = ChunkRow(None, 0, toks, start, table, 0, IDLE, final, len(ids))
+        res = r.run(ScheduledBatch([], [row]))
+        out = np.asarray(res.logits)[r.config.decode_rows(res.program.tokens)]
+        start += len(toks)
+    eng.blocks.free(key)
+    return out
+
+
+def test_chunked_prefill_equals_whole_prefill(smollm, smol_tok):
+    eng = _engine(smollm, smol_tok, max_num_batched_tokens=64)
+    ids = smol_tok.apply_chat_template(
+        [{"role": "user", "content": "Explain in detail why the sky is blue, please."}],
+        tokenize=True,
+    )
+    assert len(ids) > 40
+    whole = _chunk_logits(eng, ids, 64)
+    ref = np.asarray(full_logits(smollm, np.array([ids])))[0, -1]
+    assert np.max(np.abs(whole - ref)) / np.max(np.abs(ref)) <= 1e-5
+    for chunk in (7, 16, 33):
+        part = _chunk_logits(eng, ids, chunk)
+        assert np.max(np.abs(part - whole)) / np.max(np.abs(whole)) <= 1e-5, chunk
+    # through the engine: a budget of 8 tokens spans the prompt over several steps
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    big, _ = _run(eng, [(ids, sp)])
+    eng.close()
+    small = _engine(smollm, smol_tok, max_num_batched_tokens=8)
+    got, _ = _run(small, [(ids, sp)])
+    assert got == big
+    assert max(s.prefill_tokens for s in small.steps) <= 8
+    small.close()
+
+
+def test_long_prompt_beside_short_ones_and_decode_keeps_going(tiny, smol_tok):
+    """A prompt of most of the context prefills in chunks while short requests decode."""
+    rng = np.random.default_rng(3)
+    eng = _engine(tiny, smol_tok, max_model_len=512, max_num_batched_tokens=32,
+                  kv_cache_memory=None)  # fmt: skip
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    short = [(rng.integers(3, 500, size=10).tolist(), sp) for _ in range(8)]
+    long = (rng.integers(3, 500, size=400).tolist(), sp)
+    together, reasons = _run(eng, [*short[:4], long, *short[4:]])
+    assert reasons == ["length"] * 9
+    mixed = [s for s in eng.steps if s.batch_size and s.prefill_tokens]
+    assert mixed  # decode tokens rode along with prompt chunks
+    for (p, s), got in zip([*short[:4], long, *short[4:]], together, strict=True):
+        assert _run(eng, [(p, s)])[0][0] == got
+    eng.close()
+
+
+def test_preemption_under_a_small_kv_budget_loses_nothing(tiny, smol_tok):
+    rng = np.random.default_rng(5)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    reqs = [(rng.integers(3, 500, size=int(rng.integers(10, 30))).tolist(), sp) for _ in range(6)]
+    roomy = _engine(tiny, smol_tok)
+    alone = [_run(roomy, [r])[0][0] for r in reqs]
+    roomy.close()
+    # 12 pages of 16 tokens: room for about three of the six requests at once
+    per_page = 16 * 2 * tiny.cfg.num_layers * tiny.cfg.num_kv_heads * tiny.cfg.head_dim * 4
+    tight = _engine(tiny, smol_tok, kv_cache_memory=13 * per_page, max_model_len=128)
+    got, reasons = _run(tight, reqs)
+    assert tight.scheduler.preemptions > 0
+    assert got == alone and reasons == ["length"] * 6
+    assert tight.blocks.num_free == tight.blocks.num_pages - 1
+    assert sum(r.preemptions for r in tight.finished_requests) == tight.scheduler.preemptions
+    tight.close()
