@@ -45,7 +45,7 @@ def paged_attention_rows(
     n_iter = (jnp.max(ctx) + span - 1) // span
 
     def body(i, carry):
-        m, l, acc = carry
+        m, den, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(tables, i * pages_per_chunk, pages_per_chunk, 1)
         k = take(kp, pages).reshape(r, span, hkv, d).astype(jnp.float32)
         v = take(vp, pages).reshape(r, span, hkv, d).astype(jnp.float32)
@@ -56,17 +56,17 @@ def paged_attention_rows(
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        l = l * corr + jnp.sum(p, axis=-1)
+        den = den * corr + jnp.sum(p, axis=-1)
         acc = acc * corr[..., None] + jnp.einsum("rkgqc,rckd->rkgqd", p, v)
-        return m_new, l, acc
+        return m_new, den, acc
 
     init = (
         jnp.full((r, hkv, g, nq), NEG, jnp.float32),
         jnp.zeros((r, hkv, g, nq), jnp.float32),
         jnp.zeros((r, hkv, g, nq, d), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, n_iter, body, init)
-    out = acc / jnp.maximum(l, 1e-30)[..., None]  # [R, Hkv, G, Q, D]
+    _, den, acc = jax.lax.fori_loop(0, n_iter, body, init)
+    out = acc / jnp.maximum(den, 1e-30)[..., None]  # [R, Hkv, G, Q, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(r, nq, h, d).astype(q.dtype)
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import openai
-from cara_jax.runner import Variant
 
 from cara_jax.sampling_params import SamplingParams
 from server.app import BackgroundServer, ServerState, build_app
@@ -23,6 +22,7 @@ from server.cli import (
     COMPILE_CACHE_KEYS,
     build_parser,
     build_state,
+    start_warmup,
 )
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -52,16 +52,20 @@ def start_server(tmp_path_factory):
         [
             "--demo-adapters",
             "2",
-            "--num-slots",
+            "--max-num-seqs",
             "8",
-            "--max-len",
+            "--max-model-len",
             "128",
-            "--max-prefill-batch",
-            "1",
+            "--max-prefill-seqs",
+            "2",
+            "--max-num-batched-tokens",
+            "64",
+            "--token-buckets",
+            "64",
+            "--kv-cache-memory",
+            "16M",
             "--max-lora-rank",
             "16",
-            "--warmup",
-            "none",
             "--lora-dir",
             str(lora_dir),
             "--max-queue",
@@ -73,17 +77,26 @@ def start_server(tmp_path_factory):
         ]
     )
     state = build_state(args)
-    runner = state.engine.runner
-    # Two variants cover every step these tests run (prompts <= 64 tokens, <= 8 sequences);
-    # a full warm-up of the grid would take minutes on two cores.
-    rank = runner.lora_buckets("bgmv")[-1]
-    runner.compile(Variant("decode", 8, 128, rank))
-    runner.compile(Variant("prefill", 1, 64, rank))
+    # One program (a 64-token step) runs every step these tests make; the server compiles it
+    # before it reports ready (start_warmup), as a real start does.
+    start_warmup(state)
     server = BackgroundServer(build_app(state))
+    wait_ready(server.url)
     yield Srv(server.url, state, lora_dir, state.base_name)
     server.stop()
     for k, v in before.items():  # the compile cache was for this module only
         jax.config.update(k, v)
+
+
+def wait_ready(url: str, timeout: float = 600.0) -> None:
+    """Poll /health until the server is ready (every program compiled)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, _ = get(url + "/health")
+        if status == 200:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready after {timeout:.0f}s")
 
 
 def side_app(srv: Srv, **config) -> BackgroundServer:

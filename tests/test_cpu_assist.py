@@ -35,8 +35,11 @@ def smol_tok(smollm_path):
 
 
 def _engine(loaded, tok, adapters, mode, **kw):
-    cfg = dict(num_slots=4, max_len=64, max_prefill_batch=4, min_kv_bucket=64, cold_start=mode,
-               rank_buckets=(), pool=PoolConfig(max_rank=32, layer_groups=3), cpu_workers=2)  # fmt: skip
+    # one 32-token step (plus its CPU-assisted twin) runs everything: all four prompts are
+    # prefilled in one step, as whole chunks
+    cfg = dict(max_num_seqs=4, max_model_len=64, max_prefill_seqs=4, max_num_batched_tokens=32,
+               token_buckets=(32,), kv_cache_memory=4 << 20, cold_start=mode, rank_buckets=(),
+               pool=PoolConfig(max_rank=32, layer_groups=3), cpu_workers=2)  # fmt: skip
     cfg.update(kw)
     eng = Engine(loaded, tok, EngineConfig(**cfg))
     for name, path in adapters.items():

@@ -118,7 +118,7 @@ def test_disconnect_frees_the_slot(srv):
 def test_queue_full_429_then_disconnects(srv):
     wait_idle(srv)
     side = side_app(srv, max_queue=2, sse_keepalive_s=0.2)
-    slots = srv.state.engine.config.num_slots
+    slots = srv.state.engine.config.max_num_seqs
     body = {
         "model": srv.base,
         "prompt": "Count: 1, 2,",
@@ -158,7 +158,8 @@ def test_queue_full_429_then_disconnects(srv):
     assert status == 429 and retry is not None and int(retry) >= 1
     assert_error(err, "queue_full")
     wait_idle(srv, timeout=20)
-    assert srv.state.engine.slots.num_free == slots
+    eng = srv.state.engine
+    assert eng.scheduler.num_free_rows == slots and eng.blocks.num_free == eng.blocks.num_pages - 1
     side.stop()
 
 
@@ -246,8 +247,14 @@ def test_metrics_parse(srv):
         "cara_cpu_assist_prefills",
         "cara_adapter_requests_running",
         "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions",
+        "cara_compiled_programs",
+        "cara_kv_cache_pages_free",
     ):
         assert name in fams, name
+    programs = fams["cara_compiled_programs"].samples[0].value
+    assert programs == len(srv.state.engine.runner.programs()) == 1  # --token-buckets 64
     info = fams["vllm:lora_requests_info"].samples[0]
     assert set(info.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
     assert info.labels["max_lora"] == str(srv.state.engine.pool.config.max_adapters - 1)
@@ -416,3 +423,38 @@ def test_engine_queue_bound_maps_to_429():
 
     e = _engine_error(QueueFullError(3))
     assert e.status == 429 and e.code == "queue_full" and "Retry-After" in e.headers
+
+
+def test_health_is_starting_until_every_program_is_compiled(tiny, smollm_path):
+    """Healthy means ready: 503 "starting" (and 503 for generation) until the programs are
+    compiled, then 200 and the first request needs no compiler."""
+    from cara_jax.api import AsyncEngine
+    from cara_jax.engine import Engine, EngineConfig
+    from cara_jax.tokenizer import Tokenizer
+    from server.app import BackgroundServer, ServerConfig, ServerState, build_app
+    from server.cli import start_warmup
+
+    eng = Engine(tiny, Tokenizer.from_path(smollm_path), EngineConfig(
+        max_num_seqs=4, max_model_len=64, max_num_batched_tokens=32, token_buckets=(8, 32),
+        kv_cache_memory=1 << 20,
+    ))  # fmt: skip
+    state = ServerState(AsyncEngine(eng), ServerConfig(served_names=("tiny",), model_root="x"))
+    server = BackgroundServer(build_app(state))
+    try:
+        status, text = get(server.url + "/health")
+        body = json.loads(text)
+        assert status == 503 and body["status"] == "starting"
+        assert body["compiled_programs"] == 0 and body["programs"] == 2
+        status, _, err = post(server.url + "/v1/completions",
+                              {"model": "tiny", "prompt": "Hi", "max_tokens": 2})  # fmt: skip
+        assert status == 503
+        assert_error(err, "starting")
+        start_warmup(state).join(600)
+        status, text = get(server.url + "/health")
+        assert status == 200 and json.loads(text)["compiled_programs"] == 2
+        status, _, body = post(server.url + "/v1/completions",
+                               {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "ignore_eos": True})  # fmt: skip
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+        assert eng.runner.hot_compiles == 0
+    finally:
+        server.stop()
