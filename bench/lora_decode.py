@@ -34,12 +34,14 @@ GEMM_RATE = 200e9  # FLOP/s, measured float32 GEMM rate of the same machine
 PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def write_peft_adapter(path: Path, cfg: ModelConfig, rank: int, seed: int) -> None:
+def write_peft_adapter(
+    path: Path, cfg: ModelConfig, rank: int, seed: int, projs: list[str] = PROJS
+) -> None:
     rng = np.random.default_rng(seed)
     tensors = {}
     shapes = cfg.projection_shapes()
     for layer in range(cfg.num_layers):
-        for p in PROJS:
+        for p in projs:
             din, dout = shapes[p]
             mod = "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             key = f"base_model.model.model.layers.{layer}.{mod}.{p}"
@@ -52,11 +54,43 @@ def write_peft_adapter(path: Path, cfg: ModelConfig, rank: int, seed: int) -> No
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     conf = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": PROJS,
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": projs,
         "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
         "fan_in_fan_out": False, "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
     }  # fmt: skip
     (path / "adapter_config.json").write_text(json.dumps(conf))
+
+
+def chain_rate(loaded, batch: int, steps: int) -> float:
+    """Tokens/s of the model's bare GEMM chain at ``batch`` rows: every projection of every
+    layer and the LM head, unrolled in one jit, with nothing else (no attention, norms, LoRA,
+    sampling): the floor a decode step of that batch stands on with XLA's GEMMs."""
+    import jax.numpy as jnp
+
+    model = loaded.model()
+    layers = [
+        [getattr(getattr(lay, blk), p).kernel[...] for blk, p in
+         (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+          ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))]
+        for lay in model.layers
+    ]  # fmt: skip
+    head = model.embed_tokens[...]
+
+    @jax.jit
+    def chain(h, layers, head):
+        for wq, wk, wv, wo, wg, wu, wd in layers:
+            q, k, v = h @ wq, h @ wk, h @ wv
+            h = h + (q + jnp.tile(k + v, q.shape[-1] // k.shape[-1])) @ wo
+            h = h + ((h @ wg) * (h @ wu)) @ wd
+        return h @ head.T
+
+    h = jnp.ones((batch, loaded.cfg.hidden_size), jnp.float32) * 0.01
+    chain(h, layers, head).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = chain(h, layers, head)
+    out.block_until_ready()
+    return batch * steps / (time.perf_counter() - t)
 
 
 def decode_rate(runner: ModelRunner, steps: int, prompt_len: int, slots: list[int]) -> float:
@@ -83,6 +117,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--ranks", default="8,16,32,64")
+    ap.add_argument("--targets", choices=["qkvo", "all"], default="all",
+                    help="projections the adapters target (the serving bench uses qkvo)")
     ap.add_argument("--repeats", type=int, default=2, help="alternate the configs this many times")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -93,7 +129,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reg = AdapterRegistry(cfg)
         for i, r in enumerate(adapter_ranks):
-            write_peft_adapter(Path(tmp) / f"a{i}", cfg, r, seed=i)
+            projs = PROJS if args.targets == "all" else PROJS[:4]
+            write_peft_adapter(Path(tmp) / f"a{i}", cfg, r, seed=i, projs=projs)
             reg.register(f"a{i}", Path(tmp) / f"a{i}")
         adapter_bytes = sum(reg.resolve(f"a{i}").nbytes for i in range(args.batch))
         pool = DevicePool(
@@ -114,8 +151,9 @@ def main() -> None:
                       max_prefill_seqs=1, rank_buckets=())  # fmt: skip
     runners = {s: ModelRunner(loaded, rc, pool=pool, lora_strategy=s) for s in ("bgmv", "mbgmv")}
     base = [0] * args.batch  # slot 0: no adapter (the program skips the LoRA ops)
-    rates: dict[str, list[float]] = {"base": [], "bgmv": [], "mbgmv": []}
+    rates: dict[str, list[float]] = {"chain": [], "base": [], "bgmv": [], "mbgmv": []}
     for _ in range(args.repeats):
+        rates["chain"].append(chain_rate(loaded, args.batch, args.steps))
         rates["base"].append(decode_rate(runners["bgmv"], args.steps, args.prompt_len, base))
         for s in ("bgmv", "mbgmv"):
             rates[s].append(decode_rate(runners[s], args.steps, args.prompt_len, slots))
@@ -126,6 +164,8 @@ def main() -> None:
     lora_flops_tok = 2 * adapter_bytes / 4 / args.batch
     roof = {}
     for k in best:
+        if k == "chain":
+            continue
         extra = 0 if k == "base" else adapter_bytes
         extra_fl = 0 if k == "base" else lora_flops_tok * args.batch
         t_step = max(
@@ -133,22 +173,28 @@ def main() -> None:
         )
         roof[k] = args.batch / t_step
     rows = [
-        (k, best[k], roof[k], best[k] / roof[k], best[k] / best["base"])
+        (k, best[k], roof[k], best[k] / roof[k], best[k] / best["base"], best["chain"] / best[k])
         for k in ("base", "bgmv", "mbgmv")
     ]
     lines = [
         f"# LoRA decode throughput, batch {args.batch}, {args.batch} distinct adapters "
-        f"(ranks {sorted(set(adapter_ranks))}, all 7 projections)",
+        f"(ranks {sorted(set(adapter_ranks))}, "
+        f"{'all 7 projections' if args.targets == 'all' else 'q, k, v, o'})",
         "",
         f"Machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
         f"({jax.devices()[0].platform}); SmolLM2-135M float32; "
         f"{datetime.date.today().isoformat()}. Adapter bytes in the batch: {adapter_bytes / 1e6:.1f} MB "
         f"(base weights {base_bytes / 1e6:.0f} MB).",
         "",
-        "| config | decode tok/s | roofline tok/s | fraction of roofline | vs base-only |",
-        "|---|---|---|---|---|",
+        f"Bare GEMM chain (projections + LM head only, same batch, same process): "
+        f"{best['chain']:.1f} tok/s = {1e3 * args.batch / best['chain']:.1f} ms per step.",
+        "",
+        "| config | decode tok/s | step ms | roofline tok/s | fraction of roofline "
+        "| vs base-only | step / bare chain |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {k} | {r:.1f} | {rf:.1f} | {fr:.0%} | {rel:.2f}x |" for k, r, rf, fr, rel in rows]
+    lines += [f"| {k} | {r:.1f} | {1e3 * args.batch / r:.1f} | {rf:.1f} | {fr:.0%} | {rel:.2f}x "
+              f"| {ch:.2f}x |" for k, r, rf, fr, rel, ch in rows]  # fmt: skip
     lines += [
         "",
         f"All runs (tok/s): {json.dumps({k: [round(x, 1) for x in v] for k, v in rates.items()})}",

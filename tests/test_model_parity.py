@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cara_jax.runner import ModelRunner, RunnerConfig, full_logits
 
-from cara_jax.generate import generate_tokens
+from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
+from cara_jax.generate import generate_tokens, offline_engine
+from cara_jax.scoring import full_logits
+from cara_jax.tokenizer import Tokenizer
 from tests.conftest import rel_err
 
 PROMPTS = [
@@ -15,6 +17,26 @@ PROMPTS = [
     "def fibonacci(n):\n    ",
     "Le château de Versailles est célèbre pour",
 ]
+GREEDY = (0.0, 0, 1.0, 0, 0.0, 0.0, 0.0, 1.0)  # a sampling row: temperature 0
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm_path):
+    return Tokenizer.from_path(smollm_path)
+
+
+def _engine(loaded, tok):
+    """Room for four sequences of 256 tokens; two programs: decode steps (up to 4 tokens) and
+    prompt steps (up to 128 tokens)."""
+    return offline_engine(loaded, tok, max_model_len=256, num_seqs=4, max_prefill_seqs=4,
+                          max_num_batched_tokens=128, token_buckets=(4,))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smol_engine(smollm, smol_tok):
+    eng = _engine(smollm, smol_tok)
+    yield eng
+    eng.close()
 
 
 def _hf_logits(hf, ids: list[int]) -> np.ndarray:
@@ -35,54 +57,72 @@ def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-def _check(loaded, hf, prompts_ids: list[list[int]], n_new: int = 32) -> None:
+def _check(eng, hf, prompts_ids: list[list[int]], n_new: int = 32) -> None:
+    loaded = eng.loaded
     # 1. every-position logits of each prompt
     for ids in prompts_ids:
         ours = np.asarray(full_logits(loaded, np.array([ids])))[0]
         ref = _hf_logits(hf, ids)
         assert ours.shape == ref.shape
         assert rel_err(ours, ref) <= 1e-5, rel_err(ours, ref)
-    # 2. 32 greedy tokens, all prompts batched together through prefill + decode
-    runner = ModelRunner(loaded, RunnerConfig(num_slots=4, max_len=256, max_prefill_batch=4))
-    outs = generate_tokens(runner, prompts_ids, n_new)
+    # 2. 32 greedy tokens, all prompts queued together through the engine: prompt chunks, then
+    # batched decode steps over the paged cache (EOS does not stop them: HF runs n_new too)
+    outs = generate_tokens(eng, prompts_ids, n_new, stop_ids=frozenset())
     for ids, out in zip(prompts_ids, outs, strict=True):
         assert len(out.token_ids) == n_new
         assert out.token_ids == _hf_greedy(hf, ids, n_new)
-    # 3. decode-step logits (read from the KV cache) against HF on the full sequence
+    assert not eng.has_unfinished() and eng.blocks.num_free == eng.blocks.num_pages - 1
+    # 3. decode-step logits (read from the paged KV cache) against HF on the full sequence:
+    # each prompt prefilled by a step of its own (a chunk row), then every step decodes all
+    # rows, feeding in the token the previous step sampled (greedy = the HF tokens above)
     seqs = [ids + out.token_ids for ids, out in zip(prompts_ids, outs, strict=True)]
-    runner = ModelRunner(loaded, RunnerConfig(num_slots=4, max_len=256, max_prefill_batch=4))
-    from cara_jax.sampler import SamplingArrays
-
-    sampling = SamplingArrays.greedy(len(prompts_ids))
-    runner.prefill(prompts_ids, list(range(len(prompts_ids))), sampling)
-    pos = np.array([len(p) for p in prompts_ids], np.int32)
+    r = eng.runner
+    tables = []
+    for i, ids in enumerate(prompts_ids):
+        assert eng.blocks.grow(f"probe-{i}", len(ids) + 4)
+        tables.append(list(eng.blocks.table(f"probe-{i}")))
+        res = r.run(ScheduledBatch([], [ChunkRow(None, i, ids, 0, tables[i], 0, GREEDY, True,
+                                                 len(ids))]))  # fmt: skip
+        first = int(np.asarray(res.outputs.tokens)[r.config.decode_rows(res.program.tokens)])
+        assert first == seqs[i][len(ids)]
+    pos = [len(p) for p in prompts_ids]
     for step in range(4):
-        logits, _ = runner.decode(pos, sampling)
-        logits = np.asarray(logits)
+        rows = [DecodeRow(None, i, pos[i], tables[i], 0, GREEDY) for i in range(len(seqs))]
+        res = r.run(ScheduledBatch(rows, []))
+        logits = np.asarray(res.logits)
         for row, seq in enumerate(seqs):
             ref = _hf_logits(hf, seq[: pos[row] + 1])[-1]
             assert rel_err(logits[row], ref) <= 1e-5, (step, row)
-        pos = pos + 1
+        pos = [p + 1 for p in pos]
+    for i in range(len(prompts_ids)):
+        eng.blocks.free(f"probe-{i}")
+    assert r.compiled_count() == len(r.programs()) == 2  # decode steps and prompt steps
 
 
-def test_smollm2_matches_hf(smollm, hf_smollm, hf_smollm_tokenizer):
+def test_smollm2_matches_hf(smol_engine, hf_smollm, hf_smollm_tokenizer):
     ids = [hf_smollm_tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
-    _check(smollm, hf_smollm, ids)
+    _check(smol_engine, hf_smollm, ids)
 
 
-def test_random_llama_sharded_llama3_rope_matches_hf(tiny, hf_tiny, tiny_llama_dir):
+def test_random_llama_sharded_llama3_rope_matches_hf(tiny, hf_tiny, tiny_llama_dir, smol_tok):
     assert len(list(tiny_llama_dir.glob("*.safetensors"))) > 1  # really sharded
     assert (tiny_llama_dir / "model.safetensors.index.json").is_file()
     cfg = tiny.cfg
     assert cfg.num_kv_heads < cfg.num_heads and not cfg.tie_word_embeddings
     assert cfg.rope_scaling.rope_type == "llama3"
     rng = np.random.default_rng(0)
-    # lengths past original_max_position_embeddings exercise the rescaled frequencies
+    # lengths past original_max_position_embeddings exercise the rescaled frequencies; together
+    # more than one step's token budget, so the engine prefills the last one in two chunks
     ids = [rng.integers(3, cfg.vocab_size, size=n).tolist() for n in (5, 40, 90)]
-    _check(tiny, hf_tiny, ids)
+    eng = _engine(tiny, smol_tok)  # token ids below 512 decode with any vocabulary
+    try:
+        _check(eng, hf_tiny, ids)
+        assert max(s.prefill_tokens for s in eng.steps) == 128  # a full-budget chunked step
+    finally:
+        eng.close()
 
 
-def test_paris(smollm, hf_smollm_tokenizer):
+def test_paris(smol_engine, hf_smollm_tokenizer):
     tok = hf_smollm_tokenizer
     text = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
@@ -90,8 +130,7 @@ def test_paris(smollm, hf_smollm_tokenizer):
         tokenize=False,
     )
     ids = tok.encode(text, add_special_tokens=False)
-    runner = ModelRunner(smollm, RunnerConfig(num_slots=1, max_len=128))
-    out = generate_tokens(runner, [ids], 24, stop_ids=frozenset({tok.eos_token_id}))
+    out = generate_tokens(smol_engine, [ids], 24, stop_ids=frozenset({tok.eos_token_id}))
     answer = tok.decode(out[0].token_ids, skip_special_tokens=True)
     assert "Paris" in answer
     assert out[0].finish_reason == "stop"

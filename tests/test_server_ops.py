@@ -453,7 +453,7 @@ def test_health_is_starting_until_every_program_is_compiled(tiny, smollm_path):
         status, text = get(server.url + "/health")
         assert status == 200 and json.loads(text)["compiled_programs"] == 2
         status, _, body = post(server.url + "/v1/completions",
-                               {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "ignore_eos": True})  # fmt: skip
+                               {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True})  # fmt: skip
         assert status == 200 and body["usage"]["completion_tokens"] == 3
         assert eng.runner.hot_compiles == 0
     finally:

@@ -323,10 +323,18 @@ class DevicePool:
                 t0 = time.perf_counter()
                 targets: list[tuple[dict, str, int]] = []  # (self.a or self.b, proj, layer)
                 rows, values = [], []
-                for p, r in ranks.items():
+                # every pool projection, rows padded to the rank bucket with row 0 (zeros): the
+                # write's shapes depend on the bucket and group size only, so warm_writer()
+                # compiles them all before serving and no load waits for a compiler
+                width = write_width(max(ranks.values()), self.config.max_rank)
+                for p in self.projections:
                     din, dout = shapes[p]
-                    av = np.zeros((len(layers), r, din), self.dtype)
-                    bv = np.zeros((len(layers), r, dout), self.dtype)
+                    r = ranks.get(p, 0)
+                    idx = np.zeros(width, np.int32)
+                    if r:
+                        idx[:r] = e.rows[p]
+                    av = np.zeros((len(layers), width, din), self.dtype)
+                    bv = np.zeros((len(layers), width, dout), self.dtype)
                     for k, layer in enumerate(layers):
                         m = e.adapter.modules.get((layer, p))
                         if m is not None:
@@ -335,7 +343,7 @@ class DevicePool:
                     for pools, vals in ((self.a, av), (self.b, bv)):
                         for k, layer in enumerate(layers):
                             targets.append((pools, p, layer))
-                            rows.append(e.rows[p])
+                            rows.append(idx)
                             values.append(vals[k])
                 with self.lock:
                     new = _write_rows([t[0][t[1]][t[2]] for t in targets], rows, values)
@@ -401,6 +409,32 @@ class DevicePool:
             rank_bucket=rank_bucket,
             backend=backend,
         )
+
+    def warm_writer(self) -> int:
+        """Compile the row writes of every (rank bucket, layer-group size) by writing zeros to
+        row 0 (which stays zero); returns how many shapes that was."""
+        shapes = self.cfg.projection_shapes()
+        widths = sorted({min(16, write_width(self.config.max_rank)),
+                         write_width(self.config.max_rank)})  # fmt: skip
+        n = 0
+        for size in sorted({len(g) for g in self.groups}):
+            layers = next(g for g in self.groups if len(g) == size)
+            for w in widths:
+                targets, rows, values = [], [], []
+                for p in self.projections:
+                    din, dout = shapes[p]
+                    for pools, d in ((self.a, din), (self.b, dout)):
+                        for layer in layers:
+                            targets.append((pools, p, layer))
+                            rows.append(np.zeros(w, np.int32))
+                            values.append(np.zeros((w, d), self.dtype))
+                with self.lock:
+                    new = _write_rows([t[0][t[1]][t[2]] for t in targets], rows, values)
+                    for (pools, p, layer), arr in zip(targets, new, strict=True):
+                        pools[p][layer] = arr
+                jax.block_until_ready(new)
+                n += 1
+        return n
 
     def stats_dict(self) -> dict:
         """Counters and occupancy, one consistent read (for Engine.stats)."""
@@ -480,6 +514,14 @@ class DevicePool:
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)
+
+
+def write_width(r: int, max_rank: int | None = None) -> int:
+    """Rows per projection of one load's write: 16 for ranks up to 16, else the pool's max
+    rank (two write shapes per layer-group size, compiled before serving)."""
+    if r <= 16:
+        return 16
+    return rank_bucket_for(max_rank if max_rank is not None else r)
 
 
 def rank_bucket_for(r: int) -> int:

@@ -140,6 +140,7 @@ class ModelRunner:
         self._lock = threading.Lock()
         self.hot_compiles = 0
         self.compile_seconds = 0.0
+        self._writer_warm = False
 
     # ------------------------------------------------------------------ programs
 
@@ -192,6 +193,10 @@ class ModelRunner:
         todo = [p for p in self.programs() if p not in self._exe]
         done = 0
         with ThreadPoolExecutor(max(1, threads)) as ex:
+            if self.pool is not None and not self._writer_warm:
+                # adapter loads' row writes: compiled now, beside the programs, not on a load
+                ex.submit(self.pool.warm_writer)
+                self._writer_warm = True
             for p, _ in zip(todo, ex.map(self.compile, todo), strict=True):
                 done += 1
                 if progress is not None:
