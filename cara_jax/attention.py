@@ -70,6 +70,25 @@ def paged_attention_rows(
     return out.transpose(0, 3, 1, 2, 4).reshape(r, nq, h, d).astype(q.dtype)
 
 
+ATTENTION_BACKENDS = ("jnp", "pallas", "pallas_interpret")
+
+
+def attend_rows(q, q_len, ctx, tables, k_cache, v_cache, *, block_size: int,
+                pages_per_chunk: int, backend: str = "jnp") -> jax.Array:  # fmt: skip
+    """paged_attention_rows, or the Pallas kernel (``pallas_kernels.paged_attention``) that
+    computes the same: "pallas" compiled (GPU), "pallas_interpret" in the interpreter (tests).
+    The engine's default is the reference everywhere until the kernel has run on a GPU."""
+    if backend == "jnp":
+        return paged_attention_rows(q, q_len, ctx, tables, k_cache, v_cache,
+                                    block_size=block_size, pages_per_chunk=pages_per_chunk)  # fmt: skip
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: use one of {ATTENTION_BACKENDS}")
+    from pallas_kernels import paged_attention
+
+    return paged_attention(q, q_len, ctx, tables, k_cache, v_cache, block_size=block_size,
+                           interpret=backend == "pallas_interpret")  # fmt: skip
+
+
 def write_kv(
     k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

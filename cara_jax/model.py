@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cara_jax.attention import paged_attention_rows, write_kv
+from cara_jax.attention import attend_rows, write_kv
 from cara_jax.config import ModelConfig
 from cara_jax.kv_cache import KVCache
 from cara_jax.lora_hooks import LoraHook, project
@@ -90,19 +90,18 @@ class Attention(nnx.Module):
         k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        kw = dict(block_size=meta.block_size, pages_per_chunk=meta.pages_per_chunk)
+        kw = dict(block_size=meta.block_size, pages_per_chunk=meta.pages_per_chunk,
+                  backend=meta.attn_backend)  # fmt: skip
 
         def dec_view():
             qd = meta.dec_gather(q)[:, None]  # [S, 1, H, D]
             live = (meta.dec_len > 0).astype(jnp.int32)
-            od = paged_attention_rows(qd, live, meta.dec_len, meta.dec_table, k_cache, v_cache,
-                                      **kw)  # fmt: skip
+            od = attend_rows(qd, live, meta.dec_len, meta.dec_table, k_cache, v_cache, **kw)
             return od[:, 0]
 
         def ch_view():
             qc = meta.ch_gather(q)
-            return paged_attention_rows(qc, meta.ch_len, meta.ch_ctx, meta.ch_table, k_cache,
-                                        v_cache, **kw)  # fmt: skip
+            return attend_rows(qc, meta.ch_len, meta.ch_ctx, meta.ch_table, k_cache, v_cache, **kw)
 
         out = meta.scatter(meta.if_decode(dec_view), meta.if_chunks(ch_view))
         out = out.reshape(t, cfg.q_size)

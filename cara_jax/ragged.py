@@ -70,6 +70,7 @@ class RaggedMeta:
     ch_tok: jax.Array  # [P, Q] flat index of each chunk-view slot; T where empty
     block_size: int = dataclasses.field(default=16, metadata=dict(static=True))
     pages_per_chunk: int = dataclasses.field(default=16, metadata=dict(static=True))
+    attn_backend: str = dataclasses.field(default="jnp", metadata=dict(static=True))
 
     @property
     def num_tokens(self) -> int:

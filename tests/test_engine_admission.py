@@ -9,9 +9,9 @@ rank-64 one to them does not (22.6 ms > 19.5 ms).
 from __future__ import annotations
 
 import pytest
-from cara_jax.scheduler import Scheduler, SchedulerConfig, load_engine_cost_model
 
 from cara_jax.engine import Engine, EngineConfig
+from cara_jax.engine.admission import Admission, SchedulerConfig, load_engine_cost_model
 from cara_jax.engine.sequence import SeqStatus
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.scheduling.admission import QueueFullError
@@ -48,7 +48,8 @@ def adapters(tiny_llama_dir, tmp_path_factory):
 def engine(tiny, tok, adapters, admission="slo", max_wait_s=60.0, **kw) -> Engine:
     sched = SchedulerConfig(admission=admission, cost_model=cost_model(), max_wait_s=max_wait_s)
     # cached: every adapter resident, so admission alone decides who runs
-    cfg = dict(num_slots=8, max_len=96, max_prefill_batch=4, scheduler=sched, cold_start="cached")
+    cfg = dict(max_num_seqs=8, max_model_len=96, max_prefill_seqs=4, max_num_batched_tokens=64,
+               kv_cache_memory=8 << 20, scheduler=sched, cold_start="cached")  # fmt: skip
     cfg.update(kw)
     eng = Engine(tiny, tok, EngineConfig(**cfg))
     for name, path in adapters.items():
@@ -80,7 +81,7 @@ def test_rank64_waits_while_rank8_joins(tiny, tok, adapters):
     eng.step()
     assert eng.requests[small].status is SeqStatus.RUNNING
     assert eng.requests[big].status is SeqStatus.WAITING  # 22.6 ms > 1.5 x 13 ms
-    assert eng.scheduler.stats["cara_admission_deferred_total"] >= 1
+    assert eng.admission.stats["cara_admission_deferred_total"] >= 1
     state = eng.scheduler_state()
     assert [q["rank"] for q in state["queued"]] == [64]
     assert sorted(r["rank"] for r in state["running"]) == [8, 8]
@@ -92,11 +93,11 @@ def test_aging_admits_a_large_rank(tiny, tok, adapters):
     eng = engine(tiny, tok, adapters, max_wait_s=0.0)
     eng.add_request([5, 6, 7], greedy(30), "r8a")
     eng.step()
-    aged = eng.scheduler.stats["cara_admission_aged_total"]
+    aged = eng.admission.stats["cara_admission_aged_total"]
     big = eng.add_request([8, 9], greedy(5), "r64")
     eng.step()
     assert eng.requests[big].status is SeqStatus.RUNNING
-    assert eng.scheduler.stats["cara_admission_aged_total"] == aged + 1
+    assert eng.admission.stats["cara_admission_aged_total"] == aged + 1
     drain(eng)
 
 
@@ -128,19 +129,19 @@ def test_admission_never_breaks_a_running_slo(tiny, tok, adapters):
     results = {}
     for admission in ("fifo", "slo"):
         eng = engine(tiny, tok, adapters, admission=admission)
-        cost, ids = eng.scheduler.cost, []
+        cost, ids = eng.admission.cost, []
         for prompt, n, adapter in reqs:
             ids.append(eng.add_request(prompt, greedy(n), adapter))
         out: dict[str, list[int]] = {}
         while eng.has_unfinished():
-            forced = eng.scheduler.stats["cara_admission_forced_total"]
-            before = {s.request_id for s in eng.running.values()}
+            forced = eng.admission.stats["cara_admission_forced_total"]
+            before = {s.request_id for s in eng.running}
             for o in eng.step():
                 out.setdefault(o.request_id, []).extend(o.token_ids)
-            joined = {s.request_id for s in eng.running.values()} - before
-            forced_now = eng.scheduler.stats["cara_admission_forced_total"] > forced
+            joined = {s.request_id for s in eng.running} - before
+            forced_now = eng.admission.stats["cara_admission_forced_total"] > forced
             if admission == "slo" and joined and not forced_now:
-                ranks = [s.rank for s in eng.running.values()]
+                ranks = [s.rank for s in eng.running]
                 bound = 1.5 * cost.base_latency(len(ranks))
                 assert cost.decode_latency(ranks) <= bound + 1e-12
         results[admission] = [out[i] for i in ids]
@@ -160,11 +161,38 @@ def test_bounded_queue(tiny, tok, adapters):
 
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="cost model"):
-        Scheduler(SchedulerConfig(admission="slo"), "bgmv")
+        Admission(SchedulerConfig(admission="slo"), "bgmv")
     with pytest.raises(ValueError, match="admission"):
-        Scheduler(SchedulerConfig(admission="sjf"), "bgmv")
+        Admission(SchedulerConfig(admission="sjf"), "bgmv")
     path = tmp_path / "cm.json"
     cost_model("bgmv").save(path)
     assert load_engine_cost_model(path, "bgmv").kernel == "bgmv"
     with pytest.raises(ValueError, match="0 cost models"):
         load_engine_cost_model(path, "mbgmv")
+
+
+def test_candidates_without_an_engine():
+    """Admission alone, on the numbers of the module docstring: FIFO tries every waiting
+    request in arrival order; slo skips the rank-64 request and lets the rank-8 one behind it
+    join; an empty batch and aging admit whatever the predicted step."""
+    from types import SimpleNamespace as NS
+
+    def seq(rank, arrival=0.0, slo=None):
+        return NS(rank=rank, arrival=arrival, prompt_ids=[1, 2, 3], params=NS(tpot_slo=slo))
+
+    running, big, small = [seq(8)], seq(64, 0.1), seq(8, 0.2)
+    fifo = Admission(SchedulerConfig(), "bgmv")
+    assert fifo.candidates(running, [big, small], 4, 4) == [big, small]
+    slo = Admission(SchedulerConfig(admission="slo", cost_model=cost_model(), max_wait_s=60.0),
+                    "bgmv")  # fmt: skip
+    assert slo.candidates(running, [big, small], 4, 4, now=1.0) == [small]
+    assert slo.stats["cara_admission_deferred_total"] == 1  # two could go, one did
+    assert slo.candidates([], [big], 4, 4, now=1.0) == [big]  # empty batch: forced
+    assert slo.stats["cara_admission_forced_total"] == 1
+    assert slo.candidates(running, [big, small], 1, 1, now=1.0) == [small]  # one free row
+    # a tight per-request SLO (12 ms < 12.8 ms for two rank-8 rows) keeps even rank 8 out
+    assert slo.candidates(running, [seq(8, 0.3, slo=0.012)], 4, 4, now=1.0) == []
+    aging = Admission(SchedulerConfig(admission="slo", cost_model=cost_model(), max_wait_s=0.5),
+                      "bgmv")  # fmt: skip
+    assert aging.candidates(running, [big, small], 4, 4, now=1.0) == [big, small]
+    assert aging.stats["cara_admission_aged_total"] == 2

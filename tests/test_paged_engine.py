@@ -42,10 +42,11 @@ def _run(eng, requests):
     return [got[i] for i in ids], [reasons[i] for i in ids]
 
 
-def test_paged_attention_matches_dense():
+def test_paged_attention_matches_dense_and_the_pallas_kernel():
     import jax.numpy as jnp
 
     from cara_jax.attention import paged_attention_rows
+    from pallas_kernels import paged_attention
 
     rng = np.random.default_rng(0)
     bs, hkv, g, d, pages = 4, 2, 3, 8, 40
@@ -77,6 +78,30 @@ def test_paged_attention_matches_dense():
                 p = np.exp(s - s.max())
                 ref = (p / p.sum()) @ v[: pos + 1, h // g]
                 np.testing.assert_allclose(out[r, j, h], ref, rtol=2e-5, atol=2e-6)
+    # the Pallas kernel (interpreter; poisoned output, so an unwritten element is NaN)
+    args = [jnp.asarray(a) for a in (q, q_len, ctx, tables, k_cache, v_cache)]
+    pk = np.asarray(paged_attention(*args, block_size=bs, interpret=True, poison=True))
+    for r in range(4):
+        np.testing.assert_allclose(pk[r, : q_len[r]], out[r, : q_len[r]], rtol=1e-5, atol=1e-6)
+    # decode rows alone (one query each)
+    one = [jnp.asarray(a) for a in (q[:, :1], np.ones(4, np.int32), ctx, tables, k_cache, v_cache)]
+    np.testing.assert_allclose(
+        np.asarray(paged_attention(*one, block_size=bs, interpret=True, poison=True)),
+        np.asarray(paged_attention_rows(*one, block_size=bs, pages_per_chunk=4)),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+
+
+def test_engine_with_the_pallas_attention_kernel_matches_the_reference(tiny, smol_tok):
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    reqs = [([5, 6, 7, 8, 9, 10, 11, 12, 13], sp), ([40, 41, 42], sp)]
+    kw = dict(max_model_len=64, max_num_batched_tokens=16, token_buckets=(16,))
+    ref = _engine(tiny, smol_tok, **kw)
+    want = _run(ref, reqs)[0]
+    ref.close()
+    pk = _engine(tiny, smol_tok, attention_backend="pallas_interpret", **kw)
+    assert _run(pk, reqs)[0] == want
+    pk.close()
 
 
 def test_block_manager():

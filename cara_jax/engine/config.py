@@ -35,6 +35,9 @@ class EngineConfig:
     rank_buckets: tuple[int, ...] = (16,)  # LoRA rank buckets below the pool max (run-time choice)
     min_token_bucket: int = 2  # not 1: XLA turns a one-row scatter into a cache copy
     compile_threads: int = 2
+    # paged attention: the jnp reference ("jnp"), or the Pallas kernel ("pallas" on a GPU,
+    # "pallas_interpret" in tests); the reference is the default until the kernel has run on one
+    attention_backend: str = "jnp"
     max_step_records: int = 10_000
     max_request_records: int = 10_000
     # admission: fifo, or slo (rank-aware, needs a profiled cost model); see admission.py

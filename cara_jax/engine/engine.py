@@ -77,7 +77,7 @@ class Engine:
                 max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                 max_prefill_seqs=cfg.max_prefill_seqs, min_token_bucket=cfg.min_token_bucket,
                 rank_buckets=cfg.rank_buckets, cpu_assist=cfg.cold_start == "cpu_assist",
-                buckets=cfg.token_buckets,
+                buckets=cfg.token_buckets, attention_backend=cfg.attention_backend,
             ),
             pool=self.pool,
             lora_strategy=cfg.lora_strategy,

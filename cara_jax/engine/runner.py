@@ -71,6 +71,7 @@ class RunnerConfig:
     cpu_assist: bool = False  # also compile the CPU-assisted program of each token bucket
     cache_dtype: str | None = None  # default: the model's dtype
     buckets: tuple[int, ...] | None = None  # explicit token buckets (the largest = the budget)
+    attention_backend: str = "jnp"  # cara_jax.attention.ATTENTION_BACKENDS
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
@@ -358,6 +359,7 @@ class _Host:
             **{k: jnp.asarray(v) for k, v in self.meta.items()},
             block_size=config.block_size,
             pages_per_chunk=config.pages_per_chunk,
+            attn_backend=config.attention_backend,
         )
         return StepInputs(
             meta=meta,

@@ -231,8 +231,9 @@ class Scheduler:
     def unstick(self) -> Sequence | None:
         """When nothing could run although sequences are running (their prompts wait for pages
         that other half-prefilled prompts hold), preempt the newest so the others can go on."""
-        if len(self.running) < 2:
-            return None
+        stuck = self.blocks.num_free == 0 and any(not s.prefilled for s in self.running)
+        if len(self.running) < 2 or not stuck:
+            return None  # e.g. CPU-assisted requests waiting for their loads: nothing to undo
         victim = self.running[-1]
         self._preempt(victim)
         return victim
