@@ -4,16 +4,17 @@ Every linear projection of a decoder layer (q, k, v, o, gate, up, down) calls
 
     y = x @ W  +  hook.delta(layer, proj, x)          # delta is None when nothing applies
 
-inside the jitted forward. ``x`` has shape [B, T, in] (T = 1 in decode) and the delta, when
-present, has shape [B, T, out] in x's dtype. A hook is a JAX pytree (its arrays are traced
+inside the jitted forward. ``x`` is the step's flat token batch [T, in] (decode tokens and
+prefill chunks of any sequences, ragged.py) and the delta, when present, is [T, out] in x's
+dtype. A hook is a JAX pytree (its arrays are traced
 arguments of the jitted step; its static fields are part of the compile key), so one compiled
 step serves every mix of adapters with the same static shapes.
 
 Who fills it:
-- the multi-LoRA device path: per-token adapter slots gathering A/B from the device pool
-  (BGMV / MBGMV for decode, segments for prefill);
-- CPU-assisted prefill: deltas computed by CPU workers and passed in as arrays for the rows of
-  cold requests, layer by layer (the model exposes per-layer pieces for that);
+- the multi-LoRA device path (RaggedLoraHook): per-row adapter slots gathering A/B from the
+  device pool (BGMV / MBGMV for the decode view, one adapter per chunk row for prefill chunks);
+- CPU-assisted prefill (CpuAssistHook): deltas computed by CPU workers for cold chunk rows,
+  through host callbacks around each projection group;
 - ``None``: no LoRA at all; the compiled step then has no LoRA ops.
 
 Hooks return ``None`` for projections they do not touch, so a q/v-only adapter pays nothing for

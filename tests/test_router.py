@@ -537,7 +537,6 @@ def real(tmp_path_factory):
     """Two in-process cara-serve instances on one compile cache (built like test_server's
     `srv`); the second publishes the CPU cost model, the first publishes none."""
     import jax
-    from cara_jax.runner import Variant
 
     from server.app import BackgroundServer, build_app
     from server.cli import COMPILE_CACHE_KEYS, build_parser, build_state
@@ -547,15 +546,16 @@ def real(tmp_path_factory):
     servers, states = [], []
     for extra in ([], ["--cost-model", str(COST_FILE)]):
         args = build_parser().parse_args(
-            ["--num-slots", "4", "--max-len", "128", "--max-prefill-batch", "1",
+            ["--max-num-seqs", "4", "--max-model-len", "128", "--max-prefill-seqs", "1",
+             "--max-num-batched-tokens", "64", "--token-buckets", "64", "--kv-cache-memory", "16M",
              "--max-lora-rank", "16", "--warmup", "none", "--demo-adapters", "2",
              "--compile-cache", str(cache), *extra]
         )  # fmt: skip
         state = build_state(args)
-        runner = state.engine.runner
-        rank = runner.lora_buckets("bgmv")[-1]
-        runner.compile(Variant("decode", 4, 128, rank))
-        runner.compile(Variant("prefill", 1, 64, rank))
+        # one program (a 64-token step) runs every step of these requests: compile it before
+        # serving, so no request waits for the compiler
+        state.engine.warmup()
+        assert state.engine.runner.compiled_count() == len(state.engine.runner.programs()) == 1
         states.append(state)
         servers.append(BackgroundServer(build_app(state)))
     yield [s.url for s in servers], states

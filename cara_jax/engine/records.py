@@ -21,7 +21,7 @@ class StepRecord:
     kernel: str = "bgmv"
     latency_s: float | None = None
     num_tokens: int = 0  # decode rows + chunk tokens
-    program: tuple[int, int] = (0, 0)  # (token bucket, rank bucket)
+    program: tuple[int, int] = (0, 0)  # (token bucket, 1 if it took CPU-assist deltas)
 
 
 @dataclasses.dataclass

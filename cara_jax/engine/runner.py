@@ -1,12 +1,13 @@
 """Model runner: device arrays from a scheduled batch, and the handful of compiled programs.
 
-A program is keyed by (token-count bucket, LoRA rank bucket[, CPU assist]) and nothing else:
-the context length, the number of sequences and where each one is in its prompt are data. The
+A program is keyed by the token-count bucket (and, in cpu_assist mode, whether it takes CPU
+deltas) and nothing else: the context length, the number of sequences, where each one is in its
+prompt and the LoRA rank bucket (picked per step inside the program) are data. The
 runner compiles every program ahead of time (``warmup``); after that a step never waits for a
 compiler (``hot_compiles`` counts any that did, and tests hold it at zero).
 
-The parameters, the paged KV cache and the per-sequence state are donated to every step, so they
-update in place; a step's sampled tokens stay on the device until the engine reads them one
+The paged KV cache and the per-sequence state are donated to every step, so they update in
+place; a step's sampled tokens stay on the device until the engine reads them one
 step later (JAX's async dispatch overlaps that host work with the next step).
 """
 
@@ -147,7 +148,7 @@ class ModelRunner:
 
     def rank_buckets(self) -> tuple[int, ...]:
         """LoRA rank buckets, chosen per step and view at run time (multi_lora.RaggedLoraHook):
-        powers of two from 8 up to the pool's max rank."""
+        the configured ones below the pool's max rank, and the max rank."""
         if self.pool is None:
             return ()
         mx = self.pool.config.max_rank
@@ -194,20 +195,25 @@ class ModelRunner:
         todo = [p for p in self.programs() if p not in self._exe]
         done = 0
         with ThreadPoolExecutor(max(1, threads)) as ex:
+            writer = None
             if self.pool is not None and not self._writer_warm:
                 # adapter loads' row writes: compiled now, beside the programs, not on a load
-                ex.submit(self.pool.warm_writer)
-                self._writer_warm = True
+                writer = ex.submit(self.pool.warm_writer)
             for p, _ in zip(todo, ex.map(self.compile, todo), strict=True):
                 done += 1
                 if progress is not None:
                     progress(done, len(todo), p)
+            if writer is not None:
+                writer.result()
+                self._writer_warm = True
 
     def compiled_count(self) -> int:
         return len(self._exe)
 
     def is_ready(self) -> bool:
-        return all(p in self._exe for p in self.programs())
+        """Every program compiled (and the adapter writes, when there is a pool)."""
+        writer = self.pool is None or self._writer_warm
+        return writer and all(p in self._exe for p in self.programs())
 
     # ------------------------------------------------------------------ inputs
 

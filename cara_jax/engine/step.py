@@ -2,8 +2,8 @@
 
 Every step, whatever mix of decode tokens and prefill chunks it carries, is this function. Its
 static shape is the token-count bucket T (with S = min(T, max_num_seqs) decode rows and P chunk
-rows derived from it) and the LoRA rank bucket: a handful of programs in all, each compiled
-before the server reports healthy.
+rows derived from it); the LoRA rank bucket is picked inside at run time. A handful of programs
+in all, each compiled before the server reports healthy.
 
 Device-side state carried between steps (``SeqState``, donated): each running sequence's last
 sampled token, which is the next decode step's input (so the host never has to see a token
