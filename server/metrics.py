@@ -3,8 +3,8 @@
 Request-path metrics (status counters, TTFT/TPOT/e2e histograms, adapter load times) are
 observed by the handlers. Engine-side state (queues, per-adapter requests, tier counters, CPU
 assist) is read at scrape time by a collector, from the engine thread's lock-free snapshot,
-the stores' plain counters and ``Engine.stats()`` (which takes the engine lock briefly: a scrape
-may wait for the host part of a step, never for a device step).
+the stores' plain counters and ``Engine.stats()`` (no lock), so a scrape never waits for a
+step.
 
 Gateway routers read vLLM's names: ``vllm:lora_requests_info`` (labels running_lora_adapters,
 waiting_lora_adapters, max_lora; value = scrape time, as vLLM sets it), ``vllm:num_requests_running``,

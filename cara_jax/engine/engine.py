@@ -82,6 +82,7 @@ class Engine:
             pool=self.pool,
             lora_strategy=cfg.lora_strategy,
         )  # fmt: skip
+        self._kv_bytes = self.runner.cache.nbytes()
         self.cpu: CpuAssistCoordinator | None = None
         if cfg.cold_start == "cpu_assist":
             self.cpu = CpuAssistCoordinator(
@@ -123,22 +124,23 @@ class Engine:
         self.runner.warmup(threads=self.config.compile_threads, progress=progress)
 
     def stats(self) -> EngineStats:
-        with self.lock:
-            run = self.scheduler.running
-            return EngineStats(
-                running=len(run), waiting=len(self.scheduler.waiting),
-                max_num_seqs=self.config.max_num_seqs,
-                kv_pages_total=self.blocks.num_pages, kv_pages_free=self.blocks.num_free,
-                kv_block_size=self.blocks.block_size, kv_cache_bytes=self.runner.cache.nbytes(),
-                compiled_programs=self.runner.compiled_count(),
-                programs_total=len(self.runner.programs()), hot_compiles=self.runner.hot_compiles,
-                ready=self.runner.is_ready(), preemptions=self.scheduler.preemptions,
-                steps=self._num_steps, lora_pool=self.pool.stats_dict(),
-                admission=dict(self.admission.stats), cpu_assist=self.cpu_assist_stats(),
-                running_adapters=tuple(sorted({s.adapter_name for s in run if s.adapter_name})),
-                waiting_adapters=tuple(sorted({s.adapter_name for s in self.scheduler.waiting
-                                               if s.adapter_name})),
-            )  # fmt: skip
+        """A snapshot without the engine lock (the step holds it while it waits for the device):
+        each field is read atomically; together they may straddle a step."""
+        run = list(self.scheduler.running)
+        return EngineStats(
+            running=len(run), waiting=len(self.scheduler.waiting),
+            max_num_seqs=self.config.max_num_seqs,
+            kv_pages_total=self.blocks.num_pages, kv_pages_free=self.blocks.num_free,
+            kv_block_size=self.blocks.block_size, kv_cache_bytes=self._kv_bytes,
+            compiled_programs=self.runner.compiled_count(),
+            programs_total=len(self.runner.programs()), hot_compiles=self.runner.hot_compiles,
+            ready=self.runner.is_ready(), preemptions=self.scheduler.preemptions,
+            steps=self._num_steps, lora_pool=self.pool.stats_dict(),
+            admission=dict(self.admission.stats), cpu_assist=self.cpu_assist_stats(),
+            running_adapters=tuple(sorted({s.adapter_name for s in run if s.adapter_name})),
+            waiting_adapters=tuple(sorted({s.adapter_name for s in list(self.scheduler.waiting)
+                                           if s.adapter_name})),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ adapters
 
