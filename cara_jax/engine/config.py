@@ -33,7 +33,9 @@ class EngineConfig:
     pool: PoolConfig = PoolConfig()
     host_budget_bytes: int = 4 << 30
     rank_buckets: tuple[int, ...] = (16,)  # LoRA rank buckets below the pool max (run-time choice)
-    min_token_bucket: int = 2  # not 1: XLA turns a one-row scatter into a cache copy
+    # smallest step: up to 8 decode rows cost about what one does (the weights dominate), and
+    # every bucket is a program to compile before serving
+    min_token_bucket: int = 8
     compile_threads: int = 2
     # paged attention: the jnp reference ("jnp"), or the Pallas kernel ("pallas" on a GPU,
     # "pallas_interpret" in tests); the reference is the default until the kernel has run on one

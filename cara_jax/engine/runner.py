@@ -29,6 +29,7 @@ from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.multi_lora import STRATEGIES
 from cara_jax.cpu_assist import CpuAssistHook
 from cara_jax.engine.batch import CpuPlan, ScheduledBatch
+from cara_jax.engine.program_store import ProgramStore
 from cara_jax.engine.step import SeqState, StepInputs, StepOutputs, run_step
 from cara_jax.kv_cache import KVCache
 from cara_jax.lora_hooks import PROJECTIONS
@@ -143,6 +144,7 @@ class ModelRunner:
         self.hot_compiles = 0
         self.compile_seconds = 0.0
         self._writer_warm = False
+        self._store = ProgramStore.from_jax_config()
 
     # ------------------------------------------------------------------ programs
 
@@ -180,7 +182,13 @@ class ModelRunner:
         if exe is not None:
             return exe
         t0 = time.perf_counter()
-        exe = self._step.lower(*self._abstract(p)).compile()
+        args = self._abstract(p)
+        key = None if self._store is None else self._store.key(repr(p), args)
+        exe = None if key is None else self._store.load(key)
+        if exe is None:
+            exe = self._step.lower(*args).compile()
+            if key is not None and not p.cpu:
+                self._store.save(key, exe)
         with self._lock:
             self._exe.setdefault(p, exe)
             self.compile_seconds += time.perf_counter() - t0

@@ -1,0 +1,85 @@
+"""Compiled programs kept on disk, so a restart loads them instead of tracing and compiling.
+
+JAX's persistent compilation cache already skips XLA's compile on a restart, but every program
+must still be traced in Python (about 3 s each for a 30-layer model, under the GIL, so threads do
+not help). This store keeps the serialized executable itself: a warm start deserializes it.
+
+The key covers everything the executable depends on: the jax/jaxlib versions and the device, the
+abstract arguments (shapes, dtypes, tree structure, static fields: model, cache and pool sizes,
+rank buckets, strategy) and the source of the modules that define the step. Anything that
+cannot be serialized (a program with host callbacks) is simply not stored. A damaged file is
+ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger(__name__)
+
+_SOURCES = ("engine/step.py", "model.py", "attention.py", "ragged.py", "sampler.py",
+            "adapters/multi_lora.py", "cpu_assist.py", "lora_hooks.py", "kv_cache.py")  # fmt: skip
+
+
+def _code_hash() -> str:
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in _SOURCES:
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()
+
+
+class ProgramStore:
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        dev = jax.devices()[0]
+        self._salt = repr((jax.__version__, jax.lib.__version__ if hasattr(jax, "lib") else "",
+                           dev.platform, dev.device_kind, _code_hash()))  # fmt: skip
+
+    @classmethod
+    def from_jax_config(cls) -> ProgramStore | None:
+        """A store beside JAX's persistent compilation cache, when one is configured."""
+        folder = jax.config.jax_compilation_cache_dir
+        return cls(Path(folder) / "programs") if folder else None
+
+    def key(self, name: str, abstract_args) -> str:
+        leaves, tree = jax.tree_util.tree_flatten(abstract_args)
+        sig = repr((name, str(tree), [(tuple(a.shape), str(a.dtype)) for a in leaves]))
+        return hashlib.sha256((self._salt + sig).encode()).hexdigest()[:40]
+
+    def load(self, key: str):
+        path = self.folder / f"{key}.bin"
+        if not path.is_file():
+            return None
+        try:
+            from jax.experimental.serialize_executable import deserialize_and_load
+
+            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+            return deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as e:  # a truncated or stale file: compile instead, then rewrite
+            log.warning("ignoring stored program %s: %s", path.name, e)
+            return None
+
+    def save(self, key: str, compiled) -> None:
+        try:
+            from jax.experimental.serialize_executable import serialize
+
+            blob = pickle.dumps(serialize(compiled))
+        except Exception as e:  # e.g. host callbacks (CPU assist): not serializable
+            log.debug("program not stored: %s", e)
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, self.folder / f"{key}.bin")
+        except OSError as e:  # a full or read-only disk only costs the next start a compile
+            log.warning("could not store a compiled program: %s", e)
