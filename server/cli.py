@@ -219,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--max-lora-rank",
         type=positive(int),
-        default=128,
-        help="largest adapter rank accepted (sets the rank buckets compiled)",
+        default=64,
+        help="largest adapter rank accepted; LoRA runs at this rank (padded) in every step with "
+        "an adapter, so keep it as small as your adapters allow",
     )
 
     s = p.add_argument_group("scheduling")

@@ -32,7 +32,10 @@ class EngineConfig:
     lora_strategy: str = "bgmv"
     pool: PoolConfig = PoolConfig()
     host_budget_bytes: int = 4 << 30
-    rank_buckets: tuple[int, ...] = (16,)  # LoRA rank buckets below the pool max (run-time choice)
+    # LoRA rank buckets below the pool max, picked per step at run time. Each adds a branch per
+    # projection to every program (about 4.5 s of compile each on two cores); one bucket, the
+    # pool max, costs a rank-8 adapter some padding in decode (small next to the base GEMMs)
+    rank_buckets: tuple[int, ...] = ()
     # smallest step: up to 8 decode rows cost about what one does (the weights dominate), and
     # every bucket is a program to compile before serving
     min_token_bucket: int = 8

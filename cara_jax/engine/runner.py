@@ -69,7 +69,7 @@ class RunnerConfig:
     max_prefill_seqs: int = 2  # chunk rows per step
     min_token_bucket: int = 2  # not 1: XLA turns a one-row scatter into a cache copy
     pages_per_chunk: int = 8  # KV pages attention reads per loop iteration
-    rank_buckets: tuple[int, ...] = (16,)  # LoRA rank buckets (+ the pool max)
+    rank_buckets: tuple[int, ...] = ()  # LoRA rank buckets below the pool max (+ the max)
     cpu_assist: bool = False  # also compile the CPU-assisted program of each token bucket
     cache_dtype: str | None = None  # default: the model's dtype
     buckets: tuple[int, ...] | None = None  # explicit token buckets (the largest = the budget)
