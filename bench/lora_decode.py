@@ -134,7 +134,8 @@ def main() -> None:
             reg.register(f"a{i}", Path(tmp) / f"a{i}")
         adapter_bytes = sum(reg.resolve(f"a{i}").nbytes for i in range(args.batch))
         pool = DevicePool(
-            cfg, PoolConfig(budget_bytes=int(adapter_bytes * 1.3), max_rank=max(ranks))
+            cfg, PoolConfig(budget_bytes=int(adapter_bytes * 1.3), max_rank=max(ranks),
+                            projections=tuple(projs))
         )
         slots = []
         for i in range(args.batch):
