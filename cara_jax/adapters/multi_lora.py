@@ -53,11 +53,15 @@ def _rows(pool: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def bgmv(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
-    """x [B, in], a [N, in], b [N, out], idx [B, R] row indices -> delta [B, out]."""
-    v = jnp.einsum("bi,bri->br", x, _rows(a, idx), preferred_element_type=jnp.float32)
-    return jnp.einsum(
-        "br,bro->bo", v.astype(b.dtype), _rows(b, idx), preferred_element_type=jnp.float32
-    )
+    """x [B, in], a [N, in], b [N, out], idx [B, R] row indices -> delta [B, out].
+
+    Written as multiply-reduce rather than batched dots: XLA:CPU then fuses each row gather
+    into its reduction and reads the adapter rows once, in place (a batched matrix-vector dot
+    first copies the gathered rows out)."""
+    f32 = jnp.float32
+    v = jnp.sum(x[:, None, :].astype(f32) * _rows(a, idx).astype(f32), axis=-1)  # [B, R]
+    v = v.astype(b.dtype).astype(f32)
+    return jnp.sum(v[:, :, None] * _rows(b, idx).astype(f32), axis=1)
 
 
 def row_lora(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
