@@ -22,22 +22,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import take
+
 DROP = 1 << 30  # scatter index that lands nowhere (mode="drop")
-
-
-def take(a: jax.Array, idx: jax.Array, clip: bool = False) -> jax.Array:
-    """a[idx] along axis 0 for an index array of any shape, as one plain gather.
-
-    jnp indexing also emits the arithmetic that wraps negative indices, per call; in a step that
-    gathers thousands of times (views, pool rows, pages) that made a third of the program. Our
-    indices are never negative: in range, or (``clip``) clamped to the last row."""
-    mode = jax.lax.GatherScatterMode.CLIP if clip else jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
-    dnums = jax.lax.GatherDimensionNumbers(
-        offset_dims=tuple(range(idx.ndim, idx.ndim + a.ndim - 1)),
-        collapsed_slice_dims=(0,),
-        start_index_map=(0,),
-    )
-    return jax.lax.gather(a, idx[..., None], dnums, (1, *a.shape[1:]), mode=mode)
 
 
 def put(a: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """BGMV: decode LoRA delta where every batch row gathers R pool rows (R = batch max rank bucket).
 
-Layout (same as cara_jax.adapters.multi_lora.bgmv): x [B, in]; pool rows a [N, in] and
+Layout (``bgmv_ref``, which the engine's jnp path uses as multi_lora.bgmv): x [B, in]; pool rows a [N, in] and
 b [N, out] with row 0 zero; idx [B, R] pool rows of each batch row (padding -> row 0).
 Result [B, out] float32: out[i] = (x[i] . a[idx[i]]^T).astype(b.dtype) . b[idx[i]].
 
@@ -30,20 +30,22 @@ from pallas_kernels.common import (
     next_pow2,
     pad_cols,
     pow2_tile,
+    take,
     whole,
 )
 
 
 def bgmv_ref(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
-    """Pure-jnp reference, the same math as multi_lora.bgmv."""
-    v = jnp.einsum("bi,bri->br", x, a.at[idx].get(mode="promise_in_bounds"),
-                   preferred_element_type=jnp.float32)  # fmt: skip
-    return jnp.einsum(
-        "br,bro->bo",
-        v.astype(b.dtype),
-        b.at[idx].get(mode="promise_in_bounds"),
-        preferred_element_type=jnp.float32,
-    )
+    """The reference (the engine's jnp path: multi_lora.bgmv is this function).
+
+    x [B, in], a [N, in], b [N, out], idx [B, R] row indices -> delta [B, out] float32.
+    Written as multiply-reduce rather than batched dots: XLA:CPU then fuses each row gather into
+    its reduction and reads the adapter rows once, in place (a batched matrix-vector dot first
+    copies the gathered rows out)."""
+    f32 = jnp.float32
+    v = jnp.sum(x[:, None, :].astype(f32) * take(a, idx).astype(f32), axis=-1)  # [B, R]
+    v = v.astype(b.dtype).astype(f32)
+    return jnp.sum(v[:, :, None] * take(b, idx).astype(f32), axis=1)
 
 
 def _shrink_kernel(x_ref, idx_ref, a_ref, part_ref, *, bk: int):

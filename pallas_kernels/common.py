@@ -60,6 +60,21 @@ def check_dims(**dims: int) -> None:
         raise ValueError(f"Pallas LoRA kernels need feature dims divisible by {MIN_TILE}: {bad}")
 
 
+def take(a: jax.Array, idx: jax.Array, clip: bool = False) -> jax.Array:
+    """a[idx] along axis 0 for an index array of any shape, as one plain gather.
+
+    jnp indexing also emits the arithmetic that wraps negative indices, per call; in an engine
+    step that gathers thousands of times (views, pool rows, pages) that made a third of the
+    program. Indices here are never negative: in range, or (``clip``) clamped to the last row."""
+    mode = jax.lax.GatherScatterMode.CLIP if clip else jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+    dnums = jax.lax.GatherDimensionNumbers(
+        offset_dims=tuple(range(idx.ndim, idx.ndim + a.ndim - 1)),
+        collapsed_slice_dims=(0,),
+        start_index_map=(0,),
+    )
+    return jax.lax.gather(a, idx[..., None], dnums, (1, *a.shape[1:]), mode=mode)
+
+
 def pad_cols(idx: jax.Array, width: int) -> jax.Array:
     """Pad an index table's last dim with row 0 (the pool's zero row)."""
     extra = width - idx.shape[-1]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import TILE_ELEMS, call, check_dims, f32, pow2_tile, whole
+from pallas_kernels.common import TILE_ELEMS, call, check_dims, f32, pow2_tile, take, whole
 
 BE = 16  # rank rows per expand step: ranks are multiples of 8 in practice, 16 halves the steps
 
@@ -34,9 +34,11 @@ BE = 16  # rank rows per expand step: ranks are multiples of 8 in practice, 16 h
 def mbgmv_ref(
     x: jax.Array, a: jax.Array, b: jax.Array, rows: jax.Array, owner: jax.Array
 ) -> jax.Array:
-    """Pure-jnp reference, the same math as multi_lora.mbgmv."""
-    v = jnp.sum(x[owner].astype(jnp.float32) * a[rows].astype(jnp.float32), axis=-1)  # [T]
-    contrib = v[:, None] * b[rows].astype(jnp.float32)
+    """The reference (the engine's jnp path: multi_lora.mbgmv is this function).
+
+    x [B, in]; rows [T] pool rows of the whole batch; owner [T] batch row of each -> [B, out]."""
+    v = jnp.sum(take(x, owner).astype(jnp.float32) * take(a, rows).astype(jnp.float32), axis=-1)
+    contrib = v[:, None] * take(b, rows).astype(jnp.float32)
     return jax.ops.segment_sum(contrib, owner, num_segments=x.shape[0])
 
 

@@ -34,7 +34,10 @@ _NN = (((1,), (0,)), ((), ()))  # v [m, r] . b [r, o] -> [m, o]
 def sgmv_ref(
     x: jax.Array, a: jax.Array, b: jax.Array, seg_idx: jax.Array, group_sizes: jax.Array
 ) -> jax.Array:
-    """Pure-jnp reference, the same math as multi_lora.sgmv."""
+    """The reference (the engine's jnp path: multi_lora.sgmv is this function).
+
+    x [M, in] sorted into G contiguous segments of sizes group_sizes [G]; seg_idx [G, R] pool
+    rows of each segment's adapter -> [M, out] float32."""
     a_g = jnp.swapaxes(a[seg_idx], 1, 2)  # [G, in, R]
     v = jax.lax.ragged_dot(x, a_g, group_sizes, preferred_element_type=jnp.float32)
     return jax.lax.ragged_dot(

@@ -234,3 +234,35 @@ def test_worker_faults(smollm, smol_tok, smol_adapters, reference, caplog):
         eng.pool.group_gate = None
         eng.close()
     assert not [n for n in set(names) if os.path.exists(f"/dev/shm/{n}")]
+
+
+def test_cpu_assist_chunk_by_chunk(smollm, smol_tok, smol_adapters, reference):
+    """A cold request whose prompt spans several steps (an 8-token budget, a 12-token prompt):
+    each chunk takes its deltas from the CPU workers for the layers not yet on the device, and
+    the tokens are those of ``cached``."""
+    eng = _engine(smollm, smol_tok, smol_adapters, "cpu_assist", max_num_batched_tokens=8,
+                  token_buckets=(8,), max_prefill_seqs=1)  # fmt: skip
+    try:
+        gate = _Gate(1)
+        held = _make_cold(eng, ("c1",), 1, gate)
+        prompt, sp, adapter = REQS[2]
+        assert adapter == "c1" and len(prompt) == 12
+        rid = eng.add_request(prompt, sp, adapter)
+        toks = []
+        for _ in range(4):  # two chunks (8 + 4 tokens), then the load is still held
+            toks += [t for o in eng.step() if o.request_id == rid for t in o.token_ids]
+        st = eng.cpu_stats
+        assert st["cara_cpu_assist_prefills_total"] == 2  # one CPU-assisted plan per chunk
+        assert st["cara_cpu_lora_layers_cpu_total"] == 2 * 20  # 2 of 3 layer groups, twice
+        assert len(toks) == 1  # the first token; no decode before the load is done
+        gate.go.set()
+        for h, content_hash in held:
+            h.wait(60)
+            eng.pool.release(content_hash)
+        while eng.has_unfinished():
+            toks += [t for o in eng.step() if o.request_id == rid for t in o.token_ids]
+        assert toks == reference[2]
+    finally:
+        gate.go.set()
+        eng.pool.group_gate = None
+        eng.close()

@@ -65,9 +65,12 @@ def test_programs_one_per_token_bucket(tiny):
     try:
         lora = ModelRunner(tiny, rc, pool=pool)
         assert lora.programs() == [Program(t, True) for t in (4, 16, 32)]
-        assert lora.rank_buckets() == (16, 64)  # chosen per step inside each program
+        assert lora.rank_buckets() == (64,)  # default: the pool max only
         import dataclasses
 
+        two = ModelRunner(tiny, dataclasses.replace(rc, rank_buckets=(16,)), pool=pool)
+        assert two.rank_buckets() == (16, 64)  # chosen per step inside each program
+        assert two.programs() == lora.programs()  # rank buckets add no program
         cpu = ModelRunner(tiny, dataclasses.replace(rc, cpu_assist=True), pool=pool)
         assert cpu.programs() == [
             *(Program(t, True) for t in (4, 16, 32)), *(Program(t, True, True) for t in (4, 16, 32))
@@ -148,7 +151,7 @@ def test_one_row_decode_updates_cache_in_place(tiny, tok):
     donated one, not a new allocation).
     """
     eng = _engine(tiny, tok, max_num_seqs=8, max_model_len=512, max_num_batched_tokens=8,
-                  kv_cache_memory=64 << 20)  # fmt: skip
+                  kv_cache_memory=64 << 20, min_token_bucket=2)  # fmt: skip
     r = eng.runner
     assert r.config.token_buckets[0] == 2
     layer = r.cache.k[0].nbytes

@@ -12,8 +12,10 @@ Kernels (x is one token per batch row in decode):
   (S-LoRA-style; cost ~ Σ r);
 - ``sgmv``  — prefill: tokens in contiguous segments per adapter, jax.lax.ragged_dot over the
   segments (segment ranks padded to the batch's max rank).
-All three are plain functions usable inside any jit. The Pallas kernels (package
-``pallas_kernels``, docs/pallas_kernels.md) implement the same math with the same arguments;
+- ``row_lora`` — a prefill chunk row: one adapter per row of tokens (the engine's chunk view).
+All are plain functions usable inside any jit. The first three are the references that sit
+beside their Pallas kernels in ``pallas_kernels`` (one copy, imported here); the kernels
+(docs/pallas_kernels.md) implement the same math with the same arguments;
 ``backend`` picks them: "auto" (Pallas on GPU, these references elsewhere), "jnp", "pallas"
 (compiled, GPU) or "pallas_interpret" (the Pallas interpreter, for tests on CPU).
 """
@@ -26,7 +28,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from cara_jax.ragged import RaggedMeta, take
+from cara_jax.ragged import RaggedMeta
+from pallas_kernels.bgmv import bgmv_ref as bgmv
+from pallas_kernels.common import take
+from pallas_kernels.mbgmv import mbgmv_ref as mbgmv
+from pallas_kernels.sgmv import sgmv_ref as sgmv
 
 STRATEGIES = ("bgmv", "mbgmv")
 BACKENDS = ("auto", "jnp", "pallas", "pallas_interpret")
@@ -52,18 +58,6 @@ def _rows(pool: jax.Array, idx: jax.Array) -> jax.Array:
     return take(pool, idx)
 
 
-def bgmv(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
-    """x [B, in], a [N, in], b [N, out], idx [B, R] row indices -> delta [B, out].
-
-    Written as multiply-reduce rather than batched dots: XLA:CPU then fuses each row gather
-    into its reduction and reads the adapter rows once, in place (a batched matrix-vector dot
-    first copies the gathered rows out)."""
-    f32 = jnp.float32
-    v = jnp.sum(x[:, None, :].astype(f32) * _rows(a, idx).astype(f32), axis=-1)  # [B, R]
-    v = v.astype(b.dtype).astype(f32)
-    return jnp.sum(v[:, :, None] * _rows(b, idx).astype(f32), axis=1)
-
-
 def row_lora(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
     """One adapter per row of tokens (a prefill chunk): x [P, Q, in], idx [P, R] -> [P, Q, out].
 
@@ -72,25 +66,6 @@ def row_lora(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Ar
     v = jnp.einsum("pqi,pri->pqr", x, _rows(a, idx), preferred_element_type=jnp.float32)
     return jnp.einsum(
         "pqr,pro->pqo", v.astype(b.dtype), _rows(b, idx), preferred_element_type=jnp.float32
-    )
-
-
-def mbgmv(x: jax.Array, a: jax.Array, b: jax.Array, rows: jax.Array, owner: jax.Array) -> jax.Array:
-    """x [B, in]; rows [T] pool rows of the whole batch; owner [T] batch row of each -> [B, out]."""
-    v = jnp.sum(take(x, owner).astype(jnp.float32) * take(a, rows).astype(jnp.float32), axis=-1)
-    contrib = v[:, None] * take(b, rows).astype(jnp.float32)
-    return jax.ops.segment_sum(contrib, owner, num_segments=x.shape[0])
-
-
-def sgmv(
-    x: jax.Array, a: jax.Array, b: jax.Array, seg_idx: jax.Array, group_sizes: jax.Array
-) -> jax.Array:
-    """x [M, in] sorted into G contiguous segments of sizes group_sizes [G];
-    seg_idx [G, R] pool rows of each segment's adapter -> [M, out]."""
-    a_g = jnp.swapaxes(a[seg_idx], 1, 2)  # [G, in, R]
-    v = jax.lax.ragged_dot(x, a_g, group_sizes, preferred_element_type=jnp.float32)
-    return jax.lax.ragged_dot(
-        v.astype(b.dtype), b[seg_idx], group_sizes, preferred_element_type=jnp.float32
     )
 
 
