@@ -12,6 +12,18 @@ import pytest
 os.environ.setdefault("CARA_JAX_CACHE", str(Path(__file__).parent / ".cache"))
 
 
+def _compile_cache() -> None:
+    """One persistent compile cache (and stored programs, engine/program_store.py) for the
+    session: engines of the same shape in different tests compile their programs once."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(os.environ["CARA_JAX_CACHE"]) / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+_compile_cache()
+
+
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))

@@ -169,8 +169,10 @@ def test_long_prompt_beside_short_ones_and_decode_keeps_going(tiny, smol_tok):
     assert reasons == ["length"] * 9
     mixed = [s for s in eng.steps if s.batch_size and s.prefill_tokens]
     assert mixed  # decode tokens rode along with prompt chunks
-    for (p, s), got in zip([*short[:4], long, *short[4:]], together, strict=True):
-        assert _run(eng, [(p, s)])[0][0] == got
+    # alone, the long prompt and a short one give the same tokens (batching invariance at large
+    # is test_engine's test_batching_changes_no_result)
+    assert _run(eng, [long])[0][0] == together[4]
+    assert _run(eng, [short[0]])[0][0] == together[0]
     eng.close()
 
 
