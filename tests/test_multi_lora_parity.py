@@ -107,7 +107,7 @@ def _engine_greedy(loaded, paths, rows, prompts, n_tokens, strategy):
 
     eng = Engine(loaded, _Ids(), EngineConfig(
         max_num_seqs=len(rows), max_model_len=128, max_prefill_seqs=2, max_num_batched_tokens=32,
-        kv_cache_memory=4 << 20, cold_start="cached", lora_strategy=strategy,
+        token_buckets=(32,), kv_cache_memory=4 << 20, cold_start="cached", lora_strategy=strategy,
         pool=PoolConfig(budget_bytes=64 << 20, max_rank=128),
     ))  # fmt: skip
     for name in {r for r in rows if r}:

@@ -134,7 +134,7 @@ def _chunk_logits(eng, ids, chunk):
 
 
 def test_chunked_prefill_equals_whole_prefill(smollm, smol_tok):
-    eng = _engine(smollm, smol_tok, max_num_batched_tokens=64)
+    eng = _engine(smollm, smol_tok, max_num_batched_tokens=64, token_buckets=(64,))
     ids = smol_tok.apply_chat_template(
         [{"role": "user", "content": "Explain in detail why the sky is blue, please."}],
         tokenize=True,
