@@ -43,6 +43,7 @@ class ChunkRow:
     final: bool  # the chunk ends the prompt: its last token's logits are sampled
     out_from: int  # positions >= out_from are earlier outputs (recompute after preemption)
     cpu_assist: bool = False  # the adapter is still loading: deltas may come from the CPU
+    first: bool = False  # the sequence's first chunk (after a prefix-cache hit, start > 0)
 
     @property
     def end(self) -> int:

@@ -22,6 +22,8 @@ class EngineConfig:
     # step sizes to compile; default: powers of two from min_token_bucket to the token budget
     token_buckets: tuple[int, ...] | None = None
     block_size: int = 16  # tokens per KV page
+    # reuse the KV of full blocks already computed for the same tokens and adapter content
+    enable_prefix_caching: bool = True
     # bytes of KV cache; default: a share of the device's free memory (GPU), of RAM (CPU)
     kv_cache_memory: int | None = None
     # sync: wait for the load; cached: every adapter preloaded; cpu_assist: prefill at once,

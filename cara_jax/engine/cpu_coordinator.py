@@ -31,6 +31,7 @@ def zero_stats() -> dict[str, float]:
     return {
         "cara_cpu_assist_prefills_total": 0,
         "cara_cpu_assist_fallbacks_total": 0,
+        "cara_cpu_assist_tokens_total": 0,  # prompt tokens whose deltas the workers computed
         "cara_cpu_lora_layers_cpu_total": 0,
         "cara_cpu_lora_layers_device_total": 0,
         "cara_cpu_lora_wait_seconds_total": 0.0,
@@ -121,6 +122,7 @@ class CpuAssistCoordinator:
             st["cara_cpu_assist_fallbacks_total"] += len(plan.rows)
             return {r.row for r in plan.rows}
         st["cara_cpu_assist_prefills_total"] += len(plan.rows)
+        st["cara_cpu_assist_tokens_total"] += sum(r.length for r in plan.rows)
         st["cara_cpu_lora_layers_cpu_total"] += plan.layers_cpu
         st["cara_cpu_lora_layers_device_total"] += (
             len(plan.rows) * self.num_layers - plan.layers_cpu

@@ -25,7 +25,7 @@ import numpy as np
 from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
 from cara_jax.engine.admission import Admission
-from cara_jax.engine.batch import ScheduledBatch
+from cara_jax.engine.batch import ChunkRow, ScheduledBatch
 from cara_jax.engine.block_manager import BlockManager
 from cara_jax.engine.config import COLD_START_MODES, EngineConfig, default_kv_cache_memory
 from cara_jax.engine.cpu_coordinator import CpuAssistCoordinator, zero_stats
@@ -89,7 +89,7 @@ class Engine:
                 loaded.cfg, self.pool, self.registry, cfg.cpu_workers, cfg.cpu_timeout_s
             )
         self.admission = Admission(cfg.scheduler, cfg.lora_strategy, jax.default_backend())
-        self.blocks = BlockManager(num_pages, cfg.block_size)
+        self.blocks = BlockManager(num_pages, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_prefill_seqs,
                             self.max_len),  # fmt: skip
@@ -127,6 +127,7 @@ class Engine:
         """A snapshot without the engine lock (the step holds it while it waits for the device):
         each field is read atomically; together they may straddle a step."""
         run = list(self.scheduler.running)
+        pc = self.blocks.stats
         return EngineStats(
             running=len(run), waiting=len(self.scheduler.waiting),
             max_num_seqs=self.config.max_num_seqs,
@@ -140,7 +141,18 @@ class Engine:
             running_adapters=tuple(sorted({s.adapter_name for s in run if s.adapter_name})),
             waiting_adapters=tuple(sorted({s.adapter_name for s in list(self.scheduler.waiting)
                                            if s.adapter_name})),
+            prefix_caching=self.blocks.enable_caching, prefix_cache_queries=pc.queries,
+            prefix_cache_hits=pc.hits, prefix_cache_blocks=self.blocks.num_cached,
+            prefix_cache_evictions=pc.evictions,
+            prefix_cache_hits_by_adapter=dict(pc.hits_by_adapter),
+            prefix_cache_queries_by_adapter=dict(pc.queries_by_adapter),
         )  # fmt: skip
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached blocks no running request holds (e.g. after changing weights in
+        place); returns how many were dropped."""
+        with self.lock:
+            return self.blocks.reset_cache()
 
     # ------------------------------------------------------------------ adapters
 
@@ -245,6 +257,7 @@ class Engine:
                 RequestRecord(
                     seq.request_id, seq.adapter_name, rank, seq.cold, seq.arrival, seq.admitted,
                     seq.token_times, len(seq.prompt_ids), seq.finish_reason, seq.preemptions,
+                    seq.num_cached_tokens or 0,
                 )
             )  # fmt: skip
         self.scheduler.release(seq)
@@ -292,7 +305,7 @@ class Engine:
         )  # fmt: skip
         self.steps.append(rec)
         self._num_steps += 1
-        epochs = {id(r.seq): r.seq.epoch for r in batch.rows}
+        epochs = {id(r.seq): (r.seq.epoch, r.seq.kv_epoch) for r in batch.rows}
         return res, epochs, cpu, rec
 
     def _collect(self, res: StepResult, epochs: dict, cpu, rec: StepRecord) -> list[RequestOutput]:
@@ -311,13 +324,19 @@ class Engine:
         for j, ch in enumerate(res.batch.chunks):
             if j in failed:
                 self._requeue_sync(ch.seq)
+        # the step's KV is in the cache and good: its full blocks may serve later prompts
+        for row in res.batch.rows:
+            if row.seq.finished or (row.seq.epoch, row.seq.kv_epoch) != epochs[id(row.seq)]:
+                continue
+            end = row.end if isinstance(row, ChunkRow) else row.position + 1
+            self.scheduler.commit_kv(row.seq, end)
         for k, row in enumerate(res.batch.rows):
             is_chunk = k >= len(res.batch.decode)
             idx = s + (k - len(res.batch.decode)) if is_chunk else k
             if is_chunk and not row.final:
                 continue
             seq = row.seq
-            if seq.finished or seq.epoch != epochs[id(seq)]:
+            if seq.finished or seq.epoch != epochs[id(seq)][0]:
                 continue  # finished, aborted or re-run while this token was in flight
             outputs.extend(self._accept(seq, int(toks[idx]), lp, idx))
         return outputs

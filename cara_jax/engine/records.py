@@ -38,6 +38,7 @@ class RequestRecord:
     prompt_tokens: int
     finish_reason: str | None
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def ttft(self) -> float | None:
@@ -71,6 +72,13 @@ class EngineStats:
     cpu_assist: dict
     running_adapters: tuple[str, ...]
     waiting_adapters: tuple[str, ...]
+    prefix_caching: bool = False
+    prefix_cache_queries: int = 0  # prompt tokens looked up at admission
+    prefix_cache_hits: int = 0  # of those, tokens whose KV was reused
+    prefix_cache_blocks: int = 0  # blocks registered now
+    prefix_cache_evictions: int = 0
+    prefix_cache_hits_by_adapter: dict = dataclasses.field(default_factory=dict)
+    prefix_cache_queries_by_adapter: dict = dataclasses.field(default_factory=dict)
 
     @property
     def kv_usage(self) -> float:

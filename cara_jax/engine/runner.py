@@ -273,7 +273,8 @@ class ModelRunner:
             x["tokens"][off : off + n] = ch.tokens
             m["positions"][off : off + n] = pos
             m["slot_mapping"][off : off + n] = table[pos // bs] * bs + pos % bs
-            x["ch_row"][j], x["ch_reset"][j], x["ch_out_from"][j] = ch.row, ch.start == 0, ch.out_from
+            x["ch_row"][j], x["ch_reset"][j], x["ch_out_from"][j] = (
+                ch.row, ch.start == 0 or ch.first, ch.out_from)
             k = s + j
             x["sample_tok"][k], x["sample_row"][k], x["sample_valid"][k] = off + n - 1, ch.row, ch.final
             ch_ad[j] = ch.adapter_slot

@@ -9,6 +9,10 @@ prompt thus spans several steps while the others keep decoding (chunked prefill)
 When a decoding sequence needs a page and none is free, the newest running sequence is
 preempted: its pages are freed and it goes back to the head of the queue, to be recomputed from
 its prompt and the tokens it has generated (same greedy output, nothing lost).
+
+With prefix caching (block_manager.py) an admitted request first takes the cached blocks that
+start its tokens under its adapter's content hash, and its chunks start after them; blocks are
+registered once the step that computed them has been read back without error (``commit_kv``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from cara_jax.adapters.device_pool import DevicePool, PoolFullError
 from cara_jax.adapters.store import AdapterRegistry
 from cara_jax.engine.admission import Admission
 from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
-from cara_jax.engine.block_manager import BlockManager
+from cara_jax.engine.block_manager import BASE_KEY, BlockManager, extend_block_hashes
 from cara_jax.engine.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
@@ -83,6 +87,7 @@ class Scheduler:
 
     def _free_kv(self, seq: Sequence) -> None:
         self.blocks.free(seq.request_id)
+        seq.kv_epoch += 1
         if seq.row >= 0:
             heapq.heappush(self._rows, seq.row)
             seq.row = -1
@@ -127,6 +132,35 @@ class Scheduler:
             seq.cpu_assist = True
         seq.adapter_slot = self.pool.slot_of(seq.content_hash)
         return True
+
+    # ------------------------------------------------------------------ prefix cache
+
+    def _hashes(self, seq: Sequence) -> list[bytes]:
+        key = seq.content_hash or BASE_KEY
+        if seq.hash_key != key:  # first use, or the name now holds other content
+            seq.block_hashes, seq.hash_key = [], key
+        return extend_block_hashes(seq.block_hashes, seq.tokens, self.blocks.block_size, key)
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Start an admitted sequence on the cached blocks of its tokens. At least its last
+        token is computed again: its logits are what the first sample needs. A request with
+        penalties prefills everything: its penalty state on the device is built from the tokens
+        its chunks carry."""
+        tokens = len(seq.tokens)
+        usable = (tokens - 1) // self.blocks.block_size
+        p = seq.params
+        penalties = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        lookup = self.blocks.enable_caching and not penalties
+        hashes = self._hashes(seq)[:usable] if lookup else []
+        seq.num_computed = self.blocks.match(seq.request_id, hashes)
+
+    def commit_kv(self, seq: Sequence, upto: int) -> None:
+        """The KV of positions [0, upto) is computed (its step was read back): register the
+        full blocks among them whose tokens are known."""
+        if not self.blocks.enable_caching:
+            return
+        n = min(upto, len(seq.prompt_ids) + len(seq.output_ids))
+        self.blocks.commit(seq.request_id, self._hashes(seq), n // self.blocks.block_size)
 
     # ------------------------------------------------------------------ one step
 
@@ -214,11 +248,17 @@ class Scheduler:
                 continue  # its load proceeds; requests behind it are not blocked
             seq.row = heapq.heappop(self._rows)
             seq.prefill_target = len(seq.tokens)
+            self._match_prefix(seq)
             ch = self._chunk(seq, budget)
             if ch is None:
-                heapq.heappush(self._rows, seq.row)
-                seq.row = -1
+                self._free_kv(seq)
+                seq.num_computed = 0
                 break
+            hit = ch.start
+            ch.first = True
+            self.blocks.record(seq.adapter_name, len(seq.tokens), hit)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = min(hit, len(seq.prompt_ids))
             self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             if seq.admitted is None:

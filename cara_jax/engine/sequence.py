@@ -28,6 +28,7 @@ class RequestOutput:
     # per new token when requested: {"token_id", "logprob", "top": [(token_id, logprob), ...]}
     logprobs: list[dict] | None = None
     error: str | None = None  # why, when finish_reason == "error"
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclasses.dataclass
@@ -50,6 +51,10 @@ class Sequence:
     num_sampled: int = 0  # tokens sampled so far, those still in flight included
     epoch: int = 0  # bumped when in-flight results must be dropped (CPU-assist fallback)
     preemptions: int = 0
+    kv_epoch: int = 0  # bumped whenever the sequence's pages are given back
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)  # full blocks' chain
+    hash_key: str | None = None  # the adapter key block_hashes were computed with
+    num_cached_tokens: int | None = None  # prefix-cache hit at its first admission
     output_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     emitted: int = 0  # chars of text already streamed
@@ -118,5 +123,6 @@ class Sequence:
         if self.params.logprobs is not None:
             lps, self.pending_logprobs = self.pending_logprobs[: len(new_tokens)], []
         return RequestOutput(
-            self.request_id, piece, new_tokens, self.finished, self.finish_reason, lps
+            self.request_id, piece, new_tokens, self.finished, self.finish_reason, lps,
+            num_cached_tokens=self.num_cached_tokens or 0,
         )
