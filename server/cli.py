@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--block-size", type=positive(int), default=16, help="tokens per KV page")
     m.add_argument(
+        "--prefix-caching",
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of prompt blocks already computed for the same tokens and adapter "
+        "content (on by default; --no-prefix-caching turns it off)",
+    )
+    m.add_argument(
         "--compile-cache",
         metavar="DIR",
         help="persistent XLA compilation cache, so restarts skip most compile time "
@@ -304,6 +312,7 @@ def _engine_config(args: argparse.Namespace):
         token_buckets=args.token_buckets,
         kv_cache_memory=args.kv_cache_memory,
         block_size=args.block_size,
+        enable_prefix_caching=args.prefix_caching,
         cold_start=args.cold_start,
         cpu_workers=args.cpu_workers,
         lora_strategy=args.lora_kernel,

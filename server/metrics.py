@@ -146,6 +146,7 @@ class EngineCollector(Collector):
         )
         c.add_metric([], es.preemptions)
         yield c
+        yield from _prefix_cache_metrics(es, base)
         yield _gauge(
             "cara_compiled_programs", "Compiled step programs", es.compiled_programs
         )
@@ -221,6 +222,35 @@ class EngineCollector(Collector):
             c = CounterMetricFamily(name[: -len("_total")], f"Admission: {name}")
             c.add_metric([], value)
             yield c
+
+
+def _prefix_cache_metrics(es, base: str) -> Iterator[Metric]:
+    """vLLM's prefix-cache counters (in prompt tokens), and the same per adapter."""
+    for kind, total, by in (
+        ("queries", es.prefix_cache_queries, es.prefix_cache_queries_by_adapter),
+        ("hits", es.prefix_cache_hits, es.prefix_cache_hits_by_adapter),
+    ):
+        c = CounterMetricFamily(
+            f"vllm:prefix_cache_{kind}", f"Prefix cache {kind}, in prompt tokens (vLLM name)"
+        )
+        c.add_metric([], total)
+        yield c
+        c = CounterMetricFamily(
+            f"cara_prefix_cache_{kind}_by_adapter",
+            f"Prefix cache {kind} per model, in prompt tokens (the base model under its name)",
+            labels=["adapter"],
+        )
+        for adapter, n in sorted(by.items(), key=lambda kv: kv[0] or ""):
+            c.add_metric([adapter or base], n)
+        yield c
+    yield _gauge("cara_prefix_cache_blocks", "KV blocks registered in the prefix cache",
+                 es.prefix_cache_blocks)  # fmt: skip
+    c = CounterMetricFamily(
+        "cara_prefix_cache_evictions", "Cached KV blocks whose pages were taken for other data"
+    )
+    c.add_metric([], es.prefix_cache_evictions)
+    yield c
+    yield _gauge("cara_prefix_caching", "1 when prefix caching is on", float(es.prefix_caching))
 
 
 def _cpu_assist_metrics(engine) -> Iterator[Metric]:

@@ -58,8 +58,10 @@ class _Choice:
     first: float | None = None
     last: float | None = None
     offset: int = 0  # text_offset of the next log-prob token (completions)
+    cached: int = 0  # prompt tokens served from the prefix cache
 
     def take(self, out: RequestOutput, now: float) -> None:
+        self.cached = max(self.cached, out.num_cached_tokens)
         if out.token_ids:
             self.tokens += len(out.token_ids)
             if self.first is None:
@@ -172,7 +174,11 @@ class _Generation:
                     m.slo_violations.inc()
 
     def usage(self) -> dict:
-        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
+        return usage(
+            self.prompt_tokens,
+            sum(c.tokens for c in self.choices),
+            sum(c.cached for c in self.choices),
+        )
 
     def _prefix(self, i: int) -> str:
         """Echoed prompt text of choice i (completions with ``echo``)."""

@@ -458,3 +458,29 @@ def test_health_is_starting_until_every_program_is_compiled(tiny, smollm_path):
         assert eng.runner.hot_compiles == 0
     finally:
         server.stop()
+
+
+def test_prefix_cache_reports_cached_tokens_per_adapter(srv):
+    """A shared system prompt: the second request of an adapter reports the cached prompt
+    tokens in usage, another adapter gets none, and /metrics counts both."""
+    system = {"role": "system", "content": "You are a terse assistant. " * 8}
+    client = srv.client()
+
+    def ask(model, question):
+        msgs = [system, {"role": "user", "content": question}]
+        return client.chat.completions.create(model=model, messages=msgs, max_tokens=2,
+                                              temperature=0).usage  # fmt: skip
+
+    first, second = ask("demo-1", "Name a color."), ask("demo-1", "Name a fruit.")
+    other = ask("demo-0", "Name a fruit.")
+    assert first.prompt_tokens > 64
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert second.prompt_tokens_details.cached_tokens >= 64  # the system prompt's full blocks
+    assert other.prompt_tokens_details.cached_tokens == 0  # never across adapters
+    _, text = get(srv.url + "/metrics")
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    hits = {s.labels.get("adapter"): s.value
+            for s in fams["cara_prefix_cache_hits_by_adapter"].samples}  # fmt: skip
+    assert hits["demo-1"] >= second.prompt_tokens_details.cached_tokens
+    total = [s.value for s in fams["vllm:prefix_cache_hits"].samples if s.name.endswith("_total")]
+    assert total and total[0] >= hits["demo-1"]

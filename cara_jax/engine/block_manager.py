@@ -45,8 +45,8 @@ class PrefixCacheStats:
     queries: int = 0
     hits: int = 0
     evictions: int = 0  # cached blocks whose pages were taken for other data
-    hits_by_adapter: dict[str, int] = dataclasses.field(default_factory=dict)
-    queries_by_adapter: dict[str, int] = dataclasses.field(default_factory=dict)
+    hits_by_adapter: dict[str | None, int] = dataclasses.field(default_factory=dict)
+    queries_by_adapter: dict[str | None, int] = dataclasses.field(default_factory=dict)
 
 
 class BlockManager:
@@ -133,7 +133,7 @@ class BlockManager:
 
     def record(self, adapter: str | None, query_tokens: int, hit_tokens: int) -> None:
         """Count one admission's lookup (in tokens) and what it found."""
-        name, s = adapter or BASE_KEY, self.stats
+        name, s = adapter, self.stats  # None: the base model
         s.queries += query_tokens
         s.hits += hit_tokens
         s.queries_by_adapter[name] = s.queries_by_adapter.get(name, 0) + query_tokens
