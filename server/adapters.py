@@ -21,14 +21,14 @@ from cara_jax.adapters.store import RegisteredAdapter, UnknownAdapterError
 from server.protocol import ApiError, not_found_model
 
 if TYPE_CHECKING:
-    from server.app import ServerState
+    from server.state import AppState
 
 log = logging.getLogger(__name__)
 MAX_NAME = 256
 
 
 class AdapterManager:
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: AppState) -> None:
         self.state = state
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 

@@ -7,7 +7,6 @@ the app that owns the engine shuts it down.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import threading
@@ -20,25 +19,13 @@ from cara_jax.api import AsyncEngine
 from server.adapters import AdapterManager
 from server.lora_dir import LoraDir
 from server.metrics import Metrics
-from server.protocol import ApiError, TokenText, check_api_key, error_body
+from server.middleware import auth_middleware, error_middleware
+from server.protocol import ApiError, TokenText
+from server.state import STATE, ServerConfig
 
 log = logging.getLogger(__name__)
-STATE: web.AppKey[ServerState] = web.AppKey("cara_state")
 MAX_BODY = 16 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerConfig:
-    served_names: tuple[str, ...]  # the first is reported; all are accepted as `model`
-    model_root: str  # the base model's path, /v1/models' `root`
-    api_key: str | None = None
-    max_queue: int = 256  # waiting sequences at which new requests get 429
-    lora_dir: str | None = None
-    drain_timeout_s: float = 30.0
-    tpot_slo_s: float | None = None
-    cost_model: str | None = None  # kept for the scheduler; shown in /health
-    retry_after_s: int = 1
-    sse_keepalive_s: float = 5.0  # comment line on a stream that has been silent this long
+__all__ = ["STATE", "BackgroundServer", "ServerConfig", "ServerState", "build_app"]
 
 
 class ServerState:
@@ -83,54 +70,12 @@ def json_error(err: ApiError) -> web.Response:
     return web.json_response(err.body(), status=err.status, headers=err.headers)
 
 
-def _endpoint(request: web.Request) -> str:
-    route = request.match_info.route
-    if route.resource is None or request.match_info.http_exception is not None:
-        return "unmatched"  # random paths must not become label values
-    return route.resource.canonical
+def _count(request: web.Request, endpoint: str, status: str) -> None:
+    request.app[STATE].metrics.requests.labels(endpoint, status).inc()
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Every failure becomes OpenAI's error object; nothing a request does stops the server."""
-    state = request.app[STATE]
-    endpoint = _endpoint(request)
-    try:
-        resp = await handler(request)
-    except ApiError as e:
-        resp = json_error(e)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        kind = "invalid_request_error" if e.status < 500 else "server_error"
-        body = error_body(e.reason or "error", kind, code=str(e.status))
-        if e.status == 404:
-            body["error"]["message"] = f"no route {request.method} {request.path}"
-        headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
-        resp = web.json_response(body, status=e.status, headers=headers)
-    except asyncio.CancelledError:
-        state.metrics.requests.labels(endpoint, "499").inc()  # client went away
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        resp = web.json_response(
-            error_body(
-                "internal server error (logged on the server)",
-                "server_error",
-                code="internal_error",
-            ),
-            status=500,
-        )
-    state.metrics.requests.labels(endpoint, str(resp.status)).inc()
-    return resp
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """``--api-key`` guards /v1/*; /health, /metrics and /openapi.json stay open, as in vLLM."""
-    key = request.app[STATE].config.api_key
-    check_api_key(request.path, request.headers.get("Authorization", ""), key)
-    return await handler(request)
+def _api_key(request: web.Request) -> str | None:
+    return request.app[STATE].config.api_key
 
 
 async def _drain(app: web.Application) -> None:
@@ -156,7 +101,8 @@ async def _close_engine(app: web.Application) -> None:
 def build_app(state: ServerState) -> web.Application:
     from server.routes import add_routes
 
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
+    middlewares = [error_middleware(_count), auth_middleware(_api_key)]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[STATE] = state
     add_routes(app)
     app.on_shutdown.append(_drain)

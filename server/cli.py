@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--demo-rank", type=positive(int), default=8, help="rank of demo adapters")
     a.add_argument(
+        "--allow-runtime-lora",
+        action="store_true",
+        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter without --lora-dir "
+        "(a runtime load then reads any path the server process can read); without this flag "
+        "and without --lora-dir they are refused",
+    )
+    a.add_argument(
         "--cold-start",
         default="sync",
         help="how a request whose adapter is not on the device starts: cached "
@@ -295,6 +302,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="level of the server's own log lines",
     )
     h.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+    r = p.add_argument_group("scale-out (Ray Serve; needs the ray[serve] extra, docs/ray_serve.md)")
+    r.add_argument(
+        "--replicas",
+        type=positive(int),
+        default=None,
+        metavar="N",
+        help="serve with N engine replicas (each its own process) behind one ingress, on Ray "
+        "Serve; starts a local Ray unless --ray-address is given",
+    )
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this Ray cluster (e.g. auto, or host:6379) instead of starting a local one",
+    )
+    r.add_argument(
+        "--ray-router",
+        choices=["rank_aware", "power_of_two", "least_loaded", "round_robin"],
+        default="rank_aware",
+        help="how requests are spread over replicas: rank_aware (Algorithm 1, needs "
+        "--cost-model), or a baseline (power_of_two is Ray Serve's default)",
+    )
+    r.add_argument(
+        "--replica-cpus",
+        type=positive(float),
+        default=1.0,
+        help="Ray CPUs reserved per replica",
+    )
+    r.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="pin each replica's process to its own cores (replica rank x --replica-cpus), "
+        "so replicas on one machine do not share cores",
+    )
+    r.add_argument(
+        "--avg-response-len",
+        type=positive(float),
+        default=128.0,
+        help="rank_aware: Algorithm 1 spreads a request's prefill over this many output tokens",
+    )
     return p
 
 
@@ -377,6 +424,7 @@ def build_state(args: argparse.Namespace):
         tpot_slo_s=args.tpot_slo,
         cost_model=args.cost_model,
         sse_keepalive_s=args.sse_keepalive,
+        allow_runtime_lora=args.allow_runtime_lora,
     )
     state = ServerState(AsyncEngine(engine), config)
     adapters = dict(args.lora)
@@ -438,6 +486,53 @@ def start_warmup(state) -> threading.Thread | None:
     return th
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def fleet_config(args: argparse.Namespace):
+    """The Ray Serve fleet of ``--replicas N`` (server/ray_serve.py), from the flags."""
+    from server.ray_serve import FleetConfig
+
+    engine_args = argparse.Namespace(**vars(args))
+    engine_args.replicas = None
+    return FleetConfig(
+        engine_args=engine_args,
+        build_state=build_state,
+        start_warmup=start_warmup,
+        replicas=args.replicas,
+        router=args.ray_router,
+        avg_response_len=args.avg_response_len,
+        replica_cpus=args.replica_cpus,
+        pin_cpus=args.pin_cpus,
+        api_key=args.api_key or None,
+    )
+
+
+def ray_serve_missing() -> str | None:
+    """What of Ray Serve is not installed (None: all of it)."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        return "Ray Serve"
+    try:
+        import starlette  # noqa: F401
+    except ImportError:
+        return "Ray Serve's HTTP extras"
+    return None
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> bool:
+    """Warn when the server listens beyond loopback without an API key (True if it did)."""
+    if api_key or host in LOOPBACK or host.startswith("127."):
+        return False
+    log.warning(
+        "listening on %s without an API key: anyone who can reach this port can generate "
+        "(and load adapters if runtime loads are allowed); set --api-key or CARA_API_KEY",
+        host,
+    )
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -445,6 +540,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("cara_serve", "server", "cara_jax", "aiohttp.access"):  # not absl/jax chatter
         logging.getLogger(name).setLevel(args.log_level.upper())
+    warn_if_exposed(args.host, args.api_key)
+    if args.replicas is not None:
+        if missing := ray_serve_missing():
+            print(f"cara-serve: --replicas needs {missing}: pip install 'cara-jax[ray]' "
+                  "(or pip install 'ray[serve]')", file=sys.stderr)  # fmt: skip
+            return 2
+        from server.ray_serve import run_fleet
+
+        return run_fleet(fleet_config(args), args.host, args.port, args.ray_address)
     from aiohttp import web
 
     from server.app import build_app

@@ -11,17 +11,20 @@ import asyncio
 
 from aiohttp import web
 
-from server.app import STATE
+from server.state import STATE, AppState
 
 
-async def scheduler_state(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+def _state_document(state: AppState, live: dict) -> dict:
     engine = state.engine
     sched = engine.admission
     cost = None
     if sched.cost is not None:
         cost = {k: v for k, v in sched.cost.to_dict().items() if k != "samples"}
-    body = {
+    registered = state.adapters.registered()
+    predicted = None
+    if sched.cost is not None and live["running"]:
+        predicted = sched.cost.decode_latency([r["rank"] for r in live["running"]])
+    return {
         "object": "scheduler_state",
         "model": state.base_name,
         "served_names": list(state.config.served_names),
@@ -32,11 +35,22 @@ async def scheduler_state(request: web.Request) -> web.Response:
         "max_queue": state.config.max_queue,
         "tpot_slo_s": sched.config.tpot_slo,
         "cost_model": cost,
-        "adapters": {name: e.max_rank for name, e in state.adapters.registered().items()},
-        # the engine lock may be held for a step: read it off the event loop
-        **(await asyncio.to_thread(engine.scheduler_state)),
+        "adapters": {name: e.max_rank for name, e in registered.items()},
+        "resident": sorted(
+            n for n, e in registered.items() if engine.pool.is_resident(e.content_hash)
+        ),
+        "predicted_tpot_s": predicted,  # the cost model's decode step for the running batch
+        **live,
     }
-    return web.json_response(body)
+
+
+async def state_document(state: AppState) -> dict:
+    """The document (the engine lock may be held for a step: read it off the event loop)."""
+    return _state_document(state, await asyncio.to_thread(state.engine.scheduler_state))
+
+
+async def scheduler_state(request: web.Request) -> web.Response:
+    return web.json_response(await state_document(request.app[STATE]))
 
 
 def add_state_route(app: web.Application) -> None:

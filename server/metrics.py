@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from server.app import ServerState
+    from server.state import AppState
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
@@ -32,7 +32,7 @@ LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 class Metrics:
     """The server's metrics; ``render()`` is what GET /metrics returns."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: AppState) -> None:
         self.state = state
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
@@ -114,7 +114,7 @@ def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = No
 class EngineCollector(Collector):
     """Engine state at scrape time."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: AppState) -> None:
         self.state = state
 
     def collect(self) -> Iterator[Metric]:

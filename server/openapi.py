@@ -12,7 +12,7 @@ from cara_jax.sampling_params import MAX_LOGPROBS
 from server.protocol import MAX_N
 
 if TYPE_CHECKING:
-    from server.app import ServerState
+    from server.state import AppState
 
 REF = "#/components/schemas/"
 
@@ -393,7 +393,7 @@ def _generation_op(summary: str, req: str, resp: str, chunk_doc: str) -> dict:
     }
 
 
-def openapi_spec(state: ServerState) -> dict:
+def openapi_spec(state: AppState) -> dict:
     schemas = _schemas(state.max_len)
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         schemas[name]["example"]["model"] = state.base_name

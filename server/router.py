@@ -26,14 +26,10 @@ import aiohttp
 from aiohttp import web
 
 from cara_jax.scheduling.cost_model import CostModel, load_cost_models
-from cara_jax.scheduling.router import (
-    POLICIES,
-    FirstFitRouter,
-    InstanceState,
-    RequestInfo,
-    make_router,
-)
-from server.protocol import ApiError, bad, check_api_key, error_body, read_json_object
+from cara_jax.scheduling.fleet import Member, NoCostModelError, plan
+from cara_jax.scheduling.router import POLICIES, NoInstanceError, RequestInfo, make_router
+from server.middleware import auth_middleware, error_middleware
+from server.protocol import ApiError, bad, error_body, read_json_object
 from server.router_estimates import estimate_prompt_tokens, request_slo
 from server.router_metrics import RouterMetrics
 from server.router_state import Instance, InstancePool, Snapshot, describe_error
@@ -160,51 +156,41 @@ class RouterState:
     def plan(
         self, model: str | None, body: Mapping[str, Any], exclude: frozenset[int] = frozenset()
     ) -> tuple[Instance, RequestInfo]:
-        """Pick the instance for a request (the policy over the eligible instances)."""
+        """Pick the instance for a request: the shared routing step (fleet.plan)."""
         insts = self.pool.instances
-        usable = [i for i in insts if i.up and i.snapshot is not None and i.index not in exclude]
-        if not usable:
+        members = [
+            Member(
+                i.snapshot,
+                self.cost_for(i.snapshot) if i.snapshot else None,
+                i.unreported() if i.snapshot else (),
+                up=i.up,
+                name=i.url,
+            )
+            for i in insts
+        ]
+        try:
+            p = plan(
+                self.router,
+                members,
+                model,
+                estimate_prompt_tokens(body),
+                request_slo(body),
+                needs_cost=self.needs_cost,
+                exclude=exclude,
+            )
+        except NoCostModelError as e:
+            raise ApiError(
+                503,
+                f"routing policy {self.config.policy} needs a cost model, and neither the "
+                "instances nor the router have one (start cara-router with --cost-model)",
+                type="server_error",
+                code="no_cost_model",
+            ) from e
+        except NoInstanceError as e:
             raise ApiError(
                 503, "no cara-serve instance is reachable", type="server_error", code="no_instance"
-            )
-        knows = [i for i in usable if i.snapshot.rank_of(model) is not None]
-        cands = knows or usable  # nobody knows the model: one may load it, or answer 404
-        if self.needs_cost:
-            cands = [i for i in cands if self.cost_for(i.snapshot) is not None]
-            if not cands:
-                raise ApiError(
-                    503,
-                    f"routing policy {self.config.policy} needs a cost model, and neither the "
-                    "instances nor the router have one (start cara-router with --cost-model)",
-                    type="server_error",
-                    code="no_cost_model",
-                )
-        room = [i for i in cands if not i.snapshot.queue_full]
-        eligible = {i.index for i in room or cands}  # all full: one answers 429 + Retry-After
-        ranks = [r for i in insts if i.index in eligible if (r := i.snapshot.rank_of(model))]
-        slo = request_slo(body)
-        if slo is None:  # the instances' default, where they agree on one
-            defaults = {i.snapshot.tpot_slo_s for i in insts if i.index in eligible}
-            slo = defaults.pop() if len(defaults) == 1 else None
-        info = RequestInfo(max(ranks, default=0), estimate_prompt_tokens(body), slo)
-        states = []
-        for inst in insts:
-            snap = inst.snapshot  # None: never fetched, so not eligible
-            states.append(
-                InstanceState(
-                    # None only where nothing reads it: an ineligible instance, or a policy
-                    # without a cost model (COST_POLICIES were filtered above)
-                    cost=self.cost_for(snap) if snap else None,  # type: ignore[arg-type]
-                    running=snap.running if snap else (),
-                    queued=(*snap.queued, *inst.unreported()) if snap else (),
-                    eligible=inst.index in eligible,
-                    name=inst.url,
-                )
-            )
-        if isinstance(self.router, FirstFitRouter):  # "full" = every slot of an instance busy
-            slots = [insts[i].snapshot.num_slots for i in eligible]
-            self.router.capacity = min((s for s in slots if s > 0), default=self.router.capacity)
-        return insts[self.router.route(info, states)], info
+            ) from e
+        return insts[p.order[0]], p.info
 
     async def forward(
         self, request: web.Request, inst: Instance, info: RequestInfo, raw: bytes
@@ -460,50 +446,12 @@ async def metrics(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- the app
 
 
-def _endpoint(request: web.Request) -> str:
-    route = request.match_info.route
-    if route.resource is None or request.match_info.http_exception is not None:
-        return "unmatched"
-    return route.resource.canonical
+def _count(request: web.Request, endpoint: str, status: str) -> None:
+    request.app[ROUTER].metrics.http.labels(endpoint, status).inc()
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Every failure becomes OpenAI's error object; no request stops the router."""
-    rs = request.app[ROUTER]
-    endpoint = _endpoint(request)
-    try:
-        resp = await handler(request)
-    except ApiError as e:
-        resp = web.json_response(e.body(), status=e.status, headers=e.headers)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        kind = "invalid_request_error" if e.status < 500 else "server_error"
-        msg = f"no route {request.method} {request.path}" if e.status == 404 else e.reason
-        headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
-        resp = web.json_response(
-            error_body(msg or "error", kind, code=str(e.status)), status=e.status, headers=headers
-        )
-    except asyncio.CancelledError:
-        rs.metrics.http.labels(endpoint, "499").inc()
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        resp = web.json_response(
-            error_body("internal router error (logged)", "server_error", code="internal_error"),
-            status=500,
-        )
-    rs.metrics.http.labels(endpoint, str(resp.status)).inc()
-    return resp
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """With an API key, /v1/* needs it; /health and /metrics stay open (as in cara-serve)."""
-    key = request.app[ROUTER].config.api_key
-    check_api_key(request.path, request.headers.get("Authorization", ""), key)
-    return await handler(request)
+def _api_key(request: web.Request) -> str | None:
+    return request.app[ROUTER].config.api_key
 
 
 async def _start(app: web.Application) -> None:
@@ -532,7 +480,8 @@ async def _stop(app: web.Application) -> None:
 
 
 def build_router_app(config: RouterConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
+    middlewares = [error_middleware(_count, "internal router error"), auth_middleware(_api_key)]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[ROUTER] = RouterState(config)
     app.router.add_post("/v1/completions", generate)
     app.router.add_post("/v1/chat/completions", generate)

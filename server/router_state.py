@@ -26,121 +26,13 @@ from typing import Any
 
 import aiohttp
 
-from cara_jax.scheduling.cost_model import KERNELS, CostModel
+from cara_jax.scheduling.cost_model import CostModel
+from cara_jax.scheduling.fleet import BadStateError, Snapshot, parse_snapshot
 from cara_jax.scheduling.router import RequestInfo
 
 log = logging.getLogger("cara_router")
 STATE_PATH = "/v1/scheduler/state"
-
-
-class BadStateError(ValueError):
-    """An instance's state document does not follow the schema (docs/router.md)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Snapshot:
-    """One parsed ``/v1/scheduler/state`` document."""
-
-    model: str
-    served_names: tuple[str, ...]
-    kernel: str
-    num_slots: int
-    free_slots: int
-    max_queue: int
-    tpot_slo_s: float | None  # the instance's default TPOT SLO (None: 1.5 x the base step)
-    cost: CostModel | None
-    running: tuple[RequestInfo, ...]
-    queued: tuple[RequestInfo, ...]
-    adapters: Mapping[str, int]  # adapter name -> max rank
-
-    def rank_of(self, model: str | None) -> int | None:
-        """0 for the base model (also when ``model`` is None), the adapter's rank, or None
-        when this instance does not serve ``model`` by that name."""
-        if model is None or model == self.model or model in self.served_names:
-            return 0
-        return self.adapters.get(model)
-
-    @property
-    def queue_full(self) -> bool:
-        return self.max_queue > 0 and len(self.queued) >= self.max_queue
-
-
-def _num(d: Mapping[str, Any], key: str, kind: type, default: Any = None, minimum=0) -> Any:
-    v = d.get(key, default)
-    if v is None and default is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise BadStateError(f"`{key}` must be a number, got {v!r}")
-    if not math.isfinite(v) or v < minimum:
-        raise BadStateError(f"`{key}` must be a finite number >= {minimum}, got {v!r}")
-    return kind(v)
-
-
-def _requests(items: Any, key: str, default_slo: float | None) -> tuple[RequestInfo, ...]:
-    """Running or queued entries; an entry without its own SLO has the instance's default."""
-    if not isinstance(items, list):
-        raise BadStateError(f"`{key}` must be an array")
-    out = []
-    for e in items:
-        if not isinstance(e, dict):
-            raise BadStateError(f"`{key}` entries must be objects")
-        slo = _num(e, "slo_s", float, None, minimum=1e-9)
-        out.append(
-            RequestInfo(
-                rank=_num(e, "rank", int, 0),
-                prompt_tokens=_num(e, "prompt_tokens", int, 0),
-                slo_s=default_slo if slo is None else slo,
-            )
-        )
-    return tuple(out)
-
-
-def parse_snapshot(
-    d: Any, cost_of: Callable[[Mapping[str, Any]], CostModel] = CostModel.from_dict
-) -> Snapshot:
-    """A state document as a ``Snapshot``; ``BadStateError`` if it breaks the schema.
-    ``cost_of`` turns the published cost model into a ``CostModel`` (a caching callable)."""
-    if not isinstance(d, dict) or d.get("object") != "scheduler_state":
-        raise BadStateError("not a scheduler_state object")
-    model = d.get("model")
-    names = d.get("served_names") or [model]
-    if (
-        not isinstance(model, str)
-        or not isinstance(names, list)
-        or not all(isinstance(n, str) for n in names)
-    ):
-        raise BadStateError("`model` and `served_names` must be strings")
-    kernel = d.get("kernel", "bgmv")
-    if kernel not in KERNELS:
-        raise BadStateError(f"`kernel` must be one of {KERNELS}, got {kernel!r}")
-    adapters = d.get("adapters") or {}
-    if not isinstance(adapters, dict):
-        raise BadStateError("`adapters` must be an object of name -> rank")
-    ranks = {}
-    for name, rank in adapters.items():
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise BadStateError(f"adapter {name!r}: rank must be an integer >= 0, got {rank!r}")
-        ranks[name] = rank
-    slo = _num(d, "tpot_slo_s", float, None, minimum=1e-9)
-    cost = None
-    if d.get("cost_model") is not None:
-        try:
-            cost = cost_of(d["cost_model"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadStateError(f"`cost_model` does not parse: {e!r}") from e
-    return Snapshot(
-        model=model,
-        served_names=tuple(names),
-        kernel=kernel,
-        num_slots=_num(d, "num_slots", int, 0),
-        free_slots=_num(d, "free_slots", int, 0),
-        max_queue=_num(d, "max_queue", int, 0),
-        tpot_slo_s=slo,
-        cost=cost,
-        running=_requests(d.get("running", []), "running", slo),
-        queued=_requests(d.get("queued", []), "queued", slo),
-        adapters=ranks,
-    )
+__all__ = ["BadStateError", "Instance", "InstancePool", "Snapshot", "parse_snapshot"]
 
 
 @dataclasses.dataclass

@@ -22,7 +22,6 @@ from cara_jax.engine import PromptTooLongError
 from cara_jax.engine.sequence import RequestOutput
 from cara_jax.sampling_params import InvalidRequestError
 from cara_jax.scheduling.admission import QueueFullError
-from server.app import STATE, ServerState
 from server.instance_state import add_state_route
 from server.openapi import openapi_spec
 from server.protocol import (
@@ -37,6 +36,7 @@ from server.protocol import (
     read_json_object,
     usage,
 )
+from server.state import STATE, AppState
 
 log = logging.getLogger(__name__)
 _BIG_BODY = 64 << 10  # tokenize bodies larger than this off the event loop
@@ -100,7 +100,7 @@ class _Generation:
     """One API request's life: submit every choice, then collect or stream the deltas."""
 
     def __init__(
-        self, state: ServerState, req: GenerationRequest, adapter: str | None, arrival: float
+        self, state: AppState, req: GenerationRequest, adapter: str | None, arrival: float
     ) -> None:
         self.state = state
         self.req = req
@@ -429,7 +429,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------------- models, adapters
 
 
-def _model_card(state: ServerState, name: str) -> dict | None:
+def _model_card(state: AppState, name: str) -> dict | None:
     card = {
         "object": "model",
         "created": state.created,
@@ -462,8 +462,22 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(card)
 
 
+def _runtime_lora_allowed(state: AppState) -> None:
+    """Runtime adapter loads read files the server process can read: refused unless
+    --lora-dir confines them or --allow-runtime-lora allows them (vLLM's rule)."""
+    if not state.config.runtime_lora:
+        raise ApiError(
+            403,
+            "runtime LoRA loading and unloading is disabled: start the server with --lora-dir "
+            "DIR (loads confined to DIR) or --allow-runtime-lora",
+            type="permission_error",
+            code="runtime_lora_disabled",
+        )
+
+
 async def load_lora_adapter(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    _runtime_lora_allowed(state)
     body = await _read_body(request)
     name = state.adapters.check_name(body.get("lora_name"))
     raw = body.get("lora_path")
@@ -501,6 +515,7 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
 
 async def unload_lora_adapter(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    _runtime_lora_allowed(state)
     body = await _read_body(request)
     name = state.adapters.check_name(body.get("lora_name"))
     await state.adapters.unload(name)

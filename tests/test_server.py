@@ -22,6 +22,7 @@ from tests.server_helpers import (
     assert_error,
     post,
     py_generate,
+    side_app,
     start_server,
     wait_idle,
 )
@@ -243,6 +244,30 @@ def test_load_use_unload(srv):
     status, _, body = post(srv.url + "/v1/unload_lora_adapter", {"lora_name": "extra"})
     assert status == 404
     assert_error(body, "model_not_found")
+
+
+def test_runtime_lora_needs_lora_dir_or_the_flag(srv, tmp_path):
+    """Without --lora-dir, runtime loads read any path the process can: refused unless
+    --allow-runtime-lora (vLLM's rule)."""
+    write_demo_adapter(tmp_path / "free", srv.state.engine.loaded.cfg, rank=4, seed=7)
+    load = {"lora_name": "free", "lora_path": str(tmp_path / "free")}
+    closed = side_app(srv, lora_dir=None)
+    opened = side_app(srv, lora_dir=None, allow_runtime_lora=True)
+    try:
+        for path, body in (("load", load), ("unload", {"lora_name": "demo-0"})):
+            status, _, resp = post(f"{closed.url}/v1/{path}_lora_adapter", body)
+            assert status == 403, resp
+            assert_error(resp, "runtime_lora_disabled")
+            assert "--allow-runtime-lora" in resp["error"]["message"]
+        assert "free" not in srv.state.adapters.registered()
+        assert "demo-0" in srv.state.adapters.registered()
+        status, _, resp = post(opened.url + "/v1/load_lora_adapter", load)
+        assert status == 200 and resp["rank"] == 4, resp
+        status, _, resp = post(opened.url + "/v1/unload_lora_adapter", {"lora_name": "free"})
+        assert status == 200, resp
+    finally:
+        closed.stop()
+        opened.stop()
 
 
 def test_load_refusals(srv):

@@ -101,6 +101,7 @@ class InstanceState:
     eligible: bool = True  # serves the model and has room for the adapter
     name: str = ""
     summary: BatchSummary | None = None
+    resident: bool = False  # holds the request's adapter on the device already
 
     @property
     def load(self) -> int:
@@ -151,6 +152,13 @@ class Router:
     def _pick(self, req: RequestInfo, instances: Sequence[InstanceState], cands: list[int]) -> int:
         raise NotImplementedError
 
+    def order(self, req: RequestInfo, instances: Sequence[InstanceState]) -> list[int]:
+        """Every eligible instance, most preferred first: the policy's pick, then the rest
+        by load (a front end that cannot reach its first choice tries the next)."""
+        first = self.route(req, instances)
+        rest = [i for i, inst in enumerate(instances) if inst.eligible and i != first]
+        return [first, *sorted(rest, key=lambda i: (instances[i].load, i))]
+
 
 class RankAwareRouter(Router):
     """Algorithm 1 (see the module docstring)."""
@@ -198,21 +206,32 @@ class RankAwareRouter(Router):
         return c * s.n, ratio
 
     def _pick(self, req: RequestInfo, instances: Sequence[InstanceState], cands: list[int]) -> int:
-        solo: dict[int, float] = {}  # the request's prefill per distinct cost model
-        scored = []
-        for i in cands:
-            cost = instances[i].cost
-            if id(cost) not in solo:
-                solo[id(cost)] = solo_prefill(cost, req)
-            scored.append((*self.evaluate(req, instances[i], solo[id(cost)]), instances[i].load, i))
-        return self._choose(scored)
+        return self._ranked(req, instances, cands)[0]
 
-    @staticmethod
-    def _choose(scored: list[tuple[float, float, int, int]]) -> int:
-        feasible = [(t, load, i) for t, _, load, i in scored if t < math.inf]
-        if feasible:
-            return min(feasible)[2]
-        return min((r, load, i) for _, r, load, i in scored)[2]
+    def order(self, req: RequestInfo, instances: Sequence[InstanceState]) -> list[int]:
+        """Feasible instances first (those holding the adapter before the others, each group
+        by Algorithm 1's total), then the rest by how far they would break the SLO."""
+        cands = [i for i, inst in enumerate(instances) if inst.eligible]
+        if not cands:
+            raise NoInstanceError("no eligible instance for the request")
+        return self._ranked(req, instances, cands)
+
+    def _ranked(
+        self, req: RequestInfo, instances: Sequence[InstanceState], cands: list[int]
+    ) -> list[int]:
+        solo: dict[int, float] = {}  # the request's prefill per distinct cost model
+        feasible, over = [], []
+        for i in cands:
+            inst = instances[i]
+            if id(inst.cost) not in solo:
+                solo[id(inst.cost)] = solo_prefill(inst.cost, req)
+            total, ratio = self.evaluate(req, inst, solo[id(inst.cost)])
+            if total < math.inf:
+                # an instance that already holds the adapter needs no copy (cold start)
+                feasible.append((not inst.resident, total, inst.load, i))
+            else:
+                over.append((ratio, inst.load, i))
+        return [k[-1] for k in sorted(feasible)] + [k[-1] for k in sorted(over)]
 
 
 class RandomRouter(Router):

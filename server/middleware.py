@@ -1,0 +1,80 @@
+"""The middlewares every aiohttp app of the package uses (cara-serve, cara-router): every
+failure becomes OpenAI's error object and is counted by endpoint and status; ``--api-key``
+guards /v1/*."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from server.protocol import ApiError, check_api_key, error_body
+
+log = logging.getLogger(__name__)
+
+# counts one answer: (request, endpoint label, status label)
+Count = Callable[[web.Request, str, str], None]
+
+
+def endpoint_label(request: web.Request) -> str:
+    """The route's pattern; "unmatched" for paths without one (random paths must not become
+    label values)."""
+    route = request.match_info.route
+    if route.resource is None or request.match_info.http_exception is not None:
+        return "unmatched"
+    return route.resource.canonical
+
+
+def error_middleware(count: Count, internal_message: str = "internal server error"):
+    """Turn ApiError, HTTP exceptions and unexpected failures into OpenAI error answers;
+    a client that goes away is counted as 499."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        endpoint = endpoint_label(request)
+        try:
+            resp = await handler(request)
+        except ApiError as e:
+            resp = web.json_response(e.body(), status=e.status, headers=e.headers)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            kind = "invalid_request_error" if e.status < 500 else "server_error"
+            msg = f"no route {request.method} {request.path}" if e.status == 404 else e.reason
+            headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
+            resp = web.json_response(
+                error_body(msg or "error", kind, code=str(e.status)),
+                status=e.status,
+                headers=headers,
+            )
+        except asyncio.CancelledError:
+            count(request, endpoint, "499")  # the client went away
+            raise
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            resp = web.json_response(
+                error_body(
+                    f"{internal_message} (logged on the server)",
+                    "server_error",
+                    code="internal_error",
+                ),
+                status=500,
+            )
+        count(request, endpoint, str(resp.status))
+        return resp
+
+    return middleware
+
+
+def auth_middleware(key_of: Callable[[web.Request], str | None]):
+    """With an API key, /v1/* needs it; /health, /metrics and /openapi.json stay open, as in
+    vLLM."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        check_api_key(request.path, request.headers.get("Authorization", ""), key_of(request))
+        return await handler(request)
+
+    return middleware
