@@ -141,7 +141,7 @@ async def one_request(
         async with session.post(
             url + "/v1/completions", json=body_of(req.adapter, req.prompt, req.max_tokens)
         ) as r:
-            instance = r.headers.get("X-Cara-Instance")
+            instance = r.headers.get("X-Cara-Instance") or r.headers.get("X-Cara-Replica")
             if r.status != 200:
                 res.ok, res.error = False, f"HTTP {r.status}: {(await r.text())[:200]}"
                 return res, instance

@@ -239,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest adapter rank accepted; LoRA runs at this rank (padded) in every step with "
         "an adapter, so keep it as small as your adapters allow",
     )
+    a.add_argument(
+        "--lora-rank-buckets",
+        type=lambda s: tuple(sorted({int(x) for x in s.split(",")})),
+        default=(),
+        metavar="R1,R2",
+        help="smaller LoRA ranks a step may run at (chosen per step: the smallest bucket that "
+        "holds the batch's ranks); each adds a branch to every program (compile time)",
+    )
 
     s = p.add_argument_group("scheduling")
     s.add_argument(
@@ -369,6 +377,7 @@ def _engine_config(args: argparse.Namespace):
             max_adapters=args.max_loras + 1,  # pool slot 0 is the base model
             max_rank=args.max_lora_rank,
         ),
+        rank_buckets=args.lora_rank_buckets,
     )
     admission = args.admission
     if admission == "auto":

@@ -33,6 +33,7 @@ def _errors(*codes: int) -> dict:
     why = {
         400: "Invalid JSON, fields or values; prompt too long; adapter refused",
         401: "Missing or wrong API key (only with --api-key)",
+        403: "Runtime adapter changes disabled (no --lora-dir, no --allow-runtime-lora)",
         404: "Unknown model or adapter",
         413: "Request body too large",
         429: "Queue full; see Retry-After",
@@ -451,7 +452,7 @@ def openapi_spec(state: AppState) -> dict:
                     "requestBody": {"required": True, "content": _json(_ref("LoadLoraRequest"))},
                     "responses": {
                         "200": {"description": "Loaded", "content": _json(_ref("LoraAdapter"))},
-                        **_errors(400, 401, 404, 500),
+                        **_errors(400, 401, 403, 404, 500),
                     },
                 }
             },
@@ -461,7 +462,7 @@ def openapi_spec(state: AppState) -> dict:
                     "requestBody": {"required": True, "content": _json(_ref("UnloadLoraRequest"))},
                     "responses": {
                         "200": {"description": "Unloaded", "content": _json(_ref("LoraAdapter"))},
-                        **_errors(400, 401, 404),
+                        **_errors(400, 401, 403, 404),
                     },
                 }
             },
