@@ -47,21 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--policies", default=",".join(ROUTERS))
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals")
-    ap.add_argument("--rate", type=float, default=1.5, help="mean requests per second")
+    ap.add_argument("--rate", type=float, default=1.0, help="mean requests per second")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--ranks", default="8,64", help="assigned to the adapters in turn")
+    ap.add_argument("--ranks", default="8,8,8,256", help="assigned to the adapters in turn")
     ap.add_argument("--zipf-alpha", type=float, default=0.5, help="adapter popularity skew")
-    ap.add_argument("--prompt-len", default="uniform:16:48", help="tokens (workload syntax)")
-    ap.add_argument("--output-len", default="48", help="tokens (workload syntax)")
-    ap.add_argument("--max-num-seqs", type=int, default=8, help="per replica")
+    ap.add_argument("--prompt-len", default="uniform:8:24", help="tokens (workload syntax)")
+    ap.add_argument("--output-len", default="64", help="tokens (workload syntax)")
+    ap.add_argument("--max-num-seqs", type=int, default=16, help="per replica")
     ap.add_argument("--max-model-len", type=int, default=128)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=32)
     ap.add_argument("--token-buckets", default=None, help="the replicas' --token-buckets")
     ap.add_argument("--kv-cache-memory", default="64M")
+    ap.add_argument("--lora-rank-buckets", default="16,64", help="the replicas' rank buckets")
     ap.add_argument("--kernel", choices=["bgmv", "mbgmv"], default="bgmv")
     ap.add_argument("--cost-model", default="bench/results/cost_model_smollm2_cpu1core.json")
-    ap.add_argument("--slo-tpot", type=float, required=True, help="TPOT SLO in seconds")
+    ap.add_argument("--slo-tpot", type=float, required=True,
+                    help="TPOT SLO in seconds (the replicas' default, and every request's "
+                    "unless --slo-by-rank)")  # fmt: skip
+    ap.add_argument(
+        "--slo-by-rank",
+        default="",
+        metavar="RANK:S,...",
+        help="per-request TPOT SLOs by adapter rank, sent as the request's `tpot_slo` "
+        "(e.g. 8:0.15,256:0.4); a request meets its SLO if its TPOT is within its own",
+    )
     ap.add_argument("--slo-ttft", type=float, default=10.0, help="TTFT SLO, reported only")
     ap.add_argument("--admission", default="fifo", help="the replicas' --admission")
     ap.add_argument("--no-pin", action="store_true", help="do not pin replicas to cores")
@@ -86,6 +96,8 @@ def replica_argv(args, adapters: dict[str, Path], policy: str, port: int) -> lis
         "--replicas", str(args.replicas), "--ray-router", policy, "--replica-cpus", "1",
         "--port", str(port), "--avg-response-len", str(args.avg_output),
     ]  # fmt: skip
+    if args.lora_rank_buckets:
+        argv += ["--lora-rank-buckets", args.lora_rank_buckets]
     if args.token_buckets:
         argv += ["--token-buckets", args.token_buckets]
     if not args.no_pin:
@@ -123,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=cfg.vocab_size, seed=args.seed, adapter_prefix="lora-",
     )  # fmt: skip
     trace = generate(spec)
+    by_rank = {
+        int(k): float(v) for k, v in (x.split(":") for x in args.slo_by_rank.split(",") if x)
+    }
+
+    def slo_of(rank: int) -> float:
+        return by_rank.get(rank, args.slo_tpot)
+
+    extra = (lambda r: {"tpot_slo": slo_of(r.rank)}) if by_rank else None
     work = Path(tempfile.mkdtemp(prefix="cara-ray-run-"))
     rows: dict[str, dict] = {}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, namespace="serve",
@@ -140,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(warm_up([url], list(adapters), trace.requests[0].prompt))
             time.sleep(2)
             say(f"{policy}: replaying {len(trace)} requests over {args.duration:.0f} s ...")
-            results, where = asyncio.run(replay(url, trace, args.grace))
+            results, where = asyncio.run(replay(url, trace, args.grace, extra))
             s = summarize(results, Slo(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot))
+            s["slo_tpot"] = attainment(results, slo_of)
+            by_rank_att = {
+                str(rk): attainment([r for r in results if r.rank == rk], slo_of)
+                for rk in args.rank_list
+            }
             replicas = sorted({w for w in where if w})
             per_replica = {
                 w: {
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tpot_p50_s": s["tpot_p50"], "tpot_p99_s": s["tpot_p99"],
                 "ttft_p50_s": s["ttft_p50"], "ttft_p99_s": s["ttft_p99"],
                 "ttft_mean_s": s["ttft_mean"], "throughput_tok_s": s["throughput_tok_s"],
-                "per_replica": per_replica,
+                "per_replica": per_replica, "slo_attainment_by_rank": by_rank_att,
                 "failure_samples": sorted({r.error for r in results if r.error})[:5],
                 "requests": [r.to_dict() for r in results],
             }  # fmt: skip
@@ -188,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def attainment(results, slo_of) -> float:
+    """Share of requests that finished with TPOT within their own SLO (a one-token answer has
+    no TPOT and meets it)."""
+    ok = [r.ok and (r.tpot is None or r.tpot <= slo_of(r.rank)) for r in results]
+    return sum(ok) / max(len(ok), 1)
+
+
 def report_lines(args, data: dict) -> list[str]:
     rows = data["policies"]
     share = {}
@@ -206,11 +238,21 @@ def report_lines(args, data: dict) -> list[str]:
         + ", ".join(f"{k}: {v}" for k, v in share.items())
         + f"); prompt {args.prompt_len}, output {args.output_len} tokens (ignore_eos, greedy). "
         f"Replicas: {args.kernel}, max {args.max_num_seqs} sequences, {args.admission} "
-        f"admission, cost model {args.cost_model}. TPOT SLO {1e3 * args.slo_tpot:.0f} ms.",
+        f"admission, cost model {args.cost_model}. TPOT SLO "
+        + (
+            ", ".join(
+                f"rank {k}: {1e3 * float(v):.0f} ms"
+                for k, v in (x.split(":") for x in args.slo_by_rank.split(","))
+            )  # fmt: skip
+            + " (per request, sent as `tpot_slo`)"
+            if args.slo_by_rank
+            else f"{1e3 * args.slo_tpot:.0f} ms"
+        )
+        + ".",
         "",
-        "| router | completed | TPOT-SLO attainment | TPOT p50 (ms) | TPOT p99 (ms) "
+        "| router | completed | TPOT-SLO attainment | by rank | TPOT p50 (ms) | TPOT p99 (ms) "
         "| TTFT p50 (s) | TTFT p99 (s) | requests per replica (rank mix) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for policy, r in rows.items():
         reps = "; ".join(
@@ -219,7 +261,9 @@ def report_lines(args, data: dict) -> list[str]:
         )
         lines.append(
             f"| {policy} | {r['completed']}/{r['completed'] + r['failed']} "
-            f"| {100 * r['slo_attainment']:.1f}% | {1e3 * r['tpot_p50_s']:.0f} "
+            f"| {100 * r['slo_attainment']:.1f}% | "
+            + ", ".join(f"r{k}: {100 * v:.0f}%" for k, v in r["slo_attainment_by_rank"].items())
+            + f" | {1e3 * r['tpot_p50_s']:.0f} "
             f"| {1e3 * r['tpot_p99_s']:.0f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} "
             f"| {reps} |"
         )

@@ -130,7 +130,7 @@ def body_of(model: str | None, prompt: list[int], max_tokens: int) -> dict:
 
 
 async def one_request(
-    session: aiohttp.ClientSession, url: str, req, t0: float
+    session: aiohttp.ClientSession, url: str, req, t0: float, extra: dict | None = None
 ) -> tuple[RequestResult, str | None]:
     """Send one trace request at its arrival time; (result, the instance that served it)."""
     await asyncio.sleep(max(0.0, t0 + req.arrival - time.perf_counter()))
@@ -139,7 +139,8 @@ async def one_request(
     instance = None
     try:
         async with session.post(
-            url + "/v1/completions", json=body_of(req.adapter, req.prompt, req.max_tokens)
+            url + "/v1/completions",
+            json={**body_of(req.adapter, req.prompt, req.max_tokens), **(extra or {})},
         ) as r:
             instance = r.headers.get("X-Cara-Instance") or r.headers.get("X-Cara-Replica")
             if r.status != 200:
@@ -166,11 +167,17 @@ async def one_request(
     return res, instance
 
 
-async def replay(url: str, trace: Trace, grace: float) -> tuple[list[RequestResult], list]:
+async def replay(
+    url: str, trace: Trace, grace: float, extra=None
+) -> tuple[list[RequestResult], list]:
+    """Replay ``trace``; ``extra(request)`` adds fields to a request's body (e.g. its SLO)."""
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(one_request(s, url, r, t0)) for r in trace.requests]
+        tasks = [
+            asyncio.create_task(one_request(s, url, r, t0, extra(r) if extra else None))
+            for r in trace.requests
+        ]
         last = trace.requests[-1].arrival if trace.requests else 0.0
         done, pending = await asyncio.wait(tasks, timeout=last + grace)
         for t in pending:

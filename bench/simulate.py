@@ -339,7 +339,24 @@ def _cost_models(args: argparse.Namespace) -> dict[str, CostModel]:
         if missing:
             raise SystemExit(f"{args.cost_model} has no model for kernel(s) {sorted(missing)}")
         return {k: found[k] for k in kernels}
-    return {k: synthetic_gpu_cost_model(k) for k in kernels}
+    if args.synthetic:
+        return {k: synthetic_gpu_cost_model(k) for k in kernels}
+    args.cost_model = measured_cost_model()
+    return _cost_models(args)
+
+
+# Cost models fitted from measured step times (`cara-jax profile`), the first that exists: a
+# GPU profile (taken where bench/gpu_check runs), then this repository's CPU profile.
+RESULTS = Path(__file__).resolve().parent / "results"
+MEASURED = (RESULTS / "cost_model_smollm2_gpu.json", RESULTS / "cost_model_smollm2_cpu1core.json")
+
+
+def measured_cost_model() -> str:
+    for f in MEASURED:
+        if f.is_file():
+            return str(f.relative_to(RESULTS.parent.parent))
+    raise SystemExit(f"no measured cost model ({', '.join(map(str, MEASURED))}); run "
+                     "`cara-jax profile --out FILE` and pass --cost-model FILE, or --synthetic")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     src = p.add_mutually_exclusive_group()
     src.add_argument("--synthetic", action="store_true",
-                     help="paper-like GPU coefficients (the default without --cost-model)")  # fmt: skip
-    src.add_argument("--cost-model", help="cost-model JSON from `cara-jax profile`")
+                     help="paper-like GPU coefficients (assumed, not measured)")  # fmt: skip
+    src.add_argument("--cost-model",
+                     help="cost-model JSON from `cara-jax profile` (default: the measured GPU "
+                          "profile if there is one, else the measured CPU one; see MEASURED)")  # fmt: skip
     p.add_argument("--model", help="model name in the JSON (when it holds several)")
     p.add_argument("--kernels", default="bgmv,mbgmv")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))

@@ -105,6 +105,8 @@ class CaraRequestRouter(RequestRouter):
             # no stats yet (replicas just started) or none usable: Ray picks among them all
             return [list(candidate_replicas)]
         if pending_request is not None and route:
+            if len(self._planned) > 10_000:  # planned and never sent (cancelled while routing)
+                self._planned.clear()
             self._planned[pending_request.metadata.internal_request_id] = p.info
         self.decisions += 1
         return [[candidate_replicas[i]] for i in p.order]
@@ -115,7 +117,10 @@ class CaraRequestRouter(RequestRouter):
         rid = pending_request.metadata.internal_request_id
         info = self._planned.pop(rid, None)
         if info is not None:
-            self._open[rid] = (replica_id, time.time(), info)
+            now = time.time()
+            self._open[rid] = (replica_id, now, info)
+            if len(self._open) > 10_000:  # completions not reported: keep the last 10 minutes
+                self._open = {k: v for k, v in self._open.items() if now - v[1] < 600}
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._open.pop(internal_request_id, None)

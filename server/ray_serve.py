@@ -50,7 +50,6 @@ HEARTBEAT_S = 0.5
 LIVE_S = 5.0  # a replica heard from this recently is live
 PASS_HEADERS = ("Content-Type", "Retry-After", "WWW-Authenticate", "Cache-Control",
                 "X-Accel-Buffering")  # fmt: skip
-RAY_DEFAULT_ROUTER = "ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +318,7 @@ class Ingress:
 
         gone = (ActorDiedError, ActorUnavailableError, RayActorError)
         for attempt in range(2):
-            gen = self.engine.options(stream=True).call.remote(method, path, headers, body, route)
+            gen = self.engine.options(stream=True).call.remote(method, path, headers, body, route=route)
             try:
                 head = await gen.__anext__()
             except gone as e:
@@ -546,7 +545,7 @@ def build_ingress_app(ing: Ingress):
 def build_application(fleet: FleetConfig):
     """The Ray Serve application: ``Ingress`` over ``EngineReplica`` x ``fleet.replicas``."""
     if fleet.router == "power_of_two":
-        router_cfg = RequestRouterConfig(request_router_class=RAY_DEFAULT_ROUTER)
+        router_cfg = RequestRouterConfig()  # Ray Serve's default router, as shipped
     else:
         from server.ray_router import CaraRequestRouter
 

@@ -369,14 +369,29 @@ def test_simulator_is_deterministic_and_ranks_matter():
 def test_simulator_cli_writes_table(tmp_path):
     from bench.simulate import main
 
-    argv = ["--instances", "4", "--rate", "20", "--duration", "4", "--adapters", "50",
-            "--kernels", "bgmv", "--policies", "rank_aware,least_loaded", "--sweep", "10,30",
-            "--out", str(tmp_path), "--stem", "sim"]  # fmt: skip
+    argv = ["--synthetic", "--instances", "4", "--rate", "20", "--duration", "4",
+            "--adapters", "50", "--kernels", "bgmv", "--policies", "rank_aware,least_loaded",
+            "--sweep", "10,30", "--out", str(tmp_path), "--stem", "sim"]  # fmt: skip
     assert main(argv) == 0
     md = (tmp_path / "sim.md").read_text()
     assert "| bgmv | 30 | least_loaded |" in md
     data = json.loads((tmp_path / "sim.json").read_text())
     assert len(data["rows"]) == 4
+
+
+def test_simulator_defaults_to_a_measured_cost_model(tmp_path):
+    """Without --synthetic or --cost-model the simulator runs on a profile of real steps."""
+    from bench.simulate import MEASURED, main, measured_cost_model
+
+    path = measured_cost_model()
+    assert (REPO / path).is_file() and Path(path).name in {f.name for f in MEASURED}
+    argv = ["--instances", "2", "--rate", "2", "--duration", "4", "--adapters", "20",
+            "--kernels", "bgmv", "--policies", "rank_aware", "--max-batch", "8",
+            "--out", str(tmp_path), "--stem", "sim"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "sim.json").read_text())
+    assert "synthetic" not in data["cost_models"]["bgmv"]
+    assert data["rows"][0]["requests"] > 0
 
 
 # ---------------------------------------------------------------------- profiler
