@@ -31,7 +31,7 @@ EXPERIMENTS = (
     "serving", "load_sweep", "adapters_sweep", "cold_start", "admission", "engine_poisson"
 )  # fmt: skip
 DEFAULT_COST_MODEL = "bench/results/cost_model_smollm2_cpu.json"
-COLD_MODES = ("sync", "cached", "cpu_assist")
+COLD_MODES = ("sync", "cached", "cpu_assist", "auto")
 GiB = 1 << 30
 
 

@@ -6,17 +6,14 @@ projection group) the LoRA delta of a cold chunk row comes from
 - the device pool, when that layer's group of the adapter has arrived by dispatch time, or
 - the CPU workers (``cpu_lora``), otherwise.
 
-Mechanism: two ``io_callback``s per projection group, tied to the base GEMMs with optimization
-barriers so XLA must order them ``submit(x) -> base GEMMs -> fetch``:
-
-    x' , ticket = barrier(x, submit(x))      # host: copy the cold rows' tokens out, wake workers
-    y_p = x' @ W_p  (+ device LoRA delta)    # device works while the CPU computes
-    ys , ticket = barrier(ys, ticket)
-    y_p += fetch(ticket)[p]                  # host: wait for the workers, copy the deltas back
-
-The device thus never waits for the CPU longer than the CPU's work exceeds the group's base
-GEMMs, and the host blocks the device only for the copies. Which layers use which path is data
-(``dev_adapter[layer, row]``), not shape: one compiled variant serves every load state.
+Mechanism: one ``io_callback`` per (layer, projection group) that a cold row needs, after the
+group's base GEMMs: the cold rows' inputs go out to the workers, their deltas come back and are
+added. A ``lax.cond`` on the step's ``need[layer, group]`` skips the round trip where no cold row
+needs the CPU (layers already on the device, projections the adapter does not target), so a
+q/v adapter costs one exchange per cold layer, and a q/k/v/o adapter two. On an accelerator every
+callback synchronises the device, so there are no more of them than the data needs; the device
+does not overlap the CPU's work (an earlier design split each exchange into submit and fetch
+around the base GEMMs: twice the round trips, for an overlap of one group's GEMMs).
 
 The host side of a prefill is a ``PrefillPlan`` registered under an integer id that the step
 receives as an argument (the compiled callbacks look it up). Callbacks never raise: a worker
@@ -31,7 +28,7 @@ import logging
 import threading
 import time
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +36,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from cara_jax.adapters.multi_lora import RaggedLoraHook
+from cara_jax.lora_hooks import group_index
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +113,26 @@ def unregister(plan: PrefillPlan) -> None:
         _PLANS.pop(plan.id, None)
 
 
-def _submit(layer: int, projs: tuple[str, ...], x: np.ndarray, plan_id: np.ndarray) -> np.ndarray:
+def _exchange(
+    layer: int,
+    projs: tuple[str, ...],
+    sizes: tuple[int, ...],
+    x: np.ndarray,
+    plan_id: np.ndarray,
+) -> np.ndarray:
+    """One host round trip of a (layer, projection group): the cold rows' inputs out to the
+    workers, their deltas back, as [P, Q, sum(sizes)] (zeros where the CPU serves nothing)."""
     t0 = time.perf_counter()
     # callbacks receive jax arrays: index them as numpy (a zero-copy view on the host), since
-    # every jax-side slice would dispatch an op (measured 0.4 ms of each group's 0.65 ms)
+    # every jax-side slice would dispatch an op
     x = np.asarray(x)
+    out = np.zeros((*x.shape[:2], sum(sizes)), np.float32)
     plan = _PLANS.get(int(np.asarray(plan_id)))
     if plan is None or plan.failed:
-        return np.int32(-1)
+        return out
     rows = plan.cpu_rows(layer)
     if not rows:
-        return np.int32(-1)
+        return out
     segments, start = [], 0
     for r in rows:
         segments.append((start, start + r.length, r.key))
@@ -133,36 +140,13 @@ def _submit(layer: int, projs: tuple[str, ...], x: np.ndarray, plan_id: np.ndarr
     xs = np.concatenate([x[r.row, : r.length] for r in rows]).astype(np.float32, copy=False)
     try:
         ticket = plan.source.submit(segments, layer, projs, xs)
-    except Exception as e:  # a dead pool: the engine falls back to a synchronous load
-        plan.failed = f"{type(e).__name__}: {e}"
-        return np.int32(-1)
-    tid = next(plan._next)
-    plan._tickets[tid] = (ticket, rows, t0, time.perf_counter())
-    return np.int32(tid)
-
-
-def _fetch(
-    layer: int,
-    projs: tuple[str, ...],
-    sizes: tuple[int, ...],
-    shape: tuple[int, int],
-    ticket: np.ndarray,
-    plan_id: np.ndarray,
-) -> np.ndarray:
-    out = np.zeros((*shape, sum(sizes)), np.float32)
-    plan = _PLANS.get(int(np.asarray(plan_id)))
-    tid = int(np.asarray(ticket))
-    if plan is None or tid < 0 or tid not in plan._tickets:
-        return out
-    t_ticket, rows, t0, t1 = plan._tickets.pop(tid)
-    t2 = time.perf_counter()
-    try:
-        res = t_ticket.result(plan.timeout_s)
+        t1 = time.perf_counter()
+        res = ticket.result(plan.timeout_s)
     except Exception as e:  # worker died or hung: flag it, never raise inside the step
         plan.failed = f"{type(e).__name__}: {e}"
         log.warning("CPU-assisted prefill failed at layer %d (%s); falling back", layer, e)
         return out
-    t3 = time.perf_counter()
+    t2 = time.perf_counter()
     off = 0
     for p, size in zip(projs, sizes, strict=True):
         d = res.get(p)
@@ -172,9 +156,9 @@ def _fetch(
                 out[r.row, : r.length, off : off + size] = d[start : start + r.length]
                 start += r.length
         off += size
-    t4 = time.perf_counter()
+    t3 = time.perf_counter()
     plan.timings.append(
-        GroupTiming(layer, projs, sum(r.length for r in rows), t1 - t0, t3 - t2, t4 - t3, t4 - t0)
+        GroupTiming(layer, projs, sum(r.length for r in rows), t1 - t0, t2 - t1, t3 - t2, t3 - t0)
     )
     return out
 
@@ -195,22 +179,8 @@ class CpuAssistHook:
     # zeros, for a cold row whose layer has not arrived: the CPU serves it)
     dev_idx: dict[str, list[list[jax.Array]]]
     plan_id: jax.Array  # () int32
+    need: jax.Array  # [layers, projection groups] bool: some cold row needs the CPU there
     out_sizes: tuple[tuple[str, int], ...] = dataclasses.field(metadata=dict(static=True))
-
-    def _pending(self) -> dict[Any, jax.Array]:
-        # trace-time scratch (not a pytree field): the ticket of each group between its barriers
-        if "_tickets" not in self.__dict__:
-            self.__dict__["_tickets"] = {}
-        return self.__dict__["_tickets"]
-
-    def before(self, layer: int, projs: tuple[str, ...], x: jax.Array) -> jax.Array:
-        xc = self.inner.meta.ch_gather(x)  # [P, Q, in]: the rows the workers may serve
-        ticket = io_callback(
-            partial(_submit, layer, projs), jax.ShapeDtypeStruct((), jnp.int32), xc, self.plan_id
-        )
-        x, ticket = jax.lax.optimization_barrier((x, ticket))
-        self._pending()[(layer, projs)] = ticket
-        return x
 
     def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
         inner = self.inner
@@ -222,18 +192,19 @@ class CpuAssistHook:
     def after(
         self, layer: int, projs: tuple[str, ...], x: jax.Array, ys: list[jax.Array]
     ) -> list[jax.Array]:
-        ticket = self._pending().pop((layer, projs))
-        *ys, ticket = jax.lax.optimization_barrier((*ys, ticket))
         sizes_of = dict(self.out_sizes)
         sizes = tuple(sizes_of[p] for p in projs)
         meta = self.inner.meta
-        shape = (int(meta.ch_len.shape[0]), meta.num_tokens)
-        cpu = io_callback(
-            partial(_fetch, layer, projs, sizes, shape),
-            jax.ShapeDtypeStruct((*shape, sum(sizes)), jnp.float32),
-            ticket,
-            self.plan_id,
-        )
+        xc = meta.ch_gather(x)  # [P, Q, in]: the rows the workers may serve
+        shape = jax.ShapeDtypeStruct((*xc.shape[:2], sum(sizes)), jnp.float32)
+
+        def exchange(xc):
+            return io_callback(partial(_exchange, layer, projs, sizes), shape, xc, self.plan_id)
+
+        # no round trip where no cold row needs the CPU at this (layer, group): layers that
+        # have arrived, projections the cold adapters do not target
+        cpu = jax.lax.cond(self.need[layer, group_index(projs)], exchange,
+                           lambda xc: jnp.zeros(shape.shape, shape.dtype), xc)  # fmt: skip
         s = int(meta.dec_tok.shape[0])
         flat = meta.scatter(jnp.zeros((s, sum(sizes)), jnp.float32), cpu)  # [T, sum(out)]
         out, off = [], 0

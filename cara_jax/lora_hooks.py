@@ -22,8 +22,7 @@ the others.
 
 Projections that share an input (q/k/v; gate/up) run as a group through ``project``. A hook may
 also define ``before(layer, projs, x) -> x`` and ``after(layer, projs, x, ys) -> ys``: CPU
-assist uses them to start the CPU's work on ``x`` before the group's base GEMMs and to collect
-it after them, so the device's GEMMs and the CPU's deltas overlap.
+assist uses ``after`` to add the deltas the CPU computed for the group's cold rows.
 """
 
 from __future__ import annotations
@@ -42,6 +41,20 @@ PROJECTIONS: tuple[str, ...] = (
     "up_proj",
     "down_proj",
 )
+
+
+# projections that share an input, in the order a layer runs them (``project`` calls)
+GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
+)
+
+
+def group_index(projs: tuple[str, ...]) -> int:
+    """Index in GROUPS of the group holding ``projs``."""
+    for i, g in enumerate(GROUPS):
+        if projs[0] in g:
+            return i
+    raise ValueError(f"no projection group holds {projs}")
 
 
 @runtime_checkable

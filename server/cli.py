@@ -54,6 +54,15 @@ def _default_cache() -> Path:
     return Path(root).expanduser() / "xla"
 
 
+def _adapter_cache(folder: str | None) -> str | None:
+    """Folder of the adapters' packed copies (the device layout, memory-mapped), or None."""
+    from cara_jax.adapters.packed import default_cache_dir
+
+    if folder is not None and folder.lower() == "none":
+        return None
+    return str(folder or default_cache_dir())
+
+
 def _use_compile_cache(folder: str | None) -> None:
     """Keep compiled step variants on disk (process-wide JAX setting; the server owns it)."""
     folder = folder or str(_default_cache())
@@ -145,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--block-size", type=positive(int), default=16, help="tokens per KV page")
     m.add_argument(
+        "--adapter-cache",
+        metavar="DIR",
+        help="adapters converted to the device layout, kept on disk and memory-mapped so a "
+        "cold load only copies (default: $CARA_JAX_CACHE/adapters or "
+        "~/.cache/cara_jax/adapters; 'none': convert in memory at each registration)",
+    )
+    m.add_argument(
         "--prefix-caching",
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
@@ -200,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--cold-start",
-        default="sync",
-        help="how a request whose adapter is not on the device starts: cached "
-        "(everything preloaded), sync (wait for the copy), cpu_assist (prefill with "
-        "CPU-computed LoRA deltas while it is copied)",
+        default="auto",
+        help="how a request whose adapter is not on the device starts: auto (per request, "
+        "whichever of sync and cpu_assist the engine's measured load and CPU costs predict "
+        "faster), cached (everything preloaded), sync (wait for the copy), cpu_assist "
+        "(prefill with CPU-computed LoRA deltas while it is copied)",
+
     )
     a.add_argument(
         "--cpu-workers", type=positive(int), default=2, help="CPU-assist worker processes"
@@ -376,6 +394,7 @@ def _engine_config(args: argparse.Namespace):
             budget_bytes=args.device_lora_bytes,
             max_adapters=args.max_loras + 1,  # pool slot 0 is the base model
             max_rank=args.max_lora_rank,
+            cache_dir=_adapter_cache(args.adapter_cache),
         ),
         rank_buckets=args.lora_rank_buckets,
     )

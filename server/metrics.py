@@ -147,6 +147,7 @@ class EngineCollector(Collector):
         c.add_metric([], es.preemptions)
         yield c
         yield from _prefix_cache_metrics(es, base)
+        yield from _cold_start_metrics(es)
         yield _gauge(
             "cara_compiled_programs", "Compiled step programs", es.compiled_programs
         )
@@ -222,6 +223,29 @@ class EngineCollector(Collector):
             c = CounterMetricFamily(name[: -len("_total")], f"Admission: {name}")
             c.add_metric([], value)
             yield c
+
+
+def _cold_start_metrics(es) -> Iterator[Metric]:
+    """``--cold-start auto``: how cold requests were served and why, and the fitted costs."""
+    m = es.cold_start
+    if m is None:
+        return
+    c = CounterMetricFamily(
+        "cara_cold_start_choices", "Cold requests by how they were served (auto)",
+        labels=["mode", "reason"],
+    )  # fmt: skip
+    for key, n in sorted(m["choices"].items()):
+        mode, reason = key.split("/", 1)
+        c.add_metric([mode, reason], n)
+    yield c
+    yield _gauge("cara_cold_start_link_bytes_per_second",
+                 "Fitted adapter-load bandwidth (auto)", m["bandwidth_bytes_per_s"])  # fmt: skip
+    yield _gauge("cara_cold_start_load_overhead_seconds", "Fitted per-load overhead (auto)",
+                 m["load_overhead_s"])  # fmt: skip
+    yield _gauge("cara_cold_start_cpu_flops_per_second", "Fitted CPU-delta throughput (auto)",
+                 m["cpu_flops_per_s"])  # fmt: skip
+    yield _gauge("cara_cold_start_exchange_seconds", "Fitted cost of one host exchange (auto)",
+                 m["exchange_s"])  # fmt: skip
 
 
 def _prefix_cache_metrics(es, base: str) -> Iterator[Metric]:

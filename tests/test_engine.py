@@ -217,13 +217,16 @@ def test_penalties(tiny, smol_tok):
 
 
 def test_adapter_gone_before_admission_fails_only_that_request(tiny, smol_tok, engine_adapters):
-    eng = _engine(tiny, smol_tok, host_budget_bytes=1)  # the host tier keeps only the newest
+    # the host tier keeps only the newest adapter; no prefetch, so nothing holds e1 on arrival
+    eng = _engine(tiny, smol_tok, host_budget_bytes=1, prefetch_adapters=False)
     eng.load_adapter("e1", engine_adapters["e1"])
     eng.load_adapter("e2", engine_adapters["e2"])  # evicts e1's content from the host tier
     sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    h1 = eng.registry.entry("e1").content_hash
     doomed = eng.add_request([5, 6, 7], sp, adapter="e1")
     fine = eng.add_request([5, 6, 7], sp, adapter="e2")
     eng.unload_adapter("e1")  # gone from the registry and the host tier before admission
+    eng.pool.packed._items.pop(h1)  # and its device-layout copy (memory only: no cache_dir)
     outs = []
     while eng.has_unfinished():
         outs += eng.step()
@@ -232,6 +235,17 @@ def test_adapter_gone_before_admission_fails_only_that_request(tiny, smol_tok, e
     err = next(o.error for o in outs if o.request_id == doomed and o.finished)
     assert "'e1'" in err
     assert eng.scheduler.num_free_rows == eng.config.max_num_seqs
+    eng.close()
+    # with prefetch (the default) the request holds e1's content from its arrival: it is
+    # served with what it was accepted with, as a request holding a replaced name's old content
+    eng = _engine(tiny, smol_tok, host_budget_bytes=1)
+    eng.load_adapter("e1", engine_adapters["e1"])
+    kept = eng.add_request([5, 6, 7], sp, adapter="e1")
+    eng.unload_adapter("e1")
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert [o.finish_reason for o in outs if o.finished and o.request_id == kept] == ["length"]
     eng.close()
 
 

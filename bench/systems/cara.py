@@ -64,6 +64,7 @@ class CaraSystem:
 
     def start(self, adapters: dict[str, Path], max_context: int) -> None:
         from cara_jax.adapters.device_pool import PoolConfig
+        from cara_jax.adapters.packed import default_cache_dir
         from cara_jax.embedded import default_model_path
         from cara_jax.engine import Engine, EngineConfig
         from cara_jax.engine.admission import SchedulerConfig
@@ -100,6 +101,7 @@ class CaraSystem:
             # a larger max_rank adds a bucket to every program
             max_rank=_pow2_at_least(top, floor=16),
             emulate_link_gbps=o.link_gbps,
+            cache_dir=str(default_cache_dir()),
             projections=projs,
         )
         max_model_len = _pow2_at_least(max_context + 1, floor=32)
@@ -110,6 +112,7 @@ class CaraSystem:
             max_num_batched_tokens=o.max_num_batched_tokens or EngineConfig.max_num_batched_tokens,
             max_prefill_seqs=o.max_prefill_seqs,
             block_size=block,
+            enable_prefix_caching=o.prefix_caching,
             # default: what the old slot cache took, every sequence's full context
             kv_cache_memory=o.kv_cache_memory
             or kv_cache_bytes(loaded.cfg, loaded.dtype, o.max_num_seqs, max_model_len, block),

@@ -57,6 +57,7 @@ class RunOptions:
     max_prefill_seqs: int = 8  # prompts that advance one chunk each per step
     max_num_batched_tokens: int | None = None  # token budget of a step (None: the engine's)
     kv_cache_memory: int | None = None  # bytes of paged KV cache (None: max_num_seqs contexts)
+    prefix_caching: bool = True  # reuse cached KV blocks of identical prefixes (same adapter)
     link_gbps: float | None = None  # emulated host->device link (None: memcpy speed)
     host_budget_bytes: int | None = None  # small: adapters are re-read from disk (disk tier)
     # Device pool shape (rank rows per projection, adapter slots); None: sized from the adapters.

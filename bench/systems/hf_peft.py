@@ -64,7 +64,14 @@ class HfPeftSystem:
         ]
         self._serve(warm, time.perf_counter(), [[], []])
 
-    def _serve(self, batch: list[Request], t0: float, times: list[list[float]]) -> None:
+    def _serve(
+        self,
+        batch: list[Request],
+        t0: float,
+        times: list[list[float]],
+        tokens: list[list[int]] | None = None,
+    ) -> None:
+        """Generate for a batch; per request, token times (and the token ids into ``tokens``)."""
         import torch
         from transformers import DynamicCache
 
@@ -93,9 +100,11 @@ class HfPeftSystem:
             for step in range(steps):
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 now = time.perf_counter() - t0
-                for r, t in zip(batch, times, strict=True):
+                for j, (r, t) in enumerate(zip(batch, times, strict=True)):
                     if len(t) < r.max_tokens:
                         t.append(now)
+                        if tokens is not None:
+                            tokens[j].append(int(tok[j, 0]))
                 if step == steps - 1:
                     break
                 mask = torch.cat([mask, torch.ones_like(tok)], dim=1)

@@ -9,6 +9,11 @@ through it (see multi_lora.py).
 Loads are asynchronous: ``acquire`` returns a LoadHandle at once, and a loader thread copies the
 adapter one layer group at a time. The handle records bytes and seconds per group and tells which
 groups are ready, so CPU-assisted prefill can use the device path for layers that have arrived.
+
+A load costs its copy: the adapter is already in the pool's layout (packed.py: converted once,
+memory-mapped from disk), so a group is one transfer and one write program. The write is
+dispatched, not waited for: it runs on the device after the step in flight (which still reads
+the arrays it replaces) and before the next step, which is the first to see the new rows.
 Adapters are keyed by content hash. Eviction is LRU and skips adapters that a running sequence
 holds (refcount > 0) and pinned ones.
 """
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cara_jax.adapters.multi_lora import MultiLoraHook, RaggedLoraHook
+from cara_jax.adapters.packed import PackedAdapter, PackedStore, PoolLayout
 from cara_jax.adapters.peft import LoraAdapter
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import PROJECTIONS
@@ -52,6 +58,9 @@ class PoolConfig:
     # memory and a copy is a memcpy: each layer group's copy then takes at least bytes/bandwidth.
     emulate_link_gbps: float | None = None
     projections: tuple[str, ...] = PROJECTIONS
+    # packed copies (the pool's layout) on disk, memory-mapped; None: converted in memory only
+    cache_dir: str | None = None
+    packed_budget_bytes: int = 1 << 30  # packed copies held in memory when not on disk
 
 
 class LoadHandle:
@@ -107,7 +116,7 @@ class LoadHandle:
 
 @dataclasses.dataclass
 class _Entry:
-    adapter: LoraAdapter
+    adapter: PackedAdapter
     slot: int
     rows: dict[str, np.ndarray]  # proj -> pool rows (len = rank on that projection)
     handle: LoadHandle
@@ -122,19 +131,37 @@ class PoolStats:
     evictions: int = 0
     bytes_loaded: int = 0
     load_seconds: list[float] = dataclasses.field(default_factory=list)
+    loads: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (bytes, seconds)
 
 
-@partial(jax.jit, donate_argnums=0)
-def _write_rows(pool: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
-    """Write an adapter's rows into one pool array in place (the old array is donated).
+@partial(jax.jit, donate_argnums=0, static_argnames=("dims", "n", "w"))
+def _write_group(
+    arrays: tuple[jax.Array, ...],
+    idx: jax.Array,
+    flat: jax.Array,
+    *,
+    dims: tuple[tuple[int, int], ...],
+    n: int,
+    w: int,
+) -> tuple[jax.Array, ...]:
+    """Write one layer group of an adapter into the pool, in place (the arrays are donated).
 
-    A load makes one such write per (projection, A/B, layer) of a layer group, all dispatched
-    together under the pool lock: a donated array that the step in flight still reads makes the
-    first write wait for that step, and the rest of the group's writes then go straight through.
-    Each write is a tiny program of its own (one per pool-array shape and write width), compiled
-    in a fraction of a second; ``DevicePool.warm_writer`` compiles them all before serving.
+    ``arrays``: per projection, its n layers' A pools then its n layers' B pools; ``idx``
+    [projections, w] the pool rows (row 0, which stays zero, pads); ``flat`` the group's packed
+    payload (packed.py). One program per (group size, write width), compiled before serving.
     """
-    return pool.at[rows].set(values.astype(pool.dtype))
+    out, off, k = [], 0, 0
+    for p, (din, dout) in enumerate(dims):
+        a = flat[off : off + n * w * din].reshape(n, w, din)
+        off += n * w * din
+        b = flat[off : off + n * w * dout].reshape(n, w, dout)
+        off += n * w * dout
+        for vals in (a, b):
+            for layer in range(n):
+                pool = arrays[k]
+                out.append(pool.at[idx[p]].set(vals[layer].astype(pool.dtype)))
+                k += 1
+    return tuple(out)
 
 
 class DevicePool:
@@ -180,6 +207,14 @@ class DevicePool:
         # use it to hold a load at a group boundary
         self.group_gate: Callable[[str, int], None] | None = None
         self._ids = itertools.count()
+        self.layout = PoolLayout(
+            self.projections, tuple(tuple(shapes[p]) for p in self.projections),
+            tuple((r.start, len(r)) for r in self.groups), self.dtype.name,
+        )  # fmt: skip
+        self.packed = PackedStore(self.layout, pc.cache_dir, pc.packed_budget_bytes)
+        self.link_gbps = pc.emulate_link_gbps  # benches may change it between loads
+        self._writers: dict[tuple[int, int], object] = {}  # (group size, width) -> executable
+        self._widths: set[int] = set()  # write widths of the adapters prepared
 
     # ------------------------------------------------------------------ residency
 
@@ -206,13 +241,30 @@ class DevicePool:
             e = self._entries.get(content_hash)
             return None if e is None else e.handle
 
+    def packed_of(self, content_hash: str) -> PackedAdapter | None:
+        """The packed copy of a resident or loading adapter."""
+        with self.lock:
+            e = self._entries.get(content_hash)
+            return None if e is None else e.adapter
+
     def entry_rank(self, content_hash: str) -> int:
         """Largest rank of a resident (or loading) adapter."""
         with self.lock:
             e = self._entries.get(content_hash)
             return 0 if e is None else e.adapter.max_rank
 
-    def acquire(self, adapter: LoraAdapter) -> LoadHandle:
+    def prepare(self, adapter: LoraAdapter, compile_writer: bool = True) -> PackedAdapter:
+        """Convert ``adapter`` to the pool's layout now (and store it on disk), so that its
+        loads only copy; raises ValueError if the pool cannot hold it. The write program of its
+        width is compiled now, or by ``warm_writer`` (start-up) if ``compile_writer`` is False."""
+        packed = self.packed.get(adapter)
+        self._check(packed)
+        self._widths.add(packed.width)
+        if compile_writer:
+            self.ensure_writer(packed.width)
+        return packed
+
+    def acquire(self, adapter: LoraAdapter | PackedAdapter) -> LoadHandle:
         """Make ``adapter`` resident (loading it if needed) and hold it until ``release``."""
         with self.lock:
             e = self._entries.get(adapter.content_hash)
@@ -221,8 +273,17 @@ class DevicePool:
                 e.refcount += 1
                 self._entries.move_to_end(adapter.content_hash)
                 return e.handle
+        packed = adapter if isinstance(adapter, PackedAdapter) else self.packed.get(adapter)
+        self._check(packed)
+        with self.lock:
+            e = self._entries.get(adapter.content_hash)
+            if e is not None:  # another thread loaded it meanwhile
+                self.stats.hits += 1
+                e.refcount += 1
+                self._entries.move_to_end(adapter.content_hash)
+                return e.handle
             self.stats.misses += 1
-            ranks = self._ranks(adapter)
+            ranks = {p: r for p, r in packed.ranks.items() if r}
             self._make_room(ranks)
             slot = self._free_slots.pop()
             rows = {
@@ -238,15 +299,10 @@ class DevicePool:
                 self._slot_rows[p][slot, :r] = rows[p]
                 self._slot_rank[p][slot] = r
             self._table_dev = None
-            nbytes = sum(int(rows[p].size) * sum(self.cfg.projection_shapes()[p]) for p in rows)
-            handle = LoadHandle(
-                adapter.content_hash,
-                self.groups,
-                nbytes * self.cfg.num_layers * self.dtype.itemsize,
-            )
-            e = _Entry(adapter=adapter, slot=slot, rows=rows, handle=handle, refcount=1)
-            self._entries[adapter.content_hash] = e
-        self._loader.submit(self._load, e, ranks)
+            handle = LoadHandle(packed.content_hash, self.groups, packed.nbytes)
+            e = _Entry(adapter=packed, slot=slot, rows=rows, handle=handle, refcount=1)
+            self._entries[packed.content_hash] = e
+        self._loader.submit(self._load, e)
         return handle
 
     def release(self, content_hash: str) -> None:
@@ -270,18 +326,11 @@ class DevicePool:
                 raise PoolFullError(f"adapter {content_hash[:12]} is in use")
             self._drop(content_hash)
 
-    def _ranks(self, adapter: LoraAdapter) -> dict[str, int]:
-        ranks: dict[str, int] = {}
-        for (_, p), m in adapter.modules.items():
-            if p not in self.projections:
-                raise ValueError(f"this pool does not hold projection {p}")
-            ranks[p] = max(ranks.get(p, 0), m.rank)
-        too_big = {p: r for p, r in ranks.items() if r > self.config.max_rank}
-        if too_big:
+    def _check(self, packed: PackedAdapter) -> None:
+        if packed.max_rank > self.config.max_rank:
             raise ValueError(
-                f"rank {max(too_big.values())} exceeds the pool's max_rank {self.config.max_rank}"
+                f"rank {packed.max_rank} exceeds the pool's max_rank {self.config.max_rank}"
             )
-        return ranks
 
     def _make_room(self, ranks: dict[str, int]) -> None:
         def fits() -> bool:
@@ -313,57 +362,46 @@ class DevicePool:
         self._free_slots.append(e.slot)
         self._table_dev = None
 
-    def _load(self, e: _Entry, ranks: dict[str, int]) -> None:
-        shapes = self.cfg.projection_shapes()
+    def _group_arrays(self, layers: range) -> list[tuple[list, int]]:
+        """(pool list, layer) of every array a group's write replaces, in _write_group's order."""
+        return [(pools[p], layer) for p in self.projections for pools in (self.a, self.b)
+                for layer in layers]  # fmt: skip
+
+    def _load(self, e: _Entry) -> None:
+        packed = e.adapter
+        w = packed.width
+        idx = np.zeros((len(self.projections), w), np.int32)
+        for k, p in enumerate(self.projections):
+            rows = e.rows.get(p)
+            if rows is not None:
+                idx[k, : len(rows)] = rows
+        link = self.link_gbps
         try:
             for g, layers in enumerate(self.groups):
                 if self.group_gate is not None:
-                    self.group_gate(e.adapter.content_hash, g)
+                    self.group_gate(packed.content_hash, g)
                 t0 = time.perf_counter()
-                targets: list[tuple[dict, str, int]] = []  # (self.a or self.b, proj, layer)
-                rows, values = [], []
-                # every pool projection, rows padded to the rank bucket with row 0 (zeros): the
-                # write's shapes depend on the bucket and group size only, so warm_writer()
-                # compiles them all before serving and no load waits for a compiler
-                width = write_width(max(ranks.values()), self.config.max_rank)
-                for p in self.projections:
-                    din, dout = shapes[p]
-                    r = ranks.get(p, 0)
-                    idx = np.zeros(width, np.int32)
-                    if r:
-                        idx[:r] = e.rows[p]
-                    av = np.zeros((len(layers), width, din), self.dtype)
-                    bv = np.zeros((len(layers), width, dout), self.dtype)
-                    for k, layer in enumerate(layers):
-                        m = e.adapter.modules.get((layer, p))
-                        if m is not None:
-                            av[k, : m.rank] = m.a.T
-                            bv[k, : m.rank] = m.b
-                    for pools, vals in ((self.a, av), (self.b, bv)):
-                        for k, layer in enumerate(layers):
-                            targets.append((pools, p, layer))
-                            rows.append(idx)
-                            values.append(vals[k])
+                write = self._writer(g, w)
+                flat = jax.device_put(np.asarray(packed.groups[g]))  # the group's one copy
+                targets = self._group_arrays(layers)
                 with self.lock:
-                    new = []
-                    for (pools, p, layer), idx, vals in zip(targets, rows, values, strict=True):
-                        pools[p][layer] = _write_rows(pools[p][layer], idx, vals)
-                        new.append(pools[p][layer])
-                jax.block_until_ready(new)
-                link = self.config.emulate_link_gbps
-                if link:
-                    gbytes = e.handle.nbytes * len(layers) / self.cfg.num_layers / 1e9
-                    time.sleep(max(0.0, gbytes / link - (time.perf_counter() - t0)))
+                    new = write(tuple(lst[layer] for lst, layer in targets), idx, flat)
+                    for (lst, layer), arr in zip(targets, new, strict=True):
+                        lst[layer] = arr
+                if link:  # the emulated link: a copy takes at least bytes / bandwidth
+                    time.sleep(max(0.0, packed.groups[g].nbytes / (link * 1e9)
+                                   - (time.perf_counter() - t0)))  # fmt: skip
                 e.handle._group_done(g, time.perf_counter() - t0)
             with self.lock:
                 self.stats.bytes_loaded += e.handle.nbytes
             e.handle._finish()
             self.stats.load_seconds.append(e.handle.seconds or 0.0)
+            self.stats.loads.append((e.handle.nbytes, e.handle.seconds or 0.0))
         except BaseException as err:  # surfaced through the handle, never lost
             log.exception("adapter load failed")
             with self.lock:
-                if self._entries.get(e.adapter.content_hash) is e:
-                    self._drop(e.adapter.content_hash)
+                if self._entries.get(packed.content_hash) is e:
+                    self._drop(packed.content_hash)
             e.handle._finish(err)
 
     # ------------------------------------------------------------------ hooks
@@ -410,25 +448,33 @@ class DevicePool:
             backend=backend,
         )
 
+    def _writer(self, g: int, width: int):
+        """The compiled write of group ``g``'s size at ``width``, compiled (ahead of time, outside
+        the pool lock) on first use."""
+        n = len(self.groups[g])
+        exe = self._writers.get((n, width))
+        if exe is None:
+            targets = self._group_arrays(self.groups[g])
+            arrays = tuple(jax.ShapeDtypeStruct(lst[layer].shape, lst[layer].dtype)
+                           for lst, layer in targets)  # fmt: skip
+            idx = jax.ShapeDtypeStruct((len(self.projections), width), jnp.int32)
+            flat = jax.ShapeDtypeStruct((self.layout.group_elems(g, width),), self.dtype)
+            exe = _write_group.lower(arrays, idx, flat, dims=self.layout.shapes, n=n,
+                                     w=width).compile()  # fmt: skip
+            self._writers[(n, width)] = exe
+        return exe
+
+    def ensure_writer(self, width: int) -> int:
+        """Compile the group writes of ``width`` (one per group size); returns how many were
+        compiled now. Registration calls it, so that a load never waits for a compiler."""
+        before = len(self._writers)
+        for g in range(len(self.groups)):
+            self._writer(g, width)
+        return len(self._writers) - before
+
     def warm_writer(self) -> int:
-        """Compile the row writes of every (pool-array shape, write width) by writing zeros to
-        row 0 (which stays zero); returns how many programs that was."""
-        widths = sorted({write_width(8, self.config.max_rank),
-                         write_width(self.config.max_rank, self.config.max_rank)})  # fmt: skip
-        done: set = set()
-        with self.lock:
-            for pools in (self.a, self.b):
-                for layers in pools.values():
-                    arr = layers[0]
-                    for w in widths:
-                        if (arr.shape, arr.dtype, w) in done:
-                            continue
-                        done.add((arr.shape, arr.dtype, w))
-                        zeros = np.zeros((w, arr.shape[1]), self.dtype)
-                        layers[0] = _write_rows(arr, np.zeros(w, np.int32), zeros)
-                        arr = layers[0]
-            jax.block_until_ready([v[0] for pools in (self.a, self.b) for v in pools.values()])
-        return len(done)
+        """Compile the group writes of every adapter prepared so far; returns how many."""
+        return sum(self.ensure_writer(w) for w in sorted(self._widths))
 
     def stats_dict(self) -> dict:
         """Counters and occupancy, one consistent read (for Engine.stats)."""
@@ -508,14 +554,6 @@ class DevicePool:
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)
-
-
-def write_width(r: int, max_rank: int | None = None) -> int:
-    """Rows per projection of one load's write: 16 for ranks up to 16, else the pool's max
-    rank (two write shapes per layer-group size, compiled before serving)."""
-    if r <= 16:
-        return 16
-    return rank_bucket_for(max_rank if max_rank is not None else r)
 
 
 def rank_bucket_for(r: int) -> int:

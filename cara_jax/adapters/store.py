@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from cara_jax.adapters.peft import AdapterError, LoraAdapter, load_peft_adapter
@@ -91,9 +92,14 @@ class AdapterRegistry:
         self._names: dict[str, RegisteredAdapter] = {}
         self._lock = threading.Lock()
 
-    def register(self, name: str, path: str | Path) -> RegisteredAdapter:
-        """Load and validate ``path`` (all or nothing), then point ``name`` at its content."""
+    def register(
+        self, name: str, path: str | Path, check: Callable[[LoraAdapter], object] | None = None
+    ) -> RegisteredAdapter:
+        """Load and validate ``path`` (all or nothing; ``check`` may raise too, e.g. the device
+        pool converting it to its layout), then point ``name`` at its content."""
         adapter = load_peft_adapter(path, self.cfg, base_model_name=self.base_model_name)
+        if check is not None:
+            check(adapter)
         adapter = self.host.put(adapter)
         entry = RegisteredAdapter(name, str(path), adapter.content_hash, adapter.max_rank)
         with self._lock:

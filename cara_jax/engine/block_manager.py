@@ -162,6 +162,15 @@ class BlockManager:
         self._committed[key] = len(pages)
         return len(pages) * self.block_size
 
+    def cached_prefix(self, hashes: list[bytes]) -> int:
+        """Tokens a sequence with these block hashes would find cached now (takes nothing)."""
+        n = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            n += 1
+        return n * self.block_size
+
     def commit(self, key: str, hashes: list[bytes], full_blocks: int) -> None:
         """Register the sequence's first ``full_blocks`` blocks (computed, tokens known) so that
         later sequences can share them."""

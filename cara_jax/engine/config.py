@@ -10,7 +10,7 @@ import jax
 from cara_jax.adapters.device_pool import PoolConfig
 from cara_jax.engine.admission import SchedulerConfig
 
-COLD_START_MODES = ("sync", "cached", "cpu_assist")
+COLD_START_MODES = ("sync", "cached", "cpu_assist", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +27,14 @@ class EngineConfig:
     # bytes of KV cache; default: a share of the device's free memory (GPU), of RAM (CPU)
     kv_cache_memory: int | None = None
     # sync: wait for the load; cached: every adapter preloaded; cpu_assist: prefill at once,
-    # the cold adapter's deltas from CPU workers while it is copied (see cpu_assist.py)
+    # the cold adapter's deltas from CPU workers while it is copied (see cpu_assist.py); auto:
+    # per request, whichever of sync and cpu_assist its measured costs predict faster
+    # (cold_start.py)
     cold_start: str = "sync"
+    # start an adapter's load when its request arrives, not when it is admitted
+    prefetch_adapters: bool = True
+    # auto: token buckets that get a CPU-assisted program (None: the two largest)
+    cpu_assist_buckets: tuple[int, ...] | None = None
     cpu_workers: int = 2
     cpu_timeout_s: float = 30.0  # a CPU-assisted group slower than this falls back to sync
     lora_strategy: str = "bgmv"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -60,6 +61,7 @@ class CpuAssistCoordinator:
         self.keys: set[str] = set()  # adapters whose weights the workers hold
         self.plan_keys: collections.Counter[str] = collections.Counter()  # in-flight plans' use
         self.stats = zero_stats()
+        self.on_plan: Callable[[cpu_assist.PrefillPlan], None] | None = None  # finished plans
         self.timings: collections.deque = collections.deque(maxlen=10_000)
 
     def can_assist(self, seq: Sequence) -> bool:
@@ -71,12 +73,15 @@ class CpuAssistCoordinator:
         if handle is None or handle.error is not None:
             return False
         if seq.content_hash not in self.keys:
-            adapter = self.registry.host.get(seq.content_hash) or self.registry.resolve(
-                seq.adapter_name
-            )
-            self.workers.put_adapter(
-                seq.content_hash, {k: (m.a, m.b) for k, m in adapter.modules.items()}
-            )
+            adapter = self.registry.host.get(seq.content_hash)
+            if adapter is not None:
+                modules = {k: (m.a, m.b) for k, m in adapter.modules.items()}
+            else:  # out of the host tier: unpack the mapped device-layout copy, no PEFT parse
+                packed = self.pool.packed_of(seq.content_hash)
+                if packed is None:
+                    return False
+                modules = self.pool.packed.modules(packed)
+            self.workers.put_adapter(seq.content_hash, modules)
             self.keys.add(seq.content_hash)
         return True
 
@@ -121,6 +126,8 @@ class CpuAssistCoordinator:
                         "synchronous load", plan.failed)  # fmt: skip
             st["cara_cpu_assist_fallbacks_total"] += len(plan.rows)
             return {r.row for r in plan.rows}
+        if self.on_plan is not None:
+            self.on_plan(plan)
         st["cara_cpu_assist_prefills_total"] += len(plan.rows)
         st["cara_cpu_assist_tokens_total"] += sum(r.length for r in plan.rows)
         st["cara_cpu_lora_layers_cpu_total"] += plan.layers_cpu

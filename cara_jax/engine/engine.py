@@ -12,6 +12,7 @@ Host work thus trails the device by one step (a finished sequence costs one disc
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import random
@@ -27,6 +28,7 @@ from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapte
 from cara_jax.engine.admission import Admission
 from cara_jax.engine.batch import ChunkRow, ScheduledBatch
 from cara_jax.engine.block_manager import BlockManager
+from cara_jax.engine.cold_start import ColdStartModel
 from cara_jax.engine.config import COLD_START_MODES, EngineConfig, default_kv_cache_memory
 from cara_jax.engine.cpu_coordinator import CpuAssistCoordinator, zero_stats
 from cara_jax.engine.errors import EngineClosedError, PromptTooLongError
@@ -70,31 +72,50 @@ class Engine:
         self.registry = AdapterRegistry(
             loaded.cfg, HostStore(cfg.host_budget_bytes), base_model_name=None
         )
+        assisted = cfg.cold_start in ("cpu_assist", "auto")
+        rc = RunnerConfig(
+            num_pages=num_pages, max_model_len=self.max_len, block_size=cfg.block_size,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_prefill_seqs=cfg.max_prefill_seqs, min_token_bucket=cfg.min_token_bucket,
+            rank_buckets=cfg.rank_buckets, cpu_assist=assisted,
+            buckets=cfg.token_buckets, attention_backend=cfg.attention_backend,
+        )  # fmt: skip
+        if cfg.cold_start == "auto":  # CPU-assisted programs for a few buckets only
+            rc = dataclasses.replace(
+                rc, cpu_buckets=cfg.cpu_assist_buckets or rc.token_buckets[-2:]
+            )
         self.runner = ModelRunner(
             loaded,
-            RunnerConfig(
-                num_pages=num_pages, max_model_len=self.max_len, block_size=cfg.block_size,
-                max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                max_prefill_seqs=cfg.max_prefill_seqs, min_token_bucket=cfg.min_token_bucket,
-                rank_buckets=cfg.rank_buckets, cpu_assist=cfg.cold_start == "cpu_assist",
-                buckets=cfg.token_buckets, attention_backend=cfg.attention_backend,
-            ),
+            rc,
             pool=self.pool,
             lora_strategy=cfg.lora_strategy,
         )  # fmt: skip
         self._kv_bytes = self.runner.cache.nbytes()
         self.cpu: CpuAssistCoordinator | None = None
-        if cfg.cold_start == "cpu_assist":
+        self.cold_model: ColdStartModel | None = None
+        can_assist = None
+        if assisted:
             self.cpu = CpuAssistCoordinator(
                 loaded.cfg, self.pool, self.registry, cfg.cpu_workers, cfg.cpu_timeout_s
             )
+            can_assist = self.cpu.can_assist
+        if cfg.cold_start == "auto":
+            link = cfg.pool.emulate_link_gbps
+            rate = float(self.cpu.workers.stats().get("flops_per_s") or 2e10)
+            self.cold_model = ColdStartModel(
+                loaded.cfg, link_bytes_per_s=(link or 10.0) * 1e9,
+                cpu_flops=rate * max(1, cfg.cpu_workers),
+            )  # fmt: skip
+            self.cpu.on_plan = self._observe_cpu
+            can_assist = self._choose_cold_start
+        self._loads_seen = 0
         self.admission = Admission(cfg.scheduler, cfg.lora_strategy, jax.default_backend())
         self.blocks = BlockManager(num_pages, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_prefill_seqs,
                             self.max_len),  # fmt: skip
             self.blocks, self.pool, self.registry, self.admission,
-            can_assist=None if self.cpu is None else self.cpu.can_assist,
+            can_assist=can_assist,
         )  # fmt: skip
         self.requests: dict[str, Sequence] = {}
         self._in_flight: tuple[StepResult, dict, object, StepRecord] | None = None
@@ -141,6 +162,7 @@ class Engine:
             running_adapters=tuple(sorted({s.adapter_name for s in run if s.adapter_name})),
             waiting_adapters=tuple(sorted({s.adapter_name for s in list(self.scheduler.waiting)
                                            if s.adapter_name})),
+            cold_start=None if self.cold_model is None else self.cold_model.snapshot(),
             prefix_caching=self.blocks.enable_caching, prefix_cache_queries=pc.queries,
             prefix_cache_hits=pc.hits, prefix_cache_blocks=self.blocks.num_cached,
             prefix_cache_evictions=pc.evictions,
@@ -159,7 +181,12 @@ class Engine:
     def load_adapter(self, name: str, path: str | Path) -> RegisteredAdapter:
         """Register (or replace) an adapter; ``cached`` mode also pins it on the device."""
         old = self.registry.names().get(name)
-        entry = self.registry.register(name, path)
+        # the one-time conversion to the pool's layout (loads then only copy); it also rejects
+        # what the pool cannot hold (a rank above its max) before the name changes
+        ready = self.runner.is_ready()
+        entry = self.registry.register(
+            name, path, check=lambda a: self.pool.prepare(a, compile_writer=ready)
+        )
         if self.config.cold_start == "cached":
             adapter = self.registry.resolve(name)
             if old is None or old.content_hash != entry.content_hash:
@@ -235,6 +262,14 @@ class Engine:
                 raise QueueFullError(q)
             self.requests[rid] = seq
             self.scheduler.add(seq)
+            # prefetch: start the adapter's load now, not when the request reaches the head of
+            # the queue (the first max_num_seqs waiting requests; the pool must have room)
+            prefetch = self.config.prefetch_adapters
+            if prefetch and adapter and len(self.scheduler.waiting) <= self.config.max_num_seqs:
+                try:
+                    self.scheduler.acquire_adapter(seq)
+                except Exception as e:  # admission reports it (the scheduler retries there)
+                    log.debug("prefetch of %s failed: %s", adapter, e)
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -251,15 +286,19 @@ class Engine:
                     or self._failed)  # fmt: skip
 
     def _release(self, seq: Sequence) -> None:
+        if seq.cold and seq.cold_start_mode is None:  # its load was done when it was admitted
+            seq.cold_start_mode, seq.cold_start_reason = "sync", "resident"
         if seq.request_id in self.requests:
             rank = self.pool.entry_rank(seq.content_hash) if seq.content_hash else 0
             self.finished_requests.append(
                 RequestRecord(
                     seq.request_id, seq.adapter_name, rank, seq.cold, seq.arrival, seq.admitted,
                     seq.token_times, len(seq.prompt_ids), seq.finish_reason, seq.preemptions,
-                    seq.num_cached_tokens or 0,
+                    seq.num_cached_tokens or 0, seq.cold_start_mode, seq.cold_start_reason,
                 )
             )  # fmt: skip
+        if self.cold_model is not None and seq.cold and seq.request_id in self.requests:
+            self.cold_model.count(seq.cold_start_mode, seq.cold_start_reason or "")
         self.scheduler.release(seq)
         self.requests.pop(seq.request_id, None)
 
@@ -271,6 +310,11 @@ class Engine:
             t0 = time.perf_counter()
             if self.cpu is not None and self.cpu.keys:
                 self.cpu.drop_loaded()
+            if self.cold_model is not None:
+                loads = self.pool.stats.loads
+                for nbytes, secs in loads[self._loads_seen :]:
+                    self.cold_model.observe_load(nbytes, secs)
+                self._loads_seen = len(loads)
             batch = self.scheduler.schedule()
             if not batch and self.scheduler.running and self._in_flight is None:
                 self.scheduler.unstick()
@@ -365,6 +409,35 @@ class Engine:
         return [out] if (out.text or out.token_ids or out.finished) else []
 
     # ------------------------------------------------------------------ CPU assist, routing
+
+    def _choose_cold_start(self, seq: Sequence) -> bool:
+        """``auto``: may this request, whose adapter is still loading, prefill with CPU
+        deltas now? Yes when its load is predicted to take longer than the CPU's share."""
+        if seq.no_cpu_assist:
+            seq.cold_start_mode, seq.cold_start_reason = "sync", "no_cpu_path"
+            return False
+        packed = self.pool.packed_of(seq.content_hash)
+        handle = self.pool.handle_of(seq.content_hash)
+        if packed is None or handle is None:
+            return False
+        cold = self.loaded.cfg.num_layers - len(handle.ready_layers())
+        tokens = self.scheduler.uncached_tokens(seq)
+        choice = self.cold_model.choose(packed.ranks, handle.nbytes, tokens, handle.started, cold)
+        if seq.cold_start_mode is None or choice.mode == "cpu_assist":
+            seq.cold_start_mode, seq.cold_start_reason = choice.mode, choice.reason
+            seq.cold_start_detail = choice.describe()
+        return choice.mode == "cpu_assist" and self.cpu.can_assist(seq)
+
+    def _observe_cpu(self, plan) -> None:
+        """Fit the CPU side of the auto model to a finished CPU-assisted prefill."""
+        flops, exchanges = 0.0, len(plan.timings)
+        for r in plan.rows:
+            packed = self.pool.packed_of(r.key)
+            if packed is not None:
+                flops += self.cold_model.delta_flops(packed.ranks, r.length, len(r.cpu_layers))
+        secs = sum(t.copy_out_s + t.wait_s + t.copy_back_s for t in plan.timings)
+        copy = sum(t.copy_out_s + t.copy_back_s for t in plan.timings)
+        self.cold_model.observe_cpu(exchanges, flops, secs, copy)
 
     @property
     def cpu_pool(self):

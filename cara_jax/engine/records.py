@@ -39,6 +39,8 @@ class RequestRecord:
     finish_reason: str | None
     preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    cold_start_mode: str | None = None  # auto: how the cold adapter was served
+    cold_start_reason: str | None = None
 
     @property
     def ttft(self) -> float | None:
@@ -72,6 +74,7 @@ class EngineStats:
     cpu_assist: dict
     running_adapters: tuple[str, ...]
     waiting_adapters: tuple[str, ...]
+    cold_start: dict | None = None  # auto: the fitted cost model and the choices made
     prefix_caching: bool = False
     prefix_cache_queries: int = 0  # prompt tokens looked up at admission
     prefix_cache_hits: int = 0  # of those, tokens whose KV was reused

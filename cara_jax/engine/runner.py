@@ -32,7 +32,7 @@ from cara_jax.engine.batch import CpuPlan, ScheduledBatch
 from cara_jax.engine.program_store import ProgramStore
 from cara_jax.engine.step import SeqState, StepInputs, StepOutputs, run_step
 from cara_jax.kv_cache import KVCache
-from cara_jax.lora_hooks import PROJECTIONS
+from cara_jax.lora_hooks import GROUPS, PROJECTIONS
 from cara_jax.ragged import DROP, RaggedMeta
 from cara_jax.sampler import SamplingArrays
 from cara_jax.weights import LoadedModel
@@ -70,7 +70,10 @@ class RunnerConfig:
     min_token_bucket: int = 2  # not 1: XLA turns a one-row scatter into a cache copy
     pages_per_chunk: int = 8  # KV pages attention reads per loop iteration
     rank_buckets: tuple[int, ...] = ()  # LoRA rank buckets below the pool max (+ the max)
-    cpu_assist: bool = False  # also compile the CPU-assisted program of each token bucket
+    cpu_assist: bool = False  # also compile CPU-assisted programs (their buckets: cpu_buckets)
+    # token buckets of the CPU-assisted programs (None: every bucket); a step with a cold chunk
+    # is padded to one of them, so fewer buckets start faster
+    cpu_buckets: tuple[int, ...] | None = None
     cache_dtype: str | None = None  # default: the model's dtype
     buckets: tuple[int, ...] | None = None  # explicit token buckets (the largest = the budget)
     attention_backend: str = "jnp"  # cara_jax.attention.ATTENTION_BACKENDS
@@ -161,11 +164,17 @@ class ModelRunner:
         lora = self.pool is not None
         out = [Program(t, lora) for t in self.config.token_buckets]
         if self.config.cpu_assist and lora:
-            out += [Program(t, True, True) for t in self.config.token_buckets]
+            out += [Program(t, True, True) for t in self.cpu_token_buckets()]
         return out
 
+    def cpu_token_buckets(self) -> tuple[int, ...]:
+        """Token buckets of the CPU-assisted programs (the largest always among them)."""
+        b, want = self.config.token_buckets, self.config.cpu_buckets
+        return tuple(t for t in b if t in want or t == b[-1]) if want else b
+
     def program_for(self, batch: ScheduledBatch, cpu: bool = False) -> Program:
-        t = bucket(max(batch.num_tokens, 1), self.config.token_buckets)
+        buckets = self.cpu_token_buckets() if cpu else self.config.token_buckets
+        t = bucket(max(batch.num_tokens, 1), buckets)
         return Program(t, self.pool is not None, cpu)
 
     def _abstract(self, p: Program) -> tuple:
@@ -291,10 +300,17 @@ class ModelRunner:
             return hook
         shapes = self.cfg.projection_shapes()
         dev = np.zeros((self.cfg.num_layers, self.config.max_prefill_seqs), np.int32)
+        need = np.zeros((self.cfg.num_layers, len(GROUPS)), bool)
         plan_id = 0
         if cpu is not None:
             dev[:, : cpu.dev_adapter.shape[1]] = cpu.dev_adapter
             plan_id = cpu.plan_id
+            for r in cpu.plan.rows:  # the (layer, group)s where a cold row needs the CPU
+                packed = self.pool.packed_of(r.key)
+                ranks = packed.ranks if packed is not None else dict.fromkeys(PROJECTIONS, 1)
+                groups = [g for g, projs in enumerate(GROUPS) if any(ranks.get(q) for q in projs)]
+                for layer in r.cpu_layers:
+                    need[layer, groups] = True
         # per projection and layer, the chunk rows' pool rows (row 0 where the CPU serves)
         dev_idx = {
             q: [[jnp.asarray(self.pool.row_index(q, dev[layer], r)) for r in buckets]
@@ -305,6 +321,7 @@ class ModelRunner:
             inner=hook,
             dev_idx=dev_idx,
             plan_id=jnp.asarray(plan_id, jnp.int32),
+            need=jnp.asarray(need),
             out_sizes=tuple((q, shapes[q][1]) for q in PROJECTIONS),
         )
 

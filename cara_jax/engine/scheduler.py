@@ -112,24 +112,36 @@ class Scheduler:
 
     # ------------------------------------------------------------------ adapters
 
+    def acquire_adapter(self, seq: Sequence) -> bool:
+        """Hold the sequence's adapter in the device pool, starting its load if it is not
+        there; False when the pool is full of adapters in use (try again later). Called when a
+        request arrives (prefetch) and again at admission."""
+        if seq.content_hash is None or seq.acquired:
+            return True
+        h = seq.content_hash
+        # the packed copy (memory or disk) loads without parsing the PEFT folder again
+        adapter = self.pool.packed.lookup(h) or self.registry.host.get(h)
+        if adapter is None:  # evicted from both tiers: re-read by name
+            adapter = self.registry.resolve(seq.adapter_name)
+            seq.content_hash = adapter.content_hash
+        seq.cold = not self.pool.is_resident(seq.content_hash)
+        try:
+            self.pool.acquire(adapter)
+        except PoolFullError:
+            return False  # every resident adapter is busy: retry next step
+        seq.acquired = True
+        return True
+
     def _adapter_ready(self, seq: Sequence) -> bool:
         if seq.content_hash is None:
             return True
-        if not seq.acquired:
-            adapter = self.registry.host.get(seq.content_hash)
-            if adapter is None:  # evicted from the host tier: re-read by name
-                adapter = self.registry.resolve(seq.adapter_name)
-                seq.content_hash = adapter.content_hash
-            seq.cold = not self.pool.is_resident(seq.content_hash)
-            try:
-                self.pool.acquire(adapter)
-            except PoolFullError:
-                return False  # every resident adapter is busy: retry next step
-            seq.acquired = True
+        if not self.acquire_adapter(seq):
+            return False
         if not self.pool.is_resident(seq.content_hash):
             if self.can_assist is None or not self.can_assist(seq):
                 return False
             seq.cpu_assist = True
+            seq.cold_start_mode = "cpu_assist"
         seq.adapter_slot = self.pool.slot_of(seq.content_hash)
         return True
 
@@ -153,6 +165,14 @@ class Scheduler:
         lookup = self.blocks.enable_caching and not penalties
         hashes = self._hashes(seq)[:usable] if lookup else []
         seq.num_computed = self.blocks.match(seq.request_id, hashes)
+
+    def uncached_tokens(self, seq: Sequence) -> int:
+        """Tokens the sequence would prefill if admitted now (after its prefix-cache hit)."""
+        tokens = len(seq.tokens)
+        if not self.blocks.enable_caching:
+            return tokens
+        usable = (tokens - 1) // self.blocks.block_size
+        return tokens - self.blocks.cached_prefix(self._hashes(seq)[:usable])
 
     def commit_kv(self, seq: Sequence, upto: int) -> None:
         """The KV of positions [0, upto) is computed (its step was read back): register the

@@ -60,6 +60,9 @@ class Sequence:
     emitted: int = 0  # chars of text already streamed
     finish_reason: str | None = None
     cold: bool = False
+    cold_start_mode: str | None = None  # auto: sync or cpu_assist, as chosen for this request
+    cold_start_reason: str | None = None  # cold_start.REASONS
+    cold_start_detail: str | None = None  # the predictions behind the choice
     cpu_assist: bool = False  # prefilled (or to be) with CPU-computed deltas; decodes once loaded
     no_cpu_assist: bool = False  # a CPU-assisted attempt failed: wait for the load instead
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
