@@ -221,7 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
         "whichever of sync and cpu_assist the engine's measured load and CPU costs predict "
         "faster), cached (everything preloaded), sync (wait for the copy), cpu_assist "
         "(prefill with CPU-computed LoRA deltas while it is copied)",
-
     )
     a.add_argument(
         "--cpu-workers", type=positive(int), default=2, help="CPU-assist worker processes"
