@@ -32,6 +32,20 @@ POLICIES = ("rank_aware", "least_loaded", "round_robin")  # power_of_two: Ray's 
 COST_POLICIES = ("rank_aware",)
 
 
+def member(
+    snap: Snapshot | None,
+    stats: Mapping[str, Any],
+    sent: list[tuple[float, RequestInfo]],
+    name: str = "",
+) -> Member:
+    """One replica for ``plan``: its parsed routing stats, and as unreported the requests sent
+    to it (``(time sent, info)``) at or after the time its stats were taken."""
+    if snap is None:
+        return Member(None, up=False, name=name)
+    since = float(stats.get("time", 0.0))
+    return Member(snap, snap.cost, [info for t, info in sent if t >= since], name=name)
+
+
 class CaraRequestRouter(RequestRouter):
     """Routes each request by a cara-jax policy over the replicas' routing stats."""
 
@@ -70,14 +84,8 @@ class CaraRequestRouter(RequestRouter):
         return snap
 
     def _member(self, r: RunningReplica) -> Member:
-        snap = self._snapshot(r)
-        if snap is None:
-            return Member(None, up=False, name=r.replica_id.unique_id)
-        since = float((r.routing_stats or {}).get("time", 0.0))
-        unreported = [
-            info for rid, t, info in self._open.values() if rid == r.replica_id and t >= since
-        ]
-        return Member(snap, snap.cost, unreported, name=r.replica_id.unique_id)
+        sent = [(t, info) for rid, t, info in self._open.values() if rid == r.replica_id]
+        return member(self._snapshot(r), r.routing_stats or {}, sent, r.replica_id.unique_id)
 
     # ------------------------------------------------------------------ routing
 

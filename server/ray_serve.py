@@ -234,11 +234,12 @@ class EngineReplica:
     # ------------------------------------------------------------ requests
 
     async def call(
-        self, method: str, path: str, headers: dict[str, str], body: bytes, route: dict | None
+        self, method: str, path: str, headers: dict[str, str], body: bytes, *, route: dict | None
     ) -> AsyncIterator[Any]:
         """Relay one HTTP request through this replica's cara-serve app: first
-        ``{"status", "headers"}``, then the body's bytes as they come (``route`` is for the
-        request router)."""
+        ``{"status", "headers"}``, then the body's bytes as they come. ``route`` (model,
+        prompt-token estimate, SLO) is read by the request router, which sees only keyword
+        arguments (``PendingRequest.kwargs``): hence keyword-only."""
         import aiohttp
 
         self._start_heartbeats()

@@ -185,3 +185,48 @@ def test_killed_replica_ends_its_streams_and_the_others_answer(fleet):
         url + "/v1/completions", {"model": "demo-0", "prompt": "Hi", "max_tokens": 4}
     )
     assert status == 200, body
+
+
+def _stats(running: list[tuple[int, float]], at: float, cost: dict) -> dict:
+    """A replica's routing stats (the scheduler state document plus its time)."""
+    return {
+        "object": "scheduler_state", "model": "SmolLM2-135M-Instruct",
+        "served_names": ["SmolLM2-135M-Instruct"], "kernel": "bgmv", "num_slots": 16,
+        "max_num_seqs": 16, "free_slots": 16 - len(running), "max_queue": 64,
+        "tpot_slo_s": None, "cost_model": cost, "adapters": {"small": 8, "big": 256},
+        "resident": ["small", "big"], "time": at, "ready": True,
+        "running": [{"rank": r, "prompt_tokens": 16, "slo_s": s} for r, s in running],
+        "queued": [],
+    }  # fmt: skip
+
+
+def test_rank_aware_router_step_over_routing_stats():
+    """The Ray router's step (server/ray_router.py member + fleet.plan) on the measured
+    one-core cost model: rank-256 work goes where rank 256 already runs, rank-8 work with a
+    tight SLO stays off it, and requests sent after a replica's stats count there."""
+    from cara_jax.scheduling.cost_model import CostModel
+    from cara_jax.scheduling.fleet import parse_snapshot, plan
+    from cara_jax.scheduling.router import RequestInfo, make_router
+    from server.ray_router import member
+
+    cost_file = COST.with_name("cost_model_smollm2_cpu1core.json")
+    cost = {k: v for k, v in CostModel.load(cost_file, kernel="bgmv").to_dict().items()
+            if k != "samples"}  # fmt: skip
+    heavy = _stats([(256, 0.5), (256, 0.5)], at=10.0, cost=cost)
+    light = _stats([(8, 0.15), (8, 0.15), (8, 0.15)], at=10.0, cost=cost)
+    router = make_router("rank_aware")
+
+    def order(model: str, slo: float, sent_light=()) -> list[int]:
+        members = [member(parse_snapshot(heavy), heavy, [], "heavy"),
+                   member(parse_snapshot(light), light, list(sent_light), "light")]  # fmt: skip
+        p = plan(router, members, model, 16, slo, needs_cost=True)
+        assert p.info.rank == {"big": 256, "small": 8}[model]
+        return p.order
+
+    assert order("big", 0.5) == [0, 1]
+    assert order("small", 0.15) == [1, 0]
+    # a rank-256 request sent to the light replica after its stats were taken (t=11) is in
+    # its batch now; one sent before (t=9) is already in the stats and is not counted twice
+    late, early = (11.0, RequestInfo(256, 16, 0.5)), (9.0, RequestInfo(256, 16, 0.5))
+    assert len(member(parse_snapshot(light), light, [late, early]).unreported) == 1
+    assert order("big", 0.5, [late]) == [0, 1]
