@@ -511,7 +511,7 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--out", default="bench/results", help="results folder")
     ap.add_argument(
-        "--cold-start", help="cara-jax cold-start mode(s), comma list of sync,cached,cpu_assist"
+        "--cold-start", help="cara-jax cold-start mode(s), comma list of sync,cached,cpu_assist,auto"
     )
     ap.add_argument("--lora-strategy", help="cara-jax LoRA kernel(s), comma list of bgmv,mbgmv")
     ap.add_argument("--link-gbps", type=float, help="emulated host->device link of cara-jax's pool")

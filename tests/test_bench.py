@@ -458,11 +458,11 @@ def test_server_engine_flags_follow_the_servers_spelling():
     assert engine_flags(None, max_num_seqs=4, max_model_len=64)[1::2] == ["4", "64"]  # real parser
 
 
-def test_cold_start_plan_has_three_modes():
+def test_cold_start_plan_has_four_modes():
     from bench.experiments import build_plan
 
     plan = build_plan("cold_start", _args(["cold_start", "--quick"]))
-    assert [o.cold_start for _, o in plan.cara] == ["sync", "cached", "cpu_assist"]
+    assert [o.cold_start for _, o in plan.cara] == ["sync", "cached", "cpu_assist", "auto"]
     assert all(o.link_gbps == 10.0 and o.host_budget_bytes == 32 << 20 for _, o in plan.cara)
     spec = plan.points[0].spec
     assert spec.popularity == "round_robin" and spec.num_adapters == spec.num_requests
