@@ -29,12 +29,12 @@ from tests.server_helpers import CHAT, assert_error, get, post  # noqa: E402
 
 COST = Path(__file__).resolve().parents[1] / "bench" / "results" / "cost_model_smollm2_cpu.json"
 # the flags of tests/server_helpers.start_server: the same engine shape, so the replicas read
-# their programs from the session's compile cache
+# their programs from the session's compile cache (sync cold starts: no CPU-assist programs)
 ENGINE_FLAGS = [
     "--demo-adapters", "2", "--max-num-seqs", "8", "--max-model-len", "128",
     "--max-prefill-seqs", "2", "--max-num-batched-tokens", "64", "--token-buckets", "64",
     "--kv-cache-memory", "16M", "--max-lora-rank", "16", "--max-queue", "64",
-    "--drain-timeout", "10", "--cost-model", str(COST),
+    "--drain-timeout", "10", "--cost-model", str(COST), "--cold-start", "sync",
 ]  # fmt: skip
 
 
