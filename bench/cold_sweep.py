@@ -1,9 +1,10 @@
 """Cold-start sweep: emulated link x prompt length x rank, TTFT of sync, cpu_assist, auto, cached.
 
 Where does CPU-assisted prefill beat waiting for the copy, on this machine, and does ``auto``
-pick the faster one? One engine per mode (started once, warmed up); per cell (link, prompt
-length, rank) each mode serves ``--reps`` requests one at a time, each on an adapter evicted
-from the device first (cached mode keeps every adapter resident: the floor). TTFT is from
+pick the faster one? One engine per mode (all started first, warmed up); per cell (link, prompt
+length, rank) the modes take turns, request by request, so that they see the same machine; each
+serves ``--reps`` requests one at a time, each on an adapter evicted from the device first
+(cached mode keeps every adapter resident: the floor). TTFT is from
 ``add_request`` to the first token. For auto, the cost model is reset to the cell's link as its
 prior whenever the link changes (as a server started on that link would be), then learns from
 the cell's loads.
@@ -82,36 +83,42 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="cara-cold-sweep-") as d:
         names = {f"r{r}-{i}": r for r in ranks for i in range(args.reps)}
         adapters = write_adapters(Path(d), names, cfg, TARGET_SETS[args.targets], seed=5)
-        for mode in modes:
+        engines = {}
+        for mode in modes:  # every mode's engine up first: each cell then runs them in turn
             opts = RunOptions(cold_start=mode, max_num_seqs=4, max_prefill_seqs=2,
                               warmup_requests=4, link_gbps=links[0])  # fmt: skip
             sysm = CaraSystem(opts, label=f"cara-jax[{mode}]")
             t = time.perf_counter()
             sysm.start(adapters, max_context=max(prompts) + 4)
-            eng = sysm.engine
+            engines[mode] = sysm
             info[mode] = {"start_s": time.perf_counter() - t, **sysm.info}
-            last_link = None
-            for link, plen, rank in cells:
+        last_link = None
+        for link, plen, rank in cells:
+            key = f"{link:g}/{plen}/{rank}"
+            for mode in modes:
+                eng = engines[mode].engine
                 eng.pool.link_gbps = link
                 if mode == "auto" and link != last_link:
                     eng.cold_model = ColdStartModel(
                         cfg, link_bytes_per_s=link * 1e9,
                         cpu_flops=eng.cold_model.cpu_flops.value,
                     )  # fmt: skip
-                last_link = link
-                key = f"{link:g}/{plen}/{rank}"
-                got = []
-                for i in range(args.reps):
-                    prompt = rng.integers(100, 20000, size=plen).tolist()
+            last_link = link
+            # the modes take turns request by request, so that they see the same machine
+            for i in range(args.reps):
+                prompt = rng.integers(100, 20000, size=plen).tolist()
+                for mode in modes:
+                    eng = engines[mode].engine
                     first, used = _serve_one(eng, prompt, f"r{rank}-{i}", mode != "cached")
-                    got.append(first)
+                    ttft[mode].setdefault(key, []).append(first)
                     if mode == "auto":
                         picks.setdefault(key, []).append(used or "resident")
-                ttft[mode][key] = got
-                print(f"{mode:>10} link {link:>4g} GB/s prompt {plen:>4} rank {rank:>3}: "
-                      f"TTFT p50 {1e3 * statistics.median(got):7.1f} ms", flush=True)  # fmt: skip
-            if mode == "auto":
-                info[mode]["model"] = eng.cold_model.snapshot()
+            print(f"link {link:>4g} GB/s prompt {plen:>4} rank {rank:>3}: TTFT p50 ms "
+                  + ", ".join(f"{m} {1e3 * statistics.median(ttft[m][key]):.0f}" for m in modes),
+                  flush=True)  # fmt: skip
+        if "auto" in engines:
+            info["auto"]["model"] = engines["auto"].engine.cold_model.snapshot()
+        for sysm in engines.values():
             sysm.close()
     rep = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True)},
@@ -152,9 +159,10 @@ def render(rep: dict, cells) -> str:
         "# Cold-start sweep: TTFT p50 (ms) by emulated link, prompt length and rank",
         "",
         f"Machine: {rep['machine']['cpus']} CPUs, no accelerator; SmolLM2-135M float32; adapters "
-        f"on {a['targets']}; {a['reps']} requests per cell and mode, one at a time, each on an "
-        "adapter evicted from the device first (cached: all resident). The link is emulated "
-        "(PoolConfig.emulate_link_gbps): on a CPU the 'device' is host memory.",
+        f"on {a['targets']}; {a['reps']} requests per cell and mode, one at a time, the modes "
+        "taking turns request by request, each on an adapter evicted from the device first "
+        "(cached: all resident). The link is emulated (PoolConfig.emulate_link_gbps): on a "
+        "CPU the 'device' is host memory.",
         "",
         "| link GB/s | prompt | rank | " + " | ".join(modes) + " | faster of sync/cpu | auto picked |",
         "|---:|---:|---:|" + "---:|" * len(modes) + "---|---|",

@@ -64,6 +64,10 @@ def start_server(tmp_path_factory):
             "64",
             "--kv-cache-memory",
             "16M",
+            # the default (auto) adds a CPU-assisted program and worker processes to every
+            # server module; auto is tested on the engine (tests/test_cold_start_auto.py)
+            "--cold-start",
+            "sync",
             "--max-lora-rank",
             "16",
             "--lora-dir",
