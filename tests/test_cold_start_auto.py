@@ -37,6 +37,8 @@ def test_the_model_prefers_the_cpu_only_when_the_copy_is_slower(tiny):
     # a long prompt makes the CPU's share larger than the same copy
     assert m.choose(qv, nbytes=500_000_000, tokens=10**7, started=None).mode == "sync"
     assert m.choose(qv, 500_000_000, 16, None, cpu_path=False).reason == "no_cpu_path"
+    # waiting for a load costs at least the step in flight: a long step favours the CPU
+    assert m.choose(qv, nbytes=10_000, tokens=16, started=None, step_s=1.0).mode == "cpu_assist"
     # measured loads move the bandwidth: a link 100x slower makes the same copy worth assisting
     for _ in range(20):
         m.observe_load(10_000_000, 1.0)
@@ -90,12 +92,12 @@ def test_auto_picks_per_request_and_matches_cached(tiny, smol_tok, adapters):
     assert slow.cpu_stats["cara_cpu_assist_prefills_total"] >= 2
     assert st.hot_compiles == 0
     slow.close()
-    # a fast link: the copy wins, the request waits for it
+    # a fast link: whichever way each request goes (here the step time, which depends on the
+    # machine, can tip it), the mode follows the reason and the tokens are cached mode's
     fast = _engine(tiny, smol_tok, adapters, "auto", 50.0)
     got, recs = _run_cold(fast, reqs)
     assert got == want
-    assert all(r.cold and r.cold_start_mode == "sync" for r in recs), recs
-    assert {r.cold_start_reason for r in recs} <= {"load_faster", "resident"}
-    assert fast.cpu_stats["cara_cpu_assist_prefills_total"] == 0
+    consistent = {("sync", "load_faster"), ("sync", "resident"), ("cpu_assist", "cpu_faster")}
+    assert all(r.cold and (r.cold_start_mode, r.cold_start_reason) in consistent for r in recs)
     assert fast.stats().cold_start["loads_observed"] >= 2  # the model learns the link
     fast.close()

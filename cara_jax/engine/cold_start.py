@@ -11,8 +11,11 @@ of the prefill. Both sides are predicted from what this engine has measured:
   exchange is one host round trip of a (layer, projection group); both fitted to the CPU
   worker timings of finished CPU-assisted prefills (prior: the workers' measured FLOP rate).
 
-The request goes CPU-assisted when ``remaining load > margin * CPU share``. The choice and its
-reason are kept on the request (RequestRecord) and counted in /metrics.
+A request that waits for its load also waits for a step boundary: the engine admits it at the
+first schedule after the load is done, so a load that is not done now costs at least the step
+in flight (the engine's recent step time). The request goes CPU-assisted when
+``max(remaining load, step) > margin * CPU share``. The choice and its reason are kept on the
+request (RequestRecord) and counted in /metrics.
 """
 
 from __future__ import annotations
@@ -119,13 +122,16 @@ class ColdStartModel:
         started: float | None,
         cold_layers: int | None = None,
         cpu_path: bool = True,
+        step_s: float = 0.0,
     ) -> Choice:
         """Sync or CPU-assisted for a request with ``tokens`` prompt tokens to prefill, whose
         adapter (``nbytes`` to copy) started loading at ``started`` (perf_counter; None: not
-        yet) and has ``cold_layers`` layers still to arrive."""
+        yet) and has ``cold_layers`` layers still to arrive; ``step_s``: the engine's recent
+        step time (the least a wait for the load costs)."""
         load = self.load_seconds(nbytes)
         if started is not None:
             load = max(0.0, load - (time.perf_counter() - started))
+        load = max(load, step_s)  # not loaded now: admitted at a later step at the earliest
         cpu = self.cpu_seconds(ranks, tokens, cold_layers)
         if not cpu_path:
             return Choice("sync", "no_cpu_path", load, cpu)

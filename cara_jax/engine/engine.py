@@ -422,7 +422,10 @@ class Engine:
             return False
         cold = self.loaded.cfg.num_layers - len(handle.ready_layers())
         tokens = self.scheduler.uncached_tokens(seq)
-        choice = self.cold_model.choose(packed.ranks, handle.nbytes, tokens, handle.started, cold)
+        recent = [r.latency_s for r in list(self.steps)[-8:] if r.latency_s is not None]
+        step_s = float(np.median(recent)) if recent else 0.0
+        choice = self.cold_model.choose(packed.ranks, handle.nbytes, tokens, handle.started, cold,
+                                        step_s=step_s)  # fmt: skip
         if seq.cold_start_mode is None or choice.mode == "cpu_assist":
             seq.cold_start_mode, seq.cold_start_reason = choice.mode, choice.reason
             seq.cold_start_detail = choice.describe()
