@@ -11,10 +11,10 @@ of the prefill. Both sides are predicted from what this engine has measured:
   exchange is one host round trip of a (layer, projection group); both fitted to the CPU
   worker timings of finished CPU-assisted prefills (prior: the workers' measured FLOP rate).
 
-A request that waits for its load also waits for a step boundary: the engine admits it at the
-first schedule after the load is done, so a load that is not done now costs at least the step
-in flight (the engine's recent step time). The request goes CPU-assisted when
-``max(remaining load, step) > margin * CPU share``. The choice and its reason are kept on the
+A request that waits for its load also waits for a step boundary. Admission may wait up to
+half a step for a load about to land (the step in flight keeps the device busy meanwhile); a
+load that lands later costs at least one step (the engine's recent step time). The request goes
+CPU-assisted when that wait exceeds ``margin * CPU share``. The choice and its reason are kept on the
 request (RequestRecord) and counted in /metrics.
 """
 
@@ -123,15 +123,18 @@ class ColdStartModel:
         cold_layers: int | None = None,
         cpu_path: bool = True,
         step_s: float = 0.0,
+        wait_s: float = 0.0,
     ) -> Choice:
         """Sync or CPU-assisted for a request with ``tokens`` prompt tokens to prefill, whose
         adapter (``nbytes`` to copy) started loading at ``started`` (perf_counter; None: not
         yet) and has ``cold_layers`` layers still to arrive; ``step_s``: the engine's recent
-        step time (the least a wait for the load costs)."""
+        step time (what a wait costs when the load misses this step); ``wait_s``: how long
+        this step's admission may still wait for a load to land."""
         load = self.load_seconds(nbytes)
         if started is not None:
             load = max(0.0, load - (time.perf_counter() - started))
-        load = max(load, step_s)  # not loaded now: admitted at a later step at the earliest
+        if load > wait_s:  # not landing within this step's admission wait: a later step
+            load = max(load, step_s)
         cpu = self.cpu_seconds(ranks, tokens, cold_layers)
         if not cpu_path:
             return Choice("sync", "no_cpu_path", load, cpu)

@@ -315,6 +315,11 @@ class Engine:
                 for nbytes, secs in loads[self._loads_seen :]:
                     self.cold_model.observe_load(nbytes, secs)
                 self._loads_seen = len(loads)
+            # admission may wait for a load about to land while a step is in flight (the device
+            # is busy anyway): up to half the recent step time
+            self.scheduler.load_wait_left = (
+                0.5 * self._recent_step_s() if self._in_flight is not None else 0.0
+            )
             batch = self.scheduler.schedule()
             if not batch and self.scheduler.running and self._in_flight is None:
                 self.scheduler.unstick()
@@ -422,14 +427,17 @@ class Engine:
             return False
         cold = self.loaded.cfg.num_layers - len(handle.ready_layers())
         tokens = self.scheduler.uncached_tokens(seq)
-        recent = [r.latency_s for r in list(self.steps)[-8:] if r.latency_s is not None]
-        step_s = float(np.median(recent)) if recent else 0.0
         choice = self.cold_model.choose(packed.ranks, handle.nbytes, tokens, handle.started, cold,
-                                        step_s=step_s)  # fmt: skip
+                                        step_s=self._recent_step_s(),
+                                        wait_s=self.scheduler.load_wait_left)  # fmt: skip
         if seq.cold_start_mode is None or choice.mode == "cpu_assist":
             seq.cold_start_mode, seq.cold_start_reason = choice.mode, choice.reason
             seq.cold_start_detail = choice.describe()
         return choice.mode == "cpu_assist" and self.cpu.can_assist(seq)
+
+    def _recent_step_s(self) -> float:
+        recent = [r.latency_s for r in list(self.steps)[-8:] if r.latency_s is not None]
+        return float(np.median(recent)) if recent else 0.0
 
     def _observe_cpu(self, plan) -> None:
         """Fit the CPU side of the auto model to a finished CPU-assisted prefill."""

@@ -63,6 +63,8 @@ class Scheduler:
         self._rows = list(range(limits.max_num_seqs))
         heapq.heapify(self._rows)
         self.failed: list[tuple[Sequence, str]] = []  # adapter errors found while admitting
+        # seconds this step's admission may still wait for adapter loads (set per step)
+        self.load_wait_left = 0.0
         self.preemptions = 0
 
     # ------------------------------------------------------------------ queues
@@ -132,16 +134,35 @@ class Scheduler:
         seq.acquired = True
         return True
 
+    def _wait_for_load(self, seq: Sequence) -> bool:
+        """Wait (within this step's budget) for a load about to finish, so that the request
+        joins this step rather than the next. The step in flight keeps the device busy
+        meanwhile: a wait shorter than its remaining time costs the running requests nothing."""
+        if self.load_wait_left <= 0:
+            return False
+        handle = self.pool.handle_of(seq.content_hash)
+        if handle is None:
+            return False
+        t = time.perf_counter()
+        try:
+            handle.wait(self.load_wait_left)
+        except Exception:  # the load failed: admission retries (and reports) next step
+            return False
+        finally:
+            self.load_wait_left -= time.perf_counter() - t
+        return self.pool.is_resident(seq.content_hash)
+
     def _adapter_ready(self, seq: Sequence) -> bool:
         if seq.content_hash is None:
             return True
         if not self.acquire_adapter(seq):
             return False
         if not self.pool.is_resident(seq.content_hash):
-            if self.can_assist is None or not self.can_assist(seq):
+            if self.can_assist is not None and self.can_assist(seq):
+                seq.cpu_assist = True
+                seq.cold_start_mode = "cpu_assist"
+            elif not self._wait_for_load(seq):
                 return False
-            seq.cpu_assist = True
-            seq.cold_start_mode = "cpu_assist"
         seq.adapter_slot = self.pool.slot_of(seq.content_hash)
         return True
 
