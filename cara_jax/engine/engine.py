@@ -428,7 +428,8 @@ class Engine:
         cold = self.loaded.cfg.num_layers - len(handle.ready_layers())
         tokens = self.scheduler.uncached_tokens(seq)
         choice = self.cold_model.choose(packed.ranks, handle.nbytes, tokens, handle.started, cold,
-                                        step_s=self._recent_step_s(),
+                                        # idle engine: nothing to wait for but the load
+                                        step_s=self._recent_step_s() if self._in_flight else 0.0,
                                         wait_s=self.scheduler.load_wait_left)  # fmt: skip
         if seq.cold_start_mode is None or choice.mode == "cpu_assist":
             seq.cold_start_mode, seq.cold_start_reason = choice.mode, choice.reason
