@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = EngineConfig(max_num_seqs=seqs, max_model_len=max_len, max_prefill_seqs=args.batch,
                        max_num_batched_tokens=budget, min_token_bucket=budget,
                        cold_start="cpu_assist",
-                       cpu_workers=args.workers, rank_buckets=(),
+                       cpu_workers=args.workers,
                        kv_cache_memory=kv_cache_bytes(loaded.cfg, loaded.dtype, seqs, max_len),
                        pool=PoolConfig(max_rank=max(16, args.rank)))  # fmt: skip
     eng = Engine(loaded, tok, cfg)

@@ -311,7 +311,7 @@ def _cold_engine(loaded, tok, mode: str, plan: ColdPlan, pool: PoolConfig, host_
                        max_prefill_seqs=plan.burst,
                        max_num_batched_tokens=_pow2(plan.burst * plan.prompt_len),
                        kv_cache_memory=kv_cache_bytes(loaded.cfg, loaded.dtype, plan.burst, max_len),
-                       cold_start=mode, cpu_workers=workers, pool=pool, rank_buckets=(),
+                       cold_start=mode, cpu_workers=workers, pool=pool,
                        host_budget_bytes=host_bytes)  # fmt: skip
     return Engine(loaded, tok, cfg)
 
@@ -475,7 +475,7 @@ def _throughput_engine(loaded, tok, strategy: str, plan: ThroughputPlan, pool: P
                        max_num_batched_tokens=_pow2(plan.requests * plan.prompt_len),
                        kv_cache_memory=kv_cache_bytes(loaded.cfg, loaded.dtype, plan.requests,
                                                       max_len),
-                       cold_start="cached", lora_strategy=strategy, pool=pool, rank_buckets=(),
+                       cold_start="cached", lora_strategy=strategy, pool=pool,
                        host_budget_bytes=host_bytes)  # fmt: skip
     return Engine(loaded, tok, cfg)
 

@@ -149,7 +149,7 @@ def main() -> None:
     pages_per_seq = -(-(args.prompt_len + args.steps + 1) // 16)
     rc = RunnerConfig(num_pages=args.batch * pages_per_seq + 1, max_model_len=max_len,
                       max_num_seqs=args.batch, max_num_batched_tokens=max(2, args.batch),
-                      max_prefill_seqs=1, rank_buckets=())  # fmt: skip
+                      max_prefill_seqs=1)  # fmt: skip
     runners = {s: ModelRunner(loaded, rc, pool=pool, lora_strategy=s) for s in ("bgmv", "mbgmv")}
     base = [0] * args.batch  # slot 0: no adapter (the program skips the LoRA ops)
     rates: dict[str, list[float]] = {"chain": [], "base": [], "bgmv": [], "mbgmv": []}

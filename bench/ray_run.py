@@ -61,11 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-num-batched-tokens", type=int, default=32)
     ap.add_argument("--token-buckets", default=None, help="the replicas' --token-buckets")
     ap.add_argument("--kv-cache-memory", default="64M")
-    ap.add_argument("--lora-rank-buckets", default="16,64", help="the replicas' rank buckets")
     ap.add_argument(
         "--device-lora-bytes", default="768M", help="each replica's device pool (all adapters fit)"
     )
-    ap.add_argument("--kernel", choices=["bgmv", "mbgmv"], default="bgmv")
+    ap.add_argument("--kernel", choices=["bgmv", "mbgmv"], default="mbgmv")
     ap.add_argument("--cost-model", default="bench/results/cost_model_smollm2_cpu1core.json")
     ap.add_argument("--slo-tpot", type=float, required=True,
                     help="TPOT SLO in seconds (the replicas' default, and every request's "
@@ -111,8 +110,6 @@ def replica_argv(args, adapters: dict[str, Path], policy: str, port: int) -> lis
         "--replicas", str(args.replicas), "--ray-router", policy, "--replica-cpus", "1",
         "--port", str(port), "--avg-response-len", str(args.avg_output),
     ]  # fmt: skip
-    if args.lora_rank_buckets:
-        argv += ["--lora-rank-buckets", args.lora_rank_buckets]
     if args.token_buckets:
         argv += ["--token-buckets", args.token_buckets]
     if not args.no_pin:

@@ -175,9 +175,9 @@ class CpuAssistHook:
     """
 
     inner: RaggedLoraHook
-    # proj -> layer -> per rank bucket [P, r] pool rows of each chunk row at that layer (row 0,
-    # zeros, for a cold row whose layer has not arrived: the CPU serves it)
-    dev_idx: dict[str, list[list[jax.Array]]]
+    # proj -> layer -> [P, r_max] pool rows of each chunk row at that layer (row 0, zeros, for
+    # a cold row whose layer has not arrived: the CPU serves it)
+    dev_idx: dict[str, list[jax.Array]]
     plan_id: jax.Array  # () int32
     need: jax.Array  # [layers, projection groups] bool: some cold row needs the CPU there
     out_sizes: tuple[tuple[str, int], ...] = dataclasses.field(metadata=dict(static=True))
@@ -186,8 +186,7 @@ class CpuAssistHook:
         inner = self.inner
         if proj not in inner.a:
             return None
-        dc = inner.chunk_delta(layer, proj, x, self.dev_idx[proj][layer], inner.ch_bucket)
-        return inner.meta.scatter(inner.decode_delta(layer, proj, x), dc)
+        return inner.run_delta(layer, proj, x, self.dev_idx[proj][layer])
 
     def after(
         self, layer: int, projs: tuple[str, ...], x: jax.Array, ys: list[jax.Array]

@@ -109,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", help=f"adapter ranks (default {FULL['ranks']})")
     p.add_argument("--prefill-lens", help=f"prompt lengths (default {FULL['prefill_lens']})")
     p.add_argument("--prefill-ranks", help=f"default {FULL['prefill_ranks']} (0 = no adapter)")
-    p.add_argument("--rank-buckets", help="runner rank buckets (default: EngineConfig's)")
     p.add_argument("--min-token-bucket", type=int,
                    help="smallest step program in tokens (default: EngineConfig's)")  # fmt: skip
     p.add_argument("--adapters-per-rank", type=int, help="distinct adapters per rank (default 4)")
@@ -162,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     defaults = EngineConfig()
-    rank_buckets = tuple(_ints(args.rank_buckets)) if args.rank_buckets else None
-    rank_buckets = rank_buckets or defaults.rank_buckets
     min_bucket = args.min_token_bucket or defaults.min_token_bucket
     # the token budget: the smallest power-of-two multiple of the smallest bucket that holds the
     # largest step of the grid, so every step is one whole program (buckets min_bucket * 2^k)
@@ -193,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         EngineConfig(max_num_seqs=max(max(batches), defaults.max_num_seqs), max_model_len=max_len,
                      max_num_batched_tokens=budget, min_token_bucket=min_bucket,
                      kv_cache_memory=pages * bs * bytes_per_token(cfg, dtype), cold_start="cached",
-                     lora_strategy=kernels[0], rank_buckets=rank_buckets, pool=pool),
+                     lora_strategy=kernels[0], pool=pool),
     )  # fmt: skip
     slots: dict[int, list[int]] = {}
     with tempfile.TemporaryDirectory(prefix="cara-profile-") as tmp:
@@ -296,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     c = engine.runner.config
     buckets = Buckets(
         rows=tuple(sorted({c.decode_rows(t) for t in c.token_buckets})),
-        rank=engine.runner.rank_buckets(), prefill_len=c.token_buckets,
+        rank=engine.runner.rank_buckets(), total_rank=engine.runner.total_rank_buckets(),
+        prefill_len=c.token_buckets,
         prefill_batch=c.max_prefill_seqs,
     )  # fmt: skip
     model_name = DEFAULT_MODEL_ID if args.model is None else Path(args.model).stem
@@ -312,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
                  "repeats": args.repeats, "stat": args.stat, "quick": args.quick},
         "engine": {"token_buckets": list(c.token_buckets), "max_num_seqs": c.max_num_seqs,
                    "max_prefill_seqs": c.max_prefill_seqs,
-                   "rank_buckets": list(engine.runner.rank_buckets()),
                    "compile_seconds": round(sum(r.compile_seconds for r in runners.values()), 1),
                    "hot_compiles": sum(r.hot_compiles for r in runners.values())},
         "profile_seconds": round(time.perf_counter() - t_start, 1),

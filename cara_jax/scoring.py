@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cara_jax.adapters.multi_lora import MultiLoraHook, RaggedLoraHook
+from cara_jax.adapters.multi_lora import ENTRY_BLOCK, RANK_BLOCK, MultiLoraHook, RaggedLoraHook
 from cara_jax.kv_cache import KVCache
 from cara_jax.ragged import RaggedMeta
 from cara_jax.weights import LoadedModel
@@ -44,11 +44,15 @@ def _full_logits(graphdef, state, tokens, hook, block_size):
     cache = KVCache.allocate(model.cfg, pages, block_size, model.dtype)
     if isinstance(hook, MultiLoraHook):
         r = hook.rank_bucket
-        idx = {p: [rows[hook.adapter, :r]] for p, rows in hook.slot_rows.items() if p in hook.a}
+        w = -(-r // RANK_BLOCK) * RANK_BLOCK
+        idx = {p: jnp.pad(rows[hook.adapter, :r], ((0, 0), (0, w - min(r, rows.shape[1]))))
+               for p, rows in hook.slot_rows.items() if p in hook.a}  # fmt: skip
+        none = {p: jnp.zeros((ENTRY_BLOCK,), jnp.int32) for p in idx}  # decode: unused
         hook = RaggedLoraHook(
-            a=hook.a, b=hook.b, dec_idx={p: [jnp.zeros((1, r), jnp.int32)] for p in idx},
-            ch_idx=idx, dec_bucket=jnp.int32(0), ch_bucket=jnp.int32(1), meta=meta,
-            strategy="bgmv", rank_buckets=(r,), backend=hook.backend,
+            a=hook.a, b=hook.b, dec_rows=none, dec_ent=none, dec_own=none,
+            dec_bucket={p: jnp.int32(0) for p in idx}, ch_idx=idx,
+            ch_bucket={p: jnp.int32(w // RANK_BLOCK) for p in idx}, meta=meta,
+            strategy="mbgmv", backend=hook.backend,
         )  # fmt: skip
     h, _ = model(tokens.reshape(-1), cache, meta, hook)
     return model.logits(h).reshape(b, t, -1)

@@ -228,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--lora-kernel",
         choices=["bgmv", "mbgmv"],
-        default="bgmv",
-        help="decode kernel: bgmv pads to the batch's max rank, mbgmv sums ranks",
+        default="mbgmv",
+        help="decode kernel: mbgmv runs each row at its own rank (cost ~ summed ranks), bgmv "
+        "pads rows to the step's max rank; both only on the projections the adapters target",
     )
     a.add_argument(
         "--host-lora-bytes",
@@ -252,17 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--max-lora-rank",
         type=positive(int),
-        default=64,
-        help="largest adapter rank accepted; LoRA runs at this rank (padded) in every step with "
-        "an adapter, so keep it as small as your adapters allow",
-    )
-    a.add_argument(
-        "--lora-rank-buckets",
-        type=lambda s: tuple(sorted({int(x) for x in s.split(",")})),
-        default=(),
-        metavar="R1,R2",
-        help="smaller LoRA ranks a step may run at (chosen per step: the smallest bucket that "
-        "holds the batch's ranks); each adds a branch to every program (compile time)",
+        default=256,
+        help="largest adapter rank accepted; a step runs each adapter at its own rank, so a "
+        "larger limit costs no step anything (only the slot table's width)",
     )
 
     s = p.add_argument_group("scheduling")
@@ -395,7 +388,6 @@ def _engine_config(args: argparse.Namespace):
             max_rank=args.max_lora_rank,
             cache_dir=_adapter_cache(args.adapter_cache),
         ),
-        rank_buckets=args.lora_rank_buckets,
     )
     admission = args.admission
     if admission == "auto":

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cara_jax.adapters.multi_lora import MultiLoraHook, RaggedLoraHook
-from cara_jax.adapters.packed import PackedAdapter, PackedStore, PoolLayout
+from cara_jax.adapters.multi_lora import ENTRY_BLOCK, RANK_BLOCK, MultiLoraHook, RaggedLoraHook
+from cara_jax.adapters.packed import PackedAdapter, PackedStore, PoolLayout, write_width
 from cara_jax.adapters.peft import LoraAdapter
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import PROJECTIONS
@@ -52,7 +52,7 @@ class PoolFullError(RuntimeError):
 class PoolConfig:
     budget_bytes: int = 512 << 20  # device memory for adapter rows, all projections and layers
     max_adapters: int = 64  # resident adapters (slot table height)
-    max_rank: int = 128  # largest rank accepted (slot table width)
+    max_rank: int = 256  # largest rank accepted (slot table width); costs a step nothing
     layer_groups: int = 4  # copy granularity; CPU assist overlaps the later groups
     # Emulated host->device link (GB/s), for benches on machines where the "device" is host
     # memory and a copy is a memcpy: each layer group's copy then takes at least bytes/bandwidth.
@@ -473,8 +473,11 @@ class DevicePool:
         return len(self._writers) - before
 
     def warm_writer(self) -> int:
-        """Compile the group writes of every adapter prepared so far; returns how many."""
-        return sum(self.ensure_writer(w) for w in sorted(self._widths))
+        """Compile the group writes of every width an adapter up to ``max_rank`` can have (and
+        of any adapter prepared so far), so no load or registration waits for a compiler;
+        returns how many were compiled now."""
+        widths = {write_width(r) for r in range(1, self.config.max_rank + 1)} | self._widths
+        return sum(self.ensure_writer(w) for w in sorted(widths))
 
     def stats_dict(self) -> dict:
         """Counters and occupancy, one consistent read (for Engine.stats)."""
@@ -486,74 +489,89 @@ class DevicePool:
                 "slots_total": self.config.max_adapters - 1,
             }  # fmt: skip
 
-    def bucket_index(self, slots: np.ndarray, rank_buckets: tuple[int, ...]) -> int:
-        """0 when no slot has an adapter, else 1 + the index of the smallest bucket that holds
-        the slots' largest rank."""
-        mx, _ = self.batch_ranks(slots)
-        if mx == 0:
-            return 0
-        for i, r in enumerate(rank_buckets):
-            if mx <= r:
-                return i + 1
-        raise ValueError(f"rank {mx} exceeds the largest rank bucket {rank_buckets[-1]}")
-
     def row_index(self, proj: str, slots: np.ndarray, r: int) -> np.ndarray:
         """[len(slots), r] pool rows of each slot's adapter on ``proj`` (row 0 pads)."""
+        out = np.zeros((len(slots), r), np.int32)
         with self.lock:
-            return self._slot_rows[proj][slots, :r].astype(np.int32)
+            cols = min(r, self.config.max_rank)
+            out[:, :cols] = self._slot_rows[proj][slots, :cols]
+        return out
 
-    def flat_index(self, proj: str, slots: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """MBGMV's flattened rank rows: (rows [n*r], owner [n*r]), each slot at its own rank,
-        padded with row 0 (zeros) owned by row 0."""
-        n = len(slots)
-        rows, owner = np.zeros(n * r, np.int32), np.zeros(n * r, np.int32)
+    def step_rows(
+        self, proj: str, slots: np.ndarray, width: int
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """MBGMV's tables for decode rows using ``slots`` on ``proj``: (rows [width] the pool
+        row of each (decode row, rank row) entry, each decode row at its own rank; own [width]
+        the decode row of each entry; the number of entries). A row's entries are contiguous,
+        and rows on the same adapter are adjacent, so an adapter's pool rows are read from
+        memory once per step and again only from cache. Padding: row 0 (zeros), owned by 0."""
+        rows, own = np.zeros(width, np.int32), np.zeros(width, np.int32)
+        n = 0
         with self.lock:
-            ranks = self._slot_rank[proj][slots]
-            k = 0
-            for i, (s, rk) in enumerate(zip(slots, ranks, strict=True)):
-                rk = min(int(rk), r)  # a bucket below the batch's rank is never selected
-                rows[k : k + rk] = self._slot_rows[proj][s, :rk]
-                owner[k : k + rk] = i
-                k += rk
-        return rows, owner
+            table, rank = self._slot_rows[proj], self._slot_rank[proj]
+            for i in np.argsort(slots, kind="stable"):
+                r = int(rank[slots[i]])
+                if r == 0:
+                    continue
+                if n + r > width:
+                    raise ValueError(f"{n + r} LoRA entries exceed the table width {width}")
+                rows[n : n + r] = table[slots[i], :r]
+                own[n : n + r] = i
+                n += r
+        return rows, own, n
 
     def ragged_hook(
         self,
         dec_slots: np.ndarray,
         ch_slots: np.ndarray,
         meta: RaggedMeta,
-        strategy: str = "bgmv",
-        rank_buckets: tuple[int, ...] = (16, 64),
+        strategy: str = "mbgmv",
+        dec_width: int | None = None,
         backend: str = "auto",
     ) -> RaggedLoraHook:
         """The hook of one engine step (ragged.py): decode row i uses adapter slot
-        ``dec_slots[i]``, chunk row j ``ch_slots[j]`` (0 = none). Each view's rank bucket and
-        every index table are computed here, once per step. Call and dispatch under
-        ``pool.lock``, as for ``hook``."""
+        ``dec_slots[i]``, chunk row j ``ch_slots[j]`` (0 = none). Per projection and view, the
+        bucket and the index tables are computed here, once per step (multi_lora.RaggedLoraHook
+        says what they hold); ``dec_width`` is mbgmv's entry table size (default: every decode row
+        at max_rank). Call and dispatch under ``pool.lock``, as for ``hook``."""
         dec_slots, ch_slots = np.asarray(dec_slots), np.asarray(ch_slots)
-        dec_idx, ch_idx = {}, {}
-        for p in self.a:
-            if strategy == "mbgmv":
-                dec_idx[p] = [tuple(jnp.asarray(v) for v in self.flat_index(p, dec_slots, r))
-                              for r in rank_buckets]  # fmt: skip
-            else:
-                dec_idx[p] = [jnp.asarray(self.row_index(p, dec_slots, r)) for r in rank_buckets]
-            ch_idx[p] = [jnp.asarray(self.row_index(p, ch_slots, r)) for r in rank_buckets]
+        width = self.index_width()
+        dec_rows, dec_ent, dec_own, dec_b, ch_idx, ch_b = {}, {}, {}, {}, {}, {}
+        none = jnp.zeros((1,), jnp.int32)
+        with self.lock:
+            for p in self.a:
+                rank = self._slot_rank[p]
+                if strategy == "mbgmv":
+                    w = dec_width or len(dec_slots) * width
+                    rows, own, n = self.step_rows(p, dec_slots, -(-w // ENTRY_BLOCK) * ENTRY_BLOCK)
+                    dec_rows[p], dec_own[p] = jnp.asarray(rows), jnp.asarray(own)
+                    dec_ent[p] = none
+                    dec_b[p] = jnp.asarray(-(-n // ENTRY_BLOCK), jnp.int32)
+                else:
+                    dec_ent[p] = jnp.asarray(self.row_index(p, dec_slots, width))
+                    dec_rows[p] = dec_own[p] = none
+                    dec_b[p] = jnp.asarray(rank_blocks(rank[dec_slots]), jnp.int32)
+                ch_idx[p] = jnp.asarray(self.row_index(p, ch_slots, width))
+                ch_b[p] = jnp.asarray(rank_blocks(rank[ch_slots]), jnp.int32)
         return RaggedLoraHook(
             a={p: list(v) for p, v in self.a.items()},
             b={p: list(v) for p, v in self.b.items()},
-            dec_idx=dec_idx,
-            ch_idx=ch_idx,
-            dec_bucket=jnp.asarray(self.bucket_index(dec_slots, rank_buckets), jnp.int32),
-            ch_bucket=jnp.asarray(self.bucket_index(ch_slots, rank_buckets), jnp.int32),
-            meta=meta,
-            strategy=strategy,
-            rank_buckets=tuple(rank_buckets),
+            dec_rows=dec_rows, dec_ent=dec_ent, dec_own=dec_own, dec_bucket=dec_b,
+            ch_idx=ch_idx, ch_bucket=ch_b, meta=meta, strategy=strategy,
             backend=backend,
-        )
+        )  # fmt: skip
+
+    def index_width(self) -> int:
+        """Columns of the per-row index tables: max_rank rounded up to whole RANK_BLOCKs."""
+        return -(-self.config.max_rank // RANK_BLOCK) * RANK_BLOCK
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)
+
+
+def rank_blocks(ranks: np.ndarray) -> int:
+    """RANK_BLOCK-wide iterations that cover the largest of ``ranks`` (0: none)."""
+    return -(-int(np.max(ranks, initial=0)) // RANK_BLOCK)
 
 
 def rank_bucket_for(r: int) -> int:

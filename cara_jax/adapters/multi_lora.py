@@ -35,6 +35,12 @@ from pallas_kernels.mbgmv import mbgmv_ref as mbgmv
 from pallas_kernels.sgmv import sgmv_ref as sgmv
 
 STRATEGIES = ("bgmv", "mbgmv")
+# rank rows per iteration of the loops that run at a step's rank (chunk rows, bgmv's decode
+# rows): a rank-r adapter costs ceil(r / RANK_BLOCK) iterations, and one loop body is compiled
+# whatever the largest rank
+RANK_BLOCK = 16
+# flattened (row, rank row) entries per iteration of mbgmv's decode loop
+ENTRY_BLOCK = 32
 BACKENDS = ("auto", "jnp", "pallas", "pallas_interpret")
 
 
@@ -177,26 +183,40 @@ class MultiLoraHook:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RaggedLoraHook:
-    """LoraHook over the device pool for a flat token batch (ragged.py): decode-view rows run
-    ``strategy`` (BGMV / MBGMV, one token each), chunk-view rows one adapter per row (the
-    segment kernel), each row with its own adapter slot.
+    """LoraHook over the device pool for a flat token batch (ragged.py): a step pays for the
+    adapters in it, at their own ranks, on the projections they target.
 
-    The rank bucket is data, not shape: each view picks, at run time, the smallest bucket of
-    ``rank_buckets`` that holds its rows' largest rank (index 0: no adapter in the view, no LoRA
-    work at all). One program thus serves base-only steps and every mix of ranks, and a batch
-    of rank-8 adapters does not pay for rank 64. The pool-row indices of every (projection,
-    bucket) are computed on the host once per step (``DevicePool.ragged_hook``), not per layer.
+    Decode view (one token per row), per projection p:
+    - ``mbgmv`` (default): the step's *distinct* adapters' rank rows on p are gathered once into
+      a compact table (``dec_rows``; entry 0 is the pool's zero row), then every decode row
+      multiplies by its own adapter's entries of that table (``dec_ent`` / ``dec_own``: the
+      rows' rank rows flattened, each row at its own rank). Pool bytes read: the distinct
+      adapters' rows, once; work: the sum of the rows' ranks.
+    - ``bgmv``: every row gathers its adapter's rows on p, up to the largest rank on p in the
+      step rounded up to RANK_BLOCK (Punica-style: cost ~ rows x max rank).
+    Chunk view (prefill chunks, one adapter per row): each row multiplies by its adapter's rows
+    on p, up to the largest rank on p among the chunk rows rounded up to RANK_BLOCK.
+
+    Sizes are data, not shape: per projection and view, ``*_bucket[p]`` is, at run time, the
+    number of RANK_BLOCK iterations (chunks, bgmv) or the index of the smallest entry bucket
+    that holds the step's entries (mbgmv; its branch slices the tables statically); 0 means
+    nothing on p in that view and no LoRA work at all.
+    One program thus serves base-only steps and every mix of ranks and projections. All index
+    tables are computed on the host once per step (``DevicePool.ragged_hook``), not per layer.
     """
 
     a: dict[str, list[jax.Array]]  # proj -> per-layer [N, in]
     b: dict[str, list[jax.Array]]  # proj -> per-layer [N, out]
-    dec_idx: dict[str, list]  # proj -> per bucket: [S, r] rows (bgmv) or ([S*r], [S*r]) (mbgmv)
-    ch_idx: dict[str, list[jax.Array]]  # proj -> per bucket: [P, r] rows of each chunk row
-    dec_bucket: jax.Array  # () int32: 0 = no LoRA, i = rank_buckets[i - 1]
-    ch_bucket: jax.Array  # () int32
+    # mbgmv: [Rd] pool rows of the distinct adapters; [Rd] entry -> compact row; [Rd] its owner
+    # bgmv: dec_ent [S, r_max] pool rows of each decode row (dec_rows / dec_own unused)
+    dec_rows: dict[str, jax.Array]
+    dec_ent: dict[str, jax.Array]
+    dec_own: dict[str, jax.Array]
+    dec_bucket: dict[str, jax.Array]  # proj -> () int32: mbgmv branch / bgmv blocks (0: none)
+    ch_idx: dict[str, jax.Array]  # proj -> [P, r_max] pool rows of each chunk row
+    ch_bucket: dict[str, jax.Array]  # proj -> () int32: RANK_BLOCK blocks (0: none)
     meta: RaggedMeta
-    strategy: str = dataclasses.field(default="bgmv", metadata=dict(static=True))
-    rank_buckets: tuple[int, ...] = dataclasses.field(default=(16, 64), metadata=dict(static=True))
+    strategy: str = dataclasses.field(default="mbgmv", metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     def _kernels(self, proj: str, layer: int):
@@ -208,47 +228,78 @@ class RaggedLoraHook:
         return a, b, pk, mode == "pallas_interpret"
 
     def chunk_delta(
-        self, layer: int, proj: str, x: jax.Array, idx: list[jax.Array], bucket: jax.Array
+        self, layer: int, proj: str, x: jax.Array, idx: jax.Array, blocks: jax.Array
     ) -> jax.Array:
-        """Delta of the chunk-view rows, gathered from flat x [T, in] -> [P, Q, out]."""
+        """Delta of the chunk-view rows, gathered from flat x [T, in] -> [P, Q, out]; ``idx``
+        [P, r_max] the rows' pool rows, ``blocks`` how many RANK_BLOCK-wide slices of it the
+        step needs (0: none)."""
         a, b, pk, interpret = self._kernels(proj, layer)
         xc = self.meta.ch_gather(x)
         p, q = xc.shape[:2]
+        sizes = jnp.full((p,), q, jnp.int32)
 
-        def run(rows: jax.Array):
+        def block(k, acc):
+            rows = jax.lax.dynamic_slice_in_dim(idx, k * RANK_BLOCK, RANK_BLOCK, axis=1)
             if pk is None:
-                return lambda: row_lora(xc, a, b, rows).astype(x.dtype)
-            sizes = jnp.full((p,), q, jnp.int32)
-            return lambda: pk.sgmv(xc.reshape(p * q, -1), a, b, rows, sizes,
-                                   interpret=interpret).reshape(p, q, -1).astype(x.dtype)  # fmt: skip
+                return acc + row_lora(xc, a, b, rows)
+            out = pk.sgmv(xc.reshape(p * q, -1), a, b, rows, sizes, interpret=interpret)
+            return acc + out.reshape(p, q, -1)
 
-        zero = jnp.zeros((p, q, b.shape[1]), x.dtype)
-        return jax.lax.switch(bucket, [lambda: zero] + [run(r) for r in idx])
+        zero = jnp.zeros((p, q, b.shape[1]), jnp.float32)
+        return jax.lax.fori_loop(0, blocks, block, zero).astype(x.dtype)
 
     def decode_delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array:
         """Delta of the decode-view rows, gathered from flat x [T, in] -> [S, out]."""
         a, b, pk, interpret = self._kernels(proj, layer)
         xd = self.meta.dec_gather(x)
+        s = xd.shape[0]
+        if self.strategy == "bgmv":
+            ent = self.dec_ent[proj]  # dec_bucket: RANK_BLOCK-wide slices of each row's rows
 
-        def run(ix):
-            if self.strategy == "bgmv":
+            def block(k, acc):
+                idx = jax.lax.dynamic_slice_in_dim(ent, k * RANK_BLOCK, RANK_BLOCK, axis=1)
                 if pk is None:
-                    return lambda: bgmv(xd, a, b, ix).astype(x.dtype)
-                return lambda: pk.bgmv(xd, a, b, ix, interpret=interpret).astype(x.dtype)
-            rows, owner = ix
-            if pk is None:
-                return lambda: mbgmv(xd, a, b, rows, owner).astype(x.dtype)
-            r = rows.shape[0] // xd.shape[0]  # each row's segment: r rows from row * r
-            start = jnp.arange(xd.shape[0], dtype=jnp.int32) * r
-            count = jnp.full((xd.shape[0],), r, jnp.int32)
-            return lambda: pk.mbgmv_segments(xd, a, b, rows, owner, start, count,
-                                             interpret=interpret).astype(x.dtype)  # fmt: skip
+                    return acc + bgmv(xd, a, b, idx)
+                return acc + pk.bgmv(xd, a, b, idx, interpret=interpret)
 
-        zero = jnp.zeros((xd.shape[0], b.shape[1]), x.dtype)
-        return jax.lax.switch(self.dec_bucket, [lambda: zero] + [run(i) for i in self.dec_idx[proj]])
+            zero = jnp.zeros((s, b.shape[1]), jnp.float32)
+            return jax.lax.fori_loop(0, self.dec_bucket[proj], block, zero).astype(x.dtype)
+
+        rows, own = self.dec_rows[proj], self.dec_own[proj]
+
+        def entries(k, acc):
+            e_rows = jax.lax.dynamic_slice_in_dim(rows, k * ENTRY_BLOCK, ENTRY_BLOCK)
+            e_own = jax.lax.dynamic_slice_in_dim(own, k * ENTRY_BLOCK, ENTRY_BLOCK)
+            if pk is None:
+                return acc + mbgmv(xd, a, b, e_rows, e_own)
+            return acc + pk.mbgmv(xd, a, b, e_rows, e_own, interpret=interpret)
+
+        zero = jnp.zeros((s, b.shape[1]), jnp.float32)
+        return jax.lax.fori_loop(0, self.dec_bucket[proj], entries, zero).astype(x.dtype)
 
     def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
         if proj not in self.a:
             return None
-        dc = self.chunk_delta(layer, proj, x, self.ch_idx[proj], self.ch_bucket)
-        return self.meta.scatter(self.decode_delta(layer, proj, x), dc)
+        return self.run_delta(layer, proj, x, self.ch_idx[proj])
+
+    def run_delta(self, layer: int, proj: str, x: jax.Array, ch_idx: jax.Array) -> jax.Array:
+        """Both views' deltas scattered back to flat [T, out]; no work at all (not even the
+        views' gathers) when no row of the step has an adapter on ``proj``."""
+        nd, nc = self.dec_bucket[proj], self.ch_bucket[proj]
+
+        def run():
+            dc = self.chunk_delta(layer, proj, x, ch_idx, nc)
+            return self.meta.scatter(self.decode_delta(layer, proj, x), dc)
+
+        out = self.b[proj][layer].shape[1]
+        return jax.lax.cond((nd > 0) | (nc > 0), run,
+                            lambda: jnp.zeros((x.shape[0], out), x.dtype))  # fmt: skip
+
+
+def segments_of(own: jax.Array, ent: jax.Array, s: int) -> tuple[jax.Array, jax.Array]:
+    """(start [S], count [S]) of each decode row's entries in a flattened table whose entries
+    are grouped by owner (DevicePool.ragged_hook lays them out so; padding entries read 0)."""
+    valid = (ent != 0).astype(jnp.int32)
+    count = jax.ops.segment_sum(valid, own, num_segments=s)
+    start = jnp.cumsum(count) - count
+    return start.astype(jnp.int32), count.astype(jnp.int32)

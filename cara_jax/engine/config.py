@@ -37,13 +37,11 @@ class EngineConfig:
     cpu_assist_buckets: tuple[int, ...] | None = None
     cpu_workers: int = 2
     cpu_timeout_s: float = 30.0  # a CPU-assisted group slower than this falls back to sync
-    lora_strategy: str = "bgmv"
+    # decode LoRA: mbgmv (each row at its own rank; cost ~ summed ranks) or bgmv (rows padded
+    # to the step's max rank); both only on the projections the step's adapters target
+    lora_strategy: str = "mbgmv"
     pool: PoolConfig = PoolConfig()
     host_budget_bytes: int = 4 << 30
-    # LoRA rank buckets below the pool max, picked per step at run time. Each adds a branch per
-    # projection to every program (about 4.5 s of compile each on two cores); one bucket, the
-    # pool max, costs a rank-8 adapter some padding in decode (small next to the base GEMMs)
-    rank_buckets: tuple[int, ...] = ()
     # smallest step: up to 8 decode rows cost about what one does (the weights dominate), and
     # every bucket is a program to compile before serving
     min_token_bucket: int = 8

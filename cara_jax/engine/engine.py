@@ -77,7 +77,7 @@ class Engine:
             num_pages=num_pages, max_model_len=self.max_len, block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_prefill_seqs=cfg.max_prefill_seqs, min_token_bucket=cfg.min_token_bucket,
-            rank_buckets=cfg.rank_buckets, cpu_assist=assisted,
+            cpu_assist=assisted,
             buckets=cfg.token_buckets, attention_backend=cfg.attention_backend,
         )  # fmt: skip
         if cfg.cold_start == "auto":  # CPU-assisted programs for a few buckets only

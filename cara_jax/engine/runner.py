@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cara_jax.adapters.device_pool import DevicePool
-from cara_jax.adapters.multi_lora import STRATEGIES
+from cara_jax.adapters.multi_lora import ENTRY_BLOCK, RANK_BLOCK, STRATEGIES
 from cara_jax.cpu_assist import CpuAssistHook
 from cara_jax.engine.batch import CpuPlan, ScheduledBatch
 from cara_jax.engine.program_store import ProgramStore
@@ -69,7 +69,6 @@ class RunnerConfig:
     max_prefill_seqs: int = 2  # chunk rows per step
     min_token_bucket: int = 2  # not 1: XLA turns a one-row scatter into a cache copy
     pages_per_chunk: int = 8  # KV pages attention reads per loop iteration
-    rank_buckets: tuple[int, ...] = ()  # LoRA rank buckets below the pool max (+ the max)
     cpu_assist: bool = False  # also compile CPU-assisted programs (their buckets: cpu_buckets)
     # token buckets of the CPU-assisted programs (None: every bucket); a step with a cold chunk
     # is padded to one of them, so fewer buckets start faster
@@ -124,7 +123,7 @@ class ModelRunner:
         loaded: LoadedModel,
         config: RunnerConfig,
         pool: DevicePool | None = None,
-        lora_strategy: str = "bgmv",
+        lora_strategy: str = "mbgmv",
     ) -> None:
         if lora_strategy not in STRATEGIES:
             raise ValueError(f"lora_strategy must be one of {STRATEGIES}, not {lora_strategy!r}")
@@ -152,12 +151,18 @@ class ModelRunner:
     # ------------------------------------------------------------------ programs
 
     def rank_buckets(self) -> tuple[int, ...]:
-        """LoRA rank buckets, chosen per step and view at run time (multi_lora.RaggedLoraHook):
-        the configured ones below the pool's max rank, and the max rank."""
+        """The ranks a LoRA step runs at (for cost models): bgmv rows and prefill chunks pad
+        the largest rank on a projection to a multiple of RANK_BLOCK."""
         if self.pool is None:
             return ()
-        mx = self.pool.config.max_rank
-        return tuple(sorted({r for r in self.config.rank_buckets if r < mx} | {mx}))
+        return tuple(range(RANK_BLOCK, self.pool.index_width() + 1, RANK_BLOCK))
+
+    def total_rank_buckets(self) -> tuple[int, ...]:
+        """The summed ranks mbgmv's decode runs at: multiples of ENTRY_BLOCK."""
+        if self.pool is None:
+            return ()
+        top = self.config.max_num_seqs * self.pool.index_width()
+        return tuple(range(ENTRY_BLOCK, top + 1, ENTRY_BLOCK))
 
     def programs(self) -> list[Program]:
         """Every program this runner can dispatch, smallest first."""
@@ -294,8 +299,7 @@ class ModelRunner:
     def _hook(self, p: Program, meta, dec_ad, ch_ad, cpu: CpuPlan | None):
         if not p.lora or self.pool is None:
             return None
-        buckets = self.rank_buckets()
-        hook = self.pool.ragged_hook(dec_ad, ch_ad, meta, self.lora_strategy, buckets)
+        hook = self.pool.ragged_hook(dec_ad, ch_ad, meta, self.lora_strategy)
         if not p.cpu:
             return hook
         shapes = self.cfg.projection_shapes()
@@ -313,7 +317,7 @@ class ModelRunner:
                     need[layer, groups] = True
         # per projection and layer, the chunk rows' pool rows (row 0 where the CPU serves)
         dev_idx = {
-            q: [[jnp.asarray(self.pool.row_index(q, dev[layer], r)) for r in buckets]
+            q: [jnp.asarray(self.pool.row_index(q, dev[layer], self.pool.index_width()))
                 for layer in range(self.cfg.num_layers)]
             for q in hook.a
         }  # fmt: skip
