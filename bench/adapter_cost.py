@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -120,10 +119,8 @@ def run(src: Path, label: str, tokens: int, repeats: int, extra: list[str]) -> d
     write_adapters(lora_dir, ranks, cfg, TARGET_SETS["qkvo"])
     port = free_port()
     procs = Processes(work)
-    env_cache = os.environ.get("CARA_JAX_CACHE")
-    cmd = [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
-           "--port", str(port), "--lora-dir", str(lora_dir), *extra]  # fmt: skip
-    os.environ["PYTHONPATH"] = str(src)
+    boot = f"import sys; sys.path.insert(0, {str(src)!r}); from server.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", boot, "--port", str(port), "--lora-dir", str(lora_dir), *extra]
     url = f"http://127.0.0.1:{port}"
     try:
         proc = procs.start("server", cmd)
@@ -137,8 +134,6 @@ def run(src: Path, label: str, tokens: int, repeats: int, extra: list[str]) -> d
         raise
     finally:
         procs.stop()
-        if env_cache is None:
-            os.environ.pop("PYTHONPATH", None)
     bb = base_bytes(cfg)
     bound = {
         "one": (bb + adapter_bytes(8, cfg)) / bb,

@@ -34,3 +34,10 @@ def default_model_path() -> Path:
         if path.is_file():
             return path
     raise EmbeddedModelMissing(f"{DEFAULT_MODEL_FILE} not found inside {DEFAULT_MODEL_PACKAGE}")
+
+
+def packaged_cost_model() -> Path:
+    """The embedded model's cost models (float32, fitted by ``cara-jax profile`` on a 2-core
+    CPU), shipped with the package: the server's default for rank-aware admission and routing
+    when it serves the embedded model on a CPU. Other models and devices profile their own."""
+    return Path(__file__).parent / "data" / "cost_model_smollm2_cpu.json"

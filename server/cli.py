@@ -339,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-router",
         choices=["rank_aware", "power_of_two", "least_loaded", "round_robin"],
         default="rank_aware",
-        help="how requests are spread over replicas: rank_aware (Algorithm 1, needs "
-        "--cost-model), or a baseline (power_of_two is Ray Serve's default)",
+        help="how requests are spread over replicas: rank_aware (Algorithm 1, on the cost "
+        "model: the packaged one for the embedded model, else --cost-model; without one it "
+        "falls back to power_of_two), or a baseline (power_of_two is Ray Serve's default)",
     )
     r.add_argument(
         "--replica-cpus",
@@ -508,6 +509,36 @@ def start_warmup(state) -> threading.Thread | None:
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
+def _cpu_only() -> bool:
+    """Whether JAX will run on the CPU here, without starting JAX (which would take an
+    accelerator's memory in a process that does not serve)."""
+    import importlib.util
+    import os
+
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return True
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+    return not any(importlib.util.find_spec(m) for m in plugins)
+
+
+def default_cost_model(args: argparse.Namespace) -> None:
+    """With no --cost-model: the embedded model's packaged one when serving it in float32 on a
+    CPU (rank-aware admission and routing then need no flag); for another model, a fleet's
+    rank_aware router falls back to Ray's default router, saying how to profile."""
+    if args.cost_model is None and args.model is None and args.dtype in ("auto", "float32"):
+        from cara_jax.embedded import packaged_cost_model
+
+        if _cpu_only() and packaged_cost_model().is_file():
+            args.cost_model = str(packaged_cost_model())
+            log.info("cost model: %s (the embedded model's, packaged)", args.cost_model)
+    if args.replicas is not None and args.ray_router == "rank_aware" and not args.cost_model:
+        log.warning("no cost model for this model and device: routing with power_of_two (Ray "
+                    "Serve's default); run `cara-jax profile --out FILE` and pass --cost-model "
+                    "FILE for rank-aware routing")  # fmt: skip
+        args.ray_router = "power_of_two"
+
+
+
 def fleet_config(args: argparse.Namespace):
     """The Ray Serve fleet of ``--replicas N`` (server/ray_serve.py), from the flags."""
     from server.ray_serve import FleetConfig
@@ -560,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("cara_serve", "server", "cara_jax", "aiohttp.access"):  # not absl/jax chatter
         logging.getLogger(name).setLevel(args.log_level.upper())
     warn_if_exposed(args.host, args.api_key)
+    default_cost_model(args)
     if args.replicas is not None:
         if missing := ray_serve_missing():
             print(f"cara-serve: --replicas needs {missing}: pip install 'cara-jax[ray]' "

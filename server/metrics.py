@@ -211,7 +211,9 @@ class EngineCollector(Collector):
             "cara_lora_device_budget_bytes", "Device-pool budget", eng.pool.config.budget_bytes
         )
 
-        c = CounterMetricFamily("cara_runner_hot_compiles", "Steps that had to compile")
+        c = CounterMetricFamily(
+            "cara_runner_hot_compiles", "Steps or adapter writes that had to compile after start-up"
+        )
         c.add_metric([], es.hot_compiles)
         yield c
         c = CounterMetricFamily("cara_engine_step_errors", "Engine steps that raised")

@@ -38,7 +38,7 @@ def _engine(loaded, tok, adapters, mode, **kw):
     # one 32-token step (plus its CPU-assisted twin) runs everything: all four prompts are
     # prefilled in one step, as whole chunks
     cfg = dict(max_num_seqs=4, max_model_len=64, max_prefill_seqs=4, max_num_batched_tokens=32,
-               token_buckets=(32,), kv_cache_memory=4 << 20, cold_start=mode, rank_buckets=(),
+               token_buckets=(32,), kv_cache_memory=4 << 20, cold_start=mode,
                pool=PoolConfig(max_rank=32, layer_groups=3), cpu_workers=2)  # fmt: skip
     cfg.update(kw)
     eng = Engine(loaded, tok, EngineConfig(**cfg))

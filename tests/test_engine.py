@@ -256,7 +256,7 @@ def test_no_compile_after_warmup_and_instrumentation(tiny, smol_tok, engine_adap
 
     eng = _engine(
         tiny, smol_tok, engine_adapters, max_num_seqs=4, max_model_len=64, max_prefill_seqs=2,
-        max_num_batched_tokens=32, rank_buckets=(16,), pool=PoolConfig(max_rank=64),
+        max_num_batched_tokens=32, pool=PoolConfig(max_rank=64),
         lora_strategy=strategy, cold_start="cached",
     )  # fmt: skip
     eng.warmup()

@@ -58,3 +58,15 @@ def test_sections_honour_the_deadline():
     tput = gpu_sections.e2e_throughput_section(ctx)
     assert [r["config"] for r in tput] == ["base", "bgmv", "mbgmv"]
     assert all(r["note"] == "skipped: time budget" for r in tput)
+
+
+def test_lora_step_section_smoke(tmp_path):
+    """The engine step layout on the Pallas kernels (interpreter here) agrees with jnp."""
+    from bench import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path), "--smoke", "--sections", "lora_step"]) == 0
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["lora_step"]
+    assert [r["strategy"] for r in rows] == ["mbgmv", "bgmv"]
+    for r in rows:
+        assert r["ok"] is True and float(r["rel_err"]) <= 1e-4, r
+        assert _positive(r["pallas_ms"]) and _positive(r["base_only_ms"]), r

@@ -215,6 +215,8 @@ class DevicePool:
         self.link_gbps = pc.emulate_link_gbps  # benches may change it between loads
         self._writers: dict[tuple[int, int], object] = {}  # (group size, width) -> executable
         self._widths: set[int] = set()  # write widths of the adapters prepared
+        self._writers_warm = False  # every width compiled (warm_writer ran)
+        self.late_compiles = 0  # write programs compiled after that (0 unless a bug)
 
     # ------------------------------------------------------------------ residency
 
@@ -462,6 +464,9 @@ class DevicePool:
             exe = _write_group.lower(arrays, idx, flat, dims=self.layout.shapes, n=n,
                                      w=width).compile()  # fmt: skip
             self._writers[(n, width)] = exe
+            if self._writers_warm:
+                self.late_compiles += 1
+                log.warning("compiled an adapter write (width %d) after start-up", width)
         return exe
 
     def ensure_writer(self, width: int) -> int:
@@ -477,7 +482,9 @@ class DevicePool:
         of any adapter prepared so far), so no load or registration waits for a compiler;
         returns how many were compiled now."""
         widths = {write_width(r) for r in range(1, self.config.max_rank + 1)} | self._widths
-        return sum(self.ensure_writer(w) for w in sorted(widths))
+        n = sum(self.ensure_writer(w) for w in sorted(widths))
+        self._writers_warm = True
+        return n
 
     def stats_dict(self) -> dict:
         """Counters and occupancy, one consistent read (for Engine.stats)."""

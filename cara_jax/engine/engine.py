@@ -155,7 +155,7 @@ class Engine:
             kv_pages_total=self.blocks.num_pages, kv_pages_free=self.blocks.num_free,
             kv_block_size=self.blocks.block_size, kv_cache_bytes=self._kv_bytes,
             compiled_programs=self.runner.compiled_count(),
-            programs_total=len(self.runner.programs()), hot_compiles=self.runner.hot_compiles,
+            programs_total=len(self.runner.programs()), hot_compiles=self.runner.hot_compiles + self.pool.late_compiles,
             ready=self.runner.is_ready(), preemptions=self.scheduler.preemptions,
             steps=self._num_steps, lora_pool=self.pool.stats_dict(),
             admission=dict(self.admission.stats), cpu_assist=self.cpu_assist_stats(),

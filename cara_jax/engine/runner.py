@@ -124,6 +124,7 @@ class ModelRunner:
         config: RunnerConfig,
         pool: DevicePool | None = None,
         lora_strategy: str = "mbgmv",
+        lora_backend: str = "auto",
     ) -> None:
         if lora_strategy not in STRATEGIES:
             raise ValueError(f"lora_strategy must be one of {STRATEGIES}, not {lora_strategy!r}")
@@ -132,6 +133,7 @@ class ModelRunner:
         self.config = config
         self.pool = pool
         self.lora_strategy = lora_strategy
+        self.lora_backend = lora_backend  # multi_lora.BACKENDS: Pallas on GPU, jnp elsewhere
         dtype = jnp.dtype(config.cache_dtype or loaded.dtype)
         self.cache = KVCache.allocate(self.cfg, config.num_pages, config.block_size, dtype)
         self.state = SeqState.zeros(config.max_num_seqs, self.cfg.vocab_size)
@@ -299,7 +301,8 @@ class ModelRunner:
     def _hook(self, p: Program, meta, dec_ad, ch_ad, cpu: CpuPlan | None):
         if not p.lora or self.pool is None:
             return None
-        hook = self.pool.ragged_hook(dec_ad, ch_ad, meta, self.lora_strategy)
+        hook = self.pool.ragged_hook(dec_ad, ch_ad, meta, self.lora_strategy,
+                                     backend=self.lora_backend)  # fmt: skip
         if not p.cpu:
             return hook
         shapes = self.cfg.projection_shapes()
