@@ -253,7 +253,7 @@ def build_plan(name: str, args: argparse.Namespace) -> Plan:
         else (["sync"] if name == "engine_poisson" else ["cached"])
     )
     modes = args.cold_start.split(",") if args.cold_start else default_modes
-    strategies = args.lora_strategy.split(",") if args.lora_strategy else ["bgmv"]
+    strategies = args.lora_strategy.split(",") if args.lora_strategy else ["mbgmv"]
     admissions = args.admission.split(",") if args.admission else ["fifo"]
     cost_model = args.cost_model if "slo" in admissions else None
     cara = []

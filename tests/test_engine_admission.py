@@ -49,7 +49,8 @@ def engine(tiny, tok, adapters, admission="slo", max_wait_s=60.0, **kw) -> Engin
     sched = SchedulerConfig(admission=admission, cost_model=cost_model(), max_wait_s=max_wait_s)
     # cached: every adapter resident, so admission alone decides who runs
     cfg = dict(max_num_seqs=8, max_model_len=96, max_prefill_seqs=4, max_num_batched_tokens=64,
-               kv_cache_memory=8 << 20, scheduler=sched, cold_start="cached")  # fmt: skip
+               kv_cache_memory=8 << 20, scheduler=sched, cold_start="cached",
+               lora_strategy="bgmv")  # fmt: skip
     cfg.update(kw)
     eng = Engine(tiny, tok, EngineConfig(**cfg))
     for name, path in adapters.items():

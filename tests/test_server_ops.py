@@ -370,7 +370,7 @@ def test_scheduler_state_and_request_slo(srv):
     status, text = get(srv.url + "/v1/scheduler/state")
     state = json.loads(text)
     assert status == 200 and state["object"] == "scheduler_state"
-    assert state["model"] == srv.base and state["kernel"] == "bgmv"
+    assert state["model"] == srv.base and state["kernel"] == "mbgmv"
     assert state["admission"] == "fifo" and state["cost_model"] is None
     assert state["adapters"] and all(r > 0 for r in state["adapters"].values())
     assert state["free_slots"] == state["num_slots"] - len(state["running"])
@@ -389,6 +389,27 @@ def test_scheduler_state_and_request_slo(srv):
     args = build_parser().parse_args(["--cost-model", "models.json", "--tpot-slo", "0.2"])
     sched = _engine_config(args).scheduler
     assert sched.admission == "slo" and sched.tpot_slo == 0.2  # auto: slo with a cost model
+
+
+def test_default_cost_model():
+    """cara-serve on the embedded model uses the packaged cost model (slo admission, rank-aware
+    fleet routing with no flag); another model's fleet falls back to power_of_two."""
+    from cara_jax.embedded import packaged_cost_model
+    from cara_jax.engine.admission import load_engine_cost_model
+    from server.cli import default_cost_model
+
+    args = build_parser().parse_args(["--replicas", "2"])
+    default_cost_model(args)
+    assert args.cost_model == str(packaged_cost_model()) and args.ray_router == "rank_aware"
+    assert _engine_config(args).scheduler.admission == "slo"
+    cm = load_engine_cost_model(args.cost_model, "mbgmv", "cpu")  # the server's default kernel
+    assert cm.decode.r2 >= 0.95 and cm.kernel == "mbgmv"
+    args = build_parser().parse_args(["--replicas", "2", "--model", "some-model.gguf"])
+    default_cost_model(args)
+    assert args.cost_model is None and args.ray_router == "power_of_two"
+    args = build_parser().parse_args(["--cost-model", "mine.json"])
+    default_cost_model(args)
+    assert args.cost_model == "mine.json"
 
 
 @pytest.mark.slow

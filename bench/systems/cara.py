@@ -62,6 +62,16 @@ class CaraSystem:
 
     # ---------------------------------------------------------------- start
 
+    def _fitted_pool(self, pool_config, rows: int, per_row: int, n: int, top: int, projs):
+        """A pool fitted to the trace's adapters (``server_pool=False``)."""
+        from cara_jax.adapters.packed import default_cache_dir
+
+        return pool_config(
+            budget_bytes=rows * per_row, max_adapters=n + 2,
+            max_rank=_pow2_at_least(top, floor=16), emulate_link_gbps=self.opts.link_gbps,
+            cache_dir=str(default_cache_dir()), projections=projs,
+        )  # fmt: skip
+
     def start(self, adapters: dict[str, Path], max_context: int) -> None:
         from cara_jax.adapters.device_pool import PoolConfig
         from cara_jax.adapters.packed import default_cache_dir
@@ -94,16 +104,10 @@ class CaraSystem:
             rows = o.pool_rows if rows <= o.pool_rows else _pow2_at_least(rows, o.pool_rows)
         if o.pool_slots:
             n_adapters = max(o.pool_slots, _pow2_at_least(n_adapters + 2, 16)) - 2
-        pool = PoolConfig(
-            budget_bytes=rows * per_row,
-            max_adapters=n_adapters + 2,
-            # the largest rank is the top LoRA rank bucket (chosen per step inside each program):
-            # a larger max_rank adds a bucket to every program
-            max_rank=_pow2_at_least(top, floor=16),
-            emulate_link_gbps=o.link_gbps,
-            cache_dir=str(default_cache_dir()),
-            projections=projs,
-        )
+        pool = PoolConfig(emulate_link_gbps=o.link_gbps, cache_dir=str(default_cache_dir()))
+        if not o.server_pool:
+            pool = self._fitted_pool(PoolConfig, rows, per_row, n_adapters, top, projs)
+        max_model_len = _pow2_at_least(max_context + 1, floor=32)
         max_model_len = _pow2_at_least(max_context + 1, floor=32)
         block = EngineConfig.block_size
         cfg = EngineConfig(
@@ -153,13 +157,17 @@ class CaraSystem:
         if n <= 0:
             return
         eng = self.engine
-        self._tmp = tempfile.TemporaryDirectory(prefix="cara-bench-warm-")
-        dirs = write_adapters(
-            Path(self._tmp.name), warm, cfg, targets or ALL_PROJECTIONS, seed=7919
-        )
-        for name, p in dirs.items():
-            eng.load_adapter(name, p)
-        names = list(dirs)
+        if self.opts.cold_start == "cached":  # the trace's adapters are resident (pinned) anyway
+            dirs = {}
+            names = sorted(eng.registry.names()) or [None]
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="cara-bench-warm-")
+            dirs = write_adapters(
+                Path(self._tmp.name), warm, cfg, targets or ALL_PROJECTIONS, seed=7919
+            )
+            for name, p in dirs.items():
+                eng.load_adapter(name, p)
+            names = list(dirs)
         plen = max(1, min(64, max_context // 2))
         sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         t = time.perf_counter()
@@ -169,7 +177,7 @@ class CaraSystem:
         while eng.has_unfinished():
             eng.step()
         self.info["warmup_requests_s"] = time.perf_counter() - t
-        for name in names:
+        for name in dirs:
             h = eng.registry.entry(name).content_hash
             eng.unload_adapter(name)
             try:

@@ -52,7 +52,11 @@ class RunOptions:
     progress: bool = True
     # cara-jax
     cold_start: str = "cached"  # sync | cached | cpu_assist
-    lora_strategy: str = "bgmv"  # bgmv | mbgmv
+    lora_strategy: str = "mbgmv"  # mbgmv | bgmv (cara-serve's default: mbgmv)
+    # the device pool cara-serve builds with its defaults (all seven projections, 512 MiB,
+    # max rank 256); False: a pool fitted to the trace's adapters (only their projections, max
+    # rank the largest given), which a user of the server does not get
+    server_pool: bool = True
     max_num_seqs: int = 16  # sequences running at once (--num-slots)
     max_prefill_seqs: int = 8  # prompts that advance one chunk each per step
     max_num_batched_tokens: int | None = None  # token budget of a step (None: the engine's)
