@@ -591,12 +591,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("cara_serve", "server", "cara_jax", "aiohttp.access"):  # not absl/jax chatter
         logging.getLogger(name).setLevel(args.log_level.upper())
     warn_if_exposed(args.host, args.api_key)
+    if args.replicas is not None and (missing := ray_serve_missing()):
+        print(f"cara-serve: --replicas needs {missing}: pip install 'cara-jax[ray]' "
+              "(or pip install 'ray[serve]')", file=sys.stderr)  # fmt: skip
+        return 2
     default_cost_model(args)
     if args.replicas is not None:
-        if missing := ray_serve_missing():
-            print(f"cara-serve: --replicas needs {missing}: pip install 'cara-jax[ray]' "
-                  "(or pip install 'ray[serve]')", file=sys.stderr)  # fmt: skip
-            return 2
         from server.ray_serve import run_fleet
 
         return run_fleet(fleet_config(args), args.host, args.port, args.ray_address)
