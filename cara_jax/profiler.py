@@ -12,7 +12,7 @@ prefill steps (one whole-prompt chunk per prompt length x rank). Each step is ti
 tokens (``block_until_ready``) in interleaved rounds after a warm-up call; the models of
 cost_model.py are fitted on the minimum (``--stat``) of the repeats and saved.
 
-A step program is keyed by its token bucket only (the LoRA rank bucket is picked inside at run
+A step program is keyed by its token bucket only (the LoRA loops' trip counts are data at run
 time), so the grid compiles one program per (kernel, token bucket) it touches, up front: the
 full grid about six (decode buckets, prefill 32/128/256, the second kernel's decode buckets),
 ``--quick`` three; a program takes about 15-35 s to compile on a 2-core CPU
@@ -22,8 +22,8 @@ already holds.
 Caveats: decode runs at one KV length (the cost model ignores context length) and the rows of a
 synthetic batch share their KV pages; a batch reuses ``--adapters-per-rank`` distinct adapters
 per rank (rows beyond that share adapters). The recorded ``Buckets`` are the engine's: decode
-rows and prefill tokens pad to the token buckets, ranks to the rank buckets; MBGMV's summed
-rank has no bucket of its own (its rows pad to the max-rank bucket like BGMV's).
+rows and prefill tokens pad to the token buckets, ranks to multiples of 16; MBGMV's summed
+rank rounds up to a multiple of 32 (the engine's loop blocks).
 """
 
 from __future__ import annotations

@@ -391,12 +391,20 @@ def test_scheduler_state_and_request_slo(srv):
     assert sched.admission == "slo" and sched.tpot_slo == 0.2  # auto: slo with a cost model
 
 
-def test_default_cost_model():
-    """cara-serve on the embedded model uses the packaged cost model (slo admission, rank-aware
-    fleet routing with no flag); another model's fleet falls back to power_of_two."""
+def test_default_cost_model(monkeypatch):
+    """cara-serve on the embedded model on a CPU uses the packaged cost model (slo admission,
+    rank-aware fleet routing with no flag); another model's fleet, or an accelerator, falls
+    back to power_of_two."""
+    import server.cli
     from cara_jax.embedded import packaged_cost_model
     from cara_jax.engine.admission import load_engine_cost_model
     from server.cli import default_cost_model
+
+    monkeypatch.setattr(server.cli, "_cpu_only", lambda: False)
+    args = build_parser().parse_args(["--replicas", "2"])
+    default_cost_model(args)
+    assert args.cost_model is None and args.ray_router == "power_of_two"
+    monkeypatch.setattr(server.cli, "_cpu_only", lambda: True)
 
     args = build_parser().parse_args(["--replicas", "2"])
     default_cost_model(args)

@@ -105,9 +105,17 @@ class CaraSystem:
         if o.pool_slots:
             n_adapters = max(o.pool_slots, _pow2_at_least(n_adapters + 2, 16)) - 2
         pool = PoolConfig(emulate_link_gbps=o.link_gbps, cache_dir=str(default_cache_dir()))
-        if not o.server_pool:
+        all_rows = pool.budget_bytes // (sum(sum(v) for v in shapes.values())
+                                         * loaded.cfg.num_layers * 4)  # fmt: skip
+        too_big = o.cold_start == "cached" and (
+            sum(ranks.values()) > all_rows or len(adapters) >= pool.max_adapters
+        )
+        self.info["pool"] = "server default"
+        if not o.server_pool or too_big:  # cached pins every adapter: they must all fit
+            self.info["pool"] = "fitted to the trace's adapters" + (
+                " (they do not fit the server's default pool, which cached mode pins)"
+                if o.server_pool else "")  # fmt: skip
             pool = self._fitted_pool(PoolConfig, rows, per_row, n_adapters, top, projs)
-        max_model_len = _pow2_at_least(max_context + 1, floor=32)
         max_model_len = _pow2_at_least(max_context + 1, floor=32)
         block = EngineConfig.block_size
         cfg = EngineConfig(

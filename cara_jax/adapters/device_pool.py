@@ -217,6 +217,7 @@ class DevicePool:
         self._widths: set[int] = set()  # write widths of the adapters prepared
         self._writers_warm = False  # every width compiled (warm_writer ran)
         self.late_compiles = 0  # write programs compiled after that (0 unless a bug)
+        self._writer_lock = threading.Lock()
 
     # ------------------------------------------------------------------ residency
 
@@ -454,6 +455,13 @@ class DevicePool:
         """The compiled write of group ``g``'s size at ``width``, compiled (ahead of time, outside
         the pool lock) on first use."""
         n = len(self.groups[g])
+        exe = self._writers.get((n, width))
+        if exe is not None:
+            return exe
+        with self._writer_lock:  # warm-up and a registration may ask for the same one
+            return self._compile_writer(g, n, width)
+
+    def _compile_writer(self, g: int, n: int, width: int):
         exe = self._writers.get((n, width))
         if exe is None:
             targets = self._group_arrays(self.groups[g])

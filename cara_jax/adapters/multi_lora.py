@@ -187,32 +187,31 @@ class RaggedLoraHook:
     adapters in it, at their own ranks, on the projections they target.
 
     Decode view (one token per row), per projection p:
-    - ``mbgmv`` (default): the step's *distinct* adapters' rank rows on p are gathered once into
-      a compact table (``dec_rows``; entry 0 is the pool's zero row), then every decode row
-      multiplies by its own adapter's entries of that table (``dec_ent`` / ``dec_own``: the
-      rows' rank rows flattened, each row at its own rank). Pool bytes read: the distinct
-      adapters' rows, once; work: the sum of the rows' ranks.
+    - ``mbgmv`` (default): every decode row's rank rows on p, flattened into entries (``dec_rows``
+      the pool row, ``dec_own`` the decode row of each), each row at its own rank, a row's
+      entries contiguous and rows on one adapter adjacent (an adapter's pool rows come from
+      memory once per step, then from cache); ENTRY_BLOCK entries per loop iteration. Work:
+      the sum of the rows' ranks.
     - ``bgmv``: every row gathers its adapter's rows on p, up to the largest rank on p in the
       step rounded up to RANK_BLOCK (Punica-style: cost ~ rows x max rank).
     Chunk view (prefill chunks, one adapter per row): each row multiplies by its adapter's rows
     on p, up to the largest rank on p among the chunk rows rounded up to RANK_BLOCK.
 
     Sizes are data, not shape: per projection and view, ``*_bucket[p]`` is, at run time, the
-    number of RANK_BLOCK iterations (chunks, bgmv) or the index of the smallest entry bucket
-    that holds the step's entries (mbgmv; its branch slices the tables statically); 0 means
-    nothing on p in that view and no LoRA work at all.
+    number of loop iterations: RANK_BLOCK rank rows each (chunks, bgmv) or ENTRY_BLOCK entries
+    each (mbgmv); 0 in both views means nothing on p and no LoRA work at all (``run_delta``).
     One program thus serves base-only steps and every mix of ranks and projections. All index
     tables are computed on the host once per step (``DevicePool.ragged_hook``), not per layer.
     """
 
     a: dict[str, list[jax.Array]]  # proj -> per-layer [N, in]
     b: dict[str, list[jax.Array]]  # proj -> per-layer [N, out]
-    # mbgmv: [Rd] pool rows of the distinct adapters; [Rd] entry -> compact row; [Rd] its owner
+    # mbgmv: dec_rows / dec_own [S * r_max] pool row and decode row of each entry (dec_ent unused)
     # bgmv: dec_ent [S, r_max] pool rows of each decode row (dec_rows / dec_own unused)
     dec_rows: dict[str, jax.Array]
     dec_ent: dict[str, jax.Array]
     dec_own: dict[str, jax.Array]
-    dec_bucket: dict[str, jax.Array]  # proj -> () int32: mbgmv branch / bgmv blocks (0: none)
+    dec_bucket: dict[str, jax.Array]  # proj -> () int32: loop iterations (0: none)
     ch_idx: dict[str, jax.Array]  # proj -> [P, r_max] pool rows of each chunk row
     ch_bucket: dict[str, jax.Array]  # proj -> () int32: RANK_BLOCK blocks (0: none)
     meta: RaggedMeta
@@ -295,11 +294,3 @@ class RaggedLoraHook:
         return jax.lax.cond((nd > 0) | (nc > 0), run,
                             lambda: jnp.zeros((x.shape[0], out), x.dtype))  # fmt: skip
 
-
-def segments_of(own: jax.Array, ent: jax.Array, s: int) -> tuple[jax.Array, jax.Array]:
-    """(start [S], count [S]) of each decode row's entries in a flattened table whose entries
-    are grouped by owner (DevicePool.ragged_hook lays them out so; padding entries read 0)."""
-    valid = (ent != 0).astype(jnp.int32)
-    count = jax.ops.segment_sum(valid, own, num_segments=s)
-    start = jnp.cumsum(count) - count
-    return start.astype(jnp.int32), count.astype(jnp.int32)
