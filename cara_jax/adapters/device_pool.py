@@ -164,6 +164,9 @@ def _write_group(
     return tuple(out)
 
 
+_COMPILED_WRITES: dict[tuple, object] = {}
+
+
 class DevicePool:
     """Adapter rows on the device, with slot table, refcounts, pins and LRU eviction."""
 
@@ -469,12 +472,16 @@ class DevicePool:
                            for lst, layer in targets)  # fmt: skip
             idx = jax.ShapeDtypeStruct((len(self.projections), width), jnp.int32)
             flat = jax.ShapeDtypeStruct((self.layout.group_elems(g, width),), self.dtype)
-            exe = _write_group.lower(arrays, idx, flat, dims=self.layout.shapes, n=n,
-                                     w=width).compile()  # fmt: skip
+            key = (arrays, idx, flat, self.layout.shapes, n, width)
+            exe = _COMPILED_WRITES.get(key)  # pools of one shape in a process share them
+            if exe is None:
+                exe = _write_group.lower(arrays, idx, flat, dims=self.layout.shapes, n=n,
+                                         w=width).compile()  # fmt: skip
+                _COMPILED_WRITES[key] = exe
+                if self._writers_warm:
+                    self.late_compiles += 1
+                    log.warning("compiled an adapter write (width %d) after start-up", width)
             self._writers[(n, width)] = exe
-            if self._writers_warm:
-                self.late_compiles += 1
-                log.warning("compiled an adapter write (width %d) after start-up", width)
         return exe
 
     def ensure_writer(self, width: int) -> int:
