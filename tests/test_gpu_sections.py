@@ -60,6 +60,7 @@ def test_sections_honour_the_deadline():
     assert all(r["note"] == "skipped: time budget" for r in tput)
 
 
+@pytest.mark.slow
 def test_lora_step_section_smoke(tmp_path):
     """The engine step layout on the Pallas kernels (interpreter here) agrees with jnp."""
     from bench import gpu_check

@@ -53,7 +53,7 @@ class PoolConfig:
     budget_bytes: int = 512 << 20  # device memory for adapter rows, all projections and layers
     max_adapters: int = 64  # resident adapters (slot table height)
     max_rank: int = 256  # largest rank accepted (slot table width); costs a step nothing
-    layer_groups: int = 4  # copy granularity; CPU assist overlaps the later groups
+    layer_groups: int = 5  # copy granularity (CPU assist overlaps the later groups); SmolLM2: 5 x 6
     # Emulated host->device link (GB/s), for benches on machines where the "device" is host
     # memory and a copy is a memcpy: each layer group's copy then takes at least bytes/bandwidth.
     emulate_link_gbps: float | None = None
