@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
                 eng = engines[mode].engine
                 eng.pool.link_gbps = link
                 if mode == "auto" and link != last_link:
-                    eng.cold_model = ColdStartModel(
+                    eng.residency.cold_model = ColdStartModel(
                         cfg, link_bytes_per_s=link * 1e9,
-                        cpu_flops=eng.cold_model.cpu_flops.value,
+                        cpu_flops=eng.residency.cold_model.cpu_flops.value,
                     )  # fmt: skip
             last_link = link
             # the modes take turns request by request, so that they see the same machine
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                   + ", ".join(f"{m} {1e3 * statistics.median(ttft[m][key]):.0f}" for m in modes),
                   flush=True)  # fmt: skip
         if "auto" in engines:
-            info["auto"]["model"] = engines["auto"].engine.cold_model.snapshot()
+            info["auto"]["model"] = engines["auto"].engine.residency.cold_model.snapshot()
         for sysm in engines.values():
             sysm.close()
     rep = {

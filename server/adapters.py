@@ -42,7 +42,7 @@ class AdapterManager:
         return name is None or name in self.state.config.served_names
 
     def registered(self) -> dict[str, RegisteredAdapter]:
-        return self.state.engine.registry.names()
+        return self.state.engine.adapters()
 
     def check_name(self, name: object, param: str = "lora_name") -> str:
         if not isinstance(name, str) or not name:

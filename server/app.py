@@ -59,7 +59,7 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self._ready or self.engine.runner.is_ready()
+        return self._ready or self.engine.is_ready()
 
     @property
     def base_name(self) -> str:

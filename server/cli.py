@@ -482,9 +482,9 @@ def start_warmup(state) -> threading.Thread | None:
     if getattr(state, "warmup_mode", "full") == "none":
         state.mark_ready()
         return None
-    n = len(engine.runner.programs())
-    log.info("compiling %d programs (token buckets %s) before reporting healthy", n,
-             ",".join(str(t) for t in engine.runner.config.token_buckets))  # fmt: skip
+    programs = engine.programs()
+    log.info("compiling %d programs (token buckets %s) before reporting healthy", len(programs),
+             ",".join(str(t) for t in sorted({p.tokens for p in programs})))  # fmt: skip
     t0 = time.perf_counter()
 
     def progress(done: int, total: int, program) -> None:
@@ -498,7 +498,7 @@ def start_warmup(state) -> threading.Thread | None:
             log.exception("compiling the programs failed")
             state.start_error = "compiling the programs failed (see the log)"
             return
-        log.info("ready: %d programs compiled in %.1fs", n, time.perf_counter() - t0)
+        log.info("ready: %d programs compiled in %.1fs", len(programs), time.perf_counter() - t0)
         state.mark_ready()
 
     th = threading.Thread(target=run, name="cara-warmup", daemon=True)

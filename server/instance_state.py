@@ -36,9 +36,7 @@ def _state_document(state: AppState, live: dict) -> dict:
         "tpot_slo_s": sched.config.tpot_slo,
         "cost_model": cost,
         "adapters": {name: e.max_rank for name, e in registered.items()},
-        "resident": sorted(
-            n for n, e in registered.items() if engine.pool.is_resident(e.content_hash)
-        ),
+        "resident": sorted(engine.resident_adapters()),
         "predicted_tpot_s": predicted,  # the cost model's decode step for the running batch
         **live,
     }

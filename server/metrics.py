@@ -18,7 +18,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -26,7 +31,7 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
-LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # by name
 
 
 class Metrics:
@@ -82,26 +87,11 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=r,
         )
-        self.device_load = Histogram(
-            "cara_lora_device_load_seconds",
-            "Host-to-device adapter copies (device pool)",
-            buckets=LOAD_BUCKETS,
-            registry=r,
-        )
-        self._device_loads_seen = 0
         r.register(EngineCollector(state))
-
-    def refresh(self) -> None:
-        """Move the device pool's new load times into the histogram."""
-        loads = self.state.engine.pool.stats.load_seconds
-        for s in loads[self._device_loads_seen :]:
-            self.device_load.observe(s)
-        self._device_loads_seen = len(loads)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
-        self.refresh()
         return generate_latest(self.registry)
 
 
@@ -167,7 +157,8 @@ class EngineCollector(Collector):
                 g.add_metric([adapter or base], n)
             yield g
 
-        max_lora = max(0, eng.pool.config.max_adapters - 1)  # pool slot 0 is the base model
+        lp = es.lora_pool
+        max_lora = lp["slots_total"]  # pool slot 0 is the base model
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Running and waiting LoRA adapters (vLLM's labels; value = scrape time)",
@@ -183,33 +174,32 @@ class EngineCollector(Collector):
         )
         yield info
 
-        pool, host = eng.pool.stats, eng.registry.host
-        for kind, doc, dev, hst in (
-            ("hits", "Adapter lookups found in the tier", pool.hits, host.hits),
-            ("misses", "Adapter lookups that had to load into the tier", pool.misses, host.misses),
-            ("evictions", "Adapters evicted from the tier", pool.evictions, host.evictions),
+        host = lp["host"]
+        for kind, doc in (
+            ("hits", "Adapter lookups found in the tier"),
+            ("misses", "Adapter lookups that had to load into the tier"),
+            ("evictions", "Adapters evicted from the tier"),
         ):
             c = CounterMetricFamily(f"cara_lora_tier_{kind}", doc, labels=["tier"])
-            c.add_metric(["device"], dev)
-            c.add_metric(["host"], hst)
+            c.add_metric(["device"], lp[kind])
+            c.add_metric(["host"], host[kind])
             yield c
         c = CounterMetricFamily("cara_lora_device_bytes_loaded", "Bytes copied host to device")
-        c.add_metric([], pool.bytes_loaded)
+        c.add_metric([], lp["bytes_loaded"])
         yield c
-        yield _gauge(
-            "cara_lora_adapters_registered", "Adapter names registered", len(eng.registry.names())
+        loads = lp["loads"]
+        h = HistogramMetricFamily(
+            "cara_lora_device_load_seconds", "Host-to-device adapter copies (device pool)"
         )
-        yield _gauge(
-            "cara_lora_adapters_resident",
-            "Adapters resident on the device",
-            len(eng.pool.resident()),
-        )
+        h.add_metric([], [(_le(le), n) for le, n in loads["buckets"]], loads["sum"])
+        yield h
+        yield _gauge("cara_lora_adapters_registered", "Adapter names registered", lp["registered"])
+        yield _gauge("cara_lora_adapters_resident", "Adapters resident on the device",
+                     lp["resident"])  # fmt: skip
         yield _gauge("cara_lora_max_resident", "Adapters the device pool can hold", max_lora)
-        yield _gauge("cara_lora_host_bytes", "Host-tier bytes in use", host.nbytes)
-        yield _gauge("cara_lora_host_budget_bytes", "Host-tier budget", host.budget_bytes)
-        yield _gauge(
-            "cara_lora_device_budget_bytes", "Device-pool budget", eng.pool.config.budget_bytes
-        )
+        yield _gauge("cara_lora_host_bytes", "Host-tier bytes in use", host["bytes"])
+        yield _gauge("cara_lora_host_budget_bytes", "Host-tier budget", host["budget_bytes"])
+        yield _gauge("cara_lora_device_budget_bytes", "Device-pool budget", lp["budget_bytes"])
 
         c = CounterMetricFamily(
             "cara_runner_hot_compiles", "Steps or adapter writes that had to compile after start-up"
@@ -220,7 +210,7 @@ class EngineCollector(Collector):
         c.add_metric([], st.async_engine.step_errors)
         yield c
 
-        yield from _cpu_assist_metrics(eng)
+        yield from _cpu_assist_metrics(es.cpu_assist)
         for name, value in sorted(es.admission.items()):
             c = CounterMetricFamily(name[: -len("_total")], f"Admission: {name}")
             c.add_metric([], value)
@@ -279,15 +269,12 @@ def _prefix_cache_metrics(es, base: str) -> Iterator[Metric]:
     yield _gauge("cara_prefix_caching", "1 when prefix caching is on", float(es.prefix_caching))
 
 
-def _cpu_assist_metrics(engine) -> Iterator[Metric]:
-    """Every numeric entry of ``engine.cpu_assist_stats()`` (counters end in ``_total``)."""
-    stats = getattr(engine, "cpu_assist_stats", None)
-    if stats is None:
-        return
-    try:
-        entries = stats()
-    except Exception:  # a metrics scrape must not fail because a worker pool is closing
-        return
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+def _cpu_assist_metrics(entries: dict) -> Iterator[Metric]:
+    """Every numeric entry of the engine's CPU-assist stats (counters end in ``_total``)."""
     for name, value in sorted(entries.items()):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue

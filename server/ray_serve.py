@@ -171,7 +171,7 @@ class EngineReplica:
     def _apply_sync(self, version: int, changes: dict[str, str | None]) -> None:
         engine = self.state.engine
         for name, path in changes.items():
-            have = engine.registry.names().get(name)
+            have = engine.adapters().get(name)
             try:
                 if path is None and have is not None:
                     engine.unload_adapter(name)
@@ -189,7 +189,7 @@ class EngineReplica:
             "cpus": sorted(self.cpus),
             "applied": self.applied,
             "errors": dict(self.errors),
-            "adapters": sorted(self.state.engine.registry.names()),
+            "adapters": sorted(self.state.engine.adapters()),
             "ready": bool(self.state.ready) and self.state.async_engine.is_alive(),
         }
         if metrics is not None:

@@ -209,7 +209,7 @@ class CaraSystem:
         errors: dict[str, str] = {}
         compiled = eng.runner.compiled_count()
         hot = eng.runner.hot_compiles
-        cpu0 = eng.cpu_assist_stats() if self.opts.cold_start == "cpu_assist" else None
+        cpu0 = eng.cpu_stats if self.opts.cold_start == "cpu_assist" else None
         bar = progress_bar(len(reqs), desc or self.name, self.opts.progress)
         clock = ReplayClock(trace)
         while clock.pending() or eng.has_unfinished():
@@ -238,7 +238,7 @@ class CaraSystem:
         self.info["compiles_during_replay"] = eng.runner.compiled_count() - compiled
         self.info["hot_compiles_during_replay"] = eng.runner.hot_compiles - hot
         if cpu0 is not None:  # this replay's share of the engine's cumulative counters
-            cpu1 = eng.cpu_assist_stats()
+            cpu1 = eng.cpu_stats
             gauges = ("_workers", "_adapters", "_adapter_bytes", "_flops_per_s")
             self.info["cpu_assist"] = {
                 k: v if k.endswith(gauges) else v - cpu0.get(k, 0) for k, v in cpu1.items()

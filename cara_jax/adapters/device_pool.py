@@ -25,7 +25,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -130,8 +130,7 @@ class PoolStats:
     misses: int = 0
     evictions: int = 0
     bytes_loaded: int = 0
-    load_seconds: list[float] = dataclasses.field(default_factory=list)
-    loads: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (bytes, seconds)
+    loads: int = 0  # finished loads
 
 
 @partial(jax.jit, donate_argnums=0, static_argnames=("dims", "n", "w"))
@@ -220,6 +219,9 @@ class DevicePool:
         self._widths: set[int] = set()  # write widths of the adapters prepared
         self._writers_warm = False  # every width compiled (warm_writer ran)
         self.late_compiles = 0  # write programs compiled after that (0 unless a bug)
+        # finished loads as (bytes, seconds), for whoever fits or shows them (residency);
+        # bounded: a consumer that stops draining loses the oldest, memory stays flat
+        self._load_events: deque[tuple[int, float]] = deque(maxlen=1024)
         self._writer_lock = threading.Lock()
 
     # ------------------------------------------------------------------ residency
@@ -398,11 +400,11 @@ class DevicePool:
                     time.sleep(max(0.0, packed.groups[g].nbytes / (link * 1e9)
                                    - (time.perf_counter() - t0)))  # fmt: skip
                 e.handle._group_done(g, time.perf_counter() - t0)
+            e.handle._finish()
             with self.lock:
                 self.stats.bytes_loaded += e.handle.nbytes
-            e.handle._finish()
-            self.stats.load_seconds.append(e.handle.seconds or 0.0)
-            self.stats.loads.append((e.handle.nbytes, e.handle.seconds or 0.0))
+                self.stats.loads += 1
+                self._load_events.append((e.handle.nbytes, e.handle.seconds or 0.0))
         except BaseException as err:  # surfaced through the handle, never lost
             log.exception("adapter load failed")
             with self.lock:
@@ -501,13 +503,21 @@ class DevicePool:
         self._writers_warm = True
         return n
 
+    def take_load_events(self) -> list[tuple[int, float]]:
+        """The loads finished since the last call, as (bytes, seconds)."""
+        with self.lock:
+            out = list(self._load_events)
+            self._load_events.clear()
+        return out
+
     def stats_dict(self) -> dict:
         """Counters and occupancy, one consistent read (for Engine.stats)."""
         with self.lock:
             st = self.stats
             return {
                 "hits": st.hits, "misses": st.misses, "evictions": st.evictions,
-                "bytes_loaded": st.bytes_loaded, "resident": len(self._entries),
+                "bytes_loaded": st.bytes_loaded,
+                "resident": len(self._entries),
                 "slots_total": self.config.max_adapters - 1,
             }  # fmt: skip
 

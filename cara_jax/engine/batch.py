@@ -8,13 +8,26 @@ sequences beside the rows (``DecodeRow.seq`` / ``ChunkRow.seq``) to route the sa
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-# per-row sampling parameters, in SamplingArrays.from_rows order:
-# temperature, top_k, top_p, seed, min_p, presence, frequency, repetition
-SamplingRow = tuple[float, int, float, int, float, float, float, float]
+
+class SamplingRow(NamedTuple):
+    """One row's sampling parameters, in SamplingArrays.from_rows order (the defaults: an idle
+    row, greedy with no penalties)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+IDLE_ROW = SamplingRow()
 
 
 @dataclasses.dataclass
@@ -72,8 +85,10 @@ class ScheduledBatch:
 @dataclasses.dataclass
 class CpuPlan:
     """Where each chunk row's LoRA deltas come from, per layer, for a step with cold rows:
-    ``dev_adapter[layer, chunk]`` is the pool slot (0: the CPU workers serve that layer)."""
+    ``dev_adapter[layer, chunk]`` is the pool slot (0: the CPU workers serve that layer);
+    ``need[layer, group]``: a cold row needs the workers' deltas there (lora_hooks.GROUPS)."""
 
     dev_adapter: np.ndarray  # [layers, chunks]
+    need: np.ndarray  # [layers, groups] bool
     plan_id: int
     plan: Any  # cpu_assist.PrefillPlan

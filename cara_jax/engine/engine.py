@@ -26,13 +26,12 @@ import numpy as np
 from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
 from cara_jax.engine.admission import Admission
-from cara_jax.engine.batch import ChunkRow, ScheduledBatch
+from cara_jax.engine.batch import CpuPlan, ScheduledBatch
 from cara_jax.engine.block_manager import BlockManager
-from cara_jax.engine.cold_start import ColdStartModel
 from cara_jax.engine.config import COLD_START_MODES, EngineConfig, default_kv_cache_memory
-from cara_jax.engine.cpu_coordinator import CpuAssistCoordinator, zero_stats
 from cara_jax.engine.errors import EngineClosedError, PromptTooLongError
 from cara_jax.engine.records import EngineStats, RequestRecord, StepRecord
+from cara_jax.engine.residency import AdapterResidency
 from cara_jax.engine.runner import ModelRunner, RunnerConfig, StepResult
 from cara_jax.engine.scheduler import Scheduler, SchedulerLimits
 from cara_jax.engine.sequence import RequestOutput, Sequence
@@ -43,6 +42,16 @@ from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class InFlight:
+    """The step on the device: read back (postprocessed) while the next one runs."""
+
+    result: StepResult
+    epochs: dict[int, tuple[int, int]]  # per row's sequence: (epoch, kv_epoch) at dispatch
+    cpu: CpuPlan | None  # where its cold rows' deltas came from
+    record: StepRecord
 
 
 class Engine:
@@ -68,8 +77,8 @@ class Engine:
             log.warning("the KV cache holds %d tokens: max_model_len lowered from %d to that",
                         capacity, self.max_len)  # fmt: skip
             self.max_len = capacity
-        self.pool = DevicePool(loaded.cfg, cfg.pool, dtype=loaded.dtype)
-        self.registry = AdapterRegistry(
+        pool = DevicePool(loaded.cfg, cfg.pool, dtype=loaded.dtype)
+        registry = AdapterRegistry(
             loaded.cfg, HostStore(cfg.host_budget_bytes), base_model_name=None
         )
         assisted = cfg.cold_start in ("cpu_assist", "auto")
@@ -87,38 +96,22 @@ class Engine:
         self.runner = ModelRunner(
             loaded,
             rc,
-            pool=self.pool,
+            pool=pool,
             lora_strategy=cfg.lora_strategy,
         )  # fmt: skip
         self._kv_bytes = self.runner.cache.nbytes()
-        self.cpu: CpuAssistCoordinator | None = None
-        self.cold_model: ColdStartModel | None = None
-        can_assist = None
-        if assisted:
-            self.cpu = CpuAssistCoordinator(
-                loaded.cfg, self.pool, self.registry, cfg.cpu_workers, cfg.cpu_timeout_s
-            )
-            can_assist = self.cpu.can_assist
-        if cfg.cold_start == "auto":
-            link = cfg.pool.emulate_link_gbps
-            rate = float(self.cpu.workers.stats().get("flops_per_s") or 2e10)
-            self.cold_model = ColdStartModel(
-                loaded.cfg, link_bytes_per_s=(link or 10.0) * 1e9,
-                cpu_flops=rate * max(1, cfg.cpu_workers),
-            )  # fmt: skip
-            self.cpu.on_plan = self._observe_cpu
-            can_assist = self._choose_cold_start
-        self._loads_seen = 0
+        self.residency = AdapterResidency(
+            loaded.cfg, pool, registry, cfg.cold_start, cfg.cpu_workers, cfg.cpu_timeout_s
+        )
         self.admission = Admission(cfg.scheduler, cfg.lora_strategy, jax.default_backend())
         self.blocks = BlockManager(num_pages, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_prefill_seqs,
                             self.max_len),  # fmt: skip
-            self.blocks, self.pool, self.registry, self.admission,
-            can_assist=can_assist,
+            self.blocks, self.residency, self.admission,
         )  # fmt: skip
         self.requests: dict[str, Sequence] = {}
-        self._in_flight: tuple[StepResult, dict, object, StepRecord] | None = None
+        self._in_flight: InFlight | None = None
         self._ids = itertools.count()
         self.lock = threading.RLock()  # add/abort from other threads vs step()
         self._failed: list[RequestOutput] = []  # final outputs of requests that failed
@@ -140,6 +133,24 @@ class Engine:
     def running(self) -> list[Sequence]:
         return self.scheduler.running
 
+    @property
+    def pool(self) -> DevicePool:
+        """The device pool (for tests, benches and the profiler; the engine goes through
+        residency)."""
+        return self.residency.pool
+
+    @property
+    def registry(self) -> AdapterRegistry:
+        return self.residency.registry
+
+    def is_ready(self) -> bool:
+        """Every program the engine can dispatch is compiled (what /health waits for)."""
+        return self.runner.is_ready()
+
+    def programs(self) -> list:
+        """The step programs the engine can dispatch (warm-up compiles them all)."""
+        return self.runner.programs()
+
     def warmup(self, progress=None) -> None:
         """Compile every program the engine can dispatch (nothing compiles after this)."""
         self.runner.warmup(threads=self.config.compile_threads, progress=progress)
@@ -155,14 +166,15 @@ class Engine:
             kv_pages_total=self.blocks.num_pages, kv_pages_free=self.blocks.num_free,
             kv_block_size=self.blocks.block_size, kv_cache_bytes=self._kv_bytes,
             compiled_programs=self.runner.compiled_count(),
-            programs_total=len(self.runner.programs()), hot_compiles=self.runner.hot_compiles + self.pool.late_compiles,
+            programs_total=len(self.runner.programs()),
+            hot_compiles=self.runner.hot_compiles + self.residency.pool.late_compiles,
             ready=self.runner.is_ready(), preemptions=self.scheduler.preemptions,
-            steps=self._num_steps, lora_pool=self.pool.stats_dict(),
-            admission=dict(self.admission.stats), cpu_assist=self.cpu_assist_stats(),
+            steps=self._num_steps, lora_pool=self.residency.stats(),
+            admission=dict(self.admission.stats), cpu_assist=self.residency.cpu_stats(),
             running_adapters=tuple(sorted({s.adapter_name for s in run if s.adapter_name})),
             waiting_adapters=tuple(sorted({s.adapter_name for s in list(self.scheduler.waiting)
                                            if s.adapter_name})),
-            cold_start=None if self.cold_model is None else self.cold_model.snapshot(),
+            cold_start=None if (cm := self.residency.cold_model) is None else cm.snapshot(),
             prefix_caching=self.blocks.enable_caching, prefix_cache_queries=pc.queries,
             prefix_cache_hits=pc.hits, prefix_cache_blocks=self.blocks.num_cached,
             prefix_cache_evictions=pc.evictions,
@@ -179,33 +191,20 @@ class Engine:
     # ------------------------------------------------------------------ adapters
 
     def load_adapter(self, name: str, path: str | Path) -> RegisteredAdapter:
-        """Register (or replace) an adapter; ``cached`` mode also pins it on the device."""
-        old = self.registry.names().get(name)
-        # the one-time conversion to the pool's layout (loads then only copy); it also rejects
-        # what the pool cannot hold (a rank above its max) before the name changes
-        ready = self.runner.is_ready()
-        entry = self.registry.register(
-            name, path, check=lambda a: self.pool.prepare(a, compile_writer=ready)
-        )
-        if self.config.cold_start == "cached":
-            adapter = self.registry.resolve(name)
-            if old is None or old.content_hash != entry.content_hash:
-                self.pool.acquire(adapter).wait()
-                self.pool.pin(adapter.content_hash)
-            if old is not None and old.content_hash != entry.content_hash:
-                self._unpin_if_unused(old.content_hash)
-        return entry
+        """Register (or replace) an adapter; ``cached`` mode also pins it on the device. Before
+        start-up's warm-up, the write programs of new widths are left to it."""
+        return self.residency.register(name, path, compile_writer=self.runner.is_ready())
 
     def unload_adapter(self, name: str) -> None:
-        entry = self.registry.unregister(name)
-        if self.config.cold_start == "cached":
-            self._unpin_if_unused(entry.content_hash)
+        self.residency.unregister(name)
 
-    def _unpin_if_unused(self, content_hash: str) -> None:
-        """Drop ``cached`` mode's hold on a content no registered name points at any more."""
-        if content_hash not in {e.content_hash for e in self.registry.names().values()}:
-            self.pool.pin(content_hash, False)
-            self.pool.release(content_hash)
+    def adapters(self) -> dict[str, RegisteredAdapter]:
+        """Registered names and what they point at."""
+        return self.residency.names()
+
+    def resident_adapters(self) -> list[str]:
+        """Registered names whose adapter is on the device now."""
+        return self.residency.resident_names()
 
     # ------------------------------------------------------------------ requests
 
@@ -238,7 +237,7 @@ class Engine:
         self.validate(ids, params)
         content_hash, rank = None, 0
         if adapter is not None:
-            entry = self.registry.entry(adapter)  # UnknownAdapterError
+            entry = self.residency.entry(adapter)  # UnknownAdapterError
             content_hash, rank = entry.content_hash, entry.max_rank
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(
@@ -264,10 +263,10 @@ class Engine:
             self.scheduler.add(seq)
             # prefetch: start the adapter's load now, not when the request reaches the head of
             # the queue (the first max_num_seqs waiting requests; the pool must have room)
-            prefetch = self.config.prefetch_adapters
+            prefetch = self.config.prefetch_adapters and self.residency.prefetch
             if prefetch and adapter and len(self.scheduler.waiting) <= self.config.max_num_seqs:
                 try:
-                    self.scheduler.acquire_adapter(seq)
+                    self.residency.acquire(seq)
                 except Exception as e:  # admission reports it (the scheduler retries there)
                     log.debug("prefetch of %s failed: %s", adapter, e)
         return rid
@@ -286,67 +285,62 @@ class Engine:
                     or self._failed)  # fmt: skip
 
     def _release(self, seq: Sequence) -> None:
-        if seq.cold and seq.cold_start_mode is None:  # its load was done when it was admitted
-            seq.cold_start_mode, seq.cold_start_reason = "sync", "resident"
-        if seq.request_id in self.requests:
-            rank = self.pool.entry_rank(seq.content_hash) if seq.content_hash else 0
-            self.finished_requests.append(
-                RequestRecord(
-                    seq.request_id, seq.adapter_name, rank, seq.cold, seq.arrival, seq.admitted,
-                    seq.token_times, len(seq.prompt_ids), seq.finish_reason, seq.preemptions,
-                    seq.num_cached_tokens or 0, seq.cold_start_mode, seq.cold_start_reason,
-                )
-            )  # fmt: skip
-        if self.cold_model is not None and seq.cold and seq.request_id in self.requests:
-            self.cold_model.count(seq.cold_start_mode, seq.cold_start_reason or "")
+        if seq.request_id not in self.requests:
+            return
+        rank = self.residency.rank_of(seq.content_hash)
+        mode, reason = self.residency.finished(seq)
+        self.finished_requests.append(
+            RequestRecord(
+                seq.request_id, seq.adapter_name, rank, seq.hold.cold, seq.arrival, seq.admitted,
+                seq.token_times, len(seq.prompt_ids), seq.finish_reason, seq.preemptions,
+                seq.num_cached_tokens or 0, mode, reason,
+            )
+        )  # fmt: skip
         self.scheduler.release(seq)
-        self.requests.pop(seq.request_id, None)
+        del self.requests[seq.request_id]
 
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the streamed deltas of the step before it."""
+        """Run one step: schedule -> run (dispatch, returns at once) -> postprocess the step
+        before it (its tokens are read while this one runs); returns that step's deltas."""
         with self.lock:
             t0 = time.perf_counter()
-            if self.cpu is not None and self.cpu.keys:
-                self.cpu.drop_loaded()
-            if self.cold_model is not None:
-                loads = self.pool.stats.loads
-                for nbytes, secs in loads[self._loads_seen :]:
-                    self.cold_model.observe_load(nbytes, secs)
-                self._loads_seen = len(loads)
-            # admission may wait for a load about to land while a step is in flight (the device
-            # is busy anyway): up to half the recent step time
-            self.scheduler.load_wait_left = (
-                0.5 * self._recent_step_s() if self._in_flight is not None else 0.0
-            )
-            batch = self.scheduler.schedule()
-            if not batch and self.scheduler.running and self._in_flight is None:
-                self.scheduler.unstick()
-                batch = self.scheduler.schedule()
-            outputs, self._failed = self._failed, []
-            for seq, err in self.scheduler.failed:
-                seq.finish("error")
-                self._release(seq)
-                out = seq.take_delta([])
-                out.error = err
-                outputs.append(out)
-            self.scheduler.failed.clear()
-            launched = self._launch(batch, t0) if batch else None
+            batch, outputs = self._schedule()
+            launched = self._run(batch, t0) if batch else None
             if launched is None and self._in_flight is None:
                 time.sleep(0.001)  # nothing to run (e.g. waiting for a load): do not spin
             if self._in_flight is not None:
-                outputs += self._collect(*self._in_flight)
+                outputs += self._postprocess(self._in_flight)
             self._in_flight = launched
         return outputs
 
-    def _launch(self, batch: ScheduledBatch, t0: float):
+    def _schedule(self) -> tuple[ScheduledBatch, list[RequestOutput]]:
+        """The next batch, and the final outputs of requests that failed meanwhile."""
+        self.residency.begin_step()
+        # admission may wait for a load about to land while a step is in flight (the device
+        # is busy anyway): up to half the recent step time
+        step_s = self._recent_step_s() if self._in_flight is not None else 0.0
+        batch = self.scheduler.schedule(wait_s=0.5 * step_s, step_s=step_s)
+        if not batch and self.scheduler.running and self._in_flight is None:
+            self.scheduler.unstick()
+            batch = self.scheduler.schedule()
+        outputs, self._failed = self._failed, []
+        for seq, err in self.scheduler.failed:
+            seq.finish("error")
+            self._release(seq)
+            out = seq.take_delta([])
+            out.error = err
+            outputs.append(out)
+        self.scheduler.failed.clear()
+        return batch, outputs
+
+    def _run(self, batch: ScheduledBatch, t0: float) -> InFlight:
         want_lp = any(r.seq.params.logprobs is not None for r in batch.rows)
-        with self.pool.lock:  # the layers ready now are the ones this dispatch sees
-            cpu = None if self.cpu is None else self.cpu.plan(batch.chunks)
+        with self.residency.lock:  # the layers ready now are the ones this dispatch sees
+            cpu = self.residency.cpu_plan(batch.chunks)
             res = self.runner.run(batch, cpu, want_lp)
-        ranks = [self.pool.entry_rank(d.seq.content_hash) if d.seq.content_hash else 0
-                 for d in batch.decode]  # fmt: skip
+        ranks = [self.residency.rank_of(d.seq.content_hash) for d in batch.decode]
         rec = StepRecord(
             t0, len(batch.decode), sorted(ranks), sum(len(c.tokens) for c in batch.chunks),
             time.perf_counter() - t0, self.config.lora_strategy, None, batch.num_tokens,
@@ -354,49 +348,25 @@ class Engine:
         )  # fmt: skip
         self.steps.append(rec)
         self._num_steps += 1
-        epochs = {id(r.seq): (r.seq.epoch, r.seq.kv_epoch) for r in batch.rows}
-        return res, epochs, cpu, rec
+        return InFlight(res, self.scheduler.epochs(batch), cpu, rec)
 
-    def _collect(self, res: StepResult, epochs: dict, cpu, rec: StepRecord) -> list[RequestOutput]:
+    def _postprocess(self, step: InFlight) -> list[RequestOutput]:
         """Read a dispatched step's tokens (blocks until it is done) and stream them."""
+        res = step.result
         toks = np.asarray(res.outputs.tokens)
         done = time.perf_counter()
-        rec.latency_s = done - max(rec.t_start, self._last_done)
+        step.record.latency_s = done - max(step.record.t_start, self._last_done)
         self._last_done = done
         lp = None
         if any(r.seq.params.logprobs is not None for r in res.batch.rows):
             o = res.outputs
             lp = (np.asarray(o.chosen_logprob), np.asarray(o.top_ids), np.asarray(o.top_logprobs))
-        failed = set() if self.cpu is None else self.cpu.finish(None if cpu is None else cpu.plan)
-        s = self.runner.config.decode_rows(res.program.tokens)
+        failed = self.residency.finish_plan(step.cpu)
         outputs: list[RequestOutput] = []
-        for j, ch in enumerate(res.batch.chunks):
-            if j in failed:
-                self._requeue_sync(ch.seq)
-        # the step's KV is in the cache and good: its full blocks may serve later prompts
-        for row in res.batch.rows:
-            if row.seq.finished or (row.seq.epoch, row.seq.kv_epoch) != epochs[id(row.seq)]:
-                continue
-            end = row.end if isinstance(row, ChunkRow) else row.position + 1
-            self.scheduler.commit_kv(row.seq, end)
-        for k, row in enumerate(res.batch.rows):
-            is_chunk = k >= len(res.batch.decode)
-            idx = s + (k - len(res.batch.decode)) if is_chunk else k
-            if is_chunk and not row.final:
-                continue
-            seq = row.seq
-            if seq.finished or seq.epoch != epochs[id(seq)][0]:
-                continue  # finished, aborted or re-run while this token was in flight
+        for seq, k in self.scheduler.postprocess(res.batch, step.epochs, failed):
+            idx = res.sample_index[k]
             outputs.extend(self._accept(seq, int(toks[idx]), lp, idx))
         return outputs
-
-    def _requeue_sync(self, seq: Sequence) -> None:
-        """A CPU-assisted prefill failed: back to the queue head with a synchronous load."""
-        if seq.finished:
-            return
-        seq.epoch += 1
-        seq.cpu_assist, seq.no_cpu_assist = False, True
-        self.scheduler.requeue(seq, recompute_outputs=False)
 
     def _accept(self, seq: Sequence, token: int, lp=None, row: int = 0) -> list[RequestOutput]:
         k = seq.params.logprobs
@@ -415,58 +385,25 @@ class Engine:
 
     # ------------------------------------------------------------------ CPU assist, routing
 
-    def _choose_cold_start(self, seq: Sequence) -> bool:
-        """``auto``: may this request, whose adapter is still loading, prefill with CPU
-        deltas now? Yes when its load is predicted to take longer than the CPU's share."""
-        if seq.no_cpu_assist:
-            seq.cold_start_mode, seq.cold_start_reason = "sync", "no_cpu_path"
-            return False
-        packed = self.pool.packed_of(seq.content_hash)
-        handle = self.pool.handle_of(seq.content_hash)
-        if packed is None or handle is None:
-            return False
-        cold = self.loaded.cfg.num_layers - len(handle.ready_layers())
-        tokens = self.scheduler.uncached_tokens(seq)
-        choice = self.cold_model.choose(packed.ranks, handle.nbytes, tokens, handle.started, cold,
-                                        # idle engine: nothing to wait for but the load
-                                        step_s=self._recent_step_s() if self._in_flight else 0.0,
-                                        wait_s=self.scheduler.load_wait_left)  # fmt: skip
-        if seq.cold_start_mode is None or choice.mode == "cpu_assist":
-            seq.cold_start_mode, seq.cold_start_reason = choice.mode, choice.reason
-            seq.cold_start_detail = choice.describe()
-        return choice.mode == "cpu_assist" and self.cpu.can_assist(seq)
-
     def _recent_step_s(self) -> float:
         recent = [r.latency_s for r in list(self.steps)[-8:] if r.latency_s is not None]
         return float(np.median(recent)) if recent else 0.0
 
-    def _observe_cpu(self, plan) -> None:
-        """Fit the CPU side of the auto model to a finished CPU-assisted prefill."""
-        flops, exchanges = 0.0, len(plan.timings)
-        for r in plan.rows:
-            packed = self.pool.packed_of(r.key)
-            if packed is not None:
-                flops += self.cold_model.delta_flops(packed.ranks, r.length, len(r.cpu_layers))
-        secs = sum(t.copy_out_s + t.wait_s + t.copy_back_s for t in plan.timings)
-        copy = sum(t.copy_out_s + t.copy_back_s for t in plan.timings)
-        self.cold_model.observe_cpu(exchanges, flops, secs, copy)
-
     @property
     def cpu_pool(self):
-        """The CPU LoRA worker pool (cpu_assist mode), else None."""
-        return None if self.cpu is None else self.cpu.workers
+        """The CPU LoRA worker pool (cpu_assist and auto modes), else None."""
+        cpu = self.residency.cpu
+        return None if cpu is None else cpu.workers
 
     @property
     def cpu_stats(self) -> dict[str, float]:
-        return zero_stats() if self.cpu is None else self.cpu.stats
+        """Counters for metrics: CPU-assisted prefills, layers by path, CPU seconds."""
+        return self.residency.cpu_stats()
 
     @property
     def cpu_timings(self) -> collections.deque:
-        return collections.deque() if self.cpu is None else self.cpu.timings
-
-    def cpu_assist_stats(self) -> dict[str, float]:
-        """Counters for metrics: CPU-assisted prefills, layers by path, CPU seconds."""
-        return zero_stats() if self.cpu is None else self.cpu.metrics()
+        cpu = self.residency.cpu
+        return collections.deque() if cpu is None else cpu.timings
 
     def scheduler_state(self) -> dict:
         """Running and queued requests with their ranks and SLOs: what a router weighs."""
@@ -488,6 +425,4 @@ class Engine:
     def close(self) -> None:
         with self.lock:
             self._closed = True
-        self.pool.close()
-        if self.cpu is not None:
-            self.cpu.close()
+        self.residency.close()

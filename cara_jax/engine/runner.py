@@ -28,7 +28,7 @@ import numpy as np
 from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.multi_lora import ENTRY_BLOCK, RANK_BLOCK, STRATEGIES
 from cara_jax.cpu_assist import CpuAssistHook
-from cara_jax.engine.batch import CpuPlan, ScheduledBatch
+from cara_jax.engine.batch import IDLE_ROW, CpuPlan, ScheduledBatch
 from cara_jax.engine.program_store import ProgramStore
 from cara_jax.engine.step import SeqState, StepInputs, StepOutputs, run_step
 from cara_jax.kv_cache import KVCache
@@ -113,6 +113,7 @@ class StepResult:
     logits: jax.Array  # [S+P, V]
     batch: ScheduledBatch
     program: Program
+    sample_index: list[int]  # per batch row (decode rows, then chunks): its row in the outputs
 
 
 class ModelRunner:
@@ -265,7 +266,7 @@ class ModelRunner:
         m, x = host.meta, host.inp
         bs = c.block_size
         s = c.decode_rows(p.tokens)
-        samp = [_IDLE] * (s + c.max_prefill_seqs)
+        samp = [IDLE_ROW] * (s + c.max_prefill_seqs)
         off = 0
         for i, d in enumerate(batch.decode):
             pos = d.position
@@ -309,15 +310,10 @@ class ModelRunner:
         dev = np.zeros((self.cfg.num_layers, self.config.max_prefill_seqs), np.int32)
         need = np.zeros((self.cfg.num_layers, len(GROUPS)), bool)
         plan_id = 0
-        if cpu is not None:
+        if cpu is not None:  # the plan residency built: slots per layer, where the CPU serves
             dev[:, : cpu.dev_adapter.shape[1]] = cpu.dev_adapter
+            need[:] = cpu.need
             plan_id = cpu.plan_id
-            for r in cpu.plan.rows:  # the (layer, group)s where a cold row needs the CPU
-                packed = self.pool.packed_of(r.key)
-                ranks = packed.ranks if packed is not None else dict.fromkeys(PROJECTIONS, 1)
-                groups = [g for g, projs in enumerate(GROUPS) if any(ranks.get(q) for q in projs)]
-                for layer in r.cpu_layers:
-                    need[layer, groups] = True
         # per projection and layer, the chunk rows' pool rows (row 0 where the CPU serves)
         dev_idx = {
             q: [jnp.asarray(self.pool.row_index(q, dev[layer], self.pool.index_width()))
@@ -351,7 +347,9 @@ class ModelRunner:
         out, logits, self.cache, self.state = exe(
             self.params, self.cache, self.state, inp, sampling, hook
         )
-        return StepResult(out, logits, batch, p)
+        s = self.config.decode_rows(p.tokens)
+        index = [*range(len(batch.decode)), *range(s, s + len(batch.chunks))]
+        return StepResult(out, logits, batch, p, index)
 
 
     # ------------------------------------------------------------------ probes (profiling)
@@ -369,7 +367,7 @@ class ModelRunner:
         per_row = -(-(ctx + 1) // bs)  # each row its own pages (wrapping when the cache is small)
         decode = [
             DecodeRow(None, i % self.config.max_num_seqs, ctx,
-                      [1 + (i * per_row + k) % usable for k in range(per_row)], s, _IDLE)
+                      [1 + (i * per_row + k) % usable for k in range(per_row)], s, IDLE_ROW)
             for i, s in enumerate(decode_slots)
         ]  # fmt: skip
         slots = list(prompt_slots) if prompt_slots is not None else [0] * len(prompt_lens)
@@ -377,15 +375,12 @@ class ModelRunner:
         for j, (n, s) in enumerate(zip(prompt_lens, slots, strict=True)):
             t = [1 + i % (self.config.num_pages - 1) for i in range(-(-n // bs))]
             chunks.append(ChunkRow(None, (len(decode) + j) % self.config.max_num_seqs,
-                                   [1] * n, 0, t, s, _IDLE, True, n))  # fmt: skip
+                                   [1] * n, 0, t, s, IDLE_ROW, True, n))  # fmt: skip
         return ScheduledBatch(decode, chunks)
 
     def time_step(self, batch: ScheduledBatch) -> jax.Array:
         """Dispatch a (synthetic) batch; returns its tokens to block on."""
         return self.run(batch).outputs.tokens
-
-
-_IDLE = (0.0, 0, 1.0, 0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclasses.dataclass

@@ -22,13 +22,11 @@ import dataclasses
 import heapq
 import logging
 import time
-from collections.abc import Callable
 
-from cara_jax.adapters.device_pool import DevicePool, PoolFullError
-from cara_jax.adapters.store import AdapterRegistry
 from cara_jax.engine.admission import Admission
 from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
 from cara_jax.engine.block_manager import BASE_KEY, BlockManager, extend_block_hashes
+from cara_jax.engine.residency import AdapterResidency, Readiness
 from cara_jax.engine.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
@@ -47,24 +45,18 @@ class Scheduler:
         self,
         limits: SchedulerLimits,
         blocks: BlockManager,
-        pool: DevicePool,
-        registry: AdapterRegistry,
+        residency: AdapterResidency,
         admission: Admission,
-        can_assist: Callable[[Sequence], bool] | None = None,
     ) -> None:
         self.limits = limits
         self.blocks = blocks
-        self.pool = pool
-        self.registry = registry
+        self.residency = residency
         self.admission = admission
-        self.can_assist = can_assist  # CPU assist: may a cold request prefill before its load?
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self._rows = list(range(limits.max_num_seqs))
         heapq.heapify(self._rows)
         self.failed: list[tuple[Sequence, str]] = []  # adapter errors found while admitting
-        # seconds this step's admission may still wait for adapter loads (set per step)
-        self.load_wait_left = 0.0
         self.preemptions = 0
 
     # ------------------------------------------------------------------ queues
@@ -83,9 +75,6 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._free_kv(seq)
-        if seq.acquired and seq.content_hash:
-            self.pool.release(seq.content_hash)
-            seq.acquired = False
 
     def _free_kv(self, seq: Sequence) -> None:
         self.blocks.free(seq.request_id)
@@ -111,60 +100,6 @@ class Scheduler:
         seq.preemptions += 1
         self.preemptions += 1
         self.requeue(seq, recompute_outputs=True)
-
-    # ------------------------------------------------------------------ adapters
-
-    def acquire_adapter(self, seq: Sequence) -> bool:
-        """Hold the sequence's adapter in the device pool, starting its load if it is not
-        there; False when the pool is full of adapters in use (try again later). Called when a
-        request arrives (prefetch) and again at admission."""
-        if seq.content_hash is None or seq.acquired:
-            return True
-        h = seq.content_hash
-        # the packed copy (memory or disk) loads without parsing the PEFT folder again
-        adapter = self.pool.packed.lookup(h) or self.registry.host.get(h)
-        if adapter is None:  # evicted from both tiers: re-read by name
-            adapter = self.registry.resolve(seq.adapter_name)
-            seq.content_hash = adapter.content_hash
-        seq.cold = not self.pool.is_resident(seq.content_hash)
-        try:
-            self.pool.acquire(adapter)
-        except PoolFullError:
-            return False  # every resident adapter is busy: retry next step
-        seq.acquired = True
-        return True
-
-    def _wait_for_load(self, seq: Sequence) -> bool:
-        """Wait (within this step's budget) for a load about to finish, so that the request
-        joins this step rather than the next. The step in flight keeps the device busy
-        meanwhile: a wait shorter than its remaining time costs the running requests nothing."""
-        if self.load_wait_left <= 0:
-            return False
-        handle = self.pool.handle_of(seq.content_hash)
-        if handle is None:
-            return False
-        t = time.perf_counter()
-        try:
-            handle.wait(self.load_wait_left)
-        except Exception:  # the load failed: admission retries (and reports) next step
-            return False
-        finally:
-            self.load_wait_left -= time.perf_counter() - t
-        return self.pool.is_resident(seq.content_hash)
-
-    def _adapter_ready(self, seq: Sequence) -> bool:
-        if seq.content_hash is None:
-            return True
-        if not self.acquire_adapter(seq):
-            return False
-        if not self.pool.is_resident(seq.content_hash):
-            if self.can_assist is not None and self.can_assist(seq):
-                seq.cpu_assist = True
-                seq.cold_start_mode = "cpu_assist"
-            elif not self._wait_for_load(seq):
-                return False
-        seq.adapter_slot = self.pool.slot_of(seq.content_hash)
-        return True
 
     # ------------------------------------------------------------------ prefix cache
 
@@ -210,11 +145,7 @@ class Scheduler:
             return False
         if seq.num_computed >= self.limits.max_model_len:
             return False
-        if seq.cpu_assist:  # prefilled with CPU help: decodes once its load is done
-            if not self.pool.is_resident(seq.content_hash):
-                return False
-            seq.cpu_assist = False
-        return True
+        return self.residency.decodable(seq)  # CPU-assisted: once its load is done
 
     def _chunk(self, seq: Sequence, budget: int) -> ChunkRow | None:
         want = min(seq.prefill_target - seq.num_computed, budget)
@@ -229,12 +160,15 @@ class Scheduler:
             seq.num_sampled += 1
         return ChunkRow(
             seq=seq, row=seq.row, tokens=toks, start=start,
-            table=list(self.blocks.table(seq.request_id)), adapter_slot=seq.adapter_slot,
+            table=list(self.blocks.table(seq.request_id)), adapter_slot=seq.hold.slot,
             sampling=seq.sampling_row(), final=final, out_from=len(seq.prompt_ids),
-            cpu_assist=seq.cpu_assist,
+            cpu_assist=seq.hold.cpu_assist,
         )  # fmt: skip
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, wait_s: float = 0.0, step_s: float = 0.0) -> ScheduledBatch:
+        """The next step's batch. ``wait_s``: how long admission may wait for adapter loads
+        about to land (the step in flight keeps the device busy meanwhile); ``step_s``: the
+        recent step time (what a load that misses this step costs a request)."""
         lim = self.limits
         budget = lim.max_num_batched_tokens
         batch = ScheduledBatch([], [])
@@ -252,7 +186,7 @@ class Scheduler:
                 continue
             batch.decode.append(
                 DecodeRow(seq, seq.row, seq.num_computed, list(self.blocks.table(seq.request_id)),
-                          seq.adapter_slot, seq.sampling_row())  # fmt: skip
+                          seq.hold.slot, seq.sampling_row())  # fmt: skip
             )
             seq.num_computed += 1
             seq.num_sampled += 1
@@ -278,14 +212,16 @@ class Scheduler:
             if self.blocks.num_free == 0:
                 break
             try:
-                ready = self._adapter_ready(seq)
+                tokens = self.uncached_tokens(seq) if seq.content_hash else 0
+                ready, waited = self.residency.ready(seq, tokens, wait_s, step_s)
+                wait_s -= waited
             except Exception as e:  # e.g. the adapter was unloaded and evicted meanwhile
                 log.warning("request %s failed to get adapter %s: %s",
                             seq.request_id, seq.adapter_name, e)  # fmt: skip
                 self.waiting.remove(seq)
                 self.failed.append((seq, f"adapter {seq.adapter_name!r} is unavailable: {e}"))
                 continue
-            if not ready:
+            if ready is Readiness.NOT_YET:
                 continue  # its load proceeds; requests behind it are not blocked
             seq.row = heapq.heappop(self._rows)
             seq.prefill_target = len(seq.tokens)
@@ -308,6 +244,43 @@ class Scheduler:
             batch.chunks.append(ch)
             budget -= len(ch.tokens)
         return batch
+
+    # ------------------------------------------------------------------ after a step
+
+    @staticmethod
+    def epochs(batch: ScheduledBatch) -> dict[int, tuple[int, int]]:
+        """Each row's sequence's (epoch, kv_epoch) at dispatch: what ``postprocess`` checks
+        to drop results that went stale while the step was in flight."""
+        return {id(r.seq): (r.seq.epoch, r.seq.kv_epoch) for r in batch.rows}
+
+    def postprocess(
+        self, batch: ScheduledBatch, epochs: dict[int, tuple[int, int]], failed: set[int]
+    ) -> list[tuple[Sequence, int]]:
+        """A step's tokens are read: re-queue the chunks whose CPU-assisted prefill failed
+        (``failed``: chunk indexes), register the good rows' KV with the prefix cache, and
+        return (sequence, batch row) of the rows whose sampled token counts."""
+        for j in failed:
+            self._requeue_sync(batch.chunks[j].seq)
+        for row in batch.rows:  # the step's KV is in the cache: full blocks may serve others
+            if row.seq.finished or (row.seq.epoch, row.seq.kv_epoch) != epochs[id(row.seq)]:
+                continue
+            self.commit_kv(row.seq, row.end if isinstance(row, ChunkRow) else row.position + 1)
+        out = []
+        for k, row in enumerate(batch.rows):
+            if isinstance(row, ChunkRow) and not row.final:
+                continue
+            if row.seq.finished or row.seq.epoch != epochs[id(row.seq)][0]:
+                continue  # finished, aborted or re-run while this token was in flight
+            out.append((row.seq, k))
+        return out
+
+    def _requeue_sync(self, seq: Sequence) -> None:
+        """A CPU-assisted prefill failed: back to the queue head, to wait for its load."""
+        if seq.finished:
+            return
+        seq.epoch += 1
+        self.residency.fall_back(seq)
+        self.requeue(seq, recompute_outputs=False)
 
     def unstick(self) -> Sequence | None:
         """When nothing could run although sequences are running (their prompts wait for pages

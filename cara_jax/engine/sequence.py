@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import time
 
+from cara_jax.engine.batch import SamplingRow
 from cara_jax.sampling_params import SamplingParams
 from cara_jax.tokenizer import IncrementalDetokenizer
 
@@ -32,6 +33,20 @@ class RequestOutput:
 
 
 @dataclasses.dataclass
+class AdapterHold:
+    """A sequence's claim on its adapter and how its cold start went (written by residency)."""
+
+    acquired: bool = False  # holds a reference in the device pool
+    slot: int = 0  # device-pool slot (0 = base model)
+    cold: bool = False  # the adapter was not resident when the request first asked for it
+    cpu_assist: bool = False  # prefilled (or to be) with CPU-computed deltas; decodes once loaded
+    no_cpu_assist: bool = False  # a CPU-assisted attempt failed: wait for the load instead
+    mode: str | None = None  # sync | cpu_assist, as it went for this request
+    reason: str | None = None  # cold_start.REASONS (auto)
+    detail: str | None = None  # the predictions behind auto's choice
+
+
+@dataclasses.dataclass
 class Sequence:
     request_id: str
     prompt_ids: list[int]
@@ -41,9 +56,7 @@ class Sequence:
     eos_ids: frozenset[int]
     adapter_name: str | None = None
     content_hash: str | None = None  # adapter content this sequence holds
-    adapter_slot: int = 0  # device-pool slot (0 = base model)
     rank: int = 0  # the adapter's max LoRA rank (0 = base model): what scheduling counts
-    acquired: bool = False
     status: SeqStatus = SeqStatus.WAITING
     row: int = -1  # sequence row of the device-side state while running
     num_computed: int = 0  # tokens whose KV is in the cache
@@ -59,12 +72,7 @@ class Sequence:
     text: str = ""
     emitted: int = 0  # chars of text already streamed
     finish_reason: str | None = None
-    cold: bool = False
-    cold_start_mode: str | None = None  # auto: sync or cpu_assist, as chosen for this request
-    cold_start_reason: str | None = None  # cold_start.REASONS
-    cold_start_detail: str | None = None  # the predictions behind the choice
-    cpu_assist: bool = False  # prefilled (or to be) with CPU-computed deltas; decodes once loaded
-    no_cpu_assist: bool = False  # a CPU-assisted attempt failed: wait for the load instead
+    hold: AdapterHold = dataclasses.field(default_factory=AdapterHold)
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     admitted: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
@@ -83,10 +91,10 @@ class Sequence:
     def prefilled(self) -> bool:
         return self.num_computed >= self.prefill_target
 
-    def sampling_row(self) -> tuple:
+    def sampling_row(self) -> SamplingRow:
         p = self.params
-        return (p.temperature, p.top_k, p.top_p, self.seed, p.min_p,
-                p.presence_penalty, p.frequency_penalty, p.repetition_penalty)  # fmt: skip
+        return SamplingRow(p.temperature, p.top_k, p.top_p, self.seed, p.min_p,
+                           p.presence_penalty, p.frequency_penalty, p.repetition_penalty)  # fmt: skip
 
     def append(self, token: int, max_len: int) -> None:
         """Take one generated token: update text, apply stop rules (strings across tokens)."""
