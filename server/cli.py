@@ -220,10 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="how a request whose adapter is not on the device starts: auto (per request, "
         "whichever of sync and cpu_assist the engine's measured load and CPU costs predict "
         "faster), cached (everything preloaded), sync (wait for the copy), cpu_assist "
-        "(prefill with CPU-computed LoRA deltas while it is copied)",
+        "(every prefill whose adapter is not on the device when the request is admitted runs "
+        "with CPU-computed LoRA deltas while it is copied; no prefetch on arrival)",
     )
     a.add_argument(
         "--cpu-workers", type=positive(int), default=2, help="CPU-assist worker processes"
+    )
+    a.add_argument(
+        "--emulate-link-gbps",
+        type=positive(float),
+        default=None,
+        metavar="GBPS",
+        help="make each host-to-device adapter copy take at least bytes / GBPS (where the "
+        "device is host memory, a copy is a memcpy: this shows cold start as an accelerator "
+        "with that link would see it)",
     )
     a.add_argument(
         "--lora-kernel",
@@ -388,6 +398,7 @@ def _engine_config(args: argparse.Namespace):
             max_adapters=args.max_loras + 1,  # pool slot 0 is the base model
             max_rank=args.max_lora_rank,
             cache_dir=_adapter_cache(args.adapter_cache),
+            emulate_link_gbps=args.emulate_link_gbps,
         ),
     )
     admission = args.admission

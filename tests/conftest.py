@@ -55,6 +55,14 @@ def hf_smollm(smollm_path):
 
 
 @pytest.fixture(scope="session")
+def smol_tok(smollm_path):
+    """The engine's tokenizer for SmolLM2 (the tiny test model shares its vocabulary)."""
+    from cara_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_path(smollm_path)
+
+
+@pytest.fixture(scope="session")
 def hf_smollm_tokenizer(smollm_path):
     from transformers import AutoTokenizer
 

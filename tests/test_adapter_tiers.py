@@ -10,7 +10,7 @@ import pytest
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig, PoolFullError
 from cara_jax.adapters.store import AdapterRegistry, HostStore, UnknownAdapterError
 from cara_jax.scoring import full_logits
-from tests.test_multi_lora_parity import ALL7, make_peft_adapters
+from tests.helpers import ALL7, make_peft_adapters
 
 SPECS = {
     f"a{i}": dict(r=r, lora_alpha=2 * r, target_modules=ALL7)

@@ -8,16 +8,10 @@ from cara_jax.adapters.device_pool import PoolConfig
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.engine.cold_start import ColdStartModel
 from cara_jax.sampling_params import SamplingParams
-from cara_jax.tokenizer import Tokenizer
-from tests.test_multi_lora_parity import ADAPTERS, make_peft_adapters
+from tests.helpers import ADAPTERS, make_peft_adapters
 
 SPECS = {"qv": ADAPTERS["r64_qv"], "all": ADAPTERS["r8"]}
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smollm_path):
-    return Tokenizer.from_path(smollm_path)
 
 
 @pytest.fixture(scope="module")

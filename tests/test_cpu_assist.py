@@ -12,8 +12,7 @@ import pytest
 from cara_jax.adapters.device_pool import PoolConfig
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.sampling_params import SamplingParams
-from cara_jax.tokenizer import Tokenizer
-from tests.test_multi_lora_parity import ALL7, make_peft_adapters
+from tests.helpers import ALL7, make_peft_adapters
 
 SPECS = {
     "c0": dict(r=8, lora_alpha=16, target_modules=ALL7),
@@ -27,11 +26,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 def smol_adapters(hf_smollm, tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu_assist_adapters")
     return make_peft_adapters(lambda: copy.deepcopy(hf_smollm), out, SPECS, seed=3, scale=0.5)
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smollm_path):
-    return Tokenizer.from_path(smollm_path)
 
 
 def _engine(loaded, tok, adapters, mode, **kw):

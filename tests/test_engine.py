@@ -11,16 +11,10 @@ from cara_jax.adapters.store import UnknownAdapterError
 from cara_jax.api import AsyncEngine
 from cara_jax.engine import Engine, EngineConfig, PromptTooLongError
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
-from cara_jax.tokenizer import Tokenizer
-from tests.test_multi_lora_parity import ALL7, make_peft_adapters
+from tests.helpers import ALL7, make_peft_adapters
 
 SPECS = {f"e{i}": dict(r=r, lora_alpha=r, target_modules=ALL7 if i % 2 else ["q_proj", "v_proj"])
          for i, r in enumerate([8, 16, 32, 64, 8, 16, 32, 64])}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smollm_path):
-    return Tokenizer.from_path(smollm_path)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.scheduling.admission import QueueFullError
 from cara_jax.scheduling.cost_model import CostModel, LinearFit
 from cara_jax.tokenizer import Tokenizer
-from tests.test_multi_lora_parity import ALL7, make_peft_adapters
+from tests.helpers import ALL7, make_peft_adapters
 
 SPECS = {
     "r8a": dict(r=8, lora_alpha=8, target_modules=ALL7),

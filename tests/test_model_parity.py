@@ -9,7 +9,6 @@ import torch
 from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
 from cara_jax.generate import generate_tokens, offline_engine
 from cara_jax.scoring import full_logits
-from cara_jax.tokenizer import Tokenizer
 from tests.conftest import rel_err
 
 PROMPTS = [
@@ -18,11 +17,6 @@ PROMPTS = [
     "Le château de Versailles est célèbre pour",
 ]
 GREEDY = (0.0, 0, 1.0, 0, 0.0, 0.0, 0.0, 1.0)  # a sampling row: temperature 0
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smollm_path):
-    return Tokenizer.from_path(smollm_path)
 
 
 def _engine(loaded, tok):

@@ -8,7 +8,7 @@ import pytest
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.packed import PackedStore
 from cara_jax.adapters.peft import load_peft_adapter
-from tests.test_multi_lora_parity import ADAPTERS, make_peft_adapters
+from tests.helpers import ADAPTERS, make_peft_adapters
 
 SPECS = {k: ADAPTERS[k] for k in ("r8", "r64_qv", "r128_pattern")}
 

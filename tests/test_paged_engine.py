@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.engine.batch import ChunkRow, ScheduledBatch
 from cara_jax.engine.block_manager import BlockManager
 from cara_jax.sampling_params import SamplingParams
 from cara_jax.scoring import full_logits
-from cara_jax.tokenizer import Tokenizer
 
 IDLE = (0.0, 0, 1.0, 0, 0.0, 0.0, 0.0, 1.0)
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smollm_path):
-    return Tokenizer.from_path(smollm_path)
 
 
 def _engine(loaded, tok, **kw):

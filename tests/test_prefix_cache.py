@@ -11,17 +11,11 @@ from cara_jax.adapters.device_pool import PoolConfig
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.engine.block_manager import BlockManager, extend_block_hashes
 from cara_jax.sampling_params import SamplingParams
-from cara_jax.tokenizer import Tokenizer
-from tests.test_multi_lora_parity import ADAPTERS, make_peft_adapters
+from tests.helpers import ADAPTERS, make_peft_adapters
 
 BS = 8
 SPECS = {k: ADAPTERS[k] for k in ("r8", "r16_alpha", "r32_rslora")}
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smollm_path):
-    return Tokenizer.from_path(smollm_path)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def test_python_api_example(capsys):
 def test_multi_lora_example(hf_smollm, tmp_path):
     import copy
 
-    from tests.test_multi_lora_parity import make_peft_adapters
+    from tests.helpers import make_peft_adapters
 
     # The example runs on SmolLM2, so its adapter is a real PEFT adapter for SmolLM2.
     spec = {"ex": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])}
