@@ -19,46 +19,25 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
 from bench.report import write_report
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
+from cara_jax.adapters.random_peft import write_random_peft
 from cara_jax.adapters.store import AdapterRegistry
-from cara_jax.config import ModelConfig
+from cara_jax.config import PROJECTIONS, ModelConfig
 from cara_jax.embedded import default_model_path
 from cara_jax.engine.runner import ModelRunner, RunnerConfig
 from cara_jax.weights import load_model
 
 MEM_BW = 26e9  # bytes/s, measured memory read bandwidth of the 2-core development machine
 GEMM_RATE = 200e9  # FLOP/s, measured float32 GEMM rate of the same machine
-PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROJS = list(PROJECTIONS)
 
 
 def write_peft_adapter(
     path: Path, cfg: ModelConfig, rank: int, seed: int, projs: list[str] = PROJS
 ) -> None:
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    shapes = cfg.projection_shapes()
-    for layer in range(cfg.num_layers):
-        for p in projs:
-            din, dout = shapes[p]
-            mod = "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{mod}.{p}"
-            tensors[f"{key}.lora_A.weight"] = (
-                rng.standard_normal((rank, din)) / np.sqrt(din)
-            ).astype(np.float32)
-            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((dout, rank)) * 0.01).astype(
-                np.float32
-            )
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    conf = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": projs,
-        "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
-        "fan_in_fan_out": False, "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
-    }  # fmt: skip
-    (path / "adapter_config.json").write_text(json.dumps(conf))
+    write_random_peft(path, cfg, rank, seed, projs)
 
 
 def chain_rate(loaded, batch: int, steps: int) -> float:

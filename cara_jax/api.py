@@ -13,14 +13,12 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import jax.numpy as jnp
-
 from cara_jax.embedded import default_model_path
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.engine.sequence import RequestOutput
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.tokenizer import Tokenizer
-from cara_jax.weights import load_model
+from cara_jax.weights import DTYPES, load_model
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ def build_engine(
     **config,
 ) -> Engine:
     path = Path(model) if model else default_model_path()
-    loaded = load_model(path, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+    loaded = load_model(path, dtype=DTYPES[dtype])
     engine = Engine(loaded, Tokenizer.from_path(path), EngineConfig(**config))
     for name, p in (adapters or {}).items():
         engine.load_adapter(name, p)

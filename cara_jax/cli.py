@@ -11,8 +11,6 @@ import logging
 import sys
 import time
 
-import jax.numpy as jnp
-
 
 def _generate(args: argparse.Namespace) -> int:
     from cara_jax.embedded import default_model_path
@@ -20,10 +18,10 @@ def _generate(args: argparse.Namespace) -> int:
     from cara_jax.generate import compile_for_prompts, generate_tokens, offline_engine
     from cara_jax.sampling_params import InvalidRequestError, SamplingParams
     from cara_jax.tokenizer import Tokenizer
-    from cara_jax.weights import load_model
+    from cara_jax.weights import DTYPES, load_model
 
     path = args.model or default_model_path()
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     t0 = time.perf_counter()
     loaded = load_model(path, dtype=dtype)
     tok = Tokenizer.from_path(path)

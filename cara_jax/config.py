@@ -8,6 +8,11 @@ from typing import Any
 
 import numpy as np
 
+# the LoRA-targetable projections of a Llama-family layer, in the order a layer runs them
+PROJECTIONS: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)  # fmt: skip
+
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is not a Llama-family model this project can run."""

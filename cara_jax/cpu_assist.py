@@ -11,9 +11,8 @@ group's base GEMMs: the cold rows' inputs go out to the workers, their deltas co
 added. A ``lax.cond`` on the step's ``need[layer, group]`` skips the round trip where no cold row
 needs the CPU (layers already on the device, projections the adapter does not target), so a
 q/v adapter costs one exchange per cold layer, and a q/k/v/o adapter two. On an accelerator every
-callback synchronises the device, so there are no more of them than the data needs; the device
-does not overlap the CPU's work (an earlier design split each exchange into submit and fetch
-around the base GEMMs: twice the round trips, for an overlap of one group's GEMMs).
+callback synchronises the device, so there are no more of them than the data needs (why the
+device does not overlap the CPU's work: docs/cpu_assist.md).
 
 The host side of a prefill is a ``PrefillPlan`` registered under an integer id that the step
 receives as an argument (the compiled callbacks look it up). Callbacks never raise: a worker
@@ -69,13 +68,15 @@ class CpuRow:
 
 @dataclasses.dataclass
 class GroupTiming:
+    """One host exchange of a CPU-assisted prefill: a (layer, projection group)'s cold rows."""
+
     layer: int
     projs: tuple[str, ...]
     tokens: int
     copy_out_s: float  # device->host rows gathered and handed to the workers
     wait_s: float  # fetch blocked for the workers (CPU time beyond the overlap)
     copy_back_s: float  # deltas scattered into the step's buffer
-    span_s: float  # submit start -> fetch end (includes the overlapped device GEMMs)
+    span_s: float  # the whole exchange, as the device saw it
 
 
 class PrefillPlan:

@@ -21,8 +21,8 @@ Hooks return ``None`` for projections they do not touch, so a q/v-only adapter p
 the others.
 
 Projections that share an input (q/k/v; gate/up) run as a group through ``project``. A hook may
-also define ``before(layer, projs, x) -> x`` and ``after(layer, projs, x, ys) -> ys``: CPU
-assist uses ``after`` to add the deltas the CPU computed for the group's cold rows.
+also define ``after(layer, projs, x, ys) -> ys``: CPU assist uses it to add the deltas the CPU
+computed for the group's cold rows.
 """
 
 from __future__ import annotations
@@ -32,16 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import jax
 
-PROJECTIONS: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
-
+from cara_jax.config import PROJECTIONS  # noqa: F401  (re-exported: hooks name them)
 
 # projections that share an input, in the order a layer runs them (``project`` calls)
 GROUPS: tuple[tuple[str, ...], ...] = (
@@ -86,8 +77,6 @@ def project(
     if hook is None:
         return [f(x) for f in linears.values()]
     projs = tuple(linears)
-    before = getattr(hook, "before", None)
-    x_in = before(layer, projs, x) if before is not None else x
-    ys = [apply_hook(hook, layer, p, x, f(x_in)) for p, f in linears.items()]
+    ys = [apply_hook(hook, layer, p, x, f(x)) for p, f in linears.items()]
     after = getattr(hook, "after", None)
     return after(layer, projs, x, ys) if after is not None else ys

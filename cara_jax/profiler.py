@@ -43,35 +43,18 @@ from typing import Any
 
 import numpy as np
 
+from cara_jax.adapters.random_peft import write_random_peft
+from cara_jax.config import PROJECTIONS
+
 QUICK = {"batches": "2", "ranks": "8,64", "prefill_lens": "32", "prefill_ranks": "0,64"}
 FULL = {"batches": "4,8,16", "ranks": "8,16,32,64", "prefill_lens": "32,128,256",
         "prefill_ranks": "0,8,16,32,64"}  # fmt: skip
-PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJS = PROJECTIONS
 
 
 def write_random_adapter(path: Path, cfg, rank: int, seed: int) -> None:
-    """A PEFT folder (adapter_config.json + adapter_model.safetensors) with random weights on
-    all seven projections; timing does not depend on the values."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    shapes = cfg.projection_shapes()
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for p in PROJS:
-            din, dout = shapes[p]
-            mod = "self_attn" if p in PROJS[:4] else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{mod}.{p}"
-            a = rng.standard_normal((rank, din), np.float32) / np.float32(np.sqrt(din))
-            tensors[f"{key}.lora_A.weight"] = a
-            tensors[f"{key}.lora_B.weight"] = rng.standard_normal((dout, rank), np.float32) * 0.01
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    conf = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJS),
-        "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "task_type": "CAUSAL_LM",
-    }  # fmt: skip
-    (path / "adapter_config.json").write_text(json.dumps(conf))
+    """All seven projections; timing does not depend on the values."""
+    write_random_peft(path, cfg, rank, seed, PROJS)
 
 
 def rank_mixes(batch: int, ranks: list[int]) -> dict[str, list[int]]:
@@ -154,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from cara_jax.kv_cache import bytes_per_token
     from cara_jax.scheduling.cost_model import Buckets
     from cara_jax.tokenizer import Tokenizer
-    from cara_jax.weights import load_model
+    from cara_jax.weights import DTYPES, load_model
 
     t_start = time.perf_counter()
     if args.compile_cache:
@@ -170,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     max_len = max(256, 2 * max(prefill_lens), args.kv_position + 2)
     max_len = 1 << (max_len - 1).bit_length()
     model_path = Path(args.model) if args.model else default_model_path()
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     loaded = load_model(model_path, dtype=dtype)
     cfg = loaded.cfg
     # a device pool sized for exactly the profile's adapters

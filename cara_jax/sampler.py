@@ -8,7 +8,6 @@ same tokens whatever batch it shares.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -100,57 +99,21 @@ def sample(logits: jax.Array, params: SamplingArrays, positions: jax.Array) -> j
     return jax.lax.cond(jnp.any(params.temperature > 0), sample_rows, lambda _: greedy_tok, None)
 
 
-@partial(jax.jit, static_argnames=("k",))
-def token_logprobs(
-    logits: jax.Array, tokens: jax.Array, k: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Log-probabilities (of the unmodified distribution, as OpenAI reports them):
-    the chosen tokens' [n], and the top-k ids [n, k] with their log-probs [n, k]."""
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(lp, k)
-    return chosen, top_ids, top_lp
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SlotState:
-    """Device-resident per-slot state carried between steps (donated to every step)."""
-
-    last: jax.Array  # [S] int32: the token each slot feeds into its next decode step
-    counts: jax.Array  # [S, V] int32: generated-token counts (presence/frequency penalties)
-    seen: jax.Array  # [S, V] bool: tokens in prompt or output (repetition penalty)
-
-    @classmethod
-    def zeros(cls, num_slots: int, vocab: int) -> SlotState:
-        return cls(
-            last=jnp.zeros((num_slots,), jnp.int32),
-            counts=jnp.zeros((num_slots, vocab), jnp.int32),
-            seen=jnp.zeros((num_slots, vocab), jnp.bool_),
-        )
-
-
-def apply_penalties(
-    logits: jax.Array,
-    counts: jax.Array,
-    seen: jax.Array,
-    params: SamplingArrays,
-    force: bool = False,
-) -> jax.Array:
-    """vLLM's penalties: repetition (prompt + output, divides positive logits), then
-    frequency and presence (output only, subtracted). Skipped when no row uses them."""
-
-    def penalize(x):
-        rep = params.repetition[:, None]
-        x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
-        c = counts.astype(x.dtype)
-        return x - params.frequency[:, None] * c - params.presence[:, None] * (c > 0)
-
-    if force:  # the caller already checked that some row uses a penalty
-        return penalize(logits)
-    active = (
+def penalties_active(params: SamplingArrays) -> jax.Array:
+    """Whether any row uses a penalty (a step without them skips their [rows, vocab] work)."""
+    return (
         jnp.any(params.repetition != 1)
         | jnp.any(params.frequency != 0)
         | jnp.any(params.presence != 0)
     )
-    return jax.lax.cond(active, penalize, lambda x: x, logits)
+
+
+def apply_penalties(
+    logits: jax.Array, counts: jax.Array, seen: jax.Array, params: SamplingArrays
+) -> jax.Array:
+    """vLLM's penalties: repetition (prompt + output, divides positive logits), then
+    frequency and presence (output only, subtracted)."""
+    rep = params.repetition[:, None]
+    x = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    c = counts.astype(x.dtype)
+    return x - params.frequency[:, None] * c - params.presence[:, None] * (c > 0)

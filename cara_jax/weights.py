@@ -27,6 +27,9 @@ from cara_jax.model import Llama
 
 log = logging.getLogger(__name__)
 
+# the weight dtypes a model can be loaded in, by the name flags and the API use
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 CACHE_FORMAT = 1
 _LAYER_NAMES = {
     "self_attn.q_proj": "attn_q",

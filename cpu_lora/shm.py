@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from cara_jax.config import PROJECTIONS
+
 SHM_PREFIX = "cara_lora_"
-PROJECTIONS: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-)  # fmt: skip
 PROJ_ID = {p: i for i, p in enumerate(PROJECTIONS)}
 
 ROW = 16  # int64 words per worker row / header / job description

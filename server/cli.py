@@ -417,13 +417,12 @@ def _engine_config(args: argparse.Namespace):
 
 def build_state(args: argparse.Namespace):
     """Load the model, build the engine, register adapters, warm up: a ServerState to serve."""
-    import jax.numpy as jnp
 
     from cara_jax.api import AsyncEngine
     from cara_jax.embedded import default_model_path
     from cara_jax.engine import Engine
     from cara_jax.tokenizer import Tokenizer
-    from cara_jax.weights import load_model
+    from cara_jax.weights import DTYPES, load_model
     from server.app import ServerConfig, ServerState, default_served_names
     from server.demo import demo_adapters
 
@@ -438,7 +437,7 @@ def build_state(args: argparse.Namespace):
         import jax
 
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    loaded = load_model(path, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+    loaded = load_model(path, dtype=DTYPES[dtype])
     try:
         engine = Engine(loaded, Tokenizer.from_path(path), _engine_config(args))
     except ValueError as e:  # e.g. an unknown --cold-start mode

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from cara_jax.config import PROJECTIONS
+
+ALL7 = list(PROJECTIONS)
 
 # name -> LoraConfig kwargs; together they cover ranks 8..128, rsLoRA, alpha != r,
 # q/v only, all-linear, rank_pattern / alpha_pattern

@@ -22,8 +22,7 @@ from cara_jax.adapters import (
 from cara_jax.adapters.peft import module_name
 from cara_jax.config import ModelConfig
 from tests.conftest import rel_err
-
-ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from tests.helpers import ALL7
 
 # name -> LoraConfig kwargs
 SPECS = {

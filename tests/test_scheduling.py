@@ -25,14 +25,12 @@ from cara_jax.scheduling import (
     LeastLoadedRouter,
     LinearFit,
     NoInstanceError,
-    QueueFullError,
     RandomRouter,
     RankAwareRouter,
     RequestInfo,
     RoundRobinRouter,
     RunningInfo,
     WaitingInfo,
-    WaitQueue,
     fit_cost_model,
     fit_linear,
     load_cost_models,
@@ -331,18 +329,6 @@ def test_empty_instance_takes_the_oldest_request():
     policy = AdmissionPolicy(cost)
     d = policy.select([], [WaitingInfo("b", 8, 0.5), WaitingInfo("a", 64, 0.1)], 4, now=0.6)
     assert d.admitted[0] == 1 and d.forced == [1] and d.aged == []
-
-
-def test_bounded_queue_raises():
-    q: WaitQueue[int] = WaitQueue(2)
-    q.push(1)
-    q.push(2)
-    with pytest.raises(QueueFullError) as e:
-        q.push(3)
-    assert e.value.capacity == 2 and "full" in str(e.value)
-    assert q.pop_indices([1]) == [2] and list(q) == [1]
-    q.push(4)
-    assert len(q) == 2
 
 
 # ---------------------------------------------------------------------- simulator

@@ -11,13 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-from safetensors.numpy import save_file
-
 from bench.metrics import RequestResult
 from bench.workload import Trace
+from cara_jax.adapters.random_peft import write_random_peft
+from cara_jax.config import PROJECTIONS
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_PROJECTIONS = PROJECTIONS
 TARGET_SETS = {"qkvo": ALL_PROJECTIONS[:4], "all": ALL_PROJECTIONS}
 
 
@@ -179,36 +178,8 @@ def adapter_seed(name: str, base_seed: int = 0) -> int:
 def write_peft_adapter(
     path: Path, cfg, rank: int, seed: int, targets: tuple[str, ...] = ALL_PROJECTIONS
 ) -> Path:
-    """A random PEFT LoRA folder (PEFT's key names, alpha = 2 * rank) for ``cfg``'s shapes."""
-    rng = np.random.default_rng(seed)
-    shapes = cfg.projection_shapes()
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for p in targets:
-            din, dout = shapes[p]
-            mod = "self_attn" if p in ALL_PROJECTIONS[:4] else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{mod}.{p}"
-            a = rng.standard_normal((rank, din), dtype=np.float32) / np.float32(np.sqrt(din))
-            b = rng.standard_normal((dout, rank), dtype=np.float32) * np.float32(0.01)
-            tensors[f"{key}.lora_A.weight"] = a
-            tensors[f"{key}.lora_B.weight"] = b
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    conf = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "target_modules": list(targets),
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
-    }
-    (path / "adapter_config.json").write_text(json.dumps(conf))
-    return path
+    """A random PEFT LoRA folder (alpha = 2 * rank) for ``cfg``'s shapes."""
+    return write_random_peft(path, cfg, rank, seed, targets)
 
 
 def write_adapters(

@@ -20,7 +20,7 @@ from flax import nnx
 
 from cara_jax.kv_cache import KVCache
 from cara_jax.ragged import DROP, RaggedMeta
-from cara_jax.sampler import SamplingArrays, apply_penalties, sample
+from cara_jax.sampler import SamplingArrays, apply_penalties, penalties_active, sample
 from cara_jax.sampling_params import MAX_LOGPROBS
 
 
@@ -103,14 +103,9 @@ def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: St
     def penalize(x):
         c = counts.at[rows].get(mode="clip")
         s = seen.at[rows].get(mode="clip")
-        return apply_penalties(x, c, s, sampling, force=True)
+        return apply_penalties(x, c, s, sampling)
 
-    active = (
-        jnp.any(sampling.repetition != 1)
-        | jnp.any(sampling.frequency != 0)
-        | jnp.any(sampling.presence != 0)
-    )
-    shaped = jax.lax.cond(active, penalize, lambda x: x, logits)
+    shaped = jax.lax.cond(penalties_active(sampling), penalize, lambda x: x, logits)
     positions = meta.positions.at[inp.sample_tok].get(mode="clip")
     next_tok = sample(shaped, sampling, positions + 1)
 

@@ -15,7 +15,6 @@ from cara_jax.scheduling.admission import (
     QueueFullError,
     RunningInfo,
     WaitingInfo,
-    WaitQueue,
 )
 from cara_jax.scheduling.cost_model import (
     Buckets,
@@ -63,7 +62,6 @@ __all__ = [
     "RoundRobinRouter",
     "Router",
     "RunningInfo",
-    "WaitQueue",
     "WaitingInfo",
     "fit_cost_model",
     "fit_linear",

@@ -29,16 +29,16 @@ does not fit is skipped (a smaller rank behind it may fit). Two exceptions admit
 whatever its predicted step: *aging* (a request that has waited ``max_wait_s`` or more goes
 first, oldest first, so a large rank never starves) and an *empty instance* (with nothing
 running and nothing admitted, the oldest request goes: waiting cannot make its step faster).
-Both are reported in ``AdmissionDecision.forced`` (aging alone in ``aged``). The queue itself is bounded: ``WaitQueue``
-raises ``QueueFullError`` at ``max_queue`` requests (the server answers 429).
+Both are reported in ``AdmissionDecision.forced`` (aging alone in ``aged``). The queue itself is bounded: the engine
+raises ``QueueFullError`` beyond ``max_queue`` waiting requests (the server answers 429).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Hashable, Iterator, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Hashable, Sequence
+from typing import TypeVar
 
 from cara_jax.scheduling.cost_model import DEFAULT_SLO_FACTOR, CostModel
 
@@ -78,7 +78,7 @@ class AdmissionConfig:
     slo_factor: float = DEFAULT_SLO_FACTOR  # default SLO = factor x base-model step latency
     headroom: float = 0.0  # fraction of the SLO kept free (prefill stalls, prediction error)
     max_wait_s: float = 2.0  # aging bound: older requests are admitted whatever their rank
-    max_queue: int = 1024  # WaitQueue capacity
+    max_queue: int = 1024  # waiting requests a simulated instance holds (bench/simulate.py)
     # count prefill stalls in the predicted TPOT, amortised over this many output tokens
     # (None: decode latency only)
     avg_response_len: float | None = None
@@ -240,37 +240,3 @@ def predicted_tpot(
     if avg_response_len:
         t += prefill_sum / avg_response_len
     return t
-
-
-class WaitQueue(Generic[T]):
-    """A bounded FIFO of waiting requests: ``push`` raises QueueFullError when full."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
-        self.capacity = capacity
-        self._items: list[T] = []
-
-    def push(self, item: T) -> None:
-        if len(self._items) >= self.capacity:
-            raise QueueFullError(self.capacity)
-        self._items.append(item)
-
-    def pop_indices(self, indices: Sequence[int]) -> list[T]:
-        """Remove and return the items at ``indices`` (in that order)."""
-        out = [self._items[i] for i in indices]
-        drop = set(indices)
-        self._items = [x for i, x in enumerate(self._items) if i not in drop]
-        return out
-
-    def remove(self, item: T) -> None:
-        self._items.remove(item)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __iter__(self) -> Iterator[T]:
-        return iter(self._items)
-
-    def __getitem__(self, i: int) -> T:
-        return self._items[i]
