@@ -10,14 +10,12 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench import metrics, plots
+from bench.plan import Plan
 from bench.systems.common import TARGET_SETS
 from bench.workload import WorkloadSpec, describe
-
-if TYPE_CHECKING:
-    from bench.experiments import Plan
 
 _COLS = [
     ("tok/s", "throughput_tok_s", 1, 1),

@@ -22,6 +22,7 @@ from typing import Any
 
 from bench import experiment_report, metrics
 from bench.metrics import RequestResult, Slo
+from bench.plan import Plan, Point
 from bench.systems import LABELS, SYSTEM_KEYS, RunOptions, SystemUnavailable, make_system
 from bench.systems.common import TARGET_SETS, model_config, write_adapters
 from bench.workload import LengthDist, Trace, WorkloadSpec, generate, save_jsonl
@@ -33,28 +34,6 @@ EXPERIMENTS = (
 DEFAULT_COST_MODEL = "bench/results/cost_model_smollm2_cpu.json"
 COLD_MODES = ("sync", "cached", "cpu_assist", "auto")
 GiB = 1 << 30
-
-
-@dataclasses.dataclass
-class Point:
-    label: str
-    x: float
-    spec: WorkloadSpec
-
-
-@dataclasses.dataclass
-class Plan:
-    """What an experiment runs: its points, systems and cara-jax configurations."""
-
-    name: str
-    title: str
-    points: list[Point]
-    xlabel: str
-    systems: list[str]
-    cara: list[tuple[str, RunOptions]]  # (label, options) per cara-jax configuration
-    baseline_opts: RunOptions
-    targets: str
-    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- workloads

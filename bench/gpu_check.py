@@ -30,20 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.gpu_ctx import Ctx
 from bench.report import write_report
 
 L2_BYTES = 50 << 20  # H100 / H200 L2 size; the timed working set aims at a multiple of it
-
-
-@dataclasses.dataclass
-class Ctx:
-    smoke: bool
-    interpret: bool
-    repeats: int
-    device: str
-    deadline: float = float("inf")  # perf_counter time after which sections skip the rest
-    hbm_bytes_per_s: float | None = None  # set by the hbm section
-    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

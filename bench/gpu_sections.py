@@ -32,12 +32,12 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.gpu_ctx import Ctx
 from bench.lora_decode import write_peft_adapter
 from bench.systems.common import kv_cache_bytes
 from cara_jax.adapters.device_pool import PoolConfig, PoolFullError
@@ -47,9 +47,6 @@ from cara_jax.engine.runner import Program, bucket
 from cara_jax.sampling_params import SamplingParams
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import LoadedModel, build_model
-
-if TYPE_CHECKING:  # gpu_check may run as __main__: importing it again would re-run its module
-    from bench.gpu_check import Ctx
 
 LAYERS_ENV = "CARA_GPU_CHECK_LAYERS"
 FULL_LAYERS = 32

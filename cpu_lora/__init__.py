@@ -2,7 +2,7 @@
 shared memory while a cold adapter is being copied to the device (docs/cpu_lora.md).
 
 Names are imported lazily: importing the package must not import numpy, so that a process
-(``python -m cpu_lora.bench``) can still limit BLAS to one thread before numpy loads.
+(``python -m bench.cpu_lora_kernels``) can still limit BLAS to one thread before numpy loads.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Two single-threaded implementations (each worker process is one core, with one B
   tokens so each row of A and B is read once per block of tokens.
 
 ``default_kernel(T, in, r, out)`` picks the kernel per shape from the one-thread measurements
-in docs/cpu_lora.md (``python -m cpu_lora.bench kernels``): BLAS, 1.2-6.9x faster than the Numba
+in docs/cpu_lora.md (``python -m bench.cpu_lora_kernels kernels``): BLAS, 1.2-6.9x faster than the Numba
 loop nest at every measured shape. The workers call it; ``lora_delta`` is the convenience form.
 """
 

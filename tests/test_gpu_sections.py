@@ -49,7 +49,7 @@ def test_gpu_sections_smoke(tmp_path):
 
 def test_sections_honour_the_deadline():
     """Past the deadline both sections skip their cases (with a note) instead of running them."""
-    from bench.gpu_check import Ctx
+    from bench.gpu_ctx import Ctx
 
     ctx = Ctx(smoke=True, interpret=True, repeats=1, device="cpu", deadline=0.0)
     cold = gpu_sections.cold_start_section(ctx)

@@ -1,7 +1,7 @@
 """One-thread kernel measurement and pool overhead, as recorded in docs/cpu_lora.md.
 
-    python -m cpu_lora.bench kernels [--quick]
-    python -m cpu_lora.bench pool
+    python -m bench.cpu_lora_kernels kernels [--quick]
+    python -m bench.cpu_lora_kernels pool
 
 BLAS and Numba are limited to one thread before numpy is imported, as in the workers.
 """
@@ -15,7 +15,7 @@ for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_
     os.environ[_k] = "1"
 
 if "numpy" in sys.modules:  # too late to limit its BLAS threads
-    raise RuntimeError("run as `python -m cpu_lora.bench`, before anything imports numpy")
+    raise RuntimeError("run as `python -m bench.cpu_lora_kernels`, before anything imports numpy")
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
