@@ -3,7 +3,7 @@
     python -m bench.ray_run --replicas 2 --policies rank_aware,power_of_two,least_loaded,round_robin \
         --rate 1.5 --duration 120 --cost-model bench/results/cost_model_smollm2_cpu1core.json
 
-Starts a local Ray, then per request router deploys the fleet (server/ray_serve.py): N engine
+Starts a local Ray, then per request router deploys the fleet (server/fleet/serve.py): N engine
 replicas, each pinned to its own cores (``--pin-cpus``), serving the same random PEFT adapters
 of mixed ranks (``--ranks`` in turn, Zipf popularity, all preloaded with ``--cold-start
 cached``), with FIFO admission on the replicas so that where a request goes is what decides
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.systems.common import TARGET_SETS, model_config, write_adapters
     from server.cli import build_parser as serve_parser
     from server.cli import fleet_config
-    from server.ray_serve import start_fleet, stop_fleet
+    from server.fleet.serve import start_fleet, stop_fleet
 
     cfg = model_config()
     out_len = LengthDist.parse(args.output_len)

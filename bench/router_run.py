@@ -301,7 +301,7 @@ def instance_cmd(args, port: int, adapters: dict[str, Path]) -> list[str]:
 
 
 def router_cmd(args, port: int, urls: list[str], policy: str) -> list[str]:
-    cmd = [sys.executable, "-m", "server.router_cli", "--port", str(port), "--policy", policy]
+    cmd = [sys.executable, "-m", "server.router.cli", "--port", str(port), "--policy", policy]
     cmd += ["--log-level", "warning", "--avg-response-len", str(args.avg_output)]
     for u in urls:
         cmd += ["--instance", u]

@@ -550,8 +550,8 @@ def default_cost_model(args: argparse.Namespace) -> None:
 
 
 def fleet_config(args: argparse.Namespace):
-    """The Ray Serve fleet of ``--replicas N`` (server/ray_serve.py), from the flags."""
-    from server.ray_serve import FleetConfig
+    """The Ray Serve fleet of ``--replicas N`` (server/fleet/serve.py), from the flags."""
+    from server.fleet.serve import FleetConfig
 
     engine_args = argparse.Namespace(**vars(args))
     engine_args.replicas = None
@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     default_cost_model(args)
     if args.replicas is not None:
-        from server.ray_serve import run_fleet
+        from server.fleet.serve import run_fleet
 
         return run_fleet(fleet_config(args), args.host, args.port, args.ray_address)
     from aiohttp import web

@@ -49,7 +49,7 @@ def fleet(tmp_path_factory):
     """(ingress URL, its --lora-dir): two replicas, Algorithm 1 as the request router."""
     import ray
 
-    from server.ray_serve import start_fleet, stop_fleet
+    from server.fleet.serve import start_fleet, stop_fleet
 
     lora_dir = tmp_path_factory.mktemp("fleet_lora_dir")
     port = _free_port()
@@ -201,13 +201,13 @@ def _stats(running: list[tuple[int, float]], at: float, cost: dict) -> dict:
 
 
 def test_rank_aware_router_step_over_routing_stats():
-    """The Ray router's step (server/ray_router.py member + fleet.plan) on the measured
+    """The Ray router's step (server/fleet/router.py member + fleet.plan) on the measured
     one-core cost model: rank-256 work goes where rank 256 already runs, rank-8 work with a
     tight SLO stays off it, and requests sent after a replica's stats count there."""
     from cara_jax.scheduling.cost_model import CostModel
     from cara_jax.scheduling.fleet import parse_snapshot, plan
     from cara_jax.scheduling.router import RequestInfo, make_router
-    from server.ray_router import member
+    from server.fleet.router import member
 
     cost_file = COST.with_name("cost_model_smollm2_cpu1core.json")
     cost = {k: v for k, v in CostModel.load(cost_file, kernel="bgmv").to_dict().items()

@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cara_jax.scheduling.cost_model import synthetic_gpu_cost_model
 from cara_jax.scheduling.router import InstanceState, RankAwareRouter, RequestInfo
-from server.router import RouterConfig, RouterConfigError, build_router_app
-from server.router_cli import main as router_main
-from server.router_estimates import estimate_prompt_tokens
-from server.router_state import BadStateError, parse_snapshot
+from server.router.app import RouterConfig, RouterConfigError, build_router_app
+from server.router.cli import main as router_main
+from server.router.estimates import estimate_prompt_tokens
+from server.router.state import BadStateError, parse_snapshot
 
 ADAPTERS = {"r8": 8, "r64": 64}
 

@@ -6,7 +6,7 @@
   adapter tiers) runs the whole cara-serve app on a loopback port of its own and relays each
   call through it, so routes, validation, streaming, errors and metrics are cara-serve's. It
   publishes its scheduler state as Ray Serve routing stats, which ``CaraRequestRouter``
-  (ray_router.py: Algorithm 1) reads.
+  (router.py: Algorithm 1) reads.
 - ``Ingress`` (one replica, Ray Serve's HTTP proxy in front) speaks the same HTTP API: it
   checks the API key, sends generation requests to the replica the router picks (one retry
   on another replica when the first is gone before it answered), relays streams as they
@@ -41,7 +41,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from server.protocol import ApiError, bad, check_api_key, error_body, read_json_object
-from server.router_estimates import estimate_prompt_tokens, request_slo
+from server.router.estimates import estimate_prompt_tokens, request_slo
 
 log = logging.getLogger("ray.serve")  # shows in Ray Serve's replica logs
 ENGINE = "EngineReplica"
@@ -548,7 +548,7 @@ def build_application(fleet: FleetConfig):
     if fleet.router == "power_of_two":
         router_cfg = RequestRouterConfig()  # Ray Serve's default router, as shipped
     else:
-        from server.ray_router import CaraRequestRouter
+        from server.fleet.router import CaraRequestRouter
 
         router_cfg = RequestRouterConfig(
             request_router_class=CaraRequestRouter,

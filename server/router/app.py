@@ -1,7 +1,7 @@
 """`cara-router`: one OpenAI-compatible endpoint in front of N cara-serve instances.
 
 For each completion or chat request the router reads the instances' scheduler states
-(router_state.py), turns them into ``InstanceState``s and lets a routing policy of
+(state.py), turns them into ``InstanceState``s and lets a routing policy of
 cara_jax/scheduling/router.py pick the instance: CaraServe's Algorithm 1 (``rank_aware``) or a
 baseline. The body goes to that instance unchanged, and its answer comes back unchanged: JSON
 with the instance's status code, errors with their headers (429 keeps Retry-After), and SSE
@@ -30,9 +30,9 @@ from cara_jax.scheduling.fleet import Member, NoCostModelError, plan
 from cara_jax.scheduling.router import POLICIES, NoInstanceError, RequestInfo, make_router
 from server.middleware import auth_middleware, error_middleware
 from server.protocol import ApiError, bad, error_body, read_json_object
-from server.router_estimates import estimate_prompt_tokens, request_slo
-from server.router_metrics import RouterMetrics
-from server.router_state import Instance, InstancePool, Snapshot, describe_error
+from server.router.estimates import estimate_prompt_tokens, request_slo
+from server.router.metrics import RouterMetrics
+from server.router.state import Instance, InstancePool, Snapshot, describe_error
 
 log = logging.getLogger("cara_router")
 MAX_BODY = 16 << 20

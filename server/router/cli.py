@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("cara_router").setLevel(args.log_level.upper())
     from aiohttp import web
 
-    from server.router import RouterConfig, RouterConfigError, build_router_app
+    from server.router.app import RouterConfig, RouterConfigError, build_router_app
 
     try:
         config = RouterConfig(

@@ -11,7 +11,7 @@ then uses Ray's own class). The answer is a list of ranks, one replica each, bes
 Routing stats are polled by Ray's controller, so they are up to a period old; requests this
 router sent after a replica computed its stats are added to that replica's queue, as
 cara-router does with its snapshots. The request's model, prompt-token estimate and SLO come in
-the call's ``route`` keyword (server/ray_serve.py); the adapter's rank comes from the stats.
+the call's ``route`` keyword (server/fleet/serve.py); the adapter's rank comes from the stats.
 """
 
 from __future__ import annotations
