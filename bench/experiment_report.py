@@ -55,7 +55,9 @@ def _markdown(plan: Plan, report: dict[str, Any]) -> list[str]:
         f"Machine: {m['arch']} {m['cores']} cores, jax {m['jax']} ({m['backend']}); "
         f"SmolLM2-135M (cara-jax and HF+PEFT float32, llama.cpp its Q4_1 GGUF); {report['date']}. "
         f"Adapters target {', '.join(TARGET_SETS[plan.targets])}. Greedy decoding, EOS ignored. "
-        f"SLOs: TTFT {slo['ttft_s']:g} s, TPOT {slo['tpot_s'] * 1e3:g} ms (attainment in %).",
+        f"SLOs: TTFT {slo['ttft_s']:g} s, TPOT {slo['tpot_s'] * 1e3:g} ms (attainment in %). "
+        "cara-jax is the engine `cara-serve` builds, through its own flag parser: its defaults, "
+        "or the flags the system notes list.",
         "",
     ]
     for n in plan.notes:

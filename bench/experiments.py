@@ -71,13 +71,15 @@ def build_plan(name: str, args: argparse.Namespace) -> Plan:
     q = args.quick
     over = _spec_overrides(args)
     ranks = (8, 16, 32, 64)
-    seqs = args.max_num_seqs or (4 if q else 16)
+    # cara-jax runs cara-serve's defaults unless a flag is given here (quick runs: small
+    # batches for the tests); HF+PEFT batches as many as cara-jax runs at once (16 by default)
+    seqs = args.max_num_seqs or (4 if q else None)
     shared_pool = not q and name != "engine_poisson" and (args.targets or "qkvo") == "qkvo"
     base_opts = RunOptions(
         progress=not args.no_progress,
         max_num_seqs=seqs,
-        max_batch=seqs,
-        max_prefill_seqs=args.max_prefill_seqs or (2 if q else 8),
+        max_batch=seqs or 16,
+        max_prefill_seqs=args.max_prefill_seqs or (2 if q else None),
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
         # full size: one pool shape for serving, load_sweep, adapters_sweep and cold_start, so
@@ -229,11 +231,11 @@ def build_plan(name: str, args: argparse.Namespace) -> Plan:
     default_modes = (
         list(COLD_MODES)
         if name == "cold_start"
-        else (["sync"] if name == "engine_poisson" else ["cached"])
+        else (["sync"] if name == "engine_poisson" else [None])  # None: cara-serve's (auto)
     )
     modes = args.cold_start.split(",") if args.cold_start else default_modes
-    strategies = args.lora_strategy.split(",") if args.lora_strategy else ["mbgmv"]
-    admissions = args.admission.split(",") if args.admission else ["fifo"]
+    strategies = args.lora_strategy.split(",") if args.lora_strategy else [None]
+    admissions = args.admission.split(",") if args.admission else [None]
     cost_model = args.cost_model if "slo" in admissions else None
     cara = []
     for m, s, a in itertools.product(modes, strategies, admissions):

@@ -70,10 +70,10 @@ class RaggedMeta:
     def if_decode(self, fn):
         """fn() when the step has decode rows, else zeros of its shape: a step without decode
         rows (or without chunks, below) skips that view's work at run time."""
-        return _when(jnp.any(self.dec_len > 0), fn)
+        return when(jnp.any(self.dec_len > 0), fn)
 
     def if_chunks(self, fn):
-        return _when(jnp.any(self.ch_len > 0), fn)
+        return when(jnp.any(self.ch_len > 0), fn)
 
     def dec_gather(self, x: jax.Array) -> jax.Array:
         """[T, ...] -> [S, ...] (padding rows read token 0; their results are dropped)."""
@@ -90,14 +90,9 @@ class RaggedMeta:
         return put(put(out, self.dec_tok, dec), self.ch_tok, ch)
 
 
-import os  # noqa: E402
-
-_NO_COND = os.environ.get("CARA_NO_COND") == "1"
-
-
-def _when(pred: jax.Array, fn):
-    if _NO_COND:
-        return fn()
+def when(pred: jax.Array, fn):
+    """fn() if ``pred`` (a traced bool), else zeros of its result's shape, decided at run time:
+    the branch not taken costs nothing."""
     shape = jax.eval_shape(fn)
     zeros = lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)  # noqa: E731
     return jax.lax.cond(pred, fn, zeros)

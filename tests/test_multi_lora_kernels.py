@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cara_jax.adapters.device_pool import rank_bucket_for
 from cara_jax.adapters.multi_lora import multi_lora_delta
+from cara_jax.adapters.pool_index import rank_bucket_for
 
 
 def _pool(rng, din, dout, ranks, n_rows):

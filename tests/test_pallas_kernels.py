@@ -17,8 +17,9 @@ import pytest
 
 import pallas_kernels as pk
 from cara_jax.adapters import multi_lora
-from cara_jax.adapters.device_pool import DevicePool, PoolConfig, rank_bucket_for
+from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.multi_lora import mbgmv_index, multi_lora_delta, resolve_backend
+from cara_jax.adapters.pool_index import rank_bucket_for
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 

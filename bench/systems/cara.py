@@ -23,8 +23,8 @@ from bench.systems.common import (
     ReplayClock,
     RunOptions,
     SystemUnavailable,
+    cara_flags,
     compile_progress,
-    kv_cache_bytes,
     progress_bar,
     run_system,
     write_adapters,
@@ -73,13 +73,14 @@ class CaraSystem:
         )  # fmt: skip
 
     def start(self, adapters: dict[str, Path], max_context: int) -> None:
+        import dataclasses
+
         from cara_jax.adapters.device_pool import PoolConfig
-        from cara_jax.adapters.packed import default_cache_dir
         from cara_jax.embedded import default_model_path
-        from cara_jax.engine import Engine, EngineConfig
-        from cara_jax.engine.admission import SchedulerConfig
+        from cara_jax.engine import Engine
         from cara_jax.tokenizer import Tokenizer
         from cara_jax.weights import load_model
+        from server.cli import _engine_config, build_parser, default_cost_model
 
         o = self.opts
         path = default_model_path()
@@ -88,60 +89,45 @@ class CaraSystem:
         targets = set().union(*(_targets(p) for p in adapters.values())) if adapters else set()
         warm_ranks = sorted(set(ranks.values())) or [8]
         warm = {f"_warmup{i}": r for i, r in enumerate(warm_ranks)}
-        # The pool holds only the targeted projections. cached mode pins every adapter, so its
-        # pool fits them all; the other modes get room for every adapter too, up to what three
-        # full batches of the largest rank need (beyond that, LRU eviction as a server does).
+        # The engine cara-serve would build with these flags (none: its defaults), through its
+        # own parser, so the bench cannot drift from what a user of the server gets.
+        flags = cara_flags(o)
+        args = build_parser().parse_args(flags)
+        default_cost_model(args)  # the packaged cost model, as cara-serve applies it
+        cfg = _engine_config(args)
+        self.info["flags"] = " ".join(flags) or "defaults"
+        self.info["pool"] = "server default"
+        pool = cfg.pool
         shapes = loaded.cfg.projection_shapes()
-        projs = tuple(p for p in shapes if p in targets) or tuple(shapes)
-        per_row = sum(sum(shapes[p]) for p in projs) * loaded.cfg.num_layers * 4
-        top = max(ranks.values(), default=16)
-        rows = sum(ranks.values()) + sum(warm.values()) + 64
-        n_adapters = len(adapters) + len(warm)
-        if o.cold_start != "cached":
-            rows = min(rows, 3 * o.max_num_seqs * top + sum(warm.values()))
-            n_adapters = min(n_adapters, 3 * o.max_num_seqs + len(warm))
-        if o.pool_rows:  # a fixed shape, or the next power of two that fits
-            rows = o.pool_rows if rows <= o.pool_rows else _pow2_at_least(rows, o.pool_rows)
-        if o.pool_slots:
-            n_adapters = max(o.pool_slots, _pow2_at_least(n_adapters + 2, 16)) - 2
-        pool = PoolConfig(emulate_link_gbps=o.link_gbps, cache_dir=str(default_cache_dir()))
         all_rows = pool.budget_bytes // (sum(sum(v) for v in shapes.values())
                                          * loaded.cfg.num_layers * 4)  # fmt: skip
-        too_big = o.cold_start == "cached" and (
-            sum(ranks.values()) > all_rows or len(adapters) >= pool.max_adapters
-        )
-        self.info["pool"] = "server default"
+        cached = cfg.cold_start == "cached"
+        too_big = cached and (sum(ranks.values()) > all_rows or len(adapters) >= pool.max_adapters)
         if not o.server_pool or too_big:  # cached pins every adapter: they must all fit
+            # only the targeted projections; room for every adapter, or (not cached) for what
+            # three full batches of the largest rank need (beyond that, LRU eviction)
+            projs = tuple(p for p in shapes if p in targets) or tuple(shapes)
+            per_row = sum(sum(shapes[p]) for p in projs) * loaded.cfg.num_layers * 4
+            top = max(ranks.values(), default=16)
+            rows = sum(ranks.values()) + sum(warm.values()) + 64
+            n_adapters = len(adapters) + len(warm)
+            if not cached:
+                rows = min(rows, 3 * cfg.max_num_seqs * top + sum(warm.values()))
+                n_adapters = min(n_adapters, 3 * cfg.max_num_seqs + len(warm))
+            if o.pool_rows:  # a fixed shape, or the next power of two that fits
+                rows = o.pool_rows if rows <= o.pool_rows else _pow2_at_least(rows, o.pool_rows)
+            if o.pool_slots:
+                n_adapters = max(o.pool_slots, _pow2_at_least(n_adapters + 2, 16)) - 2
             self.info["pool"] = "fitted to the trace's adapters" + (
                 " (they do not fit the server's default pool, which cached mode pins)"
                 if o.server_pool else "")  # fmt: skip
             pool = self._fitted_pool(PoolConfig, rows, per_row, n_adapters, top, projs)
-        max_model_len = _pow2_at_least(max_context + 1, floor=32)
-        block = EngineConfig.block_size
-        cfg = EngineConfig(
-            max_num_seqs=o.max_num_seqs,
-            max_model_len=max_model_len,
-            max_num_batched_tokens=o.max_num_batched_tokens or EngineConfig.max_num_batched_tokens,
-            max_prefill_seqs=o.max_prefill_seqs,
-            block_size=block,
-            enable_prefix_caching=o.prefix_caching,
-            # default: what the old slot cache took, every sequence's full context
-            kv_cache_memory=o.kv_cache_memory
-            or kv_cache_bytes(loaded.cfg, loaded.dtype, o.max_num_seqs, max_model_len, block),
-            cold_start=o.cold_start,
-            cpu_workers=o.cpu_workers,
-            lora_strategy=o.lora_strategy,
-            pool=pool,
-            host_budget_bytes=o.host_budget_bytes or EngineConfig.host_budget_bytes,
-            scheduler=SchedulerConfig(
-                admission=o.admission, cost_model=o.cost_model, tpot_slo=o.tpot_slo
-            ),
-        )
+        cfg = dataclasses.replace(cfg, pool=pool)
         try:
             eng = Engine(loaded, Tokenizer.from_path(path), cfg)
         except ImportError as e:  # e.g. cpu_assist's worker package missing
             raise SystemUnavailable(
-                f"{self.name}: cold_start={o.cold_start} unavailable: {e}"
+                f"{self.name}: cold_start={cfg.cold_start} unavailable: {e}"
             ) from e
         self.engine = eng
         t = time.perf_counter()
@@ -165,7 +151,7 @@ class CaraSystem:
         if n <= 0:
             return
         eng = self.engine
-        if self.opts.cold_start == "cached":  # the trace's adapters are resident (pinned) anyway
+        if self.engine.config.cold_start == "cached":  # the trace's adapters are resident (pinned) anyway
             dirs = {}
             names = sorted(eng.registry.names()) or [None]
         else:
@@ -209,7 +195,7 @@ class CaraSystem:
         errors: dict[str, str] = {}
         compiled = eng.runner.compiled_count()
         hot = eng.runner.hot_compiles
-        cpu0 = eng.cpu_stats if self.opts.cold_start == "cpu_assist" else None
+        cpu0 = eng.cpu_stats if eng.config.cold_start in ("cpu_assist", "auto") else None
         bar = progress_bar(len(reqs), desc or self.name, self.opts.progress)
         clock = ReplayClock(trace)
         while clock.pending() or eng.has_unfinished():

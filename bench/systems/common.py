@@ -49,17 +49,18 @@ class RunOptions:
     """Knobs of all systems in one place; each system reads the ones it has."""
 
     progress: bool = True
-    # cara-jax
-    cold_start: str = "cached"  # sync | cached | cpu_assist
-    lora_strategy: str = "mbgmv"  # mbgmv | bgmv (cara-serve's default: mbgmv)
+    # cara-jax: None = cara-serve's default (the engine is configured by cara-serve's own flag
+    # parser; what is set becomes a flag, listed in the report: ``cara_flags``)
+    cold_start: str | None = None  # auto (default) | sync | cached | cpu_assist
+    lora_strategy: str | None = None  # mbgmv (default) | bgmv
     # the device pool cara-serve builds with its defaults (all seven projections, 512 MiB,
     # max rank 256); False: a pool fitted to the trace's adapters (only their projections, max
     # rank the largest given), which a user of the server does not get
     server_pool: bool = True
-    max_num_seqs: int = 16  # sequences running at once (--num-slots)
-    max_prefill_seqs: int = 8  # prompts that advance one chunk each per step
-    max_num_batched_tokens: int | None = None  # token budget of a step (None: the engine's)
-    kv_cache_memory: int | None = None  # bytes of paged KV cache (None: max_num_seqs contexts)
+    max_num_seqs: int | None = None  # sequences running at once (--max-num-seqs)
+    max_prefill_seqs: int | None = None  # prompts that advance one chunk each per step
+    max_num_batched_tokens: int | None = None  # token budget of a step
+    kv_cache_memory: int | None = None  # bytes of paged KV cache
     prefix_caching: bool = True  # reuse cached KV blocks of identical prefixes (same adapter)
     link_gbps: float | None = None  # emulated host->device link (None: memcpy speed)
     host_budget_bytes: int | None = None  # small: adapters are re-read from disk (disk tier)
@@ -68,9 +69,9 @@ class RunOptions:
     # share their compiled programs through the persistent compilation cache.
     pool_rows: int | None = None
     pool_slots: int | None = None
-    cpu_workers: int = 2
+    cpu_workers: int | None = None
     warmup_requests: int = 16  # untimed requests before the timed replay (first-use costs)
-    admission: str = "fifo"  # fifo | slo (rank-aware; needs cost_model)
+    admission: str | None = None  # auto (default: slo with the packaged cost model) | fifo | slo
     cost_model: str | None = None  # cost-model JSON (cara-jax profile)
     tpot_slo: float | None = None  # the engine's default TPOT SLO (None: 1.5x base step)
     # HF transformers + PEFT
@@ -78,6 +79,24 @@ class RunOptions:
     # llama.cpp
     llama_threads: int | None = None  # None: all cores
     max_len: int | None = None  # context per sequence; None: from the trace
+
+
+def cara_flags(o: RunOptions) -> list[str]:
+    """The cara-serve flags that ``o`` sets (empty: the server's defaults)."""
+    out: list[str] = []
+    for flag, v in (
+        ("--cold-start", o.cold_start), ("--lora-kernel", o.lora_strategy),
+        ("--max-num-seqs", o.max_num_seqs), ("--max-prefill-seqs", o.max_prefill_seqs),
+        ("--max-num-batched-tokens", o.max_num_batched_tokens),
+        ("--kv-cache-memory", o.kv_cache_memory), ("--emulate-link-gbps", o.link_gbps),
+        ("--host-lora-bytes", o.host_budget_bytes), ("--cpu-workers", o.cpu_workers),
+        ("--admission", o.admission), ("--cost-model", o.cost_model), ("--tpot-slo", o.tpot_slo),
+    ):  # fmt: skip
+        if v is not None:
+            out += [flag, str(v)]
+    if not o.prefix_caching:
+        out.append("--no-prefix-caching")
+    return out
 
 
 class System(Protocol):

@@ -28,7 +28,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from cara_jax.ragged import RaggedMeta
+from cara_jax.ragged import RaggedMeta, when
 from pallas_kernels.bgmv import bgmv_ref as bgmv
 from pallas_kernels.common import take
 from pallas_kernels.mbgmv import mbgmv_ref as mbgmv
@@ -286,9 +286,10 @@ class RaggedLoraHook:
         views' gathers) when no row of the step has an adapter on ``proj``."""
         nd, nc = self.dec_bucket[proj], self.ch_bucket[proj]
 
-        def run():
-            dc = self.chunk_delta(layer, proj, x, ch_idx, nc)
-            return self.meta.scatter(self.decode_delta(layer, proj, x), dc)
+        def run():  # each view only where it has rows on proj (a decode-only step, say)
+            dc = when(nc > 0, lambda: self.chunk_delta(layer, proj, x, ch_idx, nc))
+            dd = when(nd > 0, lambda: self.decode_delta(layer, proj, x))
+            return self.meta.scatter(dd, dc)
 
         out = self.b[proj][layer].shape[1]
         return jax.lax.cond((nd > 0) | (nc > 0), run,

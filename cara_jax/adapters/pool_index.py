@@ -1,0 +1,150 @@
+"""The step's index tables over the device pool: which pool rows each row of a step reads, per
+projection and view, computed on the host once per step (multi_lora.py says what the hooks do
+with them). ``PoolIndex`` is mixed into ``DevicePool``: it reads the pool's slot tables under the
+pool's lock and builds nothing on the device but the small index arrays.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from cara_jax.adapters.multi_lora import ENTRY_BLOCK, RANK_BLOCK, MultiLoraHook, RaggedLoraHook
+from cara_jax.ragged import RaggedMeta
+
+
+class PoolIndex:
+    """Index tables and hooks of a step (needs the pool's ``a``, ``b``, ``lock``, ``config``,
+    ``projections``, ``_slot_rows``, ``_slot_rank`` and ``_table_dev``)."""
+
+    def _table(self) -> tuple[dict, dict]:
+        if self._table_dev is None:
+            self._table_dev = (
+                {p: jnp.asarray(v) for p, v in self._slot_rows.items()},
+                {p: jnp.asarray(v) for p, v in self._slot_rank.items()},
+            )
+        return self._table_dev
+
+    def batch_ranks(self, slots: np.ndarray) -> tuple[int, int]:
+        """(max rank, max over projections of the summed rank) of the adapters in ``slots``."""
+        with self.lock:
+            ranks = np.stack([self._slot_rank[p][slots] for p in self.projections])
+        return int(ranks.max(initial=0)), int(ranks.sum(axis=1).max(initial=0))
+
+    def hook(
+        self,
+        slots: np.ndarray,
+        strategy: str = "bgmv",
+        rank_bucket: int | None = None,
+        backend: str = "auto",
+    ) -> MultiLoraHook:
+        """A hook for a batch whose row i uses adapter slot ``slots[i]`` (0 = none).
+
+        ``backend`` picks the kernels (multi_lora.BACKENDS): "auto" runs the Pallas kernels on
+        GPU and the jnp references elsewhere. Call and dispatch the step while holding
+        ``pool.lock``: a concurrent load donates the pool arrays it updates.
+        """
+        if rank_bucket is None:
+            mx, total = self.batch_ranks(slots)
+            rank_bucket = rank_bucket_for(total if strategy == "mbgmv" else mx)
+        rows, rank = self._table()
+        return MultiLoraHook(
+            a={p: list(v) for p, v in self.a.items()},
+            b={p: list(v) for p, v in self.b.items()},
+            slot_rows=rows,
+            slot_rank=rank,
+            adapter=jnp.asarray(slots, jnp.int32),
+            strategy=strategy,
+            rank_bucket=rank_bucket,
+            backend=backend,
+        )
+
+    def row_index(self, proj: str, slots: np.ndarray, r: int) -> np.ndarray:
+        """[len(slots), r] pool rows of each slot's adapter on ``proj`` (row 0 pads)."""
+        out = np.zeros((len(slots), r), np.int32)
+        with self.lock:
+            cols = min(r, self.config.max_rank)
+            out[:, :cols] = self._slot_rows[proj][slots, :cols]
+        return out
+
+    def step_rows(
+        self, proj: str, slots: np.ndarray, width: int
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """MBGMV's tables for decode rows using ``slots`` on ``proj``: (rows [width] the pool
+        row of each (decode row, rank row) entry, each decode row at its own rank; own [width]
+        the decode row of each entry; the number of entries). A row's entries are contiguous,
+        and rows on the same adapter are adjacent, so an adapter's pool rows are read from
+        memory once per step and again only from cache. Padding: row 0 (zeros), owned by 0."""
+        rows, own = np.zeros(width, np.int32), np.zeros(width, np.int32)
+        n = 0
+        with self.lock:
+            table, rank = self._slot_rows[proj], self._slot_rank[proj]
+            for i in np.argsort(slots, kind="stable"):
+                r = int(rank[slots[i]])
+                if r == 0:
+                    continue
+                if n + r > width:
+                    raise ValueError(f"{n + r} LoRA entries exceed the table width {width}")
+                rows[n : n + r] = table[slots[i], :r]
+                own[n : n + r] = i
+                n += r
+        return rows, own, n
+
+    def ragged_hook(
+        self,
+        dec_slots: np.ndarray,
+        ch_slots: np.ndarray,
+        meta: RaggedMeta,
+        strategy: str = "mbgmv",
+        dec_width: int | None = None,
+        backend: str = "auto",
+    ) -> RaggedLoraHook:
+        """The hook of one engine step (ragged.py): decode row i uses adapter slot
+        ``dec_slots[i]``, chunk row j ``ch_slots[j]`` (0 = none). Per projection and view, the
+        bucket and the index tables are computed here, once per step (multi_lora.RaggedLoraHook
+        says what they hold); ``dec_width`` is mbgmv's entry table size (default: every decode row
+        at max_rank). Call and dispatch under ``pool.lock``, as for ``hook``."""
+        dec_slots, ch_slots = np.asarray(dec_slots), np.asarray(ch_slots)
+        width = self.index_width()
+        dec_rows, dec_ent, dec_own, dec_b, ch_idx, ch_b = {}, {}, {}, {}, {}, {}
+        none = jnp.zeros((1,), jnp.int32)
+        with self.lock:
+            for p in self.a:
+                rank = self._slot_rank[p]
+                if strategy == "mbgmv":
+                    w = dec_width or len(dec_slots) * width
+                    rows, own, n = self.step_rows(p, dec_slots, -(-w // ENTRY_BLOCK) * ENTRY_BLOCK)
+                    dec_rows[p], dec_own[p] = jnp.asarray(rows), jnp.asarray(own)
+                    dec_ent[p] = none
+                    dec_b[p] = jnp.asarray(-(-n // ENTRY_BLOCK), jnp.int32)
+                else:
+                    dec_ent[p] = jnp.asarray(self.row_index(p, dec_slots, width))
+                    dec_rows[p] = dec_own[p] = none
+                    dec_b[p] = jnp.asarray(rank_blocks(rank[dec_slots]), jnp.int32)
+                ch_idx[p] = jnp.asarray(self.row_index(p, ch_slots, width))
+                ch_b[p] = jnp.asarray(rank_blocks(rank[ch_slots]), jnp.int32)
+        return RaggedLoraHook(
+            a={p: list(v) for p, v in self.a.items()},
+            b={p: list(v) for p, v in self.b.items()},
+            dec_rows=dec_rows, dec_ent=dec_ent, dec_own=dec_own, dec_bucket=dec_b,
+            ch_idx=ch_idx, ch_bucket=ch_b, meta=meta, strategy=strategy,
+            backend=backend,
+        )  # fmt: skip
+
+    def index_width(self) -> int:
+        """Columns of the per-row index tables: max_rank rounded up to whole RANK_BLOCKs."""
+        return -(-self.config.max_rank // RANK_BLOCK) * RANK_BLOCK
+
+
+
+def rank_blocks(ranks: np.ndarray) -> int:
+    """RANK_BLOCK-wide iterations that cover the largest of ``ranks`` (0: none)."""
+    return -(-int(np.max(ranks, initial=0)) // RANK_BLOCK)
+
+
+def rank_bucket_for(r: int) -> int:
+    """Power-of-two bucket (min 8) so the number of compiled variants stays small."""
+    b = 8
+    while b < r:
+        b *= 2
+    return b
