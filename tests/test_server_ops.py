@@ -448,7 +448,7 @@ def test_schemathesis_serving_app_longer(srv, tmp_path):
 
 def test_engine_queue_bound_maps_to_429():
     from cara_jax.scheduling.admission import QueueFullError
-    from server.routes import _engine_error
+    from server.generation import _engine_error
 
     e = _engine_error(QueueFullError(3))
     assert e.status == 429 and e.code == "queue_full" and "Retry-After" in e.headers

@@ -1,0 +1,371 @@
+"""One generation request in flight: its choices (one engine sequence each), their shared delta
+queue, and the response, streamed (SSE) or whole.
+
+A generation request becomes one engine sequence per choice (prompts x n). All choices share one
+delta queue; the handler owns the submissions and cancels them when it leaves, whether it
+finished, failed, or the client disconnected (aiohttp cancels the handler, or a write fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+
+from aiohttp import web
+
+from cara_jax.adapters.store import UnknownAdapterError
+from cara_jax.engine import PromptTooLongError
+from cara_jax.engine.sequence import RequestOutput
+from cara_jax.sampling_params import InvalidRequestError
+from cara_jax.scheduling.admission import QueueFullError
+from server.protocol import (
+    ApiError,
+    GenerationRequest,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    finish_reason,
+    usage,
+)
+from server.state import AppState
+
+log = logging.getLogger(__name__)
+
+
+def _json(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@dataclasses.dataclass
+class _Choice:
+    """One sequence's accumulated output and timings."""
+
+    text: list[str] = dataclasses.field(default_factory=list)
+    tokens: int = 0
+    logprobs: list[dict] = dataclasses.field(default_factory=list)
+    reason: str | None = None
+    error: str | None = None
+    first: float | None = None
+    last: float | None = None
+    offset: int = 0  # text_offset of the next log-prob token (completions)
+    cached: int = 0  # prompt tokens served from the prefix cache
+
+    def take(self, out: RequestOutput, now: float) -> None:
+        self.cached = max(self.cached, out.num_cached_tokens)
+        if out.token_ids:
+            self.tokens += len(out.token_ids)
+            if self.first is None:
+                self.first = now
+            self.last = now
+        self.text.append(out.text)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        if out.finished:
+            self.reason = out.finish_reason
+            if out.finish_reason in ("error", "abort"):
+                self.error = out.error or (
+                    "the request was cancelled: the server is shutting down"
+                    if out.finish_reason == "abort"
+                    else "the request failed"
+                )
+
+
+def _engine_error(e: BaseException) -> ApiError:
+    if isinstance(e, PromptTooLongError):
+        return ApiError(400, str(e), param="prompt", code="context_length_exceeded")
+    if isinstance(e, InvalidRequestError):
+        return ApiError(400, str(e), param=e.param, code="invalid_value")
+    if isinstance(e, UnknownAdapterError):
+        return ApiError(404, f"{e}", param="model", code="model_not_found")
+    if isinstance(e, QueueFullError):  # the engine's own bound (EngineConfig.max_queue)
+        return ApiError(
+            429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
+        )
+    if isinstance(e, RuntimeError) and "shut down" in str(e):
+        return ApiError(503, str(e), type="server_error", code="shutting_down")
+    raise e
+
+
+class Generation:
+    """One API request's life: submit every choice, then collect or stream the deltas."""
+
+    def __init__(
+        self, state: AppState, req: GenerationRequest, adapter: str | None, arrival: float
+    ) -> None:
+        self.state = state
+        self.req = req
+        self.adapter = adapter
+        self.arrival = arrival
+        self.model = req.model or state.base_name
+        prefix = "cmpl" if req.kind == "completion" else "chatcmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.subs = []
+        self.choices: list[_Choice] = []
+        self.prompt_tokens = sum(len(p) for p in req.prompts) * req.n
+
+    async def submit(self) -> None:
+        ae, req = self.state.async_engine, self.req
+        for p, ids in enumerate(req.prompts):
+            for j in range(req.n):
+                idx = p * req.n + j
+                self.subs.append(
+                    ae.submit(
+                        ids,
+                        req.choice_params(j),
+                        self.adapter,
+                        f"{self.id}-{idx}",
+                        queue=self.queue,
+                    )
+                )
+                self.choices.append(_Choice())
+        results = await asyncio.gather(*(s.accepted for s in self.subs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise _engine_error(r)
+        self.state.metrics.prompt_tokens.inc(self.prompt_tokens)
+
+    def cancel(self) -> None:
+        for s in self.subs:
+            s.cancel()
+
+    async def deltas(self, keepalive: float | None = None):
+        """(choice index, delta) until every choice has finished; (None, None) after each
+        ``keepalive`` seconds without a delta (a queued request is silent for a while)."""
+        index = {s.request_id: i for i, s in enumerate(self.subs)}
+        left = len(self.subs)
+        while left:
+            try:
+                out = await asyncio.wait_for(self.queue.get(), keepalive)
+            except asyncio.TimeoutError:
+                yield None, None
+                continue
+            i = index.get(out.request_id)
+            if i is None:
+                continue
+            self.choices[i].take(out, time.perf_counter())
+            if out.finished:
+                self.subs[i].finished = True
+                left -= 1
+                self._observe(self.choices[i])
+            yield i, out
+
+    def _observe(self, c: _Choice) -> None:
+        m, slo = self.state.metrics, self.state.config.tpot_slo_s
+        m.finished.labels(c.reason or "unknown").inc()
+        m.generation_tokens.inc(c.tokens)
+        if c.first is not None:
+            m.ttft.observe(c.first - self.arrival)
+            if c.tokens > 1 and c.last is not None:
+                tpot = (c.last - c.first) / (c.tokens - 1)
+                m.tpot.observe(tpot)
+                if slo is not None and tpot > slo:
+                    m.slo_violations.inc()
+
+    def usage(self) -> dict:
+        return usage(
+            self.prompt_tokens,
+            sum(c.tokens for c in self.choices),
+            sum(c.cached for c in self.choices),
+        )
+
+    def _prefix(self, i: int) -> str:
+        """Echoed prompt text of choice i (completions with ``echo``)."""
+        return self.req.prompt_texts[i // self.req.n] if self.req.echo else ""
+
+    # ---------------------------------------------------------------- one JSON answer
+
+    async def collect(self) -> web.Response:
+        async for _ in self.deltas():
+            pass
+        self.state.metrics.e2e.observe(time.perf_counter() - self.arrival)
+        failed = next((c for c in self.choices if c.error), None)
+        if failed is not None:
+            status = 503 if failed.reason == "abort" else 500
+            raise ApiError(status, failed.error, type="server_error", code=failed.reason)
+        tt = self.state.token_text
+        choices = []
+        for i, c in enumerate(self.choices):
+            text = "".join(c.text)
+            if self.req.kind == "completion":
+                lp = None
+                if self.req.logprobs is not None:
+                    lp = completion_logprobs(c.logprobs, tt, len(self._prefix(i)))
+                choices.append(
+                    {
+                        "index": i,
+                        "text": self._prefix(i) + text,
+                        "logprobs": lp,
+                        "finish_reason": finish_reason(c.reason),
+                    }
+                )
+            else:
+                lp = None
+                if self.req.logprobs is not None:
+                    lp = {"content": chat_logprobs(c.logprobs, tt), "refusal": None}
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {
+                            "role": "assistant",
+                            "content": text,
+                            "refusal": None,
+                            "tool_calls": [],
+                        },
+                        "logprobs": lp,
+                        "finish_reason": finish_reason(c.reason),
+                    }
+                )
+        obj = "text_completion" if self.req.kind == "completion" else "chat.completion"
+        return web.json_response(
+            {
+                "id": self.id,
+                "object": obj,
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                "usage": self.usage(),
+            },
+            dumps=lambda o: json.dumps(o, ensure_ascii=False),
+        )
+
+    # ---------------------------------------------------------------- server-sent events
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        obj = "text_completion" if self.req.kind == "completion" else "chat.completion.chunk"
+        chunk = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.req.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _events(self, i: int, out: RequestOutput) -> list[dict]:
+        """The chunks one delta becomes (none for a delta with nothing to show)."""
+        c, tt, req = self.choices[i], self.state.token_text, self.req
+        reason = finish_reason(out.finish_reason) if out.finished else None
+        lps = out.logprobs if req.logprobs is not None else None
+        if req.kind == "completion":
+            if not (out.text or lps or out.finished):
+                return []
+            lp = None
+            if lps is not None:
+                lp = completion_logprobs(lps, tt, c.offset)
+                c.offset += sum(len(t) for t in lp["tokens"])
+            return [
+                self._chunk(
+                    [{"index": i, "text": out.text, "logprobs": lp, "finish_reason": reason}]
+                )
+            ]
+        chunks = []
+        if out.text or lps:
+            lp = {"content": chat_logprobs(lps, tt), "refusal": None} if lps else None
+            chunks.append(
+                self._chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"content": out.text},
+                            "logprobs": lp,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
+        if out.finished:
+            chunks.append(
+                self._chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+            )
+        return chunks
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+
+        async def send(obj: dict | str) -> None:
+            data = obj.encode() if isinstance(obj, str) else _json(obj)
+            await resp.write(b"data: " + data + b"\n\n")
+
+        try:
+            await resp.prepare(request)
+            for i in range(len(self.choices)):
+                if self.req.kind == "chat":
+                    await send(
+                        self._chunk(
+                            [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
+                elif self.req.echo:
+                    self.choices[i].offset = len(self._prefix(i))
+                    await send(
+                        self._chunk(
+                            [
+                                {
+                                    "index": i,
+                                    "text": self._prefix(i),
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
+            async for i, out in self.deltas(self.state.config.sse_keepalive_s):
+                if out is None:  # an SSE comment keeps proxies and clients from timing out
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                for chunk in self._events(i, out):
+                    await send(chunk)
+                if out.finished and self.choices[i].error:
+                    c = self.choices[i]
+                    await send(error_body(c.error, "server_error", code=c.reason))
+            self.state.metrics.e2e.observe(time.perf_counter() - self.arrival)
+            if self.req.include_usage:
+                await send(
+                    {
+                        "id": self.id,
+                        "object": self._chunk([])["object"],
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": self.usage(),
+                    }
+                )
+            await send("[DONE]")
+            await resp.write_eof()
+        except ConnectionError:  # the client went away mid-stream; the caller cancels
+            log.debug("client of %s disconnected", self.id)
+        except Exception:  # headers are sent: report in-band, never leave the client hanging
+            log.exception("stream %s failed", self.id)
+            try:
+                await send(
+                    error_body(
+                        "internal server error (logged on the server)",
+                        "server_error",
+                        code="internal_error",
+                    )
+                )
+                await send("[DONE]")
+            except ConnectionError:
+                pass
+        return resp
