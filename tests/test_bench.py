@@ -429,6 +429,22 @@ def test_cara_engine_flags(flag):
     assert (d.max_num_seqs, d.max_prefill_seqs, d.max_num_batched_tokens) == (4, 2, None)
 
 
+def test_benches_run_cara_serve_defaults():
+    """No option set: the engine cara-serve builds with no flag; options become its flags."""
+    from bench.experiments import build_plan
+    from bench.systems.common import RunOptions, cara_flags
+    from server.cli import _engine_config, build_parser
+
+    assert cara_flags(RunOptions()) == []
+    assert cara_flags(build_plan("serving", _args(["serving"])).cara[0][1]) == []
+    assert cara_flags(build_plan("load_sweep", _args(["load_sweep"])).cara[0][1]) == []
+    quick = build_plan("serving", _args(["serving", "--quick"])).cara[0][1]
+    flags = cara_flags(quick)
+    assert flags == ["--max-num-seqs", "4", "--max-prefill-seqs", "2"]
+    cfg = _engine_config(build_parser().parse_args(flags))
+    assert (cfg.max_num_seqs, cfg.max_prefill_seqs, cfg.cold_start) == (4, 2, "auto")
+
+
 def test_kv_cache_bytes_holds_every_context():
     from bench.systems.common import kv_cache_bytes
 
