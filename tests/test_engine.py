@@ -68,6 +68,7 @@ def test_batching_changes_no_result(tiny, smol_tok, engine_adapters):
         eng.close()
 
 
+@pytest.mark.slow  # CI time; stop rules are tested without a model in test_scheduler.py
 def test_stop_string_across_token_boundary(smollm, smol_tok):
     eng = _engine(smollm, smol_tok, max_model_len=128)
     prompt = smol_tok.apply_chat_template(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.engine.batch import ChunkRow, ScheduledBatch
@@ -126,6 +127,7 @@ def _chunk_logits(eng, ids, chunk):
     return out
 
 
+@pytest.mark.slow  # CI time; chunked prefill vs PEFT stays fast in test_multi_lora_parity.py
 def test_chunked_prefill_equals_whole_prefill(smollm, smol_tok):
     eng = _engine(smollm, smol_tok, max_num_batched_tokens=64, token_buckets=(64,))
     ids = smol_tok.apply_chat_template(

@@ -90,6 +90,7 @@ def _reference(prompts: list[str], adapter: str, max_tokens: int, lora_dir: Path
         state.async_engine.shutdown()
 
 
+@pytest.mark.slow  # CI time: two replicas start and compile (~2 min); the routing step is tested fast below
 def test_two_replicas_stream_and_match_one_engine(fleet):
     import openai
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,6 +19,7 @@ def test_readme_has_examples():
     assert len(_blocks()) >= 3
 
 
+@pytest.mark.slow  # CI time: the default engine compiles every bucket; the CLI and server tests run the same path
 def test_python_api_example(capsys):
     block = next(b for b in _blocks() if "from cara_jax import LLM" in b)
     exec(compile(block, "README-api", "exec"), {})  # noqa: S102
@@ -25,6 +27,7 @@ def test_python_api_example(capsys):
     assert "Paris" in out
 
 
+@pytest.mark.slow  # CI time; PEFT parity stays in the fast set (tiny model, and SmolLM2 through the server)
 def test_multi_lora_example(hf_smollm, tmp_path):
     import copy
 
