@@ -212,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--device-lora-bytes",
         type=byte_size,
-        default="512M",
-        help="device tier: adapter rows on the accelerator",
+        default="2G",
+        help="device tier: adapter rows on the accelerator (every projection gets the same "
+        "number of rank rows; SmolLM2: 2G = 1,759 rows each)",
     )
     a.add_argument(
         "--max-loras",

@@ -70,6 +70,8 @@ def start_server(tmp_path_factory):
             "sync",
             "--max-lora-rank",
             "16",
+            "--device-lora-bytes",
+            "128M",
             "--lora-dir",
             str(lora_dir),
             "--max-queue",

@@ -35,7 +35,7 @@ def cold_srv(tmp_path_factory, hf_smollm):
         "--max-num-batched-tokens", "64", "--token-buckets", "64", "--kv-cache-memory", "16M",
         "--cold-start", "cpu_assist", "--cpu-workers", "1",
         "--emulate-link-gbps", "0.005",  # ~0.3-0.8 s per copy: the prefill cannot wait for it
-        "--lora-dir", str(lora_dir), "--max-lora-rank", "16",
+        "--lora-dir", str(lora_dir), "--max-lora-rank", "16", "--device-lora-bytes", "128M",
         "--compile-cache", str(Path(os.environ["CARA_JAX_CACHE"]) / "xla"),
     ])  # fmt: skip
     state = build_state(args)

@@ -49,7 +49,10 @@ class PoolFullError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class PoolConfig:
-    budget_bytes: int = 512 << 20  # device memory for adapter rows, all projections and layers
+    # device memory for adapter rows, all projections and layers: every projection gets the same
+    # number of rank rows (SmolLM2: 512 MiB = 439 rows each). cara-serve defaults to 2 GiB
+    # (1,759 rows): 439 is fewer than 16 concurrent requests over 16 adapters of ranks 8-64 need
+    budget_bytes: int = 512 << 20
     max_adapters: int = 64  # resident adapters (slot table height)
     max_rank: int = 256  # largest rank accepted (slot table width); costs a step nothing
     layer_groups: int = 5  # copy granularity (CPU assist overlaps the later groups); SmolLM2: 5 x 6
