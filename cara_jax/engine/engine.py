@@ -288,6 +288,7 @@ class Engine:
         if seq.request_id not in self.requests:
             return
         rank = self.residency.rank_of(seq.content_hash)
+        self.scheduler.release(seq)  # pages, row and queue place first: nothing below can keep them
         mode, reason = self.residency.finished(seq)
         self.finished_requests.append(
             RequestRecord(
@@ -296,7 +297,6 @@ class Engine:
                 seq.num_cached_tokens or 0, mode, reason,
             )
         )  # fmt: skip
-        self.scheduler.release(seq)
         del self.requests[seq.request_id]
 
     # ------------------------------------------------------------------ the loop

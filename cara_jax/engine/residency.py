@@ -35,7 +35,7 @@ from cara_jax.lora_hooks import GROUPS
 log = logging.getLogger(__name__)
 
 # host -> device adapter copies, seconds (the /metrics histogram's buckets)
-LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Readiness(enum.Enum):
@@ -164,6 +164,8 @@ class AdapterResidency:
         """Hold the sequence's adapter in the device pool, starting its load if it is not
         there; False when the pool is full of adapters in use (try again later)."""
         hold = seq.hold
+        if hold.acquired and self.pool.handle_of(seq.content_hash) is None:
+            hold.acquired = False  # its load failed and the pool dropped it: ask again
         if seq.content_hash is None or hold.acquired:
             return True
         adapter = self._find(seq)
@@ -177,8 +179,9 @@ class AdapterResidency:
 
     def release(self, seq: Sequence) -> None:
         if seq.hold.acquired and seq.content_hash:
-            self.pool.release(seq.content_hash)
             seq.hold.acquired = False
+            if self.pool.handle_of(seq.content_hash) is not None:  # not dropped by a failed load
+                self.pool.release(seq.content_hash)
 
     def ready(
         self, seq: Sequence, uncached_tokens: int, wait_s: float, step_s: float

@@ -69,7 +69,8 @@ class Scheduler:
         return len(self._rows)
 
     def release(self, seq: Sequence) -> None:
-        """A finished or aborted sequence gives back its pages, row and adapter at once."""
+        """A finished or aborted sequence gives back its pages and row at once (its adapter goes
+        back through residency: ``AdapterResidency.finished``)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
