@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # CI time (36 s); chat on the real model stays fast through the server (test_server.py)
 def test_cli_generate_chat_answers_paris():
     env = dict(os.environ)
     out = subprocess.run(
