@@ -35,7 +35,7 @@ def _state_document(state: AppState, live: dict) -> dict:
         "max_queue": state.config.max_queue,
         "tpot_slo_s": sched.config.tpot_slo,
         "cost_model": cost,
-        "adapters": {name: e.max_rank for name, e in registered.items()},
+        "adapters": {name: e.cost_rank for name, e in registered.items()},  # routing ranks
         "resident": sorted(engine.resident_adapters()),
         "predicted_tpot_s": predicted,  # the cost model's decode step for the running batch
         **live,

@@ -1,13 +1,28 @@
-"""Reference adapters for the parity tests: real PEFT adapters saved to disk, and PEFT's own
-mixed-batch model over them (what the engine's outputs are compared with)."""
+"""Helpers shared by several test modules.
+
+- Reference adapters for the parity tests: real PEFT adapters saved to disk, and PEFT's own
+  mixed-batch model over them (what the engine's outputs are compared with).
+- ``rel_err``, the relative error the parity tests bound.
+- Hand-made cost models for the scheduling tests.
+
+torch and peft are imported where they are used, so model-free tests stay light.
+"""
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from cara_jax.config import PROJECTIONS
+from cara_jax.scheduling import CostModel, LinearFit
 
 ALL7 = list(PROJECTIONS)
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference, relative to the largest magnitude of the reference ``b``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
 
 # name -> LoraConfig kwargs; together they cover ranks 8..128, rsLoRA, alpha != r,
 # q/v only, all-linear, rank_pattern / alpha_pattern
@@ -31,6 +46,7 @@ def make_peft_adapters(base, out_dir, specs, seed=0, scale=1.0):
 
     ``base`` is an HF checkpoint folder or a callable returning a fresh HF model.
     """
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -62,3 +78,19 @@ def peft_mixed(hf_model, paths):
     for n in names[1:]:
         model.load_adapter(paths[n], adapter_name=n)
     return model.eval()
+
+
+# ---------------------------------------------------------------------- cost models
+
+MS = 1e-3
+
+
+def linear_model(kernel: str, a_ms: float, b_ms: float, base_ms: float = 24.0, c_ms: float = 0.0,
+                 prefill=(0.05, 0.0, 10.0)) -> CostModel:  # fmt: skip
+    """A cost model with given coefficients (ms): decode = a*work + c*|S| + b, base flat."""
+    return CostModel(
+        "m", "dev", "float32", kernel,
+        decode=LinearFit(("work", "batch", "one"), (a_ms * MS, c_ms * MS, b_ms * MS)),
+        base=LinearFit(("batch", "one"), (0.0, base_ms * MS)),
+        prefill=LinearFit(("tokens", "lora_tokens", "one"), tuple(x * MS for x in prefill)),
+    )  # fmt: skip

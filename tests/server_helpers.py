@@ -65,7 +65,7 @@ def start_server(tmp_path_factory):
             "--kv-cache-memory",
             "16M",
             # the default (auto) adds a CPU-assisted program and worker processes to every
-            # server module; auto is tested on the engine (tests/test_cold_start_auto.py)
+            # server module; auto is tested on the engine (tests/engine/test_cold_start_auto.py)
             "--cold-start",
             "sync",
             "--max-lora-rank",

@@ -104,6 +104,18 @@ class LoraAdapter:
     def nbytes(self) -> int:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
 
+    def cost_rank(self, num_layers: int) -> int:
+        """The rank scheduling counts: this adapter's rank rows weighted by their widths, in
+        units of one rank row on all seven projections of every layer (what the profiler's
+        adapters hold). A rank-8 adapter on q/k/v/o of SmolLM2 reads 38% of a rank-8 one on all
+        seven, and costs a step about that share; counting its max rank would hold back
+        admission for work the step never does."""
+        full = num_layers * sum(i + o for i, o in self.projection_shapes.values())
+        if not self.modules or not full:
+            return self.max_rank
+        rows = sum(m.rank * (m.a.shape[0] + m.b.shape[1]) for m in self.modules.values())
+        return max(1, round(rows / full))
+
     @property
     def target_projections(self) -> set[str]:
         return {p for _, p in self.modules}

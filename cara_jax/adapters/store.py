@@ -78,6 +78,7 @@ class RegisteredAdapter:
     path: str
     content_hash: str
     max_rank: int
+    cost_rank: int  # what scheduling counts (LoraAdapter.cost_rank)
 
 
 class AdapterRegistry:
@@ -101,7 +102,10 @@ class AdapterRegistry:
         if check is not None:
             check(adapter)
         adapter = self.host.put(adapter)
-        entry = RegisteredAdapter(name, str(path), adapter.content_hash, adapter.max_rank)
+        entry = RegisteredAdapter(
+            name, str(path), adapter.content_hash, adapter.max_rank,
+            adapter.cost_rank(self.cfg.num_layers),
+        )  # fmt: skip
         with self._lock:
             old = self._names.get(name)
             self._names[name] = entry

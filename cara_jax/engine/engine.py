@@ -238,7 +238,7 @@ class Engine:
         content_hash, rank = None, 0
         if adapter is not None:
             entry = self.residency.entry(adapter)  # UnknownAdapterError
-            content_hash, rank = entry.content_hash, entry.max_rank
+            content_hash, rank = entry.content_hash, entry.cost_rank
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(
             request_id=rid,

@@ -56,7 +56,7 @@ class Sequence:
     eos_ids: frozenset[int]
     adapter_name: str | None = None
     content_hash: str | None = None  # adapter content this sequence holds
-    rank: int = 0  # the adapter's max LoRA rank (0 = base model): what scheduling counts
+    rank: int = 0  # the adapter's cost rank (0 = base model): what scheduling counts
     status: SeqStatus = SeqStatus.WAITING
     row: int = -1  # sequence row of the device-side state while running
     num_computed: int = 0  # tokens whose KV is in the cache

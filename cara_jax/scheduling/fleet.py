@@ -47,7 +47,7 @@ class Snapshot:
     cost: CostModel | None
     running: tuple[RequestInfo, ...]
     queued: tuple[RequestInfo, ...]
-    adapters: Mapping[str, int]  # adapter name -> max rank
+    adapters: Mapping[str, int]  # adapter name -> its cost rank (what a step pays)
     resident: frozenset[str] = frozenset()  # adapters on the device now (no copy to wait for)
 
     def rank_of(self, model: str | None) -> int | None:

@@ -20,13 +20,9 @@ from cara_jax.adapters import multi_lora
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.multi_lora import mbgmv_index, multi_lora_delta, resolve_backend
 from cara_jax.adapters.pool_index import rank_bucket_for
+from tests.helpers import rel_err as rel
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
-
-
-def rel(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
 
 
 @dataclasses.dataclass
@@ -295,20 +291,6 @@ def test_engine_step_pallas_matches_jnp(strategy):
     assert rel(logits["pallas_interpret"], logits["jnp"]) <= 1e-5
     moved = np.abs(logits["jnp"] - plain).max(axis=1)
     assert (moved[[0, 2, 3, 4]] > 1e-3).all() and moved[1] < 1e-4  # row 1 is a base row
-
-
-def test_gpu_check_smoke(tmp_path):
-    """The GPU check script runs end to end in the interpreter and its checks pass."""
-    from bench import gpu_check
-
-    # the engine-level sections have their own (slow) smoke test: tests/test_gpu_sections.py
-    assert (
-        gpu_check.main(["--out", str(tmp_path), "--smoke", "--sections", "hbm,lora_kernels"]) == 0
-    )
-    text = (tmp_path / "gpu_check.md").read_text()
-    for kernel in ("bgmv", "mbgmv", "sgmv"):
-        assert f"| {kernel} |" in text
-    assert (tmp_path / "gpu_check.json").is_file()
 
 
 # ---------------------------------------------------------------- bigger sweeps (-m slow)

@@ -21,8 +21,7 @@ from cara_jax.adapters import (
 )
 from cara_jax.adapters.peft import module_name
 from cara_jax.config import ModelConfig
-from tests.conftest import rel_err
-from tests.helpers import ALL7
+from tests.helpers import ALL7, rel_err
 
 # name -> LoraConfig kwargs
 SPECS = {

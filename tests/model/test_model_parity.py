@@ -9,7 +9,7 @@ import torch
 from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
 from cara_jax.generate import generate_tokens, offline_engine
 from cara_jax.scoring import full_logits
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 
 PROMPTS = [
     "The quick brown fox",

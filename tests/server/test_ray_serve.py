@@ -27,7 +27,7 @@ from server.cli import build_parser, build_state, fleet_config  # noqa: E402
 from server.demo import write_demo_adapter  # noqa: E402
 from tests.server_helpers import CHAT, assert_error, get, post  # noqa: E402
 
-COST = Path(__file__).resolve().parents[1] / "bench" / "results" / "cost_model_smollm2_cpu.json"
+COST = Path(__file__).resolve().parents[2] / "bench" / "results" / "cost_model_smollm2_cpu.json"
 # the flags of tests/server_helpers.start_server: the same engine shape, so the replicas read
 # their programs from the session's compile cache (sync cold starts: no CPU-assist programs)
 ENGINE_FLAGS = [

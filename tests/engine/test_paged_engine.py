@@ -7,7 +7,6 @@ import pytest
 
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.engine.batch import ChunkRow, ScheduledBatch
-from cara_jax.engine.block_manager import BlockManager
 from cara_jax.sampling_params import SamplingParams
 from cara_jax.scoring import full_logits
 
@@ -36,56 +35,6 @@ def _run(eng, requests):
     return [got[i] for i in ids], [reasons[i] for i in ids]
 
 
-def test_paged_attention_matches_dense_and_the_pallas_kernel():
-    import jax.numpy as jnp
-
-    from cara_jax.attention import paged_attention_rows
-    from pallas_kernels import paged_attention
-
-    rng = np.random.default_rng(0)
-    bs, hkv, g, d, pages = 4, 2, 3, 8, 40
-    k_cache = rng.normal(size=(pages * bs, hkv, d)).astype(np.float32)
-    v_cache = rng.normal(size=(pages * bs, hkv, d)).astype(np.float32)
-    ctx = np.array([1, 7, 33, 12], np.int32)  # keys per row, new queries included
-    q_len = np.array([1, 7, 5, 3], np.int32)  # a decode row, a whole prompt, two later chunks
-    perm = rng.permutation(np.arange(1, pages))  # pages of a sequence are scattered
-    mb = 16
-    tables = np.zeros((4, mb), np.int32)
-    used = 0
-    for r, c in enumerate(ctx):
-        n = -(-c // bs)
-        tables[r, :n] = perm[used : used + n]
-        used += n
-    nq = 8
-    q = rng.normal(size=(4, nq, hkv * g, d)).astype(np.float32)
-    out = np.asarray(paged_attention_rows(
-        jnp.asarray(q), jnp.asarray(q_len), jnp.asarray(ctx), jnp.asarray(tables),
-        jnp.asarray(k_cache), jnp.asarray(v_cache), block_size=bs, pages_per_chunk=4,
-    ))  # fmt: skip
-    for r in range(4):
-        rows = (tables[r][:, None] * bs + np.arange(bs)).reshape(-1)[: ctx[r]]
-        k, v = k_cache[rows], v_cache[rows]  # [ctx, hkv, d]
-        for j in range(q_len[r]):
-            pos = ctx[r] - q_len[r] + j
-            for h in range(hkv * g):
-                s = k[: pos + 1, h // g] @ q[r, j, h] / np.sqrt(d)
-                p = np.exp(s - s.max())
-                ref = (p / p.sum()) @ v[: pos + 1, h // g]
-                np.testing.assert_allclose(out[r, j, h], ref, rtol=2e-5, atol=2e-6)
-    # the Pallas kernel (interpreter; poisoned output, so an unwritten element is NaN)
-    args = [jnp.asarray(a) for a in (q, q_len, ctx, tables, k_cache, v_cache)]
-    pk = np.asarray(paged_attention(*args, block_size=bs, interpret=True, poison=True))
-    for r in range(4):
-        np.testing.assert_allclose(pk[r, : q_len[r]], out[r, : q_len[r]], rtol=1e-5, atol=1e-6)
-    # decode rows alone (one query each)
-    one = [jnp.asarray(a) for a in (q[:, :1], np.ones(4, np.int32), ctx, tables, k_cache, v_cache)]
-    np.testing.assert_allclose(
-        np.asarray(paged_attention(*one, block_size=bs, interpret=True, poison=True)),
-        np.asarray(paged_attention_rows(*one, block_size=bs, pages_per_chunk=4)),
-        rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
-
-
 def test_engine_with_the_pallas_attention_kernel_matches_the_reference(tiny, smol_tok):
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     reqs = [([5, 6, 7, 8, 9, 10, 11, 12, 13], sp), ([40, 41, 42], sp)]
@@ -96,17 +45,6 @@ def test_engine_with_the_pallas_attention_kernel_matches_the_reference(tiny, smo
     pk = _engine(tiny, smol_tok, attention_backend="pallas_interpret", **kw)
     assert _run(pk, reqs)[0] == want
     pk.close()
-
-
-def test_block_manager():
-    bm = BlockManager(num_pages=5, block_size=4)  # 4 usable pages
-    assert bm.grow("a", 5) and bm.table("a") and len(bm.table("a")) == 2
-    assert 0 not in bm.table("a")
-    assert bm.fits("b", 100) == 8 and bm.grow("b", 8) and bm.num_free == 0
-    assert not bm.grow("c", 1) and bm.table("c") == []
-    assert bm.grow("a", 8)  # still within its two pages
-    bm.free("a")
-    assert bm.num_free == 2 and bm.grow("c", 1)
 
 
 def _chunk_logits(eng, ids, chunk):
@@ -127,7 +65,7 @@ def _chunk_logits(eng, ids, chunk):
     return out
 
 
-@pytest.mark.slow  # CI time; chunked prefill vs PEFT stays fast in test_multi_lora_parity.py
+@pytest.mark.slow  # CI time; chunked prefill vs PEFT stays fast in adapters/test_multi_lora_parity.py
 def test_chunked_prefill_equals_whole_prefill(smollm, smol_tok):
     eng = _engine(smollm, smol_tok, max_num_batched_tokens=64, token_buckets=(64,))
     ids = smol_tok.apply_chat_template(

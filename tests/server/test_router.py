@@ -529,7 +529,7 @@ def test_metrics_models_and_state(env):
 
 # ---------------------------------------------------------------------------- real instances
 
-COST_FILE = Path(__file__).resolve().parent.parent / "bench/results/cost_model_smollm2_cpu.json"
+COST_FILE = Path(__file__).resolve().parents[2] / "bench/results/cost_model_smollm2_cpu.json"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from bench.workload import (
     save_jsonl,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------------------- workload
 

@@ -11,8 +11,7 @@ import torch
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.store import AdapterRegistry, HostStore
 from cara_jax.scoring import full_logits
-from tests.conftest import rel_err
-from tests.helpers import ADAPTERS, ALL7, make_peft_adapters, peft_mixed
+from tests.helpers import ADAPTERS, ALL7, make_peft_adapters, peft_mixed, rel_err
 
 
 def _setup(loaded, paths, strategy="bgmv", budget=64 << 20):
@@ -119,7 +118,7 @@ def test_tiny_llama_mixed_batch_matches_peft(tiny, tiny_llama_dir, tiny_adapters
     _check_mixed(tiny, peft_model, tiny_adapters, rows, n_tokens=12, prompt_len=10)
 
 
-@pytest.mark.slow  # CI time; SmolLM2 vs PEFT stays fast through the server (test_server_cold_start.py)
+@pytest.mark.slow  # CI time; SmolLM2 vs PEFT stays fast through the server (server/test_server_cold_start.py)
 def test_smollm2_mixed_batch_matches_peft(smollm, hf_smollm, tmp_path):
     specs = {
         "s8": dict(r=8, lora_alpha=16, target_modules=ALL7),

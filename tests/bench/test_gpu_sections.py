@@ -1,4 +1,5 @@
-"""The GPU check's end-to-end sections (cold-start TTFT, multi-adapter throughput) in smoke mode."""
+"""The GPU check script (bench/gpu_check.py) in smoke mode: its kernel sections, and the
+end-to-end sections (cold-start TTFT, multi-adapter throughput)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,17 @@ def test_lora_step_section_smoke(tmp_path):
     for r in rows:
         assert r["ok"] is True and float(r["rel_err"]) <= 1e-4, r
         assert _positive(r["pallas_ms"]) and _positive(r["base_only_ms"]), r
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The GPU check script runs end to end in the interpreter and its checks pass."""
+    from bench import gpu_check
+
+    # the engine-level sections have their own (slow) smoke tests above
+    assert (
+        gpu_check.main(["--out", str(tmp_path), "--smoke", "--sections", "hbm,lora_kernels"]) == 0
+    )
+    text = (tmp_path / "gpu_check.md").read_text()
+    for kernel in ("bgmv", "mbgmv", "sgmv"):
+        assert f"| {kernel} |" in text
+    assert (tmp_path / "gpu_check.json").is_file()
