@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cara_jax.adapters.multi_lora import ENTRY_BLOCK, RANK_BLOCK, MultiLoraHook, RaggedLoraHook
+from cara_jax.adapters.multi_lora import BLOCKS_BIG, RANK_BLOCK, MultiLoraHook, RaggedLoraHook
 from cara_jax.kv_cache import KVCache
 from cara_jax.ragged import RaggedMeta
 from cara_jax.weights import LoadedModel
@@ -47,9 +47,10 @@ def _full_logits(graphdef, state, tokens, hook, block_size):
         w = -(-r // RANK_BLOCK) * RANK_BLOCK
         idx = {p: jnp.pad(rows[hook.adapter, :r], ((0, 0), (0, w - min(r, rows.shape[1]))))
                for p, rows in hook.slot_rows.items() if p in hook.a}  # fmt: skip
-        none = {p: jnp.zeros((ENTRY_BLOCK,), jnp.int32) for p in idx}  # decode: unused
+        blocks = {p: jnp.zeros((BLOCKS_BIG, RANK_BLOCK), jnp.int32) for p in idx}  # decode: unused
+        own = {p: jnp.zeros((BLOCKS_BIG,), jnp.int32) for p in idx}
         hook = RaggedLoraHook(
-            a=hook.a, b=hook.b, dec_rows=none, dec_ent=none, dec_own=none,
+            a=hook.a, b=hook.b, dec_rows=blocks, dec_ent=own, dec_own=own,
             dec_bucket={p: jnp.int32(0) for p in idx}, ch_idx=idx,
             ch_bucket={p: jnp.int32(w // RANK_BLOCK) for p in idx}, meta=meta,
             strategy="mbgmv", backend=hook.backend,

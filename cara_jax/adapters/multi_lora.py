@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from cara_jax.ragged import RaggedMeta, when
 from pallas_kernels.bgmv import bgmv_ref as bgmv
 from pallas_kernels.common import take
+from pallas_kernels.mbgmv import mbgmv_blocks_ref as mbgmv_blocks
 from pallas_kernels.mbgmv import mbgmv_ref as mbgmv
 from pallas_kernels.sgmv import sgmv_ref as sgmv
 
@@ -39,8 +40,13 @@ STRATEGIES = ("bgmv", "mbgmv")
 # rows): a rank-r adapter costs ceil(r / RANK_BLOCK) iterations, and one loop body is compiled
 # whatever the largest rank
 RANK_BLOCK = 16
-# flattened (row, rank row) entries per iteration of mbgmv's decode loop
-ENTRY_BLOCK = 32
+# mbgmv's decode entries come in blocks of RANK_BLOCK rank rows of one decode row (a rank-r
+# row takes ceil(r / RANK_BLOCK) blocks); its loop takes BLOCKS_BIG blocks per iteration, then
+# the rest BLOCKS_SMALL at a time, so one rank-8 stream pays for 32 rank rows and 16 streams
+# over ranks 8-64 take 4 iterations
+BLOCKS_BIG, BLOCKS_SMALL = 8, 2
+# the granularity of the summed ranks mbgmv's decode runs at (cost models)
+ENTRY_BLOCK = RANK_BLOCK * BLOCKS_SMALL
 BACKENDS = ("auto", "jnp", "pallas", "pallas_interpret")
 
 
@@ -187,31 +193,32 @@ class RaggedLoraHook:
     adapters in it, at their own ranks, on the projections they target.
 
     Decode view (one token per row), per projection p:
-    - ``mbgmv`` (default): every decode row's rank rows on p, flattened into entries (``dec_rows``
-      the pool row, ``dec_own`` the decode row of each), each row at its own rank, a row's
-      entries contiguous and rows on one adapter adjacent (an adapter's pool rows come from
-      memory once per step, then from cache); ENTRY_BLOCK entries per loop iteration. Work:
-      the sum of the rows' ranks.
+    - ``mbgmv`` (default): every decode row's rank rows on p, in blocks of RANK_BLOCK rows of
+      one decode row (``dec_rows`` [K, RANK_BLOCK] the pool rows, ``dec_own`` [K] the decode
+      row of each block), each row at its own rank, a row's blocks contiguous and rows on one
+      adapter adjacent (an adapter's pool rows come from memory once per step, then from
+      cache). Work: the sum of the rows' ranks, each rounded up to RANK_BLOCK.
     - ``bgmv``: every row gathers its adapter's rows on p, up to the largest rank on p in the
       step rounded up to RANK_BLOCK (Punica-style: cost ~ rows x max rank).
     Chunk view (prefill chunks, one adapter per row): each row multiplies by its adapter's rows
     on p, up to the largest rank on p among the chunk rows rounded up to RANK_BLOCK.
 
     Sizes are data, not shape: per projection and view, ``*_bucket[p]`` is, at run time, the
-    number of loop iterations: RANK_BLOCK rank rows each (chunks, bgmv) or ENTRY_BLOCK entries
-    each (mbgmv); 0 in both views means nothing on p and no LoRA work at all (``run_delta``).
+    number of loop iterations of RANK_BLOCK rank rows each (chunks, bgmv) or the number of
+    blocks (mbgmv); 0 in both views means nothing on p and no LoRA work at all (``run_delta``).
     One program thus serves base-only steps and every mix of ranks and projections. All index
     tables are computed on the host once per step (``DevicePool.ragged_hook``), not per layer.
     """
 
     a: dict[str, list[jax.Array]]  # proj -> per-layer [N, in]
     b: dict[str, list[jax.Array]]  # proj -> per-layer [N, out]
-    # mbgmv: dec_rows / dec_own [S * r_max] pool row and decode row of each entry (dec_ent unused)
-    # bgmv: dec_ent [S, r_max] pool rows of each decode row (dec_rows / dec_own unused)
+    # mbgmv: dec_rows [K_cap, RANK_BLOCK] pool rows of each block, dec_own [K_cap] its decode
+    # row (dec_ent unused); bgmv: dec_ent [S, r_max] pool rows of each decode row (dec_rows /
+    # dec_own unused)
     dec_rows: dict[str, jax.Array]
     dec_ent: dict[str, jax.Array]
     dec_own: dict[str, jax.Array]
-    dec_bucket: dict[str, jax.Array]  # proj -> () int32: loop iterations (0: none)
+    dec_bucket: dict[str, jax.Array]  # proj -> () int32: mbgmv blocks, bgmv iterations (0: none)
     ch_idx: dict[str, jax.Array]  # proj -> [P, r_max] pool rows of each chunk row
     ch_bucket: dict[str, jax.Array]  # proj -> () int32: RANK_BLOCK blocks (0: none)
     meta: RaggedMeta
@@ -264,17 +271,27 @@ class RaggedLoraHook:
             zero = jnp.zeros((s, b.shape[1]), jnp.float32)
             return jax.lax.fori_loop(0, self.dec_bucket[proj], block, zero).astype(x.dtype)
 
-        rows, own = self.dec_rows[proj], self.dec_own[proj]
+        rows, own, k = self.dec_rows[proj], self.dec_own[proj], self.dec_bucket[proj]
 
-        def entries(k, acc):
-            e_rows = jax.lax.dynamic_slice_in_dim(rows, k * ENTRY_BLOCK, ENTRY_BLOCK)
-            e_own = jax.lax.dynamic_slice_in_dim(own, k * ENTRY_BLOCK, ENTRY_BLOCK)
-            if pk is None:
-                return acc + mbgmv(xd, a, b, e_rows, e_own)
-            return acc + pk.mbgmv(xd, a, b, e_rows, e_own, interpret=interpret)
+        def blocks(size: int, first: jax.Array):
+            def body(i, acc):
+                off = first + i * size
+                br = jax.lax.dynamic_slice_in_dim(rows, off, size)
+                bo = jax.lax.dynamic_slice_in_dim(own, off, size)
+                if pk is None:
+                    return acc + mbgmv_blocks(xd, a, b, br, bo)
+                flat_own = jnp.repeat(bo, RANK_BLOCK)
+                return acc + pk.mbgmv(xd, a, b, br.reshape(-1), flat_own, interpret=interpret)
 
-        zero = jnp.zeros((s, b.shape[1]), jnp.float32)
-        return jax.lax.fori_loop(0, self.dec_bucket[proj], entries, zero).astype(x.dtype)
+            return body
+
+        # the table holds a multiple of BLOCKS_BIG blocks, so no slice runs past its end
+        big = k // BLOCKS_BIG
+        small = (k - big * BLOCKS_BIG + BLOCKS_SMALL - 1) // BLOCKS_SMALL
+        acc = jnp.zeros((s, b.shape[1]), jnp.float32)
+        acc = jax.lax.fori_loop(0, big, blocks(BLOCKS_BIG, jnp.int32(0)), acc)
+        acc = jax.lax.fori_loop(0, small, blocks(BLOCKS_SMALL, big * BLOCKS_BIG), acc)
+        return acc.astype(x.dtype)
 
     def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
         if proj not in self.a:

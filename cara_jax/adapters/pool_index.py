@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from cara_jax.adapters.multi_lora import ENTRY_BLOCK, RANK_BLOCK, MultiLoraHook, RaggedLoraHook
+from cara_jax.adapters.multi_lora import BLOCKS_BIG, RANK_BLOCK, MultiLoraHook, RaggedLoraHook
 from cara_jax.ragged import RaggedMeta
 
 
@@ -67,27 +67,32 @@ class PoolIndex:
             out[:, :cols] = self._slot_rows[proj][slots, :cols]
         return out
 
-    def step_rows(
-        self, proj: str, slots: np.ndarray, width: int
+    def step_blocks(
+        self, proj: str, slots: np.ndarray, capacity: int
     ) -> tuple[np.ndarray, np.ndarray, int]:
-        """MBGMV's tables for decode rows using ``slots`` on ``proj``: (rows [width] the pool
-        row of each (decode row, rank row) entry, each decode row at its own rank; own [width]
-        the decode row of each entry; the number of entries). A row's entries are contiguous,
-        and rows on the same adapter are adjacent, so an adapter's pool rows are read from
-        memory once per step and again only from cache. Padding: row 0 (zeros), owned by 0."""
-        rows, own = np.zeros(width, np.int32), np.zeros(width, np.int32)
+        """MBGMV's tables for decode rows using ``slots`` on ``proj``: (rows [capacity,
+        RANK_BLOCK] the pool rows of each block, a block holding up to RANK_BLOCK rank rows of
+        one decode row, each row at its own rank; own [capacity] the decode row of each block;
+        the number of blocks). A row's blocks are contiguous, and rows on the same adapter are
+        adjacent, so an adapter's pool rows are read from memory once per step and again only
+        from cache. Padding: row 0 (zeros), owned by 0."""
+        rows = np.zeros((capacity, RANK_BLOCK), np.int32)
+        own = np.zeros(capacity, np.int32)
         n = 0
         with self.lock:
             table, rank = self._slot_rows[proj], self._slot_rank[proj]
             for i in np.argsort(slots, kind="stable"):
                 r = int(rank[slots[i]])
-                if r == 0:
+                k = -(-r // RANK_BLOCK)
+                if k == 0:
                     continue
-                if n + r > width:
-                    raise ValueError(f"{n + r} LoRA entries exceed the table width {width}")
-                rows[n : n + r] = table[slots[i], :r]
-                own[n : n + r] = i
-                n += r
+                if n + k > capacity:
+                    raise ValueError(f"{n + k} LoRA blocks exceed the table's {capacity}")
+                flat = np.zeros(k * RANK_BLOCK, np.int32)
+                flat[:r] = table[slots[i], :r]
+                rows[n : n + k] = flat.reshape(k, RANK_BLOCK)
+                own[n : n + k] = i
+                n += k
         return rows, own, n
 
     def ragged_hook(
@@ -96,27 +101,26 @@ class PoolIndex:
         ch_slots: np.ndarray,
         meta: RaggedMeta,
         strategy: str = "mbgmv",
-        dec_width: int | None = None,
         backend: str = "auto",
     ) -> RaggedLoraHook:
         """The hook of one engine step (ragged.py): decode row i uses adapter slot
         ``dec_slots[i]``, chunk row j ``ch_slots[j]`` (0 = none). Per projection and view, the
         bucket and the index tables are computed here, once per step (multi_lora.RaggedLoraHook
-        says what they hold); ``dec_width`` is mbgmv's entry table size (default: every decode row
-        at max_rank). Call and dispatch under ``pool.lock``, as for ``hook``."""
+        says what they hold); mbgmv's block table has room for every decode row at max_rank.
+        Call and dispatch under ``pool.lock``, as for ``hook``."""
         dec_slots, ch_slots = np.asarray(dec_slots), np.asarray(ch_slots)
         width = self.index_width()
         dec_rows, dec_ent, dec_own, dec_b, ch_idx, ch_b = {}, {}, {}, {}, {}, {}
         none = jnp.zeros((1,), jnp.int32)
+        capacity = -(-len(dec_slots) * width // RANK_BLOCK // BLOCKS_BIG) * BLOCKS_BIG
         with self.lock:
             for p in self.a:
                 rank = self._slot_rank[p]
                 if strategy == "mbgmv":
-                    w = dec_width or len(dec_slots) * width
-                    rows, own, n = self.step_rows(p, dec_slots, -(-w // ENTRY_BLOCK) * ENTRY_BLOCK)
+                    rows, own, n = self.step_blocks(p, dec_slots, capacity)
                     dec_rows[p], dec_own[p] = jnp.asarray(rows), jnp.asarray(own)
                     dec_ent[p] = none
-                    dec_b[p] = jnp.asarray(-(-n // ENTRY_BLOCK), jnp.int32)
+                    dec_b[p] = jnp.asarray(n, jnp.int32)
                 else:
                     dec_ent[p] = jnp.asarray(self.row_index(p, dec_slots, width))
                     dec_rows[p] = dec_own[p] = none

@@ -100,6 +100,38 @@ def test_mbgmv(din, dout, batch, ranks, dtype):
     assert not np.asarray(out)[ad == 0].any()
 
 
+@pytest.mark.parametrize("din,dout,batch,ranks,dtype", DECODE)
+def test_mbgmv_blocks(din, dout, batch, ranks, dtype):
+    """The engine's layout: each row's rank rows in blocks of RANK_BLOCK (row 0 pads inside a
+    row's last block); the blocked jnp form and the Pallas kernel on the flattened blocks both
+    equal the flat reference."""
+    from cara_jax.adapters.multi_lora import RANK_BLOCK
+
+    rng = np.random.default_rng(din + batch + 2)
+    p = make_pool(rng, din, dout, ranks, dtype)
+    ad = batch_slots(rng, len(ranks) + 1, batch)
+    blk_rows, blk_own = [], []
+    for i, s in enumerate(ad):
+        r = int(p.slot_rank[s])
+        for k in range(0, r, RANK_BLOCK):
+            blk = np.zeros(RANK_BLOCK, np.int32)
+            take_n = min(RANK_BLOCK, r - k)
+            blk[:take_n] = p.slot_rows[s, k : k + take_n]
+            blk_rows.append(blk)
+            blk_own.append(i)
+    blk_rows.append(np.zeros(RANK_BLOCK, np.int32))  # a padding block at the end, owned by 0
+    blk_own.append(0)
+    br, bo = jnp.asarray(np.stack(blk_rows)), jnp.asarray(blk_own, jnp.int32)
+    flat_rows, flat_own = br.reshape(-1), jnp.repeat(bo, RANK_BLOCK)
+    x = jnp.asarray(rng.standard_normal((batch, din)), dtype)
+    ref = pk.mbgmv_ref(x, p.a, p.b, flat_rows, flat_own)
+    blocked = pk.mbgmv_blocks_ref(x, p.a, p.b, br, bo)
+    assert rel(blocked, ref) <= TOL[dtype]
+    out = pk.mbgmv(x, p.a, p.b, flat_rows, flat_own, interpret=True, poison=True)
+    assert rel(out, ref) <= TOL[dtype]
+    assert not np.asarray(blocked)[ad == 0].any()
+
+
 def test_mbgmv_segments_from_owner():
     rows = jnp.array([5, 6, 7, 2, 3, 0, 0, 0], jnp.int32)  # row 2 has two entries, rows 0/3 none
     owner = jnp.array([1, 1, 1, 2, 2, 0, 0, 0], jnp.int32)
