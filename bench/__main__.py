@@ -1,16 +1,26 @@
-"""``python -m bench``: run an experiment, write a trace, or run the scheduling simulator.
+"""``python -m bench``: run an experiment, write a trace, run the scheduling simulator, or run any
+bench module.
 
     python -m bench run EXPERIMENT [--quick] [--systems cara,hf,llamacpp] [options]
     python -m bench workload OUT.jsonl [workload options]
     python -m bench simulate [simulator options]
+    python -m bench list                  # the runnable bench modules, with their first doc line
+    python -m bench NAME [args...]        # bench.NAME's main(args), e.g. adapter_cost --help
 
-Experiments: serving, load_sweep, adapters_sweep, cold_start (see docs/bench.md).
+Experiments: serving, load_sweep, adapters_sweep, cold_start (see docs/bench.md). A runnable
+module is a bench/NAME.py with a module docstring and a top-level ``main()``; ``list`` finds
+them by reading the sources (nothing is imported), and ``NAME`` imports only bench.NAME.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+COMMANDS = ("run", "workload", "simulate", "list")  # before any module of the same name
 
 
 def _workload(argv: list[str]) -> int:
@@ -57,19 +67,80 @@ def _workload(argv: list[str]) -> int:
     return 0
 
 
+def runnable_modules() -> dict[str, str]:
+    """{NAME: first line of its docstring} for every bench/NAME.py (not ``_*``) that has a module
+    docstring and a top-level ``main()``. Reads the sources with ``ast``; imports nothing."""
+    found: dict[str, str] = {}
+    for path in sorted(BENCH_DIR.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+            if "def main(" not in text:
+                continue
+            tree = ast.parse(text, filename=str(path))
+        except (OSError, UnicodeDecodeError, SyntaxError):
+            continue
+        doc = ast.get_docstring(tree)
+        has_main = any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
+        if doc and doc.strip() and has_main:
+            found[path.stem] = doc.strip().splitlines()[0]
+    return found
+
+
+def _list(argv: list[str]) -> int:
+    argparse.ArgumentParser(
+        prog="python -m bench list",
+        description="List the runnable bench modules (python -m bench NAME [args...] runs one).",
+    ).parse_args(argv)
+    modules = runnable_modules()
+    width = max(map(len, modules), default=0)
+    for name, line in modules.items():
+        print(f"{name.ljust(width)}  {line}")
+    return 0
+
+
+def run_module(name: str, argv: list[str]) -> int:
+    """Run ``bench.NAME``'s ``main``: with ``argv`` if it takes an argument, else (a main that
+    parses ``sys.argv`` itself) with ``sys.argv`` set to ``argv``. Its exit status (None: 0)."""
+    import importlib
+    import inspect
+
+    main = importlib.import_module(f"bench.{name}").main
+    saved = sys.argv
+    sys.argv = [f"python -m bench {name}", *argv]  # also argparse's program name in --help
+    try:
+        if inspect.signature(main).parameters:
+            return main(argv) or 0
+        return main() or 0
+    finally:
+        sys.argv = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "list":
+        return _list(argv[1:])
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        if argv[0] in runnable_modules():
+            return run_module(argv[0], argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    from bench.experiments import add_run_args
+    from bench.experiment_args import add_run_args
 
     add_run_args(sub.add_parser("run", help="run an experiment"))
     sub.add_parser("workload", help="write a trace (JSONL)", add_help=False)
     sub.add_parser("simulate", help="scheduling simulator (bench.simulate)", add_help=False)
+    sub.add_parser("list", help="the runnable bench modules (then: python -m bench NAME ...)")
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        ap.error(
+            f"{argv[0]!r} is neither a command ({', '.join(COMMANDS)}) nor a runnable bench "
+            "module (python -m bench list shows them)"
+        )
     if argv and argv[0] == "simulate":
         from bench import simulate  # written separately; imported only when asked for
 

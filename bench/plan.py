@@ -1,5 +1,6 @@
-"""What an experiment runs (bench/experiments.py builds it, bench/experiment_report.py
-writes it up): its workload points, the systems and the cara-jax configurations."""
+"""What an experiment runs (bench/experiment_plans.py builds it, bench/experiments.py runs it,
+bench/experiment_report.py writes it up): its workload points, the systems and the cara-jax
+configurations."""
 
 from __future__ import annotations
 

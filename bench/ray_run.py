@@ -32,8 +32,9 @@ import numpy as np
 
 from bench.metrics import Slo, summarize
 from bench.report import write_report
-from bench.router_run import free_port, replay, warm_up
 from bench.serve_flags import engine_flags
+from bench.server_processes import free_port
+from bench.stream_replay import replay, warm_up
 from bench.workload import LengthDist, WorkloadSpec, generate
 
 RESULTS = Path(__file__).parent / "results"

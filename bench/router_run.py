@@ -21,194 +21,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import math
 import os
 import platform
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import numpy as np
 
-from bench.metrics import RequestResult, Slo, summarize
+from bench.metrics import Slo, summarize
 from bench.report import write_report
 from bench.serve_flags import engine_flags
+from bench.server_processes import Processes, free_port, get_json, wait_healthy, wait_idle
+from bench.stream_replay import replay, warm_up
 from bench.workload import LengthDist, Trace, WorkloadSpec, generate
 from server.cli import byte_size
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_COST_MODEL = "bench/results/cost_model_smollm2_cpu.json"  # relative to the repo root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Subprocesses started by this run; ``stop`` ends them (newest first) whatever happens."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: list[tuple[str, subprocess.Popen, Any]] = []
-
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed in stop)
-        # own session: a terminal's Ctrl-C reaches only this script, which stops them in order
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, proc, log))
-        return proc
-
-    def stop(self, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
-        """Stop ``proc`` (default: all of them, newest first: the routers before instances)."""
-        for entry in reversed(list(self.procs)):
-            _, p, log = entry
-            if proc is not None and p is not proc:
-                continue
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            log.close()
-            self.procs.remove(entry)
-
-    def tail(self, name: str, lines: int = 15) -> str:
-        path = self.log_dir / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.perf_counter() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.perf_counter() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with code {proc.returncode}")
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with s.get(url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"{what} did not become healthy within {timeout:.0f} s")
-
-
-async def get_json(url: str) -> Any:
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
-        if r.status != 200:
-            return None
-        return await r.json(content_type=None)
-
-
-async def wait_idle(urls: list[str], timeout: float = 300.0) -> bool:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        hs = await asyncio.gather(*(get_json(u + "/health") for u in urls))
-        if all(h and h.get("running") == 0 and h.get("waiting") == 0 for h in hs):
-            return True
-        await asyncio.sleep(0.5)
-    return False
-
-
-def body_of(model: str | None, prompt: list[int], max_tokens: int) -> dict:
-    return {
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
-
-
-async def one_request(
-    session: aiohttp.ClientSession, url: str, req, t0: float, extra: dict | None = None
-) -> tuple[RequestResult, str | None]:
-    """Send one trace request at its arrival time; (result, the instance that served it)."""
-    await asyncio.sleep(max(0.0, t0 + req.arrival - time.perf_counter()))
-    res = RequestResult(req.id, req.arrival, [], adapter=req.adapter, rank=req.rank,
-                        prompt_tokens=len(req.prompt))  # fmt: skip
-    instance = None
-    try:
-        async with session.post(
-            url + "/v1/completions",
-            json={**body_of(req.adapter, req.prompt, req.max_tokens), **(extra or {})},
-        ) as r:
-            instance = r.headers.get("X-Cara-Instance") or r.headers.get("X-Cara-Replica")
-            if r.status != 200:
-                res.ok, res.error = False, f"HTTP {r.status}: {(await r.text())[:200]}"
-                return res, instance
-            done = False
-            async for raw in r.content:
-                line = raw.strip()
-                if not line.startswith(b"data: "):
-                    continue
-                if line == b"data: [DONE]":
-                    done = True
-                    break
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    res.ok, res.error = False, chunk["error"].get("message", "error")[:200]
-                    return res, instance
-                if any(c.get("text") for c in chunk.get("choices", [])):
-                    res.token_times.append(time.perf_counter() - t0)
-            if not done:
-                res.ok, res.error = False, "stream ended without [DONE]"
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-        res.ok, res.error = False, f"{type(e).__name__}: {e}"
-    return res, instance
-
-
-async def replay(
-    url: str, trace: Trace, grace: float, extra=None
-) -> tuple[list[RequestResult], list]:
-    """Replay ``trace``; ``extra(request)`` adds fields to a request's body (e.g. its SLO)."""
-    timeout = aiohttp.ClientTimeout(total=None)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
-        t0 = time.perf_counter()
-        tasks = [
-            asyncio.create_task(one_request(s, url, r, t0, extra(r) if extra else None))
-            for r in trace.requests
-        ]
-        last = trace.requests[-1].arrival if trace.requests else 0.0
-        done, pending = await asyncio.wait(tasks, timeout=last + grace)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    out, where = [], []
-    for req, t in zip(trace.requests, tasks, strict=True):
-        if t in done and t.exception() is None:
-            res, inst = t.result()
-        else:
-            why = "not finished in the grace period"
-            res = RequestResult(req.id, req.arrival, [], False, why, req.adapter, req.rank)
-            inst = None
-        out.append(res)
-        where.append(inst)
-    return out, where
-
-
-async def warm_up(urls: list[str], names: list[str], prompt: list[int]) -> None:
-    """One short request per adapter and instance (untimed), two at a time per instance."""
-    async with aiohttp.ClientSession() as s:
-
-        async def run(url: str) -> None:
-            for i in range(0, len(names), 2):
-                bodies = [{**body_of(n, prompt, 4), "stream": False} for n in names[i : i + 2]]
-                posts = [s.post(url + "/v1/completions", json=b) for b in bodies]
-                for r in await asyncio.gather(*posts):
-                    await r.read()
-                    r.release()
-
-        await asyncio.gather(*(run(u) for u in urls))
 
 
 def tpot_slo(args, state: dict | None) -> tuple[float, str]:

@@ -20,7 +20,8 @@ from server.adapters import AdapterManager
 from server.lora_dir import LoraDir
 from server.metrics import Metrics
 from server.middleware import auth_middleware, error_middleware
-from server.protocol import ApiError, TokenText
+from server.protocol import ApiError
+from server.response_shapes import TokenText
 from server.state import STATE, ServerConfig
 
 log = logging.getLogger(__name__)

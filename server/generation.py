@@ -22,15 +22,9 @@ from cara_jax.engine import PromptTooLongError
 from cara_jax.engine.sequence import RequestOutput
 from cara_jax.sampling_params import InvalidRequestError
 from cara_jax.scheduling.admission import QueueFullError
-from server.protocol import (
-    ApiError,
-    GenerationRequest,
-    chat_logprobs,
-    completion_logprobs,
-    error_body,
-    finish_reason,
-    usage,
-)
+from server.protocol import ApiError, error_body
+from server.request_parsing import GenerationRequest
+from server.response_shapes import chat_logprobs, completion_logprobs, finish_reason, usage
 from server.state import AppState
 
 log = logging.getLogger(__name__)

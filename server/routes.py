@@ -13,12 +13,8 @@ from aiohttp import web
 from server.generation import Generation
 from server.instance_state import add_state_route
 from server.openapi import openapi_spec
-from server.protocol import (
-    ApiError,
-    parse_chat,
-    parse_completion,
-    read_json_object,
-)
+from server.protocol import ApiError, read_json_object
+from server.request_parsing import parse_chat, parse_completion
 from server.state import STATE, AppState
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ class AppState(Protocol):
     tokenizer: Any
     max_len: int
     vocab: int
-    token_text: Any  # server.protocol.TokenText
+    token_text: Any  # server.response_shapes.TokenText
     lora_dir: Any  # server.lora_dir.LoraDir | None
     metrics: Any  # server.metrics.Metrics
     adapters: Any  # server.adapters.AdapterManager

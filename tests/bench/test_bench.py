@@ -560,3 +560,21 @@ def test_each_system_runs_in_its_own_process():
     assert skipped is None and entry["pid"] != os.getpid() and raw == [[{"ok": True}]]
     skipped, entry, raw = _isolated(_ChildJob(crash=True))  # the run goes on without it
     assert "process failed" in skipped and entry == {} and raw == []
+
+
+def test_bench_front_door(capsys):
+    """`python -m bench list` names the runnable benches without importing them; `NAME` runs
+    one; an unknown name is a usage error."""
+    from bench.__main__ import main, runnable_modules
+
+    mods = runnable_modules()
+    assert {"adapter_cost", "many_adapters", "simulate"} <= set(mods)
+    assert all(line for line in mods.values())
+    assert main(["list"]) == 0
+    assert "adapter_cost" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["adapter_cost", "--help"])
+    assert e.value.code == 0 and "adapter_cost" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["no_such_bench"])
+    assert e.value.code == 2

@@ -1,0 +1,351 @@
+"""OpenAI completions and chat requests parsed into ``GenerationRequest``s (server/protocol.py
+has the errors they raise).
+
+Field names and defaults follow OpenAI; vLLM's sampling extras (``top_k``, ``min_p``,
+``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``) are accepted. Every refusal is an
+``ApiError`` (400, with the offending ``param``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from cara_jax.sampling_params import MAX_LOGPROBS, InvalidRequestError, SamplingParams
+from cara_jax.tokenizer import ChatTemplateError, Tokenizer
+from server.protocol import bad
+
+MAX_N = 16  # choices per request (n x prompts); more is refused rather than queued silently
+MAX_PROMPTS = 64
+SEED_MOD = 1 << 32  # the engine keys sampling with a 32-bit seed
+_INT64 = 1 << 63
+
+
+# ---------------------------------------------------------------------------- field readers
+
+_MISSING = object()
+
+
+def _field(body: dict, key: str, kinds: tuple, default: Any = None, what: str = "") -> Any:
+    """``body[key]`` if it has one of ``kinds`` (null means the default), else a 400."""
+    v = body.get(key, _MISSING)
+    if v is _MISSING or v is None:
+        return default
+    # bool is an int subclass: only accept it where bool is asked for
+    if isinstance(v, bool) and bool not in kinds:
+        raise bad(f"`{key}` must be {what or _kind_names(kinds)}, not a boolean", key)
+    if not isinstance(v, kinds):
+        raise bad(f"`{key}` must be {what or _kind_names(kinds)} (got {type(v).__name__})", key)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise bad(f"`{key}` must be a finite number", key)
+    return v
+
+
+def _kind_names(kinds: tuple) -> str:
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _num(body: dict, key: str, default: float | None) -> float | None:
+    v = _field(body, key, (int, float), default)
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except OverflowError as e:  # a huge JSON integer
+        raise bad(f"`{key}` is out of range", key) from e
+
+
+def _int(body: dict, key: str, default: int | None) -> int | None:
+    v = body.get(key)
+    if isinstance(v, float) and v.is_integer():  # JSON clients sometimes send 16.0
+        return int(v)
+    return _field(body, key, (int,), default)
+
+
+def _bool(body: dict, key: str, default: bool) -> bool:
+    return _field(body, key, (bool,), default)
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """A parsed completions or chat request: prompts as token ids, one SamplingParams each."""
+
+    kind: str  # "completion" | "chat"
+    model: str | None
+    prompts: list[list[int]]
+    prompt_texts: list[str]  # for echo
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+    logprobs: int | None = None  # completions: top-k count; chat: top_logprobs when enabled
+
+    def choice_params(self, i: int) -> SamplingParams:
+        """Choice i of a prompt: a distinct seed when seeded, so n samples differ."""
+        if i == 0 or self.params.seed is None:
+            return self.params
+        return dataclasses.replace(self.params, seed=(self.params.seed + i) % SEED_MOD)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,) if stop else ()
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(s for s in stop if s)
+    raise bad("`stop` must be a string or an array of strings", "stop")
+
+
+def _sampling(body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    seed = _int(body, "seed", None)
+    if seed is not None:
+        if not -_INT64 <= seed < _INT64:
+            raise bad("`seed` must fit in 64 bits", "seed")
+        seed %= SEED_MOD
+    top_k = _int(body, "top_k", 0)
+    if top_k is not None and top_k >= tok_vocab:
+        top_k = 0  # keeping the whole vocabulary is no top-k at all
+    stop_ids = _field(body, "stop_token_ids", (list,), [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise bad("`stop_token_ids` must be an array of integers", "stop_token_ids")
+    bias = _field(body, "logit_bias", (dict,), {})
+    if bias:
+        raise bad("`logit_bias` is not supported", "logit_bias", code="unsupported")
+    try:
+        return SamplingParams(
+            temperature=_num(body, "temperature", 1.0),
+            top_p=_num(body, "top_p", 1.0),
+            top_k=top_k,
+            min_p=_num(body, "min_p", 0.0),
+            presence_penalty=_num(body, "presence_penalty", 0.0),
+            frequency_penalty=_num(body, "frequency_penalty", 0.0),
+            repetition_penalty=_num(body, "repetition_penalty", 1.0),
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=_stop(body),
+            stop_token_ids=tuple(t for t in stop_ids if 0 <= t < tok_vocab),
+            ignore_eos=_bool(body, "ignore_eos", False),
+            logprobs=logprobs,
+            tpot_slo=_num(body, "tpot_slo", None),
+        )
+    except InvalidRequestError as e:
+        raise bad(f"`{e.param}`: {e}", e.param) from e
+
+
+def _n(body: dict, prompts: int) -> int:
+    n = _int(body, "n", 1)
+    if n < 1:
+        raise bad("`n` must be >= 1", "n")
+    best_of = _int(body, "best_of", None)
+    if best_of is not None and best_of != n:
+        raise bad("`best_of` other than `n` is not supported", "best_of", code="unsupported")
+    if n * prompts > MAX_N:
+        raise bad(
+            f"at most {MAX_N} choices per request (n x prompts = {n * prompts}); "
+            "send several requests instead",
+            "n",
+        )
+    return n
+
+
+def _max_tokens(body: dict, keys: tuple[str, ...], default: int | None, room: int) -> int:
+    """The budget of new tokens; over the context is refused as OpenAI and vLLM do."""
+    for key in keys:
+        v = _int(body, key, None)
+        if v is not None:
+            if v < 1:
+                raise bad(f"`{key}` must be >= 1", key)
+            if v > room:
+                raise bad(
+                    f"`{key}` = {v} does not fit: the prompt leaves room for {room} new tokens "
+                    "in this model's context",
+                    key,
+                    code="context_length_exceeded",
+                )
+            return v
+    return min(default, room) if default is not None else room
+
+
+def _check_prompt(ids: list[int], max_len: int, vocab: int, param: str) -> None:
+    if not ids:
+        raise bad("the prompt is empty", param)
+    if len(ids) >= max_len:
+        raise bad(
+            f"the prompt has {len(ids)} tokens; this model's context is {max_len} tokens and "
+            "needs room for at least one new token",
+            param,
+            code="context_length_exceeded",
+        )
+    if any(not 0 <= t < vocab for t in ids):
+        raise bad("a prompt token id is outside the vocabulary", param)
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream", False)
+    opts = _field(body, "stream_options", (dict,), {})
+    include = opts.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise bad("`stream_options.include_usage` must be a boolean", "stream_options")
+    return stream, stream and include
+
+
+def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> GenerationRequest:
+    model = _field(body, "model", (str,), None)
+    raw = body.get("prompt")
+    if isinstance(raw, str):
+        raw_prompts: list = [raw]
+    elif (
+        isinstance(raw, list)
+        and raw
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in raw)
+    ):
+        raw_prompts = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(p, (str, list)) for p in raw):
+        raw_prompts = raw
+    else:
+        raise bad("`prompt` must be a string, an array of strings, or token ids", "prompt")
+    if len(raw_prompts) > MAX_PROMPTS:
+        raise bad(f"at most {MAX_PROMPTS} prompts per request", "prompt")
+    prompts, texts = [], []
+    for p in raw_prompts:
+        if isinstance(p, str):
+            ids = tok.encode(p, add_special_tokens=True)
+            texts.append(p)
+        elif all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids = list(p)
+            texts.append("")
+        else:
+            raise bad("`prompt` token arrays must hold integers", "prompt")
+        _check_prompt(ids, max_len, vocab, "prompt")
+        prompts.append(ids)
+    suffix = _field(body, "suffix", (str,), None)
+    if suffix:
+        raise bad("`suffix` is not supported", "suffix", code="unsupported")
+    logprobs = _int(body, "logprobs", None)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise bad(f"`logprobs` must be between 0 and {MAX_LOGPROBS}", "logprobs")
+    echo = _bool(body, "echo", False)
+    if echo and logprobs is not None:
+        raise bad(
+            "`echo` with `logprobs` is not supported (no prompt log-probs)",
+            "echo",
+            code="unsupported",
+        )
+    if echo:
+        texts = [t or tok.decode(ids) for t, ids in zip(texts, prompts, strict=True)]
+    room = max_len - max(len(p) for p in prompts)
+    max_tokens = _max_tokens(body, ("max_tokens",), 16, room)
+    stream, include_usage = _stream(body)
+    _field(body, "user", (str,), None)
+    return GenerationRequest(
+        kind="completion",
+        model=model,
+        prompts=prompts,
+        prompt_texts=texts,
+        params=_sampling(body, vocab, max_tokens, logprobs),
+        n=_n(body, len(prompts)),
+        stream=stream,
+        include_usage=include_usage,
+        echo=echo,
+        logprobs=logprobs,
+    )
+
+
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("`messages` must be a non-empty array", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"`{where}` must be an object", "messages")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise bad(f"`{where}.role` must be one of {', '.join(_ROLES)}", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise bad(
+                        f"`{where}.content`: only text parts are supported",
+                        "messages",
+                        code="unsupported",
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise bad(f"`{where}.content`: a text part needs `text`", "messages")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise bad(f"`{where}.content` must be a string or an array of parts", "messages")
+        if m.get("tool_calls"):
+            raise bad("tool calls are not supported", "messages", code="unsupported")
+        msg = {"role": role, "content": content}
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        out.append(msg)
+    return out
+
+
+def parse_chat(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> GenerationRequest:
+    model = _field(body, "model", (str,), None)
+    messages = _messages(body)
+    if _field(body, "tools", (list,), []):
+        raise bad("`tools` are not supported", "tools", code="unsupported")
+    fmt = _field(body, "response_format", (dict,), {"type": "text"})
+    if fmt.get("type", "text") != "text":
+        raise bad(
+            'only `response_format` {"type": "text"} is supported',
+            "response_format",
+            code="unsupported",
+        )
+    add_gen = _bool(body, "add_generation_prompt", True)
+    try:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=add_gen, tokenize=True)
+    except ChatTemplateError as e:
+        raise bad(f"the chat template cannot render these messages: {e}", "messages") from e
+    _check_prompt(ids, max_len, vocab, "messages")
+    logprobs = None
+    if _bool(body, "logprobs", False):
+        logprobs = _int(body, "top_logprobs", 0)
+        if not 0 <= logprobs <= MAX_LOGPROBS:
+            raise bad(f"`top_logprobs` must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
+    elif _int(body, "top_logprobs", None):
+        raise bad("`top_logprobs` needs `logprobs`: true", "top_logprobs")
+    max_tokens = _max_tokens(
+        body, ("max_completion_tokens", "max_tokens"), None, max_len - len(ids)
+    )
+    stream, include_usage = _stream(body)
+    _field(body, "user", (str,), None)
+    return GenerationRequest(
+        kind="chat",
+        model=model,
+        prompts=[ids],
+        prompt_texts=[""],
+        params=_sampling(body, vocab, max_tokens, logprobs),
+        n=_n(body, 1),
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=logprobs,
+    )
