@@ -63,7 +63,7 @@ def full_logits(
     loaded: LoadedModel, tokens: np.ndarray, hook: MultiLoraHook | None = None, block_size=16
 ) -> jax.Array:
     """Logits [B, T, V] at every position of equal-length sequences; ``hook`` gives row i the
-    adapter slot ``hook.adapter[i]`` (device_pool.hook)."""
+    adapter slot ``hook.adapter[i]`` (DevicePool.hook, pool_index.py)."""
     return _full_logits(
         loaded.graphdef, loaded.state, jnp.asarray(tokens, jnp.int32), hook, block_size
     )

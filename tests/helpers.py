@@ -4,6 +4,7 @@
   mixed-batch model over them (what the engine's outputs are compared with).
 - ``rel_err``, the relative error the parity tests bound.
 - Hand-made cost models for the scheduling tests.
+- ``TINY_CFG``: a two-layer model shape for the model-free scheduler and residency tests.
 
 torch and peft are imported where they are used, so model-free tests stay light.
 """
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from cara_jax.config import PROJECTIONS
+from cara_jax.config import PROJECTIONS, ModelConfig
 from cara_jax.scheduling import CostModel, LinearFit
 
 ALL7 = list(PROJECTIONS)
+# model-free tests (fake runner): a model shape small enough for host-memory pools
+TINY_CFG = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
+                       num_heads=2, num_kv_heads=1, head_dim=16)  # fmt: skip
 
 
 def rel_err(a, b) -> float:

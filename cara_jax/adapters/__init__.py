@@ -1,6 +1,6 @@
 """LoRA adapters: PEFT loading, host/device tiers, batched multi-LoRA kernels (references)."""
 
-from cara_jax.adapters.device_pool import DevicePool, LoadHandle, PoolConfig, PoolFullError
+from cara_jax.adapters.device_pool import DevicePool, PoolConfig, PoolFullError
 from cara_jax.adapters.multi_lora import MultiLoraHook, bgmv, mbgmv, multi_lora_delta, sgmv
 from cara_jax.adapters.peft import (
     AdapterError,
@@ -12,6 +12,7 @@ from cara_jax.adapters.peft import (
     UnsupportedAdapterError,
     load_peft_adapter,
 )
+from cara_jax.adapters.pool_load import LoadHandle
 from cara_jax.adapters.store import AdapterRegistry, HostStore, UnknownAdapterError
 
 __all__ = [

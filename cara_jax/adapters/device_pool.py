@@ -9,6 +9,7 @@ through it (see multi_lora.py).
 Loads are asynchronous: ``acquire`` returns a LoadHandle at once, and a loader thread copies the
 adapter one layer group at a time. The handle records bytes and seconds per group and tells which
 groups are ready, so CPU-assisted prefill can use the device path for layers that have arrived.
+(pool_load.py: the handle and the copy; pool_write.py: the write programs.)
 
 A load costs its copy: the adapter is already in the pool's layout (packed.py: converted once,
 memory-mapped from disk), so a group is one transfer and one write program. The write is
@@ -22,25 +23,23 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cara_jax.adapters.packed import PackedAdapter, PackedStore, PoolLayout, write_width
+from cara_jax.adapters.packed import PackedAdapter, PackedStore, PoolLayout
 from cara_jax.adapters.peft import LoraAdapter
 from cara_jax.adapters.pool_index import PoolIndex
+from cara_jax.adapters.pool_load import LoadHandle, PoolLoader, _Entry
+from cara_jax.adapters.pool_write import PoolWriter
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import PROJECTIONS
 
-log = logging.getLogger(__name__)
+__all__ = ["DevicePool", "LoadHandle", "PoolConfig", "PoolFullError", "PoolStats"]
 
 
 class PoolFullError(RuntimeError):
@@ -65,67 +64,6 @@ class PoolConfig:
     packed_budget_bytes: int = 1 << 30  # packed copies held in memory when not on disk
 
 
-class LoadHandle:
-    """Progress of one adapter's copy to the device, group by group."""
-
-    def __init__(self, content_hash: str, groups: list[range], nbytes: int) -> None:
-        self.content_hash = content_hash
-        self.groups = groups
-        self.nbytes = nbytes
-        self.group_seconds: list[float | None] = [None] * len(groups)
-        self._events = [threading.Event() for _ in groups]
-        self._done = threading.Event()
-        self.error: BaseException | None = None
-        self.started = time.perf_counter()
-        self.seconds: float | None = None
-
-    def _group_done(self, g: int, seconds: float) -> None:
-        self.group_seconds[g] = seconds
-        self._events[g].set()
-
-    def _finish(self, error: BaseException | None = None) -> None:
-        self.error = error
-        self.seconds = time.perf_counter() - self.started
-        for e in self._events:
-            e.set()
-        self._done.set()
-
-    @classmethod
-    def resident(cls, content_hash: str, groups: list[range]) -> LoadHandle:
-        h = cls(content_hash, groups, 0)
-        h._finish()
-        h.seconds = 0.0
-        return h
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        ok = self._done.wait(timeout)
-        if ok and self.error is not None:
-            raise self.error
-        return ok
-
-    def group_ready(self, g: int) -> bool:
-        return self._events[g].is_set() and self.error is None
-
-    def layer_ready(self, layer: int) -> bool:
-        return any(self.group_ready(g) for g, r in enumerate(self.groups) if layer in r)
-
-    def ready_layers(self) -> list[int]:
-        return [i for g, r in enumerate(self.groups) if self.group_ready(g) for i in r]
-
-
-@dataclasses.dataclass
-class _Entry:
-    adapter: PackedAdapter
-    slot: int
-    rows: dict[str, np.ndarray]  # proj -> pool rows (len = rank on that projection)
-    handle: LoadHandle
-    refcount: int = 0
-    pinned: bool = False
-
-
 @dataclasses.dataclass
 class PoolStats:
     hits: int = 0
@@ -135,40 +73,7 @@ class PoolStats:
     loads: int = 0  # finished loads
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames=("dims", "n", "w"))
-def _write_group(
-    arrays: tuple[jax.Array, ...],
-    idx: jax.Array,
-    flat: jax.Array,
-    *,
-    dims: tuple[tuple[int, int], ...],
-    n: int,
-    w: int,
-) -> tuple[jax.Array, ...]:
-    """Write one layer group of an adapter into the pool, in place (the arrays are donated).
-
-    ``arrays``: per projection, its n layers' A pools then its n layers' B pools; ``idx``
-    [projections, w] the pool rows (row 0, which stays zero, pads); ``flat`` the group's packed
-    payload (packed.py). One program per (group size, write width), compiled before serving.
-    """
-    out, off, k = [], 0, 0
-    for p, (din, dout) in enumerate(dims):
-        a = flat[off : off + n * w * din].reshape(n, w, din)
-        off += n * w * din
-        b = flat[off : off + n * w * dout].reshape(n, w, dout)
-        off += n * w * dout
-        for vals in (a, b):
-            for layer in range(n):
-                pool = arrays[k]
-                out.append(pool.at[idx[p]].set(vals[layer].astype(pool.dtype)))
-                k += 1
-    return tuple(out)
-
-
-_COMPILED_WRITES: dict[tuple, object] = {}
-
-
-class DevicePool(PoolIndex):
+class DevicePool(PoolIndex, PoolLoader, PoolWriter):
     """Adapter rows on the device, with slot table, refcounts, pins and LRU eviction."""
 
     def __init__(self, cfg: ModelConfig, config: PoolConfig | None = None, dtype=jnp.float32):
@@ -371,95 +276,6 @@ class DevicePool(PoolIndex):
             self._slot_rank[p][e.slot] = 0
         self._free_slots.append(e.slot)
         self._table_dev = None
-
-    def _group_arrays(self, layers: range) -> list[tuple[list, int]]:
-        """(pool list, layer) of every array a group's write replaces, in _write_group's order."""
-        return [(pools[p], layer) for p in self.projections for pools in (self.a, self.b)
-                for layer in layers]  # fmt: skip
-
-    def _load(self, e: _Entry) -> None:
-        packed = e.adapter
-        w = packed.width
-        idx = np.zeros((len(self.projections), w), np.int32)
-        for k, p in enumerate(self.projections):
-            rows = e.rows.get(p)
-            if rows is not None:
-                idx[k, : len(rows)] = rows
-        link = self.link_gbps
-        try:
-            for g, layers in enumerate(self.groups):
-                if self.group_gate is not None:
-                    self.group_gate(packed.content_hash, g)
-                t0 = time.perf_counter()
-                write = self._writer(g, w)
-                flat = jax.device_put(np.asarray(packed.groups[g]))  # the group's one copy
-                targets = self._group_arrays(layers)
-                with self.lock:
-                    new = write(tuple(lst[layer] for lst, layer in targets), idx, flat)
-                    for (lst, layer), arr in zip(targets, new, strict=True):
-                        lst[layer] = arr
-                if link:  # the emulated link: a copy takes at least bytes / bandwidth
-                    time.sleep(max(0.0, packed.groups[g].nbytes / (link * 1e9)
-                                   - (time.perf_counter() - t0)))  # fmt: skip
-                e.handle._group_done(g, time.perf_counter() - t0)
-            e.handle._finish()
-            with self.lock:
-                self.stats.bytes_loaded += e.handle.nbytes
-                self.stats.loads += 1
-                self._load_events.append((e.handle.nbytes, e.handle.seconds or 0.0))
-        except BaseException as err:  # surfaced through the handle, never lost
-            log.exception("adapter load failed")
-            with self.lock:
-                if self._entries.get(packed.content_hash) is e:
-                    self._drop(packed.content_hash)
-            e.handle._finish(err)
-
-    def _writer(self, g: int, width: int):
-        """The compiled write of group ``g``'s size at ``width``, compiled (ahead of time, outside
-        the pool lock) on first use."""
-        n = len(self.groups[g])
-        exe = self._writers.get((n, width))
-        if exe is not None:
-            return exe
-        with self._writer_lock:  # warm-up and a registration may ask for the same one
-            return self._compile_writer(g, n, width)
-
-    def _compile_writer(self, g: int, n: int, width: int):
-        exe = self._writers.get((n, width))
-        if exe is None:
-            targets = self._group_arrays(self.groups[g])
-            arrays = tuple(jax.ShapeDtypeStruct(lst[layer].shape, lst[layer].dtype)
-                           for lst, layer in targets)  # fmt: skip
-            idx = jax.ShapeDtypeStruct((len(self.projections), width), jnp.int32)
-            flat = jax.ShapeDtypeStruct((self.layout.group_elems(g, width),), self.dtype)
-            key = (arrays, idx, flat, self.layout.shapes, n, width)
-            exe = _COMPILED_WRITES.get(key)  # pools of one shape in a process share them
-            if exe is None:
-                exe = _write_group.lower(arrays, idx, flat, dims=self.layout.shapes, n=n,
-                                         w=width).compile()  # fmt: skip
-                _COMPILED_WRITES[key] = exe
-                if self._writers_warm:
-                    self.late_compiles += 1
-                    log.warning("compiled an adapter write (width %d) after start-up", width)
-            self._writers[(n, width)] = exe
-        return exe
-
-    def ensure_writer(self, width: int) -> int:
-        """Compile the group writes of ``width`` (one per group size); returns how many were
-        compiled now. Registration calls it, so that a load never waits for a compiler."""
-        before = len(self._writers)
-        for g in range(len(self.groups)):
-            self._writer(g, width)
-        return len(self._writers) - before
-
-    def warm_writer(self) -> int:
-        """Compile the group writes of every width an adapter up to ``max_rank`` can have (and
-        of any adapter prepared so far), so no load or registration waits for a compiler;
-        returns how many were compiled now."""
-        widths = {write_width(r) for r in range(1, self.config.max_rank + 1)} | self._widths
-        n = sum(self.ensure_writer(w) for w in sorted(widths))
-        self._writers_warm = True
-        return n
 
     def take_load_events(self) -> list[tuple[int, float]]:
         """The loads finished since the last call, as (bytes, seconds)."""

@@ -4,7 +4,7 @@ A cold load should cost its copy and nothing else. So an adapter is converted to
 layout and dtype once (``PackedStore.get``, at registration) and the result is written to disk
 under its content hash. Later loads, in this process or the next, map that file: no safetensors
 parse, no transposes, no padding. Each layer group is one contiguous slice of it, so a group's
-load is one host-to-device transfer and one write program (device_pool.py).
+load is one host-to-device transfer and one write program (pool_write.py).
 
 Layout, per layer group g (layers n_g), for each pool projection p in order: A^T as
 [n_g, w, in_p], then B (scaling folded in) as [n_g, w, out_p]; w is the adapter's write width

@@ -12,7 +12,7 @@ from cara_jax.engine.residency import LOAD_BUCKETS, AdapterResidency, Readiness
 from cara_jax.engine.sequence import Sequence
 from cara_jax.sampling_params import SamplingParams
 from server.demo import write_demo_adapter
-from tests.engine.test_scheduler import CFG
+from tests.helpers import TINY_CFG as CFG
 
 
 def _residency(mode="sync", **pool):

@@ -14,7 +14,6 @@ import pytest
 
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.store import AdapterRegistry, HostStore
-from cara_jax.config import ModelConfig
 from cara_jax.engine.admission import Admission, SchedulerConfig
 from cara_jax.engine.batch import ChunkRow
 from cara_jax.engine.block_manager import BlockManager
@@ -22,9 +21,9 @@ from cara_jax.engine.residency import AdapterResidency
 from cara_jax.engine.scheduler import Scheduler, SchedulerLimits
 from cara_jax.engine.sequence import Sequence
 from cara_jax.sampling_params import SamplingParams
+from tests.helpers import TINY_CFG
 
-CFG = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=2, num_kv_heads=1, head_dim=16)  # fmt: skip
+CFG = TINY_CFG
 
 
 def fake_token(tokens: list[int]) -> int:

@@ -1,0 +1,122 @@
+"""One adapter's load into the device pool: its ``LoadHandle`` (progress, group by group) and
+the loader thread's copy that fills it. ``PoolLoader`` is mixed into ``DevicePool`` (see
+device_pool.py for the pool, pool_write.py for the compiled write of a group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+
+import jax
+import numpy as np
+
+from cara_jax.adapters.packed import PackedAdapter
+
+log = logging.getLogger("cara_jax.adapters.device_pool")  # the pool's logger, whichever module logs
+
+
+class LoadHandle:
+    """Progress of one adapter's copy to the device, group by group."""
+
+    def __init__(self, content_hash: str, groups: list[range], nbytes: int) -> None:
+        self.content_hash = content_hash
+        self.groups = groups
+        self.nbytes = nbytes
+        self.group_seconds: list[float | None] = [None] * len(groups)
+        self._events = [threading.Event() for _ in groups]
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.seconds: float | None = None
+
+    def _group_done(self, g: int, seconds: float) -> None:
+        self.group_seconds[g] = seconds
+        self._events[g].set()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.seconds = time.perf_counter() - self.started
+        for e in self._events:
+            e.set()
+        self._done.set()
+
+    @classmethod
+    def resident(cls, content_hash: str, groups: list[range]) -> LoadHandle:
+        h = cls(content_hash, groups, 0)
+        h._finish()
+        h.seconds = 0.0
+        return h
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ok = self._done.wait(timeout)
+        if ok and self.error is not None:
+            raise self.error
+        return ok
+
+    def group_ready(self, g: int) -> bool:
+        return self._events[g].is_set() and self.error is None
+
+    def layer_ready(self, layer: int) -> bool:
+        return any(self.group_ready(g) for g, r in enumerate(self.groups) if layer in r)
+
+    def ready_layers(self) -> list[int]:
+        return [i for g, r in enumerate(self.groups) if self.group_ready(g) for i in r]
+
+
+@dataclasses.dataclass
+class _Entry:
+    adapter: PackedAdapter
+    slot: int
+    rows: dict[str, np.ndarray]  # proj -> pool rows (len = rank on that projection)
+    handle: LoadHandle
+    refcount: int = 0
+    pinned: bool = False
+
+
+class PoolLoader:
+    """The loader thread's copy of an adapter, one layer group at a time (needs the pool's
+    ``projections``, ``groups``, ``group_gate``, ``link_gbps``, ``lock``, ``stats``,
+    ``_load_events``, ``_entries``, ``_drop``, ``_writer`` and ``_group_arrays``)."""
+
+    def _load(self, e: _Entry) -> None:
+        packed = e.adapter
+        w = packed.width
+        idx = np.zeros((len(self.projections), w), np.int32)
+        for k, p in enumerate(self.projections):
+            rows = e.rows.get(p)
+            if rows is not None:
+                idx[k, : len(rows)] = rows
+        link = self.link_gbps
+        try:
+            for g, layers in enumerate(self.groups):
+                if self.group_gate is not None:
+                    self.group_gate(packed.content_hash, g)
+                t0 = time.perf_counter()
+                write = self._writer(g, w)
+                flat = jax.device_put(np.asarray(packed.groups[g]))  # the group's one copy
+                targets = self._group_arrays(layers)
+                with self.lock:
+                    new = write(tuple(lst[layer] for lst, layer in targets), idx, flat)
+                    for (lst, layer), arr in zip(targets, new, strict=True):
+                        lst[layer] = arr
+                if link:  # the emulated link: a copy takes at least bytes / bandwidth
+                    time.sleep(max(0.0, packed.groups[g].nbytes / (link * 1e9)
+                                   - (time.perf_counter() - t0)))  # fmt: skip
+                e.handle._group_done(g, time.perf_counter() - t0)
+            e.handle._finish()
+            with self.lock:
+                self.stats.bytes_loaded += e.handle.nbytes
+                self.stats.loads += 1
+                self._load_events.append((e.handle.nbytes, e.handle.seconds or 0.0))
+        except BaseException as err:  # surfaced through the handle, never lost
+            log.exception("adapter load failed")
+            with self.lock:
+                if self._entries.get(packed.content_hash) is e:
+                    self._drop(packed.content_hash)
+            e.handle._finish(err)
