@@ -61,12 +61,23 @@ REQS = [
 ]
 
 
+# a prompt longer than the 32-token budget: its prefill takes two chunks (32 + 8 tokens)
+LONG = ([60 + i for i in range(40)], GREEDY, "c1")
+
+
 @pytest.fixture(scope="module")
-def reference(smollm, smol_tok, smol_adapters):
+def cached_runs(smollm, smol_tok, smol_adapters):
+    """``cached`` mode's tokens for REQS (one batch) and for LONG (alone)."""
     eng = _engine(smollm, smol_tok, smol_adapters, "cached")
-    ref = _run(eng, REQS)
-    eng.close()
-    return ref
+    try:
+        return _run(eng, REQS), _run(eng, [LONG])[0]
+    finally:
+        eng.close()
+
+
+@pytest.fixture(scope="module")
+def reference(cached_runs):
+    return cached_runs[0]
 
 
 @pytest.mark.slow
@@ -230,22 +241,21 @@ def test_worker_faults(smollm, smol_tok, smol_adapters, reference, caplog):
     assert not [n for n in set(names) if os.path.exists(f"/dev/shm/{n}")]
 
 
-def test_cpu_assist_chunk_by_chunk(smollm, smol_tok, smol_adapters, reference):
-    """A cold request whose prompt spans several steps (an 8-token budget, a 12-token prompt):
+def test_cpu_assist_chunk_by_chunk(assist_engine, cached_runs):
+    """A cold request whose prompt spans several steps (a 40-token prompt, a 32-token budget):
     each chunk takes its deltas from the CPU workers for the layers not yet on the device, and
     the tokens are those of ``cached``."""
-    eng = _engine(smollm, smol_tok, smol_adapters, "cpu_assist", max_num_batched_tokens=8,
-                  token_buckets=(8,), max_prefill_seqs=1)  # fmt: skip
+    eng = assist_engine
+    before = dict(eng.cpu_stats)
+    gate = _Gate(1)
+    held = _make_cold(eng, ("c1",), 1, gate)
     try:
-        gate = _Gate(1)
-        held = _make_cold(eng, ("c1",), 1, gate)
-        prompt, sp, adapter = REQS[2]
-        assert adapter == "c1" and len(prompt) == 12
+        prompt, sp, adapter = LONG
         rid = eng.add_request(prompt, sp, adapter)
         toks = []
-        for _ in range(4):  # two chunks (8 + 4 tokens), then the load is still held
+        for _ in range(4):  # two chunks (32 + 8 tokens), then the load is still held
             toks += [t for o in eng.step() if o.request_id == rid for t in o.token_ids]
-        st = eng.cpu_stats
+        st = {k: eng.cpu_stats[k] - before[k] for k in before}
         assert st["cara_cpu_assist_prefills_total"] == 2  # one CPU-assisted plan per chunk
         assert st["cara_cpu_lora_layers_cpu_total"] == 2 * 20  # 2 of 3 layer groups, twice
         assert len(toks) == 1  # the first token; no decode before the load is done
@@ -255,8 +265,7 @@ def test_cpu_assist_chunk_by_chunk(smollm, smol_tok, smol_adapters, reference):
             eng.pool.release(content_hash)
         while eng.has_unfinished():
             toks += [t for o in eng.step() if o.request_id == rid for t in o.token_ids]
-        assert toks == reference[2]
+        assert toks == cached_runs[1]
     finally:
         gate.go.set()
         eng.pool.group_gate = None
-        eng.close()
