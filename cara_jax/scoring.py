@@ -49,8 +49,9 @@ def _full_logits(graphdef, state, tokens, hook, block_size):
                for p, rows in hook.slot_rows.items() if p in hook.a}  # fmt: skip
         blocks = {p: jnp.zeros((BLOCKS_BIG, RANK_BLOCK), jnp.int32) for p in idx}  # decode: unused
         own = {p: jnp.zeros((BLOCKS_BIG,), jnp.int32) for p in idx}
+        unused = {p: jnp.zeros((1,), jnp.int32) for p in idx}  # bgmv's table
         hook = RaggedLoraHook(
-            a=hook.a, b=hook.b, dec_rows=blocks, dec_ent=own, dec_own=own,
+            a=hook.a, b=hook.b, dec_rows=blocks, dec_ent=unused, dec_own=own,
             dec_bucket={p: jnp.int32(0) for p in idx}, ch_idx=idx,
             ch_bucket={p: jnp.int32(w // RANK_BLOCK) for p in idx}, meta=meta,
             strategy="mbgmv", backend=hook.backend,

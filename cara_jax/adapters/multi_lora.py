@@ -45,7 +45,9 @@ RANK_BLOCK = 16
 # the rest BLOCKS_SMALL at a time, so one rank-8 stream pays for 32 rank rows and 16 streams
 # over ranks 8-64 take 4 iterations
 BLOCKS_BIG, BLOCKS_SMALL = 8, 2
-# the granularity of the summed ranks mbgmv's decode runs at (cost models)
+assert BLOCKS_BIG % BLOCKS_SMALL == 0  # the small loop then never slices past the table's end
+# the granularity of the summed ranks mbgmv's decode runs at (cost models); the step itself
+# rounds each row's rank up to RANK_BLOCK first, which the cost model's work feature does not
 ENTRY_BLOCK = RANK_BLOCK * BLOCKS_SMALL
 BACKENDS = ("auto", "jnp", "pallas", "pallas_interpret")
 

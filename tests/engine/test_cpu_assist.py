@@ -249,6 +249,7 @@ def test_cpu_assist_chunk_by_chunk(assist_engine, cached_runs):
     before = dict(eng.cpu_stats)
     gate = _Gate(1)
     held = _make_cold(eng, ("c1",), 1, gate)
+    rid = None
     try:
         prompt, sp, adapter = LONG
         rid = eng.add_request(prompt, sp, adapter)
@@ -263,9 +264,18 @@ def test_cpu_assist_chunk_by_chunk(assist_engine, cached_runs):
         for h, content_hash in held:
             h.wait(60)
             eng.pool.release(content_hash)
+        held = []
         while eng.has_unfinished():
             toks += [t for o in eng.step() if o.request_id == rid for t in o.token_ids]
         assert toks == cached_runs[1]
+        assert not eng.cpu_pool.adapter_keys()
     finally:
         gate.go.set()
         eng.pool.group_gate = None
+        for h, content_hash in held:  # a failure above: leave the shared engine clean
+            h.wait(60)
+            eng.pool.release(content_hash)
+        if rid is not None and eng.has_unfinished():
+            eng.abort(rid)
+            while eng.has_unfinished():
+                eng.step()
