@@ -9,6 +9,10 @@ abstract arguments (shapes, dtypes, tree structure, static fields: model, cache 
 rank buckets, strategy) and the source of the modules that define the step. Anything that
 cannot be serialized (a program with host callbacks) is simply not stored. A damaged file is
 ignored and rewritten.
+
+A program to be stored is compiled with XLA's persistent cache off (``compile``): on CPU an
+executable that was itself loaded from that cache serializes to a payload that loads but fails
+when run ("Function ... not found"), which a changed key with an unchanged program would hit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+from jax._src import config as jax_config
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +34,16 @@ _SOURCES = ("engine/step.py", "model.py", "attention.py", "ragged.py", "sampler.
 
 
 def _code_hash() -> str:
+    """Hash of the sources a stored program was traced from: the engine's own and the kernels'
+    (the jnp references in pallas_kernels run inside the step too)."""
+    import pallas_kernels
+
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for rel in _SOURCES:
         h.update((root / rel).read_bytes())
+    for path in sorted(Path(pallas_kernels.__file__).resolve().parent.glob("*.py")):
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -45,14 +56,24 @@ class ProgramStore:
 
     @classmethod
     def from_jax_config(cls) -> ProgramStore | None:
-        """A store beside JAX's persistent compilation cache, when one is configured."""
+        """A store beside JAX's persistent compilation cache, when one is configured (and this
+        JAX can compile around that cache, see ``compile``)."""
         folder = jax.config.jax_compilation_cache_dir
-        return cls(Path(folder) / "programs") if folder else None
+        if not folder or not hasattr(jax_config, "enable_compilation_cache"):
+            return None
+        return cls(Path(folder) / "programs")
 
     def key(self, name: str, abstract_args) -> str:
         leaves, tree = jax.tree_util.tree_flatten(abstract_args)
         sig = repr((name, str(tree), [(tuple(a.shape), str(a.dtype)) for a in leaves]))
         return hashlib.sha256((self._salt + sig).encode()).hexdigest()[:40]
+
+    @staticmethod
+    def compile(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        """Compile a program that will be saved: never from XLA's persistent cache (see the
+        module docstring); the switch is thread-local, so parallel warm-up compiles are fine."""
+        with jax_config.enable_compilation_cache(False):
+            return lowered.compile()
 
     def load(self, key: str):
         path = self.folder / f"{key}.bin"

@@ -203,9 +203,12 @@ class ModelRunner:
         key = None if self._store is None else self._store.key(repr(p), args)
         exe = None if key is None else self._store.load(key)
         if exe is None:
-            exe = self._step.lower(*args).compile()
+            lowered = self._step.lower(*args)
             if key is not None and not p.cpu:
+                exe = self._store.compile(lowered)
                 self._store.save(key, exe)
+            else:
+                exe = lowered.compile()
         with self._lock:
             self._exe.setdefault(p, exe)
             self.compile_seconds += time.perf_counter() - t0
