@@ -97,8 +97,8 @@ def build_state(args: argparse.Namespace):
     from cara_jax.engine import Engine
     from cara_jax.tokenizer import Tokenizer
     from cara_jax.weights import DTYPES, load_model
-    from server.app import ServerConfig, ServerState, default_served_names
     from server.demo import demo_adapters
+    from server.instance.app import ServerConfig, ServerState, default_served_names
 
     if args.cost_model and not Path(args.cost_model).is_file():
         raise SystemExit(f"cara-serve: --cost-model {args.cost_model} is not a file")
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_fleet(fleet_config(args), args.host, args.port, args.ray_address)
     from aiohttp import web
 
-    from server.app import build_app
+    from server.instance.app import build_app
 
     state = build_state(args)
     start_warmup(state)

@@ -3,8 +3,8 @@ reading a JSON body, the API key check. Validated by hand (no schema library at 
 
 Every refusal is an ``ApiError`` that the app renders as OpenAI's error object
 ``{"error": {"message", "type", "param", "code"}}``, so clients get the same exceptions they get
-from OpenAI or vLLM. Requests are parsed in ``server/request_parsing.py`` (completions and chat,
-with vLLM's sampling extras), responses shaped in ``server/response_shapes.py``.
+from OpenAI or vLLM. Requests are parsed in ``server/instance/request_parsing.py`` (completions and chat,
+with vLLM's sampling extras), responses shaped in ``server/instance/response_shapes.py``.
 """
 
 from __future__ import annotations

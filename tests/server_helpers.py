@@ -17,13 +17,13 @@ import aiohttp
 import openai
 
 from cara_jax.sampling_params import SamplingParams
-from server.app import BackgroundServer, ServerState, build_app
 from server.cli import (
     COMPILE_CACHE_KEYS,
     build_parser,
     build_state,
     start_warmup,
 )
+from server.instance.app import BackgroundServer, ServerState, build_app
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -77,7 +77,7 @@ class EngineReplica:
             _pin_process(self.cpus)  # before JAX starts its thread pool
         else:
             self.cpus = set(os.sched_getaffinity(0))
-        from server.app import BackgroundServer, build_app
+        from server.instance.app import BackgroundServer, build_app
 
         t0 = time.perf_counter()
         self.state = await asyncio.to_thread(fleet.build_state, fleet.engine_args)
@@ -155,7 +155,7 @@ class EngineReplica:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """The scheduler state (docs/router.md) plus when it was taken."""
-        from server.instance_state import state_document
+        from server.instance.state_route import state_document
 
         self._start_heartbeats()
         doc = await state_document(self.state)

@@ -538,8 +538,8 @@ def real(tmp_path_factory):
     `srv`); the second publishes the CPU cost model, the first publishes none."""
     import jax
 
-    from server.app import BackgroundServer, build_app
     from server.cli import COMPILE_CACHE_KEYS, build_parser, build_state
+    from server.instance.app import BackgroundServer, build_app
 
     cache = Path(os.environ["CARA_JAX_CACHE"]) / "xla"
     before = {k: getattr(jax.config, k) for k in COMPILE_CACHE_KEYS}

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.app import BackgroundServer, build_app
 from server.cli import build_parser, build_state, start_warmup
+from server.instance.app import BackgroundServer, build_app
 from tests.helpers import ALL7, make_peft_adapters
 from tests.server_helpers import Srv, get, wait_ready
 

@@ -18,7 +18,6 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import BackgroundServer, ServerState, build_app
 from server.cli import (
     _engine_config,
     build_parser,
@@ -26,6 +25,7 @@ from server.cli import (
     lora_spec,
 )
 from server.demo import demo_adapters
+from server.instance.app import BackgroundServer, ServerState, build_app
 from tests.server_helpers import (
     CHAT,
     assert_error,
@@ -448,7 +448,7 @@ def test_schemathesis_serving_app_longer(srv, tmp_path):
 
 def test_engine_queue_bound_maps_to_429():
     from cara_jax.scheduling.admission import QueueFullError
-    from server.generation import _engine_error
+    from server.instance.generation import _engine_error
 
     e = _engine_error(QueueFullError(3))
     assert e.status == 429 and e.code == "queue_full" and "Retry-After" in e.headers
@@ -460,8 +460,8 @@ def test_health_is_starting_until_every_program_is_compiled(tiny, smollm_path):
     from cara_jax.api import AsyncEngine
     from cara_jax.engine import Engine, EngineConfig
     from cara_jax.tokenizer import Tokenizer
-    from server.app import BackgroundServer, ServerConfig, ServerState, build_app
     from server.cli import start_warmup
+    from server.instance.app import BackgroundServer, ServerConfig, ServerState, build_app
 
     eng = Engine(tiny, Tokenizer.from_path(smollm_path), EngineConfig(
         max_num_seqs=4, max_model_len=64, max_num_batched_tokens=32, token_buckets=(8, 32),

@@ -2,17 +2,17 @@
 
 Written by hand to match the handlers: request fields with the ranges the server enforces,
 responses with OpenAI's shapes, and every error status with the error object. The component
-schemas (request and response bodies) are in ``server/openapi_schemas.py``.
+schemas (request and response bodies) are in ``server/instance/openapi_schemas.py``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from server.openapi_schemas import _json, _ref, _schemas
+from server.instance.openapi_schemas import _json, _ref, _schemas
 
 if TYPE_CHECKING:
-    from server.state import AppState
+    from server.instance.state import AppState
 
 
 def _errors(*codes: int) -> dict:

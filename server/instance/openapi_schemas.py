@@ -1,4 +1,4 @@
-"""Component schemas of the OpenAPI description (``server/openapi.py``): the request and
+"""Component schemas of the OpenAPI description (``server/instance/openapi.py``): the request and
 response bodies, with the ranges the server enforces and OpenAI's shapes.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from cara_jax.sampling_params import MAX_LOGPROBS
-from server.request_parsing import MAX_N
+from server.instance.request_parsing import MAX_N
 
 REF = "#/components/schemas/"
 

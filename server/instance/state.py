@@ -2,7 +2,7 @@
 the handlers share.
 
 Handlers, metrics, the adapter manager and the OpenAPI document read the state through
-``AppState`` (a protocol), so none of them imports ``server.app``; ``server.app`` builds the
+``AppState`` (a protocol), so none of them imports ``server.instance.app``; ``server.instance.app`` builds the
 concrete ``ServerState`` and imports them.
 """
 
@@ -36,7 +36,7 @@ class ServerConfig:
 
 
 class AppState(Protocol):
-    """What the handlers share (``server.app.ServerState`` is the implementation)."""
+    """What the handlers share (``server.instance.app.ServerState`` is the implementation)."""
 
     async_engine: Any  # cara_jax.api.AsyncEngine
     engine: Any  # cara_jax.engine.Engine
@@ -44,10 +44,10 @@ class AppState(Protocol):
     tokenizer: Any
     max_len: int
     vocab: int
-    token_text: Any  # server.response_shapes.TokenText
-    lora_dir: Any  # server.lora_dir.LoraDir | None
-    metrics: Any  # server.metrics.Metrics
-    adapters: Any  # server.adapters.AdapterManager
+    token_text: Any  # server.instance.response_shapes.TokenText
+    lora_dir: Any  # server.instance.lora_dir.LoraDir | None
+    metrics: Any  # server.instance.metrics.Metrics
+    adapters: Any  # server.instance.adapters.AdapterManager
     created: int
     draining: bool
     start_error: str | None

@@ -16,13 +16,13 @@ from pathlib import Path
 from aiohttp import web
 
 from cara_jax.api import AsyncEngine
-from server.adapters import AdapterManager
-from server.lora_dir import LoraDir
-from server.metrics import Metrics
+from server.instance.adapters import AdapterManager
+from server.instance.lora_dir import LoraDir
+from server.instance.metrics import Metrics
+from server.instance.response_shapes import TokenText
+from server.instance.state import STATE, ServerConfig
 from server.middleware import auth_middleware, error_middleware
 from server.protocol import ApiError
-from server.response_shapes import TokenText
-from server.state import STATE, ServerConfig
 
 log = logging.getLogger(__name__)
 MAX_BODY = 16 << 20
@@ -100,7 +100,7 @@ async def _close_engine(app: web.Application) -> None:
 
 
 def build_app(state: ServerState) -> web.Application:
-    from server.routes import add_routes
+    from server.instance.routes import add_routes
 
     middlewares = [error_middleware(_count), auth_middleware(_api_key)]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)

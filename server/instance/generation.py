@@ -22,10 +22,10 @@ from cara_jax.engine import PromptTooLongError
 from cara_jax.engine.sequence import RequestOutput
 from cara_jax.sampling_params import InvalidRequestError
 from cara_jax.scheduling.admission import QueueFullError
+from server.instance.request_parsing import GenerationRequest
+from server.instance.response_shapes import chat_logprobs, completion_logprobs, finish_reason, usage
+from server.instance.state import AppState
 from server.protocol import ApiError, error_body
-from server.request_parsing import GenerationRequest
-from server.response_shapes import chat_logprobs, completion_logprobs, finish_reason, usage
-from server.state import AppState
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import asyncio
 
 from aiohttp import web
 
-from server.state import STATE, AppState
+from server.instance.state import STATE, AppState
 
 
 def _state_document(state: AppState, live: dict) -> dict:

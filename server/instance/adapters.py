@@ -21,7 +21,7 @@ from cara_jax.adapters.store import RegisteredAdapter, UnknownAdapterError
 from server.protocol import ApiError, not_found_model
 
 if TYPE_CHECKING:
-    from server.state import AppState
+    from server.instance.state import AppState
 
 log = logging.getLogger(__name__)
 MAX_NAME = 256

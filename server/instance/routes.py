@@ -10,12 +10,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from server.generation import Generation
-from server.instance_state import add_state_route
-from server.openapi import openapi_spec
+from server.instance.generation import Generation
+from server.instance.openapi import openapi_spec
+from server.instance.request_parsing import parse_chat, parse_completion
+from server.instance.state import STATE, AppState
+from server.instance.state_route import add_state_route
 from server.protocol import ApiError, read_json_object
-from server.request_parsing import parse_chat, parse_completion
-from server.state import STATE, AppState
 
 log = logging.getLogger(__name__)
 _BIG_BODY = 64 << 10  # tokenize bodies larger than this off the event loop
