@@ -297,3 +297,4 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)
+        self.packed.close()

@@ -2,7 +2,8 @@
 
 A cold load should cost its copy and nothing else. So an adapter is converted to the pool's
 layout and dtype once (``PackedStore.get``, at registration) and the result is written to disk
-under its content hash. Later loads, in this process or the next, map that file: no safetensors
+under its content hash, by a writer thread (the request that registered it does not wait for
+the file: until it lands the copy is served from memory). Later loads, in this process or the next, map that file: no safetensors
 parse, no transposes, no padding. Each layer group is one contiguous slice of it, so a group's
 load is one host-to-device transfer and one write program (pool_write.py).
 
@@ -28,6 +29,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +142,10 @@ class PackedStore:
         self.rebuilt = 0  # damaged or stale files replaced
         self.write_errors = 0  # conversions that could not be written (disk full, read-only)
         self.disk_hits = 0
+        # copies are written to disk off the request's path: the first request on an adapter
+        # pays for the conversion only, not for writing and checking its file
+        self._pending: list[Future] = []
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="packed-write")
 
     def path(self, content_hash: str) -> Path | None:
         if self.folder is None:
@@ -164,10 +170,32 @@ class PackedStore:
         if item is not None:
             return item
         item = pack(adapter, self.layout)
-        mapped = self._write(item)
-        item = mapped or item
         self._keep(item)
+        if self.folder is not None:
+            with self._lock:
+                self._pending = [f for f in self._pending if not f.done()]
+                self._pending.append(self._writer.submit(self._persist, item))
         return item
+
+    def _persist(self, item: PackedAdapter) -> None:
+        """Write ``item``'s file, then serve the mapped copy in its place (its RAM is freed)."""
+        mapped = self._write(item)
+        if mapped is None:
+            return
+        with self._lock:
+            if self._items.get(item.content_hash) is item:
+                self._items[item.content_hash] = mapped
+
+    def flush(self) -> None:
+        """Wait for the disk writes started so far."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.shutdown(wait=True)
 
     def modules(self, item: PackedAdapter) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
         """(layer, projection) -> (A [in, r], B [r, out]) float32, unpacked from the device
@@ -204,7 +232,9 @@ class PackedStore:
 
     # ------------------------------------------------------------------ disk
 
-    def _read(self, content_hash: str) -> PackedAdapter | None:
+    def _read(self, content_hash: str, verify: bool = True) -> PackedAdapter | None:
+        """The mapped copy on disk, checked against its digest (``verify``: a file this store
+        has just written is not re-read to check it), or None (missing or damaged)."""
         path = self.path(content_hash)
         if path is None or not path.exists():
             return None
@@ -225,7 +255,9 @@ class PackedStore:
             if path.stat().st_size != start + total:
                 raise ValueError(f"truncated ({path.stat().st_size} of {start + total} bytes)")
             mm = np.memmap(path, dtype=dtype, mode="r", offset=start, shape=(sum(sizes),))
-            if hashlib.blake2b(mm.view(np.uint8), digest_size=16).hexdigest() != meta["digest"]:
+            if verify and hashlib.blake2b(mm.view(np.uint8), digest_size=16).hexdigest() != meta[
+                "digest"
+            ]:
                 raise ValueError("content check failed")
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             log.warning("packed copy %s is damaged (%s): rebuilding it", path.name, e)
@@ -239,7 +271,8 @@ class PackedStore:
         for n in sizes:
             groups.append(mm[off : off + n])
             off += n
-        self.disk_hits += 1
+        if verify:
+            self.disk_hits += 1
         ranks = {k: int(v) for k, v in meta["ranks"].items()}
         return PackedAdapter(content_hash, width, ranks, groups, "disk")
 
@@ -278,4 +311,4 @@ class PackedStore:
                 except OSError:
                     pass
             return None
-        return self._read(item.content_hash)
+        return self._read(item.content_hash, verify=False)

@@ -40,8 +40,12 @@ def _check_rows(pool, adapter):
 def test_packed_copy_round_trips_through_disk_and_loads_the_same_rows(tiny, adapters, tmp_path):
     pool = _pool(tiny, tmp_path)
     for a in adapters.values():
-        packed = pool.prepare(a)
+        assert pool.prepare(a).source == "memory"  # served at once; its file is written after
+    pool.packed.flush()
+    for a in adapters.values():
+        packed = pool.packed.lookup(a.content_hash)
         assert packed.source == "disk" and pool.packed.path(a.content_hash).exists()
+        assert isinstance(packed.groups[0], np.memmap)  # the mapped copy replaced the RAM one
     # a new process: the copies come from disk, mapped, without the adapters' folders
     pool2 = _pool(tiny, tmp_path)
     for a in adapters.values():
@@ -58,7 +62,9 @@ def test_packed_copy_round_trips_through_disk_and_loads_the_same_rows(tiny, adap
 @pytest.mark.parametrize("damage", ["truncate", "flip", "header"])
 def test_a_damaged_copy_is_rebuilt_never_served(tiny, adapters, tmp_path, damage):
     a = adapters["r8"]
-    _pool(tiny, tmp_path).prepare(a)
+    first = _pool(tiny, tmp_path)
+    first.prepare(a)
+    first.close()  # its file written
     pool = _pool(tiny, tmp_path)
     path = pool.packed.path(a.content_hash)
     raw = bytearray(path.read_bytes())
@@ -71,8 +77,9 @@ def test_a_damaged_copy_is_rebuilt_never_served(tiny, adapters, tmp_path, damage
     path.write_bytes(bytes(raw))
     assert pool.packed.lookup(a.content_hash) is None
     assert pool.packed.rebuilt == 1 and not path.exists()
-    packed = pool.prepare(a)  # converted again from the parsed adapter and written anew
-    assert packed.source == "disk" and path.exists()
+    pool.prepare(a)  # converted again from the parsed adapter and written anew
+    pool.packed.flush()
+    assert pool.packed.lookup(a.content_hash).source == "disk" and path.exists()
     pool.acquire(a).wait(60)
     _check_rows(pool, a)
     pool.close()
@@ -83,7 +90,9 @@ def test_a_disk_that_refuses_writes_leaves_the_adapter_servable(tiny, adapters, 
     blocker.write_text("a file where the cache folder should be")
     pool = _pool(tiny, blocker / "adapters")
     a = adapters["r128_pattern"]
-    packed = pool.prepare(a)
+    pool.prepare(a)
+    pool.packed.flush()
+    packed = pool.packed.lookup(a.content_hash)
     assert packed.source == "memory" and pool.packed.write_errors == 1
     pool.acquire(a).wait(60)
     _check_rows(pool, a)
