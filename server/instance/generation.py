@@ -101,7 +101,9 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.subs = []
         self.choices: list[_Choice] = []
-        self.prompt_tokens = sum(len(p) for p in req.prompts) * req.n
+        # usage counts each prompt once, whatever n (as OpenAI and vLLM do); the engine
+        # admits it n times, which the prompt-token metric counts
+        self.prompt_tokens = sum(len(p) for p in req.prompts)
 
     async def submit(self) -> None:
         ae, req = self.state.async_engine, self.req
@@ -122,7 +124,7 @@ class Generation:
         for r in results:
             if isinstance(r, BaseException):
                 raise _engine_error(r)
-        self.state.metrics.prompt_tokens.inc(self.prompt_tokens)
+        self.state.metrics.prompt_tokens.inc(self.prompt_tokens * req.n)
 
     def cancel(self) -> None:
         for s in self.subs:
@@ -162,11 +164,10 @@ class Generation:
                     m.slo_violations.inc()
 
     def usage(self) -> dict:
-        return usage(
-            self.prompt_tokens,
-            sum(c.tokens for c in self.choices),
-            sum(c.cached for c in self.choices),
-        )
+        n = self.req.n  # a prompt's cached tokens: the most any of its n choices found cached
+        cached = sum(max(c.cached for c in self.choices[i : i + n])
+                     for i in range(0, len(self.choices), n))  # fmt: skip
+        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices), cached)
 
     def _prefix(self, i: int) -> str:
         """Echoed prompt text of choice i (completions with ``echo``)."""

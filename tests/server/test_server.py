@@ -195,6 +195,9 @@ def test_sampling_fields_seed_stop_n(srv):
     r = many.result()
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     assert 0 < r.usage.completion_tokens <= 12
+    tok = srv.state.tokenizer  # each prompt counted once whatever n, as OpenAI and vLLM count
+    want = sum(len(tok.encode(p, True)) for p in ("Hello", "Goodbye"))
+    assert r.usage.prompt_tokens == want and r.usage.prompt_tokens_details.cached_tokens <= want
     got = {0: "", 1: ""}
     for ch in chat_n.result():
         for c in ch.choices:
