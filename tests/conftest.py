@@ -111,3 +111,26 @@ def tiny(tiny_llama_dir):
     from cara_jax.weights import load_model
 
     return load_model(tiny_llama_dir, use_cache=False)
+
+
+# The files that take longest (their engines' compiles dominate), longest first. `make test`
+# splits the suite over processes file by file; a long file handed out last would be the run's
+# tail, so these go first and the many short files fill in around them.
+LONGEST_FIRST = (
+    "tests/model/test_model_parity.py",
+    "tests/engine/test_cpu_assist.py",
+    "tests/server/test_server_cold_start.py",
+    "tests/server/test_server_ops.py",
+    "tests/server/test_server.py",
+    "tests/engine/test_paged_engine.py",
+    "tests/engine/test_engine.py",
+    "tests/engine/test_prefix_cache.py",
+    "tests/engine/test_cold_start_auto.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    root = Path(str(config.rootpath))
+    items.sort(key=lambda it: rank.get(Path(str(it.path)).relative_to(root).as_posix(),
+                                       len(rank)))  # fmt: skip
