@@ -1,6 +1,6 @@
 """The middlewares every aiohttp app of the package uses (cara-serve, cara-router): every
 failure becomes OpenAI's error object and is counted by endpoint and status; ``--api-key``
-guards /v1/*."""
+guards /v1/*; a request's ``X-Request-Id`` is echoed on its answer (``echo_request_id``)."""
 
 from __future__ import annotations
 
@@ -78,3 +78,11 @@ def auth_middleware(key_of: Callable[[web.Request], str | None]):
         return await handler(request)
 
     return middleware
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: a client's X-Request-Id comes back on the answer, streamed
+    or not, errors included (as vLLM's request-id headers do), so logs on both sides join."""
+    rid = request.headers.get("X-Request-Id")
+    if rid and "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = rid[:256]

@@ -21,7 +21,7 @@ from server.instance.lora_dir import LoraDir
 from server.instance.metrics import Metrics
 from server.instance.response_shapes import TokenText
 from server.instance.state import STATE, ServerConfig
-from server.middleware import auth_middleware, error_middleware
+from server.middleware import auth_middleware, echo_request_id, error_middleware
 from server.protocol import ApiError
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def build_app(state: ServerState) -> web.Application:
 
     middlewares = [error_middleware(_count), auth_middleware(_api_key)]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+    app.on_response_prepare.append(echo_request_id)
     app[STATE] = state
     add_routes(app)
     app.on_shutdown.append(_drain)

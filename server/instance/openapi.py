@@ -131,6 +131,18 @@ def openapi_spec(state: AppState) -> dict:
                     },
                 }
             },
+            "/version": {
+                "get": {
+                    "summary": "The server's version (vLLM's /version)",
+                    "responses": {
+                        "200": {
+                            "description": "Version",
+                            "content": _json({"type": "object", "required": ["version"],
+                                              "properties": {"version": {"type": "string"}}}),
+                        },
+                    },
+                }
+            },
             "/v1/scheduler/state": {
                 "get": {
                     "summary": "Running and queued requests with LoRA ranks and SLOs, the cost "

@@ -175,6 +175,18 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- operations
 
 
+async def version(request: web.Request) -> web.Response:
+    """vLLM's /version: the server's package version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        v = package_version("cara-jax")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        v = "unknown"
+    return web.json_response({"version": v})
+
+
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ae = state.async_engine
@@ -226,6 +238,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
     app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     app.router.add_get("/health", health)
+    app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     add_state_route(app)

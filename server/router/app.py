@@ -19,7 +19,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from server.middleware import auth_middleware, error_middleware
+from server.middleware import auth_middleware, echo_request_id, error_middleware
 from server.router.config import RouterConfig, RouterConfigError
 from server.router.handlers import generate, get_model, health, list_models, metrics, router_state
 from server.router.routing import ROUTER, RouterState
@@ -67,6 +67,7 @@ async def _stop(app: web.Application) -> None:
 def build_router_app(config: RouterConfig) -> web.Application:
     middlewares = [error_middleware(_count, "internal router error"), auth_middleware(_api_key)]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+    app.on_response_prepare.append(echo_request_id)
     app[ROUTER] = RouterState(config)
     app.router.add_post("/v1/completions", generate)
     app.router.add_post("/v1/chat/completions", generate)

@@ -42,6 +42,33 @@ srv = pytest.fixture(scope="module")(start_server)
 # ---------------------------------------------------------------------------- errors, load
 
 
+def test_version_and_request_id_echo(srv):
+    """/version answers as vLLM's does; a client's X-Request-Id comes back on a plain answer, a
+    streamed one and an error."""
+    from importlib.metadata import version
+
+    status, text = get(srv.url + "/version")
+    assert status == 200 and json.loads(text) == {"version": version("cara-jax")}
+    url = srv.url + "/v1/completions"
+    body = {"model": srv.base, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    status, headers, _ = post(url, body, {"X-Request-Id": "req-plain"})
+    rid = lambda h: {k.lower(): v for k, v in h.items()}.get("x-request-id")  # noqa: E731
+    assert status == 200 and rid(headers) == "req-plain"
+    status, headers, _ = post(url, {**body, "model": "no-such-model"}, {"X-Request-Id": "req-bad"})
+    assert status == 404 and rid(headers) == "req-bad"
+
+    async def streamed():
+        async with aiohttp.ClientSession() as s, s.post(
+            url, json={**body, "stream": True}, headers={"X-Request-Id": "req-stream"}
+        ) as r:
+            await r.read()
+            return r.status, r.headers.get("X-Request-Id")
+
+    assert asyncio.run(streamed()) == (200, "req-stream")
+    status, headers, _ = post(url, body)  # none sent: none invented
+    assert status == 200 and rid(headers) is None
+
+
 def test_bad_requests(srv):
     url = srv.url + "/v1/completions"
     for raw in (b"{not json", b"[1, 2]", b'{"model": "x", "prompt": "a\\ud800b"}'):
