@@ -122,7 +122,8 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
         )  # fmt: skip
         self.packed = PackedStore(self.layout, pc.cache_dir, pc.packed_budget_bytes)
         self.link_gbps = pc.emulate_link_gbps  # benches may change it between loads
-        self._writers: dict[tuple[int, int], object] = {}  # (group size, width) -> executable
+        # (group size, in, out, width) -> executable
+        self._writers: dict[tuple[int, int, int, int], object] = {}
         self._widths: set[int] = set()  # write widths of the adapters prepared
         self._writers_warm = False  # every width compiled (warm_writer ran)
         self.late_compiles = 0  # write programs compiled after that (0 unless a bug)
@@ -174,9 +175,9 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
         width is compiled now, or by ``warm_writer`` (start-up) if ``compile_writer`` is False."""
         packed = self.packed.get(adapter)
         self._check(packed)
-        self._widths.add(packed.width)
+        self._widths.update(packed.widths.values())
         if compile_writer:
-            self.ensure_writer(packed.width)
+            self.ensure_writer(packed.widths)
         return packed
 
     def acquire(self, adapter: LoraAdapter | PackedAdapter) -> LoadHandle:

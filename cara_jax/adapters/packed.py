@@ -3,20 +3,23 @@
 A cold load should cost its copy and nothing else. So an adapter is converted to the pool's
 layout and dtype once (``PackedStore.get``, at registration) and the result is written to disk
 under its content hash, by a writer thread (the request that registered it does not wait for
-the file: until it lands the copy is served from memory). Later loads, in this process or the next, map that file: no safetensors
-parse, no transposes, no padding. Each layer group is one contiguous slice of it, so a group's
-load is one host-to-device transfer and one write program (pool_write.py).
+the file: until it lands the copy is served from memory). Later loads, in this process or the
+next, map that file: no safetensors parse, no transposes, no padding. Each layer group is one
+contiguous slice of it, each projection a contiguous part of that slice, so a group's load is,
+per targeted projection, one host-to-device transfer and one write program (pool_write.py).
 
-Layout, per layer group g (layers n_g), for each pool projection p in order: A^T as
-[n_g, w, in_p], then B (scaling folded in) as [n_g, w, out_p]; w is the adapter's write width
-(its largest rank rounded up to a power of two, at least 8). Rows beyond a projection's rank,
-and projections the adapter does not target, are zeros.
+Layout, per layer group g (layers n_g), for each pool projection p the adapter targets, in the
+pool's order: A^T as [n_g, w_p, in_p], then B (scaling folded in) as [n_g, w_p, out_p]; w_p is
+that projection's write width (its rank rounded up to a power of two, at least 8). Rows beyond
+a projection's rank are zeros; projections the adapter does not target take no bytes, so a
+rank-128 q/k/v/o adapter's copy is its own 59 MB (SmolLM2, float32), not the 156 MB it took
+when every pool projection was laid out at the adapter's largest rank (format 1).
 
 File: an 8-byte magic, an 8-byte header length, a JSON header (content hash, layout key,
-width, ranks, group offsets, a BLAKE2 digest of the payload), the payload at a 64-byte
-boundary. A file that is truncated, of another layout, or whose digest does not match is never
-served: it is rebuilt from the adapter. If the disk is full or read-only the converted copy stays
-in memory and the adapter is served from its folder as before.
+ranks per projection, a BLAKE2 digest of the payload), the payload at a 64-byte boundary. A
+file that is truncated, of another layout, or whose digest does not match is never served: it
+is rebuilt from the adapter. If the disk is full or read-only the converted copy stays in
+memory and the adapter is served from its folder as before.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from cara_jax.adapters.peft import LoraAdapter
 log = logging.getLogger(__name__)
 
 MAGIC = b"CARAPAK1"
-FORMAT = 1
+FORMAT = 2
 _ALIGN = 64
 
 
@@ -71,9 +74,21 @@ class PoolLayout:
         text = json.dumps([FORMAT, self.projections, self.shapes, self.groups, self.dtype])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def group_elems(self, g: int, width: int) -> int:
-        n = self.groups[g][1]
-        return sum(n * width * (din + dout) for din, dout in self.shapes)
+    def parts(self, g: int, widths: dict[str, int]) -> list[tuple[str, int, int, int]]:
+        """(projection, offset, elements, width) of each projection in group g's payload."""
+        n, out, off = self.groups[g][1], [], 0
+        for p, (din, dout) in zip(self.projections, self.shapes, strict=True):
+            w = widths.get(p, 0)
+            if w:
+                out.append((p, off, n * w * (din + dout), w))
+                off += n * w * (din + dout)
+        return out
+
+    def group_elems(self, g: int, widths: dict[str, int]) -> int:
+        return sum(size for _, _, size, _ in self.parts(g, widths))
+
+    def shape_of(self, p: str) -> tuple[int, int]:
+        return self.shapes[self.projections.index(p)]
 
 
 @dataclasses.dataclass
@@ -81,7 +96,6 @@ class PackedAdapter:
     """One adapter in a pool's layout; ``groups[g]`` is the flat payload of layer group g."""
 
     content_hash: str
-    width: int
     ranks: dict[str, int]  # rank rows per projection (0: not targeted)
     groups: list[np.ndarray]
     source: str  # "disk" (memory-mapped file) or "memory" (converted, not on disk)
@@ -89,6 +103,11 @@ class PackedAdapter:
     @property
     def max_rank(self) -> int:
         return max(self.ranks.values(), default=0)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Write width per targeted projection (pool_write.py has one program per width)."""
+        return {p: write_width(r) for p, r in self.ranks.items() if r}
 
     @property
     def nbytes(self) -> int:
@@ -103,24 +122,29 @@ def pack(adapter: LoraAdapter, layout: PoolLayout) -> PackedAdapter:
         if p not in layout.projections:
             raise ValueError(f"this pool does not hold projection {p}")
         ranks[p] = max(ranks.get(p, 0), m.rank)
-    width = write_width(max(ranks.values(), default=1))
+    widths = {p: write_width(r) for p, r in ranks.items()}
     dtype = np.dtype(layout.dtype) if layout.dtype != "bfloat16" else _bf16()
     groups = []
     for g, (first, n) in enumerate(layout.groups):
-        flat = np.zeros(layout.group_elems(g, width), dtype)
-        off = 0
-        for p, (din, dout) in zip(layout.projections, layout.shapes, strict=True):
-            a = flat[off : off + n * width * din].reshape(n, width, din)
-            off += n * width * din
-            b = flat[off : off + n * width * dout].reshape(n, width, dout)
-            off += n * width * dout
+        flat = np.zeros(layout.group_elems(g, widths), dtype)
+        for p, a, b in _views(layout, g, widths, flat):
             for k in range(n):
                 m = adapter.modules.get((first + k, p))
                 if m is not None:
                     a[k, : m.rank] = m.a.T
                     b[k, : m.rank] = m.b
         groups.append(flat)
-    return PackedAdapter(adapter.content_hash, width, ranks, groups, "memory")
+    return PackedAdapter(adapter.content_hash, ranks, groups, "memory")
+
+
+def _views(layout: PoolLayout, g: int, widths: dict[str, int], flat: np.ndarray):
+    """(projection, A^T [n, w, in], B [n, w, out]) views of group g's payload."""
+    n = layout.groups[g][1]
+    for p, off, _, w in layout.parts(g, widths):
+        din, dout = layout.shape_of(p)
+        a = flat[off : off + n * w * din].reshape(n, w, din)
+        b = flat[off + n * w * din : off + n * w * (din + dout)].reshape(n, w, dout)
+        yield p, a, b
 
 
 def _bf16():
@@ -201,17 +225,9 @@ class PackedStore:
         """(layer, projection) -> (A [in, r], B [r, out]) float32, unpacked from the device
         layout (for the CPU workers when the parsed adapter has left the host tier)."""
         out = {}
-        w = item.width
         for g, (first, n) in enumerate(self.layout.groups):
-            flat, off = item.groups[g], 0
-            for p, (din, dout) in zip(self.layout.projections, self.layout.shapes, strict=True):
-                a = flat[off : off + n * w * din].reshape(n, w, din)
-                off += n * w * din
-                b = flat[off : off + n * w * dout].reshape(n, w, dout)
-                off += n * w * dout
-                r = item.ranks.get(p, 0)
-                if not r:
-                    continue
+            for p, a, b in _views(self.layout, g, item.widths, item.groups[g]):
+                r = item.ranks[p]
                 for k in range(n):
                     out[(first + k, p)] = (np.asarray(a[k, :r].T, np.float32),
                                            np.asarray(b[k, :r], np.float32))  # fmt: skip
@@ -248,8 +264,9 @@ class PackedStore:
             start = -(-(16 + hlen) // _ALIGN) * _ALIGN
             if meta["content_hash"] != content_hash or meta["layout"] != self.layout.key:
                 raise ValueError("another adapter or layout")
-            width = int(meta["width"])
-            sizes = [self.layout.group_elems(g, width) for g in range(len(self.layout.groups))]
+            ranks = {k: int(v) for k, v in meta["ranks"].items()}
+            widths = {p: write_width(r) for p, r in ranks.items() if r}
+            sizes = [self.layout.group_elems(g, widths) for g in range(len(self.layout.groups))]
             dtype = np.dtype(self.layout.dtype) if self.layout.dtype != "bfloat16" else _bf16()
             total = sum(sizes) * dtype.itemsize
             if path.stat().st_size != start + total:
@@ -273,8 +290,7 @@ class PackedStore:
             off += n
         if verify:
             self.disk_hits += 1
-        ranks = {k: int(v) for k, v in meta["ranks"].items()}
-        return PackedAdapter(content_hash, width, ranks, groups, "disk")
+        return PackedAdapter(content_hash, ranks, groups, "disk")
 
     def _write(self, item: PackedAdapter) -> PackedAdapter | None:
         """Write atomically (temp file, then rename); the mapped copy, or None if the disk
@@ -287,7 +303,7 @@ class PackedStore:
         for b in payload:
             h.update(b)
         meta = json.dumps({"content_hash": item.content_hash, "layout": self.layout.key,
-                           "width": item.width, "ranks": item.ranks,
+                           "ranks": item.ranks,
                            "digest": h.hexdigest()}).encode()  # fmt: skip
         start = -(-(16 + len(meta)) // _ALIGN) * _ALIGN
         tmp = None

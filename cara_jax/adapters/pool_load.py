@@ -82,29 +82,31 @@ class _Entry:
 class PoolLoader:
     """The loader thread's copy of an adapter, one layer group at a time (needs the pool's
     ``projections``, ``groups``, ``group_gate``, ``link_gbps``, ``lock``, ``stats``,
-    ``_load_events``, ``_entries``, ``_drop``, ``_writer`` and ``_group_arrays``)."""
+    ``_load_events``, ``_entries``, ``_drop``, ``_writer``, ``layout`` and
+    ``_projection_arrays``)."""
 
     def _load(self, e: _Entry) -> None:
         packed = e.adapter
-        w = packed.width
-        idx = np.zeros((len(self.projections), w), np.int32)
-        for k, p in enumerate(self.projections):
-            rows = e.rows.get(p)
-            if rows is not None:
-                idx[k, : len(rows)] = rows
+        widths = packed.widths
+        idx = {}  # the pool rows per projection, padded with row 0 to its write width
+        for p, w in widths.items():
+            idx[p] = np.zeros(w, np.int32)
+            idx[p][: len(e.rows[p])] = e.rows[p]
         link = self.link_gbps
         try:
             for g, layers in enumerate(self.groups):
                 if self.group_gate is not None:
                     self.group_gate(packed.content_hash, g)
                 t0 = time.perf_counter()
-                write = self._writer(g, w)
-                flat = jax.device_put(np.asarray(packed.groups[g]))  # the group's one copy
-                targets = self._group_arrays(layers)
-                with self.lock:
-                    new = write(tuple(lst[layer] for lst, layer in targets), idx, flat)
-                    for (lst, layer), arr in zip(targets, new, strict=True):
-                        lst[layer] = arr
+                flat = np.asarray(packed.groups[g])
+                for p, off, size, w in self.layout.parts(g, widths):
+                    write = self._writer(g, p, w)
+                    part = jax.device_put(flat[off : off + size])  # the projection's one copy
+                    targets = self._projection_arrays(p, layers)
+                    with self.lock:
+                        new = write(tuple(lst[layer] for lst, layer in targets), idx[p], part)
+                        for (lst, layer), arr in zip(targets, new, strict=True):
+                            lst[layer] = arr
                 if link:  # the emulated link: a copy takes at least bytes / bandwidth
                     time.sleep(max(0.0, packed.groups[g].nbytes / (link * 1e9)
                                    - (time.perf_counter() - t0)))  # fmt: skip

@@ -17,33 +17,29 @@ from cara_jax.adapters.packed import write_width
 log = logging.getLogger("cara_jax.adapters.device_pool")  # the pool's logger, whichever module logs
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames=("dims", "n", "w"))
-def _write_group(
+@partial(jax.jit, donate_argnums=0, static_argnames=("din", "dout", "n", "w"))
+def _write_projection(
     arrays: tuple[jax.Array, ...],
     idx: jax.Array,
     flat: jax.Array,
     *,
-    dims: tuple[tuple[int, int], ...],
+    din: int,
+    dout: int,
     n: int,
     w: int,
 ) -> tuple[jax.Array, ...]:
-    """Write one layer group of an adapter into the pool, in place (the arrays are donated).
+    """Write one projection of one layer group of an adapter into the pool, in place (the
+    arrays are donated).
 
-    ``arrays``: per projection, its n layers' A pools then its n layers' B pools; ``idx``
-    [projections, w] the pool rows (row 0, which stays zero, pads); ``flat`` the group's packed
-    payload (packed.py). One program per (group size, write width), compiled before serving.
+    ``arrays``: the projection's n layers' A pools then its n layers' B pools; ``idx`` [w] the
+    pool rows (row 0, which stays zero, pads); ``flat`` that projection's part of the group's
+    packed payload (packed.py). One program per (group size, in, out, write width): a handful
+    of shape classes (SmolLM2: four) times six widths, compiled before serving.
     """
-    out, off, k = [], 0, 0
-    for p, (din, dout) in enumerate(dims):
-        a = flat[off : off + n * w * din].reshape(n, w, din)
-        off += n * w * din
-        b = flat[off : off + n * w * dout].reshape(n, w, dout)
-        off += n * w * dout
-        for vals in (a, b):
-            for layer in range(n):
-                pool = arrays[k]
-                out.append(pool.at[idx[p]].set(vals[layer].astype(pool.dtype)))
-                k += 1
+    a = flat[: n * w * din].reshape(n, w, din)
+    b = flat[n * w * din :].reshape(n, w, dout)
+    out = [arrays[k].at[idx].set(a[k].astype(arrays[k].dtype)) for k in range(n)]
+    out += [arrays[n + k].at[idx].set(b[k].astype(arrays[n + k].dtype)) for k in range(n)]
     return tuple(out)
 
 
@@ -51,58 +47,63 @@ _COMPILED_WRITES: dict[tuple, object] = {}
 
 
 class PoolWriter:
-    """Write programs of the pool's group sizes and widths (needs the pool's ``a``, ``b``,
-    ``projections``, ``groups``, ``layout``, ``dtype``, ``config``, ``_writers``,
+    """Write programs of the pool's group sizes, projection shapes and widths (needs the pool's
+    ``a``, ``b``, ``projections``, ``groups``, ``layout``, ``dtype``, ``config``, ``_writers``,
     ``_writer_lock``, ``_widths``, ``_writers_warm`` and ``late_compiles``)."""
 
-    def _group_arrays(self, layers: range) -> list[tuple[list, int]]:
-        """(pool list, layer) of every array a group's write replaces, in _write_group's order."""
-        return [(pools[p], layer) for p in self.projections for pools in (self.a, self.b)
-                for layer in layers]  # fmt: skip
+    def _projection_arrays(self, p: str, layers: range) -> list[tuple[list, int]]:
+        """(pool list, layer) of every array a write of p's group replaces, in its order."""
+        return [(pools[p], layer) for pools in (self.a, self.b) for layer in layers]
 
-    def _writer(self, g: int, width: int):
-        """The compiled write of group ``g``'s size at ``width``, compiled (ahead of time, outside
-        the pool lock) on first use."""
-        n = len(self.groups[g])
-        exe = self._writers.get((n, width))
+    def _writer(self, g: int, p: str, width: int):
+        """The compiled write of projection ``p`` for group ``g``'s size at ``width``, compiled
+        (ahead of time, outside the pool lock) on first use."""
+        din, dout = self.layout.shape_of(p)
+        key = (len(self.groups[g]), din, dout, width)
+        exe = self._writers.get(key)
         if exe is not None:
             return exe
         with self._writer_lock:  # warm-up and a registration may ask for the same one
-            return self._compile_writer(g, n, width)
+            return self._compile_writer(g, p, key)
 
-    def _compile_writer(self, g: int, n: int, width: int):
-        exe = self._writers.get((n, width))
+    def _compile_writer(self, g: int, p: str, key: tuple[int, int, int, int]):
+        exe = self._writers.get(key)
         if exe is None:
-            targets = self._group_arrays(self.groups[g])
+            n, din, dout, width = key
+            targets = self._projection_arrays(p, self.groups[g])
             arrays = tuple(jax.ShapeDtypeStruct(lst[layer].shape, lst[layer].dtype)
                            for lst, layer in targets)  # fmt: skip
-            idx = jax.ShapeDtypeStruct((len(self.projections), width), jnp.int32)
-            flat = jax.ShapeDtypeStruct((self.layout.group_elems(g, width),), self.dtype)
-            key = (arrays, idx, flat, self.layout.shapes, n, width)
-            exe = _COMPILED_WRITES.get(key)  # pools of one shape in a process share them
+            idx = jax.ShapeDtypeStruct((width,), jnp.int32)
+            flat = jax.ShapeDtypeStruct((n * width * (din + dout),), self.dtype)
+            shared = (arrays, idx, flat, key)
+            exe = _COMPILED_WRITES.get(shared)  # pools of one shape in a process share them
             if exe is None:
-                exe = _write_group.lower(arrays, idx, flat, dims=self.layout.shapes, n=n,
-                                         w=width).compile()  # fmt: skip
-                _COMPILED_WRITES[key] = exe
+                exe = _write_projection.lower(arrays, idx, flat, din=din, dout=dout, n=n,
+                                              w=width).compile()  # fmt: skip
+                _COMPILED_WRITES[shared] = exe
                 if self._writers_warm:
                     self.late_compiles += 1
                     log.warning("compiled an adapter write (width %d) after start-up", width)
-            self._writers[(n, width)] = exe
+            self._writers[key] = exe
         return exe
 
-    def ensure_writer(self, width: int) -> int:
-        """Compile the group writes of ``width`` (one per group size); returns how many were
-        compiled now. Registration calls it, so that a load never waits for a compiler."""
+    def ensure_writer(self, widths: dict[str, int]) -> int:
+        """Compile the writes an adapter of these widths (per projection) needs, one per group
+        size; returns how many were compiled now. Registration calls it, so that a load never
+        waits for a compiler."""
         before = len(self._writers)
         for g in range(len(self.groups)):
-            self._writer(g, width)
+            for p, w in widths.items():
+                self._writer(g, p, w)
         return len(self._writers) - before
 
     def warm_writer(self) -> int:
-        """Compile the group writes of every width an adapter up to ``max_rank`` can have (and
-        of any adapter prepared so far), so no load or registration waits for a compiler;
-        returns how many were compiled now."""
+        """Compile the writes of every width an adapter up to ``max_rank`` can have, on every
+        projection shape (and of any adapter prepared so far), so no load or registration
+        waits for a compiler; returns how many were compiled now."""
         widths = {write_width(r) for r in range(1, self.config.max_rank + 1)} | self._widths
-        n = sum(self.ensure_writer(w) for w in sorted(widths))
+        n = 0
+        for w in sorted(widths):
+            n += self.ensure_writer({p: w for p in self.projections})
         self._writers_warm = True
         return n

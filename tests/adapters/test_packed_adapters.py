@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
-from cara_jax.adapters.packed import PackedStore
+from cara_jax.adapters.packed import PackedStore, write_width
 from cara_jax.adapters.peft import load_peft_adapter
 from tests.helpers import ADAPTERS, make_peft_adapters
 
@@ -57,6 +57,26 @@ def test_packed_copy_round_trips_through_disk_and_loads_the_same_rows(tiny, adap
     assert pool2.packed.disk_hits == len(adapters)
     pool.close()
     pool2.close()
+
+
+def test_a_copy_holds_only_the_targeted_projections_at_their_own_widths(tiny, adapters):
+    """A q/v adapter copies q/v rows; a rank_pattern adapter's small projections are not
+    padded to its largest rank (the copy is the adapter's bytes, rounded per projection)."""
+    pool = _pool(tiny, None)
+    shapes = tiny.cfg.projection_shapes()
+    for a in adapters.values():
+        packed = pool.prepare(a)
+        ranks: dict[str, int] = {}
+        for (_, p), m in a.modules.items():
+            ranks[p] = max(ranks.get(p, 0), m.rank)
+        assert packed.widths == {p: write_width(r) for p, r in ranks.items()}
+        elems = sum(tiny.cfg.num_layers * write_width(r) * sum(shapes[p]) for p, r in ranks.items())
+        assert packed.nbytes == elems * 4
+    qv = pool.prepare(adapters["r64_qv"])
+    assert set(qv.widths) == {"q_proj", "v_proj"}
+    pattern = pool.prepare(adapters["r128_pattern"]).widths
+    assert len(set(pattern.values())) > 1, pattern  # its ranks differ by projection
+    pool.close()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "header"])
