@@ -13,6 +13,12 @@ PROJECTIONS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )  # fmt: skip
 
+# projections that share an input, in the order a layer runs them (one host exchange per
+# (layer, group) in CPU-assisted prefill; the CPU workers size their buffers by them)
+GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
+)
+
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is not a Llama-family model this project can run."""

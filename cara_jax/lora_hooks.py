@@ -32,12 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import jax
 
-from cara_jax.config import PROJECTIONS  # noqa: F401  (re-exported: hooks name them)
-
-# projections that share an input, in the order a layer runs them (``project`` calls)
-GROUPS: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
-)
+from cara_jax.config import GROUPS, PROJECTIONS  # noqa: F401  (re-exported: hooks name them)
 
 
 def group_index(projs: tuple[str, ...]) -> int:

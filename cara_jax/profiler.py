@@ -52,11 +52,6 @@ FULL = {"batches": "4,8,16", "ranks": "8,16,32,64", "prefill_lens": "32,128,256"
 PROJS = PROJECTIONS
 
 
-def write_random_adapter(path: Path, cfg, rank: int, seed: int) -> None:
-    """All seven projections; timing does not depend on the values."""
-    write_random_peft(path, cfg, rank, seed, PROJS)
-
-
 def rank_mixes(batch: int, ranks: list[int]) -> dict[str, list[int]]:
     """Rank mixes of one batch size: uniform per rank, all ranks cycled, one large among small.
     The last two separate the kernels: max rank is the largest, the sum is not."""
@@ -180,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in ranks:
             for k in range(per_rank):
                 name = f"r{r}-{k}"
-                write_random_adapter(Path(tmp) / name, cfg, r, seed=1000 * r + k)
+                write_random_peft(Path(tmp) / name, cfg, r, seed=1000 * r + k)
                 entry = engine.load_adapter(name, Path(tmp) / name)
                 slots.setdefault(r, []).append(engine.pool.slot_of(entry.content_hash))
     # one runner per kernel (the strategy is compiled in); they share parameters and the pool

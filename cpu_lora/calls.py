@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cara_jax.config import GROUPS
 from cpu_lora import shm as L
 
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
@@ -60,10 +61,8 @@ class CpuLoraConfig:
     def for_model(cls, cfg: Any, **kw: Any) -> CpuLoraConfig:
         """Buffers sized for a model config with ``projection_shapes()`` (cara_jax.config)."""
         s = cfg.projection_shapes()
-        groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
-                  ("down_proj",)]  # fmt: skip
         kw.setdefault("max_in", max(i for i, _ in s.values()))
-        kw.setdefault("max_out", max(sum(s[p][1] for p in g) for g in groups))
+        kw.setdefault("max_out", max(sum(s[p][1] for p in g) for g in GROUPS))
         return cls(**kw)
 
 

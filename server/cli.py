@@ -52,7 +52,7 @@ def _engine_config(args: argparse.Namespace):
     """EngineConfig from the flags; fields the engine does not have yet are kept by the server."""
     from cara_jax.adapters.device_pool import PoolConfig
     from cara_jax.engine import EngineConfig
-    from cara_jax.engine.admission import SchedulerConfig
+    from cara_jax.engine.admission_order import AdmissionSettings
 
     cfg = dict(
         max_num_seqs=args.max_num_seqs,
@@ -80,7 +80,7 @@ def _engine_config(args: argparse.Namespace):
         admission = "slo" if args.cost_model else "fifo"
     if admission == "slo" and not args.cost_model:
         raise SystemExit("cara-serve: --admission slo needs --cost-model FILE (cara-jax profile)")
-    cfg["scheduler"] = SchedulerConfig(
+    cfg["admission"] = AdmissionSettings(
         admission=admission,
         cost_model=args.cost_model,
         tpot_slo=args.tpot_slo,

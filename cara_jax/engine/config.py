@@ -8,7 +8,7 @@ import os
 import jax
 
 from cara_jax.adapters.device_pool import PoolConfig
-from cara_jax.engine.admission import SchedulerConfig
+from cara_jax.engine.admission_order import AdmissionSettings
 
 COLD_START_MODES = ("sync", "cached", "cpu_assist", "auto")
 
@@ -51,8 +51,8 @@ class EngineConfig:
     attention_backend: str = "jnp"
     max_step_records: int = 10_000
     max_request_records: int = 10_000
-    # admission: fifo, or slo (rank-aware, needs a profiled cost model); see admission.py
-    scheduler: SchedulerConfig = SchedulerConfig()
+    # admission: fifo, or slo (rank-aware, needs a profiled cost model); see admission_order.py
+    admission: AdmissionSettings = AdmissionSettings()
     max_queue: int | None = None  # waiting requests beyond which add_request raises QueueFullError
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
-from cara_jax.engine.admission import Admission
+from cara_jax.engine.admission_order import AdmissionOrder
 from cara_jax.engine.batch import CpuPlan, ScheduledBatch
 from cara_jax.engine.block_manager import BlockManager
 from cara_jax.engine.config import COLD_START_MODES, EngineConfig, default_kv_cache_memory
@@ -33,7 +33,7 @@ from cara_jax.engine.errors import EngineClosedError, PromptTooLongError
 from cara_jax.engine.records import EngineStats, RequestRecord, StepRecord
 from cara_jax.engine.residency import AdapterResidency
 from cara_jax.engine.runner import ModelRunner, RunnerConfig, StepResult
-from cara_jax.engine.scheduler import Scheduler, SchedulerLimits
+from cara_jax.engine.scheduler import Accepted, Ended, Scheduler, SchedulerLimits
 from cara_jax.engine.sequence import RequestOutput, Sequence
 from cara_jax.kv_cache import bytes_per_token
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
@@ -103,7 +103,7 @@ class Engine:
         self.residency = AdapterResidency(
             loaded.cfg, pool, registry, cfg.cold_start, cfg.cpu_workers, cfg.cpu_timeout_s
         )
-        self.admission = Admission(cfg.scheduler, cfg.lora_strategy, jax.default_backend())
+        self.admission = AdmissionOrder(cfg.admission, cfg.lora_strategy, jax.default_backend())
         self.blocks = BlockManager(num_pages, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_prefill_seqs,
@@ -285,16 +285,17 @@ class Engine:
                     or self._failed)  # fmt: skip
 
     def _release(self, seq: Sequence) -> None:
-        if seq.request_id not in self.requests:
-            return
-        rank = self.residency.rank_of(seq.content_hash)
-        self.scheduler.release(seq)  # pages, row and queue place first: nothing below can keep them
-        mode, reason = self.residency.finished(seq)
+        if seq.request_id in self.requests:
+            self._record(self.scheduler.finish(seq))
+
+    def _record(self, e: Ended) -> None:
+        seq = e.seq
         self.finished_requests.append(
             RequestRecord(
-                seq.request_id, seq.adapter_name, rank, seq.hold.cold, seq.arrival, seq.admitted,
-                seq.token_times, len(seq.prompt_ids), seq.finish_reason, seq.preemptions,
-                seq.num_cached_tokens or 0, mode, reason,
+                seq.request_id, seq.adapter_name, e.rank, seq.hold.cold, seq.arrival,
+                seq.admitted, seq.token_times, len(seq.prompt_ids), seq.finish_reason,
+                seq.preemptions, seq.num_cached_tokens or 0, e.cold_start_mode,
+                e.cold_start_reason,
             )
         )  # fmt: skip
         del self.requests[seq.request_id]
@@ -326,13 +327,11 @@ class Engine:
             self.scheduler.unstick()
             batch = self.scheduler.schedule()
         outputs, self._failed = self._failed, []
-        for seq, err in self.scheduler.failed:
-            seq.finish("error")
-            self._release(seq)
-            out = seq.take_delta([])
+        for ended, err in self.scheduler.take_failed():
+            self._record(ended)
+            out = ended.seq.take_delta([])
             out.error = err
             outputs.append(out)
-        self.scheduler.failed.clear()
         return batch, outputs
 
     def _run(self, batch: ScheduledBatch, t0: float) -> InFlight:
@@ -362,26 +361,31 @@ class Engine:
             o = res.outputs
             lp = (np.asarray(o.chosen_logprob), np.asarray(o.top_ids), np.asarray(o.top_logprobs))
         failed = self.residency.finish_plan(step.cpu)
+        row_tokens = [int(toks[i]) for i in res.sample_index]
+        accepted, ended = self.scheduler.postprocess(res.batch, step.epochs, failed, row_tokens)
         outputs: list[RequestOutput] = []
-        for seq, k in self.scheduler.postprocess(res.batch, step.epochs, failed):
-            idx = res.sample_index[k]
-            outputs.extend(self._accept(seq, int(toks[idx]), lp, idx))
+        for a in accepted:
+            out = self._delta(a, lp, res.sample_index[a.row])
+            if out is not None:
+                outputs.append(out)
+        for e in ended:
+            self._record(e)
         return outputs
 
-    def _accept(self, seq: Sequence, token: int, lp=None, row: int = 0) -> list[RequestOutput]:
+    @staticmethod
+    def _delta(a: Accepted, lp, idx: int) -> RequestOutput | None:
+        """What the stream gets for an accepted token (its log-probs, if asked)."""
+        seq = a.seq
         k = seq.params.logprobs
-        if k is not None and lp is not None:
+        new = seq.output_ids[a.outputs_before :]  # empty for EOS / stop token ids
+        if k is not None and lp is not None and new:
             chosen, top_ids, top_lp = lp
             seq.pending_logprobs.append(
-                {"token_id": token, "logprob": float(chosen[row]),
-                 "top": [(int(i), float(v)) for i, v in zip(top_ids[row, :k], top_lp[row, :k], strict=True)]}
+                {"token_id": new[0], "logprob": float(chosen[idx]),
+                 "top": [(int(i), float(v)) for i, v in zip(top_ids[idx, :k], top_lp[idx, :k], strict=True)]}
             )  # fmt: skip
-        n0 = len(seq.output_ids)
-        seq.append(token, self.max_len)
-        out = seq.take_delta(seq.output_ids[n0:])  # empty for EOS / stop token ids
-        if seq.finished:
-            self._release(seq)
-        return [out] if (out.text or out.token_ids or out.finished) else []
+        out = seq.take_delta(new)
+        return out if (out.text or out.token_ids or out.finished) else None
 
     # ------------------------------------------------------------------ CPU assist, routing
 

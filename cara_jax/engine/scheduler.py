@@ -2,7 +2,7 @@
 
 Each step gets a token budget (``max_num_batched_tokens``). Running sequences that are decoding
 take one token each, first; then prompts fill what is left, in chunks: a prompt already
-started continues, then waiting requests are admitted (in the order admission.py chooses) while
+started continues, then waiting requests are admitted (in the order admission_order.py chooses) while
 there is budget, a free chunk row (``max_prefill_seqs``), a sequence row and KV pages. A long
 prompt thus spans several steps while the others keep decoding (chunked prefill).
 
@@ -23,13 +23,33 @@ import heapq
 import logging
 import time
 
-from cara_jax.engine.admission import Admission
+from cara_jax.engine.admission_order import AdmissionOrder
 from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
 from cara_jax.engine.block_manager import BASE_KEY, BlockManager, extend_block_hashes
 from cara_jax.engine.residency import AdapterResidency, Readiness
 from cara_jax.engine.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    """A sampled token a sequence took in ``postprocess`` (the engine streams the delta)."""
+
+    seq: Sequence
+    row: int  # its row in the batch (and in the step's per-row outputs)
+    outputs_before: int  # len(seq.output_ids) before the token
+
+
+@dataclasses.dataclass(frozen=True)
+class Ended:
+    """A sequence that left the scheduler (finished, aborted or failed): what the engine
+    records about it."""
+
+    seq: Sequence
+    rank: int
+    cold_start_mode: str | None
+    cold_start_reason: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +66,7 @@ class Scheduler:
         limits: SchedulerLimits,
         blocks: BlockManager,
         residency: AdapterResidency,
-        admission: Admission,
+        admission: AdmissionOrder,
     ) -> None:
         self.limits = limits
         self.blocks = blocks
@@ -68,9 +88,16 @@ class Scheduler:
     def num_free_rows(self) -> int:
         return len(self._rows)
 
+    def finish(self, seq: Sequence) -> Ended:
+        """A finished or aborted sequence leaves: its pages, row and queue place first (nothing
+        below can keep them), then its adapter, through residency."""
+        rank = self.residency.rank_of(seq.content_hash)
+        self.release(seq)
+        mode, reason = self.residency.finished(seq)
+        return Ended(seq, rank, mode, reason)
+
     def release(self, seq: Sequence) -> None:
-        """A finished or aborted sequence gives back its pages and row at once (its adapter goes
-        back through residency: ``AdapterResidency.finished``)."""
+        """Pages and row back at once (the adapter is ``finish``'s)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -255,24 +282,43 @@ class Scheduler:
         return {id(r.seq): (r.seq.epoch, r.seq.kv_epoch) for r in batch.rows}
 
     def postprocess(
-        self, batch: ScheduledBatch, epochs: dict[int, tuple[int, int]], failed: set[int]
-    ) -> list[tuple[Sequence, int]]:
-        """A step's tokens are read: re-queue the chunks whose CPU-assisted prefill failed
-        (``failed``: chunk indexes), register the good rows' KV with the prefix cache, and
-        return (sequence, batch row) of the rows whose sampled token counts."""
+        self,
+        batch: ScheduledBatch,
+        epochs: dict[int, tuple[int, int]],
+        failed: set[int],
+        row_tokens: list[int],
+    ) -> tuple[list[Accepted], list[Ended]]:
+        """A step's tokens are read (``row_tokens``: one per batch row): re-queue the chunks whose
+        CPU-assisted prefill failed (``failed``: chunk indexes), register the good rows' KV with
+        the prefix cache, append each counted token to its sequence (stop rules apply there) and
+        let finished sequences go. Every state change after a step happens here."""
         for j in failed:
             self._requeue_sync(batch.chunks[j].seq)
         for row in batch.rows:  # the step's KV is in the cache: full blocks may serve others
             if row.seq.finished or (row.seq.epoch, row.seq.kv_epoch) != epochs[id(row.seq)]:
                 continue
             self.commit_kv(row.seq, row.end if isinstance(row, ChunkRow) else row.position + 1)
-        out = []
+        accepted, ended = [], []
         for k, row in enumerate(batch.rows):
             if isinstance(row, ChunkRow) and not row.final:
                 continue
-            if row.seq.finished or row.seq.epoch != epochs[id(row.seq)][0]:
+            seq = row.seq
+            if seq.finished or seq.epoch != epochs[id(seq)][0]:
                 continue  # finished, aborted or re-run while this token was in flight
-            out.append((row.seq, k))
+            accepted.append(Accepted(seq, k, len(seq.output_ids)))
+            seq.append(row_tokens[k], self.limits.max_model_len)
+            if seq.finished:
+                ended.append(self.finish(seq))
+        return accepted, ended
+
+    def take_failed(self) -> list[tuple[Ended, str]]:
+        """Sequences whose adapter could not be had (found while admitting): finished with
+        ``error`` and gone, each with its message."""
+        out = []
+        for seq, err in self.failed:
+            seq.finish("error")
+            out.append((self.finish(seq), err))
+        self.failed.clear()
         return out
 
     def _requeue_sync(self, seq: Sequence) -> None:

@@ -220,11 +220,12 @@ def _tiny_cfg():
 def test_peft_to_gguf_layout(tmp_path):
     import gguf
 
-    from bench.systems.common import TARGET_SETS, write_peft_adapter
+    from bench.systems.common import TARGET_SETS
     from bench.systems.llamacpp import peft_to_gguf
+    from cara_jax.adapters.random_peft import write_random_peft
 
     cfg = _tiny_cfg()
-    d = write_peft_adapter(tmp_path / "ad", cfg, 8, seed=1, targets=TARGET_SETS["qkvo"])
+    d = write_random_peft(tmp_path / "ad", cfg, 8, seed=1, targets=TARGET_SETS["qkvo"])
     out = peft_to_gguf(d, tmp_path / "ad.gguf", cfg.num_heads, cfg.num_kv_heads)
     r = gguf.GGUFReader(str(out))
 
@@ -254,11 +255,12 @@ def test_llamacpp_adapter_changes_logits_like_peft(tmp_path, hf_smollm):
     from peft import PeftModel
     from safetensors.numpy import load_file, save_file
 
-    from bench.systems.common import RunOptions, model_config, write_peft_adapter
+    from bench.systems.common import RunOptions, model_config
     from bench.systems.llamacpp import LlamaCppSystem
+    from cara_jax.adapters.random_peft import write_random_peft
 
     cfg = model_config()
-    d = write_peft_adapter(tmp_path / "x", cfg, 16, seed=3)
+    d = write_random_peft(tmp_path / "x", cfg, 16, seed=3)
     st = d / "adapter_model.safetensors"
     save_file({k: v * 30 if "lora_B" in k else v for k, v in load_file(str(st)).items()}, str(st))
     prompt = [1, *range(200, 240)]

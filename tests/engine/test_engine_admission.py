@@ -11,7 +11,11 @@ from __future__ import annotations
 import pytest
 
 from cara_jax.engine import Engine, EngineConfig
-from cara_jax.engine.admission import Admission, SchedulerConfig, load_engine_cost_model
+from cara_jax.engine.admission_order import (
+    AdmissionOrder,
+    AdmissionSettings,
+    load_engine_cost_model,
+)
 from cara_jax.engine.sequence import SeqStatus
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.scheduling.admission import QueueFullError
@@ -46,10 +50,10 @@ def adapters(tiny_llama_dir, tmp_path_factory):
 
 
 def engine(tiny, tok, adapters, admission="slo", max_wait_s=60.0, **kw) -> Engine:
-    sched = SchedulerConfig(admission=admission, cost_model=cost_model(), max_wait_s=max_wait_s)
+    sched = AdmissionSettings(admission=admission, cost_model=cost_model(), max_wait_s=max_wait_s)
     # cached: every adapter resident, so admission alone decides who runs
     cfg = dict(max_num_seqs=8, max_model_len=96, max_prefill_seqs=4, max_num_batched_tokens=64,
-               kv_cache_memory=8 << 20, scheduler=sched, cold_start="cached",
+               kv_cache_memory=8 << 20, admission=sched, cold_start="cached",
                lora_strategy="bgmv")  # fmt: skip
     cfg.update(kw)
     eng = Engine(tiny, tok, EngineConfig(**cfg))
@@ -167,9 +171,9 @@ def test_bounded_queue(tiny, tok, adapters):
 
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="cost model"):
-        Admission(SchedulerConfig(admission="slo"), "bgmv")
+        AdmissionOrder(AdmissionSettings(admission="slo"), "bgmv")
     with pytest.raises(ValueError, match="admission"):
-        Admission(SchedulerConfig(admission="sjf"), "bgmv")
+        AdmissionOrder(AdmissionSettings(admission="sjf"), "bgmv")
     path = tmp_path / "cm.json"
     cost_model("bgmv").save(path)
     assert load_engine_cost_model(path, "bgmv").kernel == "bgmv"
@@ -187,9 +191,9 @@ def test_candidates_without_an_engine():
         return NS(rank=rank, arrival=arrival, prompt_ids=[1, 2, 3], params=NS(tpot_slo=slo))
 
     running, big, small = [seq(8)], seq(64, 0.1), seq(8, 0.2)
-    fifo = Admission(SchedulerConfig(), "bgmv")
+    fifo = AdmissionOrder(AdmissionSettings(), "bgmv")
     assert fifo.candidates(running, [big, small], 4, 4) == [big, small]
-    slo = Admission(SchedulerConfig(admission="slo", cost_model=cost_model(), max_wait_s=60.0),
+    slo = AdmissionOrder(AdmissionSettings(admission="slo", cost_model=cost_model(), max_wait_s=60.0),
                     "bgmv")  # fmt: skip
     assert slo.candidates(running, [big, small], 4, 4, now=1.0) == [small]
     assert slo.stats["cara_admission_deferred_total"] == 1  # two could go, one did
@@ -198,7 +202,7 @@ def test_candidates_without_an_engine():
     assert slo.candidates(running, [big, small], 1, 1, now=1.0) == [small]  # one free row
     # a tight per-request SLO (12 ms < 12.8 ms for two rank-8 rows) keeps even rank 8 out
     assert slo.candidates(running, [seq(8, 0.3, slo=0.012)], 4, 4, now=1.0) == []
-    aging = Admission(SchedulerConfig(admission="slo", cost_model=cost_model(), max_wait_s=0.5),
+    aging = AdmissionOrder(AdmissionSettings(admission="slo", cost_model=cost_model(), max_wait_s=0.5),
                       "bgmv")  # fmt: skip
     assert aging.candidates(running, [big, small], 4, 4, now=1.0) == [big, small]
     assert aging.stats["cara_admission_aged_total"] == 2

@@ -14,7 +14,7 @@ import pytest
 
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.store import AdapterRegistry, HostStore
-from cara_jax.engine.admission import Admission, SchedulerConfig
+from cara_jax.engine.admission_order import AdmissionOrder, AdmissionSettings
 from cara_jax.engine.batch import ChunkRow
 from cara_jax.engine.block_manager import BlockManager
 from cara_jax.engine.residency import AdapterResidency
@@ -41,7 +41,7 @@ class FakeEngine:
         self.blocks = BlockManager(num_pages, block_size, caching)
         self.sched = Scheduler(
             SchedulerLimits(max_seqs, budget, prefill, max_len), self.blocks, self.residency,
-            Admission(SchedulerConfig(), "mbgmv", "cpu"),
+            AdmissionOrder(AdmissionSettings(), "mbgmv", "cpu"),
         )  # fmt: skip
         self.tok, self.max_len, self.steps, self.n = tok, max_len, [], 0
 
@@ -65,11 +65,7 @@ class FakeEngine:
         for row in batch.rows:
             end = row.end if isinstance(row, ChunkRow) else row.position + 1
             sampled.append(fake_token(row.seq.tokens[:end]))
-        for seq, k in self.sched.postprocess(batch, epochs, set()):
-            seq.append(sampled[k], self.max_len)
-            if seq.finished:
-                self.residency.finished(seq)
-                self.sched.release(seq)
+        self.sched.postprocess(batch, epochs, set(), sampled)
 
     def run(self, limit: int = 500) -> None:
         for _ in range(limit):

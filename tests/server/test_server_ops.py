@@ -414,7 +414,7 @@ def test_scheduler_state_and_request_slo(srv):
     with pytest.raises(SystemExit, match="cost-model"):
         _engine_config(args)
     args = build_parser().parse_args(["--cost-model", "models.json", "--tpot-slo", "0.2"])
-    sched = _engine_config(args).scheduler
+    sched = _engine_config(args).admission
     assert sched.admission == "slo" and sched.tpot_slo == 0.2  # auto: slo with a cost model
 
 
@@ -424,7 +424,7 @@ def test_default_cost_model(monkeypatch):
     back to power_of_two."""
     import server.cli
     from cara_jax.embedded import packaged_cost_model
-    from cara_jax.engine.admission import load_engine_cost_model
+    from cara_jax.engine.admission_order import load_engine_cost_model
     from server.cli import default_cost_model
 
     monkeypatch.setattr(server.cli, "_cpu_only", lambda: False)
@@ -436,7 +436,7 @@ def test_default_cost_model(monkeypatch):
     args = build_parser().parse_args(["--replicas", "2"])
     default_cost_model(args)
     assert args.cost_model == str(packaged_cost_model()) and args.ray_router == "rank_aware"
-    assert _engine_config(args).scheduler.admission == "slo"
+    assert _engine_config(args).admission.admission == "slo"
     cm = load_engine_cost_model(args.cost_model, "mbgmv", "cpu")  # the server's default kernel
     assert cm.decode.r2 >= 0.95 and cm.kernel == "mbgmv"
     args = build_parser().parse_args(["--replicas", "2", "--model", "some-model.gguf"])
@@ -540,3 +540,41 @@ def test_prefix_cache_reports_cached_tokens_per_adapter(srv):
     assert hits["demo-1"] >= second.prompt_tokens_details.cached_tokens
     total = [s.value for s in fams["vllm:prefix_cache_hits"].samples if s.name.endswith("_total")]
     assert total and total[0] >= hits["demo-1"]
+
+
+def test_a_thousand_adapters_loaded_and_unloaded_leave_metrics_bounded(srv):
+    """A long-running server gives back what an adapter's life cost it: after 1,000 names are
+    loaded and unloaded through the API (every 100th also served, so it reaches the device),
+    /metrics holds no series of an unloaded name and has as many lines as after the first 100."""
+    from cara_jax.adapters.random_peft import write_random_peft
+
+    write_random_peft(srv.lora_dir / "churn", srv.state.engine.loaded.cfg, 8, seed=5,
+                      targets=("q_proj", "v_proj"))  # fmt: skip
+
+    def cycle(i: int) -> None:
+        name = f"churn-{i}"
+        status, _, body = post(srv.url + "/v1/load_lora_adapter",
+                               {"lora_name": name, "lora_path": "churn"})  # fmt: skip
+        assert status == 200, body
+        if i % 100 == 0:
+            status, _, body = post(srv.url + "/v1/completions",
+                                   {"model": name, "prompt": "Hi", "max_tokens": 2})  # fmt: skip
+            assert status == 200 and body["usage"]["completion_tokens"] == 2, body
+        status, _, body = post(srv.url + "/v1/unload_lora_adapter", {"lora_name": name})
+        assert status == 200, body
+
+    def metric_lines() -> list[str]:
+        status, text = get(srv.url + "/metrics")
+        assert status == 200
+        return [line for line in text.splitlines() if not line.startswith("#")]
+
+    for i in range(100):
+        cycle(i)
+    after_100 = metric_lines()
+    for i in range(100, 1000):
+        cycle(i)
+    after_1000 = metric_lines()
+    assert not [line for line in after_1000 if "churn-" in line]
+    assert len(after_1000) == len(after_100)
+    _, models = get(srv.url + "/v1/models")
+    assert "churn-" not in models

@@ -32,7 +32,7 @@ ADMISSION_MODES = ("fifo", "slo")
 
 
 @dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
+class AdmissionSettings:
     admission: str = "fifo"  # fifo | slo
     cost_model: str | Path | CostModel | None = None  # needed by slo
     tpot_slo: float | None = None  # default per-request SLO (None: slo_factor x base step)
@@ -70,10 +70,10 @@ def load_engine_cost_model(
     return model
 
 
-class Admission:
+class AdmissionOrder:
     """Chooses the waiting requests to try this step; counts what the SLO rule held back."""
 
-    def __init__(self, config: SchedulerConfig, kernel: str, device: str | None = None) -> None:
+    def __init__(self, config: AdmissionSettings, kernel: str, device: str | None = None) -> None:
         if config.admission not in ADMISSION_MODES:
             raise ValueError(
                 f"admission must be one of {ADMISSION_MODES}, not {config.admission!r}"
