@@ -30,6 +30,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.report import save_report
 from bench.router_run import Processes, free_port, wait_healthy
 from bench.systems.common import TARGET_SETS, model_config, write_adapters
 
@@ -196,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out.with_suffix(".json")
     runs = json.loads(path.read_text()) if path.exists() else []
     runs = [r for r in runs if r["label"] != args.label] + [res]
-    path.write_text(json.dumps(runs, indent=1))
-    args.out.with_suffix(".md").write_text(report(runs))
-    print(report(runs))
+    save_report(args.out, report(runs), runs)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import save_report
 from bench.systems.common import TARGET_SETS, RunOptions, model_config, write_adapters
 
 MODES = ("sync", "cpu_assist", "auto", "cached")
@@ -126,11 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     }  # fmt: skip
     rep["summary"] = summarize(rep, cells)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(render(rep, cells) + "\n")
+    save_report(out, render(rep, cells), rep)
     plot(rep, cells, out.with_suffix(".png"))
-    print(render(rep, cells))
 
 
 def summarize(rep: dict, cells) -> dict:

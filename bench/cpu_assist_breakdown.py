@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.lora_decode import write_peft_adapter
 from bench.report import write_report
 from bench.systems.common import compile_progress, kv_cache_bytes
 from cara_jax.adapters.device_pool import PoolConfig
+from cara_jax.adapters.random_peft import write_random_peft
 from cara_jax.embedded import default_model_path
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.sampling_params import SamplingParams
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                        pool=PoolConfig(max_rank=max(16, args.rank)))  # fmt: skip
     eng = Engine(loaded, tok, cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        write_peft_adapter(Path(tmp) / "a", loaded.cfg, args.rank, seed=1)
+        write_random_peft(Path(tmp) / "a", loaded.cfg, args.rank, seed=1)
         eng.load_adapter("a", Path(tmp) / "a")
         h = eng.registry.entry("a").content_hash
         if not args.no_warmup:

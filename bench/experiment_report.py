@@ -14,6 +14,7 @@ from typing import Any
 
 from bench import metrics, plots
 from bench.plan import Plan
+from bench.report import save_report
 from bench.systems.common import TARGET_SETS
 from bench.workload import WorkloadSpec, describe
 
@@ -177,9 +178,7 @@ def write(plan: Plan, report: dict[str, Any], raw: dict[str, Any], out: Path, st
     report["plots"] = [p.name for p in pngs]
     if pngs:
         text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
-    print(text)
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(_clean(report), indent=1))
+    save_report(out / stem, text, _clean(report))
     (out / f"{stem}_requests.json").write_text(json.dumps(_clean(raw)))
 
 

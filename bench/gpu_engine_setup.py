@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.gpu_ctx import Ctx
-from bench.lora_decode import write_peft_adapter
 from cara_jax.adapters.device_pool import PoolConfig
+from cara_jax.adapters.random_peft import write_random_peft
 from cara_jax.config import ModelConfig
 from cara_jax.engine import Engine, RequestRecord
 from cara_jax.engine.runner import Program, bucket
@@ -125,7 +125,7 @@ class AdapterSet:
         for i, name in enumerate(out):
             if name not in self.paths:
                 path = Path(self._tmp.name) / name
-                write_peft_adapter(path, self.cfg, rank, seed=1000 * rank + i)
+                write_random_peft(path, self.cfg, rank, seed=1000 * rank + i)
                 self.paths[name], self.ranks[name] = path, rank
         return out
 

@@ -24,7 +24,7 @@ from bench.report import write_report
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.random_peft import write_random_peft
 from cara_jax.adapters.store import AdapterRegistry
-from cara_jax.config import PROJECTIONS, ModelConfig
+from cara_jax.config import PROJECTIONS
 from cara_jax.embedded import default_model_path
 from cara_jax.engine.runner import ModelRunner, RunnerConfig
 from cara_jax.weights import load_model
@@ -32,12 +32,6 @@ from cara_jax.weights import load_model
 MEM_BW = 26e9  # bytes/s, measured memory read bandwidth of the 2-core development machine
 GEMM_RATE = 200e9  # FLOP/s, measured float32 GEMM rate of the same machine
 PROJS = list(PROJECTIONS)
-
-
-def write_peft_adapter(
-    path: Path, cfg: ModelConfig, rank: int, seed: int, projs: list[str] = PROJS
-) -> None:
-    write_random_peft(path, cfg, rank, seed, projs)
 
 
 def chain_rate(loaded, batch: int, steps: int) -> float:
@@ -109,7 +103,7 @@ def main() -> None:
         reg = AdapterRegistry(cfg)
         for i, r in enumerate(adapter_ranks):
             projs = PROJS if args.targets == "all" else PROJS[:4]
-            write_peft_adapter(Path(tmp) / f"a{i}", cfg, r, seed=i, projs=projs)
+            write_random_peft(Path(tmp) / f"a{i}", cfg, r, seed=i, projs=projs)
             reg.register(f"a{i}", Path(tmp) / f"a{i}")
         adapter_bytes = sum(reg.resolve(f"a{i}").nbytes for i in range(args.batch))
         pool = DevicePool(

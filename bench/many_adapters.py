@@ -29,17 +29,20 @@ import aiohttp
 import numpy as np
 
 from bench.adapter_cost import stream
+from bench.report import save_report
 from bench.router_run import Processes, free_port, wait_healthy
-from bench.systems.common import TARGET_SETS, adapter_seed, model_config, write_peft_adapter
+from bench.systems.common import TARGET_SETS, adapter_seed, model_config
+from cara_jax.adapters.random_peft import write_random_peft
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_RANKS = (8, 16, 32, 64, 128, 256)
 
 
-def start_server(work: Path, lora_dir: Path, extra: list[str], name: str):
+def start_server(work: Path, lora_dir: Path, extra: list[str], name: str, src: Path = ROOT):
     port = free_port()
     procs = Processes(work)
-    cmd = [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
+    boot = f"import sys; sys.path.insert(0, {str(src)!r}); from server.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", boot,
            "--port", str(port), "--lora-dir", str(lora_dir), *extra]  # fmt: skip
     proc = procs.start(name, cmd)
     url = f"http://127.0.0.1:{port}"
@@ -109,10 +112,10 @@ def section_zipf(args, work: Path) -> dict:
         ranks = [(8, 16, 32)[i % 3] for i in range(n)]
         t0 = time.perf_counter()
         for name, r in zip(names, ranks, strict=True):
-            write_peft_adapter(lora_dir / name, cfg, r, adapter_seed(name), TARGET_SETS["qkvo"])
+            write_random_peft(lora_dir / name, cfg, r, adapter_seed(name), TARGET_SETS["qkvo"])
         print(f"  wrote {n} adapters in {time.perf_counter() - t0:.0f} s", flush=True)
         trace = zipf_trace(n, args.requests, args.rate, args.alpha, args.seed)
-        procs, url = start_server(work, lora_dir, args.server_flags, f"zipf{n}")
+        procs, url = start_server(work, lora_dir, args.server_flags, f"zipf{n}", args.src.resolve())
         try:
             out[n] = asyncio.run(replay(url, trace, names, args.tokens))
         finally:
@@ -124,23 +127,31 @@ def section_zipf(args, work: Path) -> dict:
 # ---------------------------------------------------------------------------- first
 
 
-async def first_requests(url: str, warm: list[str], cold: dict[int, str], tokens: int) -> dict:
+async def first_requests(
+    url: str, warm: list[str], cold: dict[int, list[str]], tokens: int
+) -> dict:
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         for m in warm:
             await stream(s, url, m, 4)
         before = await hot_compiles(s, url)
         rows = {}
-        for r, name in cold.items():
-            background = [asyncio.create_task(stream(s, url, m, tokens)) for m in warm]
-            await asyncio.sleep(3.0)  # the 8 streams are decoding
-            first = await stream(s, url, name, 8)
-            again = await stream(s, url, name, 8)
-            await asyncio.gather(*background)
-            rows[r] = {"first_ttft": first["ttft"], "warm_ttft": again["ttft"]}
-            print(f"  rank {r}: first {first['ttft']:.2f} s, warm {again['ttft']:.2f} s", flush=True)
+        for r, names in cold.items():
+            firsts, warms = [], []
+            for name in names:  # a never-seen adapter each time
+                background = [asyncio.create_task(stream(s, url, m, tokens)) for m in warm]
+                await asyncio.sleep(3.0)  # the 8 streams are decoding
+                first = await stream(s, url, name, 8)
+                again = await stream(s, url, name, 8)
+                await asyncio.gather(*background)
+                firsts.append(first["ttft"])
+                warms.append(again["ttft"])
+            rows[r] = {"first_ttft": statistics.median(firsts),
+                       "warm_ttft": statistics.median(warms),
+                       "first_ttfts": firsts, "warm_ttfts": warms}  # fmt: skip
+            print(f"  rank {r}: first {firsts}, warm {warms}", flush=True)
         after = await hot_compiles(s, url)
-    return {"ranks": rows, "hot_compiles": after - before}
+    return {"ranks": rows, "hot_compiles": after - before, "repeats": len(names)}
 
 
 def section_first(args, work: Path) -> dict:
@@ -148,12 +159,13 @@ def section_first(args, work: Path) -> dict:
     lora_dir = work / "first"
     warm = [f"w{i}" for i in range(8)]
     for i, name in enumerate(warm):
-        write_peft_adapter(lora_dir / name, cfg, (8, 16, 32)[i % 3], adapter_seed(name),
-                           TARGET_SETS["qkvo"])  # fmt: skip
-    cold = {r: f"cold-r{r}" for r in FIRST_RANKS}
-    for r, name in cold.items():
-        write_peft_adapter(lora_dir / name, cfg, r, adapter_seed(name), TARGET_SETS["qkvo"])
-    procs, url = start_server(work, lora_dir, args.server_flags, "first")
+        write_random_peft(lora_dir / name, cfg, (8, 16, 32)[i % 3], adapter_seed(name),
+                          TARGET_SETS["qkvo"])  # fmt: skip
+    cold = {r: [f"cold-r{r}-{k}" for k in range(args.first_repeats)] for r in FIRST_RANKS}
+    for r, names in cold.items():
+        for name in names:
+            write_random_peft(lora_dir / name, cfg, r, adapter_seed(name), TARGET_SETS["qkvo"])
+    procs, url = start_server(work, lora_dir, args.server_flags, "first", args.src.resolve())
     try:
         return asyncio.run(first_requests(url, warm, cold, args.background_tokens))
     finally:
@@ -191,7 +203,8 @@ def report(args, data: dict) -> str:
     if f:
         lines += ["## First request on a never-seen adapter while 8 streams decode", "",
                   "Each adapter's first request loads it from --lora-dir (parse, convert, copy); "
-                  "the second is the same request once it is resident.", "",
+                  "the second is the same request once it is resident. Medians over "
+                  f"{f.get('repeats', 1)} never-seen adapters per rank.", "",
                   "| rank | first TTFT s | warm TTFT s | ratio |", "|---:|---:|---:|---:|"]  # fmt: skip
         for r, v in f["ranks"].items():
             lines.append(f"| {r} | {v['first_ttft']:.2f} | {v['warm_ttft']:.2f} "
@@ -210,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--background-tokens", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--first-repeats", type=int, default=3,
+                    help="never-seen adapters per rank in the first section (medians reported)")
+    ap.add_argument("--src", type=Path, default=ROOT, help="checkout whose server to run")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/many_adapters")
     ap.add_argument("server_flags", nargs="*", help="flags passed to cara-serve (after --)")
     args = ap.parse_args(argv)
@@ -223,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if "first" in sections:
             data["first"] = section_first(args, work)
             data["first"]["ranks"] = {str(k): v for k, v in data["first"]["ranks"].items()}
-    path.write_text(json.dumps(data, indent=1))
-    args.out.with_suffix(".md").write_text(report(args, data))
-    print(report(args, data))
+    save_report(args.out, report(args, data), data)
     return 0
 
 

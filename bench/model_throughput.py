@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
-import json
 import os
 import platform
 import statistics
@@ -47,6 +46,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from bench.report import save_report
 from cara_jax.embedded import default_model_path
 from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
 from cara_jax.engine.runner import ModelRunner, RunnerConfig
@@ -425,15 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
     }
-    md = markdown(result)
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "model_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "model_throughput.md").write_text(md)
-    print(
-        f"wrote {args.out / 'model_throughput.json'} and {args.out / 'model_throughput.md'}",
-        file=sys.stderr,
-    )
+    save_report(args.out / "model_throughput", markdown(result), result)
     return 0
 
 

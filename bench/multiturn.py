@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import save_report
 from bench.systems.common import RunOptions, model_config, write_adapters
 from bench.workload import Request
 
@@ -258,11 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         report["ratio_ttft_later_cache_vs_nocache"] = c["ttft_p50_later_s"] / n["ttft_p50_later_s"]
         report["ratio_tokens_per_s_cache_vs_nocache"] = c["tokens_per_s"] / n["tokens_per_s"]
         report["hit_rate"] = c["prefix_cache_hits"] / max(c["prefix_cache_queries"], 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render(report) + "\n")
-    print(render(report))
+    save_report(args.out, render(report), report)
 
 
 def render(rep: dict) -> str:

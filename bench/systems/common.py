@@ -194,13 +194,6 @@ def adapter_seed(name: str, base_seed: int = 0) -> int:
     return (zlib.crc32(name.encode()) + 1_000_003 * base_seed) % (1 << 31)
 
 
-def write_peft_adapter(
-    path: Path, cfg, rank: int, seed: int, targets: tuple[str, ...] = ALL_PROJECTIONS
-) -> Path:
-    """A random PEFT LoRA folder (alpha = 2 * rank) for ``cfg``'s shapes."""
-    return write_random_peft(path, cfg, rank, seed, targets)
-
-
 def write_adapters(
     root: Path,
     ranks: dict[str, int],
@@ -212,7 +205,7 @@ def write_adapters(
     """One PEFT folder per adapter name under ``root`` (existing folders are rewritten)."""
     out = {}
     for name, rank in ranks.items():
-        out[name] = write_peft_adapter(root / name, cfg, rank, adapter_seed(name, seed), targets)
+        out[name] = write_random_peft(root / name, cfg, rank, adapter_seed(name, seed), targets)
         if on_written is not None:
             on_written()
     return out
