@@ -139,6 +139,12 @@ class BlockManager:
         s.queries_by_adapter[name] = s.queries_by_adapter.get(name, 0) + query_tokens
         s.hits_by_adapter[name] = s.hits_by_adapter.get(name, 0) + hit_tokens
 
+    def forget_adapter(self, adapter: str) -> None:
+        """Drop a name's per-adapter counters (its name was unloaded): a server that loads and
+        unloads names for months keeps no series of the names it no longer serves."""
+        self.stats.queries_by_adapter.pop(adapter, None)
+        self.stats.hits_by_adapter.pop(adapter, None)
+
     def match(self, key: str, hashes: list[bytes]) -> int:
         """Start the sequence ``key`` (no pages yet) on the longest chain of cached blocks among
         ``hashes`` (the caller leaves out blocks that must be computed); returns the number of

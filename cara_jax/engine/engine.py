@@ -197,6 +197,8 @@ class Engine:
 
     def unload_adapter(self, name: str) -> None:
         self.residency.unregister(name)
+        with self.lock:
+            self.blocks.forget_adapter(name)
 
     def adapters(self) -> dict[str, RegisteredAdapter]:
         """Registered names and what they point at."""
