@@ -52,9 +52,9 @@ def base_bytes(cfg) -> int:
     return 4 * (layers * per_layer + cfg.vocab_size * h + h)
 
 
-async def stream(session, url: str, model: str, max_tokens: int) -> dict:
+async def stream(session, url: str, model: str, max_tokens: int, extra: dict | None = None) -> dict:
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}  # fmt: skip
+            "ignore_eos": True, "stream": True, **(extra or {})}  # fmt: skip
     times = []
     t0 = time.perf_counter()
     async with session.post(url + "/v1/completions", json=body) as r:

@@ -33,4 +33,8 @@ def __getattr__(name: str):
         from cara_jax.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "GrammarSpec":
+        from cara_jax.structured import GrammarSpec
+
+        return GrammarSpec
     raise AttributeError(name)

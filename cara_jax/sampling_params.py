@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 class InvalidRequestError(ValueError):
@@ -37,6 +38,9 @@ class SamplingParams:
     # scheduling, not sampling: this request's time-per-output-token SLO in seconds (None: the
     # engine's default). Rank-aware admission keeps every running request inside its SLO.
     tpot_slo: float | None = None
+    # what the output must match (structured.py's GrammarSpec: a JSON schema, any JSON object,
+    # a regex, a choice, a Lark grammar); None: free text
+    structured: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

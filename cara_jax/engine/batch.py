@@ -40,6 +40,7 @@ class DecodeRow:
     table: list[int]  # KV pages of the sequence
     adapter_slot: int  # device-pool slot (0 = base model)
     sampling: SamplingRow
+    allowed: np.ndarray | None = None  # [ceil(V/32)] uint32 token bitmask (structured.py)
 
 
 @dataclasses.dataclass
@@ -57,6 +58,7 @@ class ChunkRow:
     out_from: int  # positions >= out_from are earlier outputs (recompute after preemption)
     cpu_assist: bool = False  # the adapter is still loading: deltas may come from the CPU
     first: bool = False  # the sequence's first chunk (after a prefix-cache hit, start > 0)
+    allowed: np.ndarray | None = None  # a final chunk's token bitmask (structured.py)
 
     @property
     def end(self) -> int:

@@ -38,6 +38,7 @@ from cara_jax.engine.sequence import RequestOutput, Sequence
 from cara_jax.kv_cache import bytes_per_token
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from cara_jax.scheduling.admission import QueueFullError
+from cara_jax.structured import Grammars
 from cara_jax.tokenizer import Tokenizer
 from cara_jax.weights import LoadedModel
 
@@ -111,6 +112,7 @@ class Engine:
             self.blocks, self.residency, self.admission,
         )  # fmt: skip
         self.requests: dict[str, Sequence] = {}
+        self.grammars = Grammars(self.tokenizer, loaded.cfg.vocab_size)
         self._in_flight: InFlight | None = None
         self._ids = itertools.count()
         self.lock = threading.RLock()  # add/abort from other threads vs step()
@@ -180,6 +182,7 @@ class Engine:
             prefix_cache_evictions=pc.evictions,
             prefix_cache_hits_by_adapter=dict(pc.hits_by_adapter),
             prefix_cache_queries_by_adapter=dict(pc.queries_by_adapter),
+            structured=dataclasses.asdict(self.grammars.stats),
         )  # fmt: skip
 
     def reset_prefix_cache(self) -> int:
@@ -253,6 +256,8 @@ class Engine:
             content_hash=content_hash,
             rank=rank,
         )
+        if params.structured is not None:  # compiled outside the lock (GrammarError: a 400)
+            seq.constraint = self.grammars.compile(params.structured)
         with self.lock:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")

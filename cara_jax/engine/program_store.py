@@ -10,7 +10,8 @@ rank buckets, strategy) and the source of the modules that define the step. Anyt
 cannot be serialized (a program with host callbacks) is simply not stored. A damaged file is
 ignored and rewritten.
 
-A program to be stored is compiled with XLA's persistent cache off (``compile``): on CPU an
+Off on the CPU backend (``from_jax_config`` says why). A program to be stored is compiled with
+XLA's persistent cache off (``compile``): on CPU an
 executable that was itself loaded from that cache serializes to a payload that loads but fails
 when run ("Function ... not found"), which a changed key with an unchanged program would hit.
 """
@@ -57,9 +58,18 @@ class ProgramStore:
     @classmethod
     def from_jax_config(cls) -> ProgramStore | None:
         """A store beside JAX's persistent compilation cache, when one is configured (and this
-        JAX can compile around that cache, see ``compile``)."""
+        JAX can compile around that cache, see ``compile``).
+
+        Not on the CPU backend unless ``CARA_JAX_PROGRAM_STORE=1``: there, engine programs
+        compiled by the warm-up threads and stored by one server process failed when another
+        process loaded and ran them ("Function multiply_concatenate_fusion not found", a server
+        that could not start), although a single-threaded toy program round-trips. Without the
+        store a warm CPU start re-traces its programs (seconds each) and XLA's persistent cache
+        still skips the compiles."""
         folder = jax.config.jax_compilation_cache_dir
         if not folder or not hasattr(jax_config, "enable_compilation_cache"):
+            return None
+        if jax.default_backend() == "cpu" and os.environ.get("CARA_JAX_PROGRAM_STORE") != "1":
             return None
         return cls(Path(folder) / "programs")
 

@@ -82,6 +82,7 @@ class EngineStats:
     prefix_cache_evictions: int = 0
     prefix_cache_hits_by_adapter: dict = dataclasses.field(default_factory=dict)
     prefix_cache_queries_by_adapter: dict = dataclasses.field(default_factory=dict)
+    structured: dict = dataclasses.field(default_factory=dict)  # structured.MaskStats
 
     @property
     def kv_usage(self) -> float:

@@ -259,8 +259,13 @@ class ModelRunner:
             tokens=i32(t), dec_row=i32(s), ch_row=i32(pch), ch_reset=np.zeros(pch, bool),
             ch_out_from=np.full(pch, DROP, np.int32), sample_tok=i32(s + pch),
             sample_row=i32(s + pch), sample_valid=np.zeros(s + pch, bool),
+            allowed=self._all_tokens(s + pch), constrained=np.zeros((), bool),
         )  # fmt: skip
         return _Host(meta, inp), SamplingArrays.greedy(s + pch), i32(s), i32(pch)
+
+    def _all_tokens(self, rows: int) -> np.ndarray:
+        """The bitmask that allows every token (rows without a grammar)."""
+        return np.full((rows, -(-self.cfg.vocab_size // 32)), 0xFFFFFFFF, np.uint32)
 
     def build(self, batch: ScheduledBatch, p: Program):
         """Host arrays of a batch for program ``p`` -> (StepInputs, SamplingArrays, slots)."""
@@ -282,6 +287,8 @@ class ModelRunner:
             x["sample_tok"][i], x["sample_row"][i], x["sample_valid"][i] = off, d.row, True
             dec_ad[i] = d.adapter_slot
             samp[i] = d.sampling
+            if d.allowed is not None:
+                x["allowed"][i], x["constrained"][()] = d.allowed, True
             off += 1
         for j, ch in enumerate(batch.chunks):
             n = len(ch.tokens)
@@ -299,6 +306,8 @@ class ModelRunner:
             x["sample_tok"][k], x["sample_row"][k], x["sample_valid"][k] = off + n - 1, ch.row, ch.final
             ch_ad[j] = ch.adapter_slot
             samp[k] = ch.sampling
+            if ch.allowed is not None:
+                x["allowed"][k], x["constrained"][()] = ch.allowed, True
             off += n
         return host, SamplingArrays.from_rows(samp), dec_ad, ch_ad
 
@@ -398,8 +407,15 @@ class _Host:
             pages_per_chunk=config.pages_per_chunk,
             attn_backend=config.attention_backend,
         )
-        return StepInputs(
-            meta=meta,
-            want_logprobs=jnp.asarray(logprobs),
-            **{k: jnp.asarray(v) for k, v in self.inp.items()},
-        )
+        arrays = {k: jnp.asarray(v) for k, v in self.inp.items() if k != "allowed"}
+        allowed = self.inp["allowed"]
+        if self.inp["constrained"]:
+            arrays["allowed"] = jnp.asarray(allowed)
+        else:  # no grammar in the step: the device keeps one all-tokens mask per shape
+            arrays["allowed"] = _ALL_TOKENS.get(allowed.shape)
+            if arrays["allowed"] is None:
+                arrays["allowed"] = _ALL_TOKENS.setdefault(allowed.shape, jnp.asarray(allowed))
+        return StepInputs(meta=meta, want_logprobs=jnp.asarray(logprobs), **arrays)
+
+
+_ALL_TOKENS: dict[tuple[int, ...], jax.Array] = {}

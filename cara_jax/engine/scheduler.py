@@ -171,11 +171,15 @@ class Scheduler:
     def _can_decode(self, seq: Sequence) -> bool:
         if not seq.prefilled or seq.num_sampled >= seq.params.max_tokens:
             return False
+        if seq.awaiting_token:  # constrained: its next mask needs the token in flight
+            return False
         if seq.num_computed >= self.limits.max_model_len:
             return False
         return self.residency.decodable(seq)  # CPU-assisted: once its load is done
 
     def _chunk(self, seq: Sequence, budget: int) -> ChunkRow | None:
+        if seq.awaiting_token:  # constrained, re-run after a preemption: the token comes first
+            return None
         want = min(seq.prefill_target - seq.num_computed, budget)
         n = self.blocks.fits(seq.request_id, seq.num_computed + want) - seq.num_computed
         if n <= 0 or not self.blocks.grow(seq.request_id, seq.num_computed + n):
@@ -190,8 +194,16 @@ class Scheduler:
             seq=seq, row=seq.row, tokens=toks, start=start,
             table=list(self.blocks.table(seq.request_id)), adapter_slot=seq.hold.slot,
             sampling=seq.sampling_row(), final=final, out_from=len(seq.prompt_ids),
-            cpu_assist=seq.hold.cpu_assist,
+            cpu_assist=seq.hold.cpu_assist, allowed=self._mask(seq) if final else None,
         )  # fmt: skip
+
+    @staticmethod
+    def _mask(seq: Sequence):
+        """A constrained row's allowed next tokens (its token is then awaited), else None."""
+        if seq.constraint is None:
+            return None
+        seq.awaiting_token = True
+        return seq.constraint.mask()
 
     def schedule(self, wait_s: float = 0.0, step_s: float = 0.0) -> ScheduledBatch:
         """The next step's batch. ``wait_s``: how long admission may wait for adapter loads
@@ -214,7 +226,7 @@ class Scheduler:
                 continue
             batch.decode.append(
                 DecodeRow(seq, seq.row, seq.num_computed, list(self.blocks.table(seq.request_id)),
-                          seq.hold.slot, seq.sampling_row())  # fmt: skip
+                          seq.hold.slot, seq.sampling_row(), self._mask(seq))  # fmt: skip
             )
             seq.num_computed += 1
             seq.num_sampled += 1
@@ -303,13 +315,36 @@ class Scheduler:
             if isinstance(row, ChunkRow) and not row.final:
                 continue
             seq = row.seq
+            if row.allowed is not None:
+                seq.awaiting_token = False  # read: the next mask can be made
             if seq.finished or seq.epoch != epochs[id(seq)][0]:
                 continue  # finished, aborted or re-run while this token was in flight
             accepted.append(Accepted(seq, k, len(seq.output_ids)))
-            seq.append(row_tokens[k], self.limits.max_model_len)
+            self._take(seq, row_tokens[k])
             if seq.finished:
                 ended.append(self.finish(seq))
         return accepted, ended
+
+    def _take(self, seq: Sequence, token: int) -> None:
+        """Append a sampled token; a constrained sequence's grammar takes it first and ends the
+        output once it is complete (the token that completes it is kept)."""
+        c = seq.constraint
+        if c is None:
+            seq.append(token, self.limits.max_model_len)
+            return
+        ok = c.consume(token)
+        seq.append(token, self.limits.max_model_len)
+        if seq.finished:
+            if seq.finish_reason == "length" and ok and c.done:
+                seq.finish_reason = "stop"  # complete on its last allowed token
+            return
+        if not ok:  # the mask allowed it, so only a grammar engine fault gets here
+            log.warning("request %s: grammar refused token %d (%s)", seq.request_id, token,
+                        c.error)  # fmt: skip
+            seq.finish("stop")
+        elif c.done:
+            seq.text += seq.detok.flush()
+            seq.finish("stop")
 
     def take_failed(self) -> list[tuple[Ended, str]]:
         """Sequences whose adapter could not be had (found while admitting): finished with

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from typing import Any
 
 from cara_jax.engine.batch import SamplingRow
 from cara_jax.sampling_params import SamplingParams
@@ -77,6 +78,8 @@ class Sequence:
     admitted: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     pending_logprobs: list[dict] = dataclasses.field(default_factory=list)
+    constraint: Any = None  # structured.Constraint when the output must match a grammar
+    awaiting_token: bool = False  # constrained: a sampled token is in flight (its mask waits)
 
     @property
     def finished(self) -> bool:

@@ -57,6 +57,8 @@ class StepInputs:
     sample_row: jax.Array  # [S+P] sequence row of each sample
     sample_valid: jax.Array  # [S+P] bool: a real sample (a decode row, or a prompt's last chunk)
     want_logprobs: jax.Array  # () bool
+    allowed: jax.Array  # [S+P, ceil(V/32)] uint32: tokens a row may sample (structured.py)
+    constrained: jax.Array  # () bool: some row has a grammar (else ``allowed`` is not read)
 
 
 @jax.tree_util.register_dataclass
@@ -73,6 +75,15 @@ def _logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Arra
     chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
     return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def constrain(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Logits of tokens a row's bitmask leaves out become -inf (bit v % 32 of word v // 32)."""
+    v = logits.shape[-1]
+    ids = jnp.arange(v, dtype=jnp.uint32)
+    words = allowed[:, ids // 32]  # [rows, V]
+    bits = jnp.right_shift(words, ids % 32) & 1
+    return jnp.where(bits != 0, logits, -jnp.inf)
 
 
 def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: StepInputs,
@@ -106,6 +117,8 @@ def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: St
         return apply_penalties(x, c, s, sampling)
 
     shaped = jax.lax.cond(penalties_active(sampling), penalize, lambda x: x, logits)
+    shaped = jax.lax.cond(inp.constrained, lambda x: constrain(x, inp.allowed), lambda x: x,
+                          shaped)  # fmt: skip
     positions = meta.positions.at[inp.sample_tok].get(mode="clip")
     next_tok = sample(shaped, sampling, positions + 1)
 

@@ -137,6 +137,7 @@ class EngineCollector(Collector):
         c.add_metric([], es.preemptions)
         yield c
         yield from _prefix_cache_metrics(es, base)
+        yield from _structured_metrics(es.structured)
         yield from _cold_start_metrics(es)
         yield _gauge(
             "cara_compiled_programs", "Compiled step programs", es.compiled_programs
@@ -238,6 +239,18 @@ def _cold_start_metrics(es) -> Iterator[Metric]:
                  m["cpu_flops_per_s"])  # fmt: skip
     yield _gauge("cara_cold_start_exchange_seconds", "Fitted cost of one host exchange (auto)",
                  m["exchange_s"])  # fmt: skip
+
+
+def _structured_metrics(st: dict) -> Iterator[Metric]:
+    """Structured outputs: constraints compiled, masks made and the host time they took."""
+    for name, key, doc in (
+        ("cara_structured_requests", "compiled", "Requests whose output follows a grammar"),
+        ("cara_structured_masks", "masks", "Token masks made for constrained rows"),
+        ("cara_structured_mask_seconds", "seconds", "Host seconds spent making token masks"),
+    ):
+        c = CounterMetricFamily(name, doc)
+        c.add_metric([], st.get(key, 0))
+        yield c
 
 
 def _prefix_cache_metrics(es, base: str) -> Iterator[Metric]:

@@ -24,6 +24,45 @@ def _json(schema: dict) -> dict:
     return {"application/json": {"schema": schema}}
 
 
+def _structured_fields() -> dict[str, Any]:
+    """Output constraints (one per request): server/instance/structured_parsing.py."""
+    schema = {"type": "object", "description": "a JSON schema"}
+    return {
+        "response_format": _nullable(
+            {
+                "anyOf": [
+                    {"type": "object", "required": ["type"],
+                     "properties": {"type": {"enum": ["text", "json_object"]}}},
+                    {"type": "object", "required": ["type", "json_schema"],
+                     "properties": {
+                         "type": {"const": "json_schema"},
+                         "json_schema": {"type": "object", "properties": {
+                             "name": {"type": "string"}, "schema": schema,
+                             "strict": _nullable({"type": "boolean"})}},
+                     }},
+                ]
+            }
+        ),  # fmt: skip
+        "structured_outputs": _nullable(
+            {
+                "type": "object",
+                "description": "vLLM's: exactly one of json, regex, choice, grammar, json_object",
+                "properties": {
+                    "json": {"anyOf": [schema, {"type": "string"}]},
+                    "regex": {"type": "string"},
+                    "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "grammar": {"type": "string", "description": "a Lark grammar"},
+                    "json_object": {"type": "boolean"},
+                },
+            }
+        ),
+        "guided_json": _nullable({"anyOf": [schema, {"type": "string"}]}),
+        "guided_regex": _nullable({"type": "string"}),
+        "guided_choice": _nullable({"type": "array", "items": {"type": "string"}}),
+        "guided_grammar": _nullable({"type": "string"}),
+    }
+
+
 def _sampling_fields() -> dict[str, Any]:
     num = {"type": "number"}
     return {
@@ -53,6 +92,7 @@ def _sampling_fields() -> dict[str, Any]:
             }
         ),
         "n": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_N}),
+        **_structured_fields(),
         "stream": _nullable({"type": "boolean"}),
         "stream_options": _nullable(
             {
@@ -263,9 +303,6 @@ def _schemas(max_len: int) -> dict[str, Any]:
                 ),
                 "tools": _nullable(
                     {"type": "array", "maxItems": 0, "description": "not supported"}
-                ),
-                "response_format": _nullable(
-                    {"type": "object", "properties": {"type": {"const": "text"}}}
                 ),
                 "add_generation_prompt": _nullable({"type": "boolean"}),
                 **_sampling_fields(),

@@ -14,6 +14,7 @@ from typing import Any
 
 from cara_jax.sampling_params import MAX_LOGPROBS, InvalidRequestError, SamplingParams
 from cara_jax.tokenizer import ChatTemplateError, Tokenizer
+from server.instance.structured_parsing import parse_structured
 from server.protocol import bad
 
 MAX_N = 16  # choices per request (n x prompts); more is refused rather than queued silently
@@ -142,6 +143,7 @@ def _sampling(body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None)
             ignore_eos=_bool(body, "ignore_eos", False),
             logprobs=logprobs,
             tpot_slo=_num(body, "tpot_slo", None),
+            structured=parse_structured(body),
         )
     except InvalidRequestError as e:
         raise bad(f"`{e.param}`: {e}", e.param) from e
@@ -313,13 +315,6 @@ def parse_chat(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Generati
     messages = _messages(body)
     if _field(body, "tools", (list,), []):
         raise bad("`tools` are not supported", "tools", code="unsupported")
-    fmt = _field(body, "response_format", (dict,), {"type": "text"})
-    if fmt.get("type", "text") != "text":
-        raise bad(
-            'only `response_format` {"type": "text"} is supported',
-            "response_format",
-            code="unsupported",
-        )
     add_gen = _bool(body, "add_generation_prompt", True)
     try:
         ids = tok.apply_chat_template(messages, add_generation_prompt=add_gen, tokenize=True)

@@ -3,6 +3,7 @@ program (a changed store key over an unchanged program: an upgrade that only edi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -47,8 +48,9 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(cache, mode: str) -> None:
+    env = {**os.environ, "CARA_JAX_PROGRAM_STORE": "1"}  # the store is off on CPU by default
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), mode],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"ok {mode}" in out.stdout
 
@@ -58,3 +60,17 @@ def test_stored_program_runs_after_restart_over_a_warm_xla_cache(tmp_path):
     # loads the stored program and runs it (a program re-serialized from XLA's cache fails here)
     for mode in ("xla", "save", "load"):
         _run(tmp_path, mode)
+
+
+def test_the_store_is_off_on_cpu_by_default(tmp_path, monkeypatch):
+    import jax
+
+    from cara_jax.engine.program_store import ProgramStore
+
+    monkeypatch.delenv("CARA_JAX_PROGRAM_STORE", raising=False)
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    try:
+        assert jax.default_backend() != "cpu" or ProgramStore.from_jax_config() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -154,3 +154,35 @@ def test_block_manager_frees_everything(smol_tok, caching):
         eng.add(p + p, max_tokens=4, ignore_eos=True)
     eng.run()
     assert eng.blocks.num_free == eng.blocks.num_pages - 1
+
+
+def test_a_constrained_row_skips_the_step_launched_before_its_token_is_read(smol_tok):
+    """With the engine's one-step lag (step t+1 is scheduled before step t's tokens are read), a
+    row with a grammar is never in two consecutive steps (its next mask needs its last token),
+    while an unconstrained row is; both produce the tokens they would alone."""
+    from cara_jax.structured import Grammars, GrammarSpec
+
+    eng = FakeEngine(smol_tok)
+    free = eng.add(PROMPTS[0], max_tokens=6, ignore_eos=True)
+    cons = eng.add(PROMPTS[2], max_tokens=6, ignore_eos=True)
+    cons.constraint = Grammars(smol_tok, 49152).compile(GrammarSpec("regex", r"[\s\S]*"))
+
+    def tokens(batch):  # at read time, as the device would have sampled them
+        return [fake_token(r.seq.tokens[: r.end if isinstance(r, ChunkRow) else r.position + 1])
+                for r in batch.rows]  # fmt: skip
+
+    in_flight, sampling = None, []
+    for _ in range(100):
+        if in_flight is None and not (eng.sched.waiting or eng.sched.running):
+            break
+        batch = eng.sched.schedule()
+        launched = (batch, eng.sched.epochs(batch)) if batch else None
+        if in_flight is not None:
+            eng.sched.postprocess(in_flight[0], in_flight[1], set(), tokens(in_flight[0]))
+        in_flight = launched
+        sampling.append({id(r.seq) for r in batch.rows if not isinstance(r, ChunkRow) or r.final})
+    assert free.output_ids == reference(PROMPTS[0], 6)
+    assert cons.output_ids == reference(PROMPTS[2], 6)
+    pairs = list(zip(sampling, sampling[1:], strict=False))
+    assert not any(id(cons) in a and id(cons) in b for a, b in pairs)
+    assert any(id(free) in a and id(free) in b for a, b in pairs)
