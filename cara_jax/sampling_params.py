@@ -41,6 +41,8 @@ class SamplingParams:
     # what the output must match (structured.py's GrammarSpec: a JSON schema, any JSON object,
     # a regex, a choice, a Lark grammar); None: free text
     structured: Any = None
+    skip_special_tokens: bool = True  # leave special tokens (e.g. <|im_end|>) out of the text
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

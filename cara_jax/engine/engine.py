@@ -250,7 +250,7 @@ class Engine:
             prompt_ids=ids,
             params=params,
             seed=params.seed if params.seed is not None else random.getrandbits(31),
-            detok=self.tokenizer.detokenizer(),
+            detok=self.tokenizer.detokenizer(params.skip_special_tokens),
             eos_ids=frozenset(self.tokenizer.eos_token_ids),
             adapter_name=adapter,
             content_hash=content_hash,

@@ -113,9 +113,10 @@ class Sequence:
         if p.stop:
             longest = max(len(s) for s in p.stop)
             start = max(0, before - longest + 1)
-            hits = [i for s in p.stop if (i := self.text.find(s, start)) >= 0]
+            hits = [(i, len(s)) for s in p.stop if (i := self.text.find(s, start)) >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                at, n = min(hits)
+                self.text = self.text[: at + (n if p.include_stop_str_in_output else 0)]
                 self.finish(reason="stop")
                 return
         if len(self.output_ids) >= p.max_tokens or len(self.tokens) >= max_len:

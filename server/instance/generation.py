@@ -240,8 +240,8 @@ class Generation:
             "model": self.model,
             "choices": choices,
         }
-        if self.req.include_usage:
-            chunk["usage"] = None
+        if self.req.include_usage:  # the totals come in a last chunk; vLLM's continuous
+            chunk["usage"] = self.usage() if self.req.continuous_usage else None  # stats: now
         return chunk
 
     def _events(self, i: int, out: RequestOutput) -> list[dict]:

@@ -97,9 +97,17 @@ def _sampling_fields() -> dict[str, Any]:
         "stream_options": _nullable(
             {
                 "type": "object",
-                "properties": {"include_usage": {"type": "boolean"}},
+                "properties": {
+                    "include_usage": {"type": "boolean"},
+                    "continuous_usage_stats": {
+                        "type": "boolean",
+                        "description": "vLLM's: usage (running counts) on every chunk",
+                    },
+                },
             }
         ),
+        "skip_special_tokens": _nullable({"type": "boolean", "default": True}),
+        "include_stop_str_in_output": _nullable({"type": "boolean", "default": False}),
         "logit_bias": _nullable(
             {"type": "object", "maxProperties": 0, "description": "not supported: must be empty"}
         ),

@@ -14,6 +14,7 @@ from typing import Any
 
 from cara_jax.sampling_params import MAX_LOGPROBS, InvalidRequestError, SamplingParams
 from cara_jax.tokenizer import ChatTemplateError, Tokenizer
+from server.instance.field_policy import check_fields
 from server.instance.structured_parsing import parse_structured
 from server.protocol import bad
 
@@ -92,6 +93,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     echo: bool = False
+    continuous_usage: bool = False  # usage (running counts) on every streamed chunk
     logprobs: int | None = None  # completions: top-k count; chat: top_logprobs when enabled
 
     def choice_params(self, i: int) -> SamplingParams:
@@ -144,6 +146,8 @@ def _sampling(body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None)
             logprobs=logprobs,
             tpot_slo=_num(body, "tpot_slo", None),
             structured=parse_structured(body),
+            skip_special_tokens=_bool(body, "skip_special_tokens", True),
+            include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
         )
     except InvalidRequestError as e:
         raise bad(f"`{e.param}`: {e}", e.param) from e
@@ -197,13 +201,16 @@ def _check_prompt(ids: list[int], max_len: int, vocab: int, param: str) -> None:
         raise bad("a prompt token id is outside the vocabulary", param)
 
 
-def _stream(body: dict) -> tuple[bool, bool]:
+def _stream(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage_stats: usage on every chunk, vLLM's)."""
     stream = _bool(body, "stream", False)
     opts = _field(body, "stream_options", (dict,), {})
     include = opts.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise bad("`stream_options.include_usage` must be a boolean", "stream_options")
-    return stream, stream and include
+    continuous = opts.get("continuous_usage_stats", False)
+    if not isinstance(include, bool) or not isinstance(continuous, bool):
+        raise bad("`stream_options.include_usage` and `continuous_usage_stats` must be booleans",
+                  "stream_options")  # fmt: skip
+    return stream, stream and include, stream and include and continuous
 
 
 def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> GenerationRequest:
@@ -252,7 +259,8 @@ def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Ge
         texts = [t or tok.decode(ids) for t, ids in zip(texts, prompts, strict=True)]
     room = max_len - max(len(p) for p in prompts)
     max_tokens = _max_tokens(body, ("max_tokens",), 16, room)
-    stream, include_usage = _stream(body)
+    check_fields(body, "completion")
+    stream, include_usage, continuous = _stream(body)
     _field(body, "user", (str,), None)
     return GenerationRequest(
         kind="completion",
@@ -263,6 +271,7 @@ def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Ge
         n=_n(body, len(prompts)),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous,
         echo=echo,
         logprobs=logprobs,
     )
@@ -315,6 +324,8 @@ def parse_chat(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Generati
     messages = _messages(body)
     if _field(body, "tools", (list,), []):
         raise bad("`tools` are not supported", "tools", code="unsupported")
+    if body.get("tool_choice") not in (None, "none", "auto"):  # with no tools: nothing to call
+        raise bad("`tool_choice` is not supported", "tool_choice", code="unsupported")
     add_gen = _bool(body, "add_generation_prompt", True)
     try:
         ids = tok.apply_chat_template(messages, add_generation_prompt=add_gen, tokenize=True)
@@ -331,7 +342,8 @@ def parse_chat(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Generati
     max_tokens = _max_tokens(
         body, ("max_completion_tokens", "max_tokens"), None, max_len - len(ids)
     )
-    stream, include_usage = _stream(body)
+    check_fields(body, "chat")
+    stream, include_usage, continuous = _stream(body)
     _field(body, "user", (str,), None)
     return GenerationRequest(
         kind="chat",
@@ -342,5 +354,6 @@ def parse_chat(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Generati
         n=_n(body, 1),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous,
         logprobs=logprobs,
     )

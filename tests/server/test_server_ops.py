@@ -578,3 +578,49 @@ def test_a_thousand_adapters_loaded_and_unloaded_leave_metrics_bounded(srv):
     assert len(after_1000) == len(after_100)
     _, models = get(srv.url + "/v1/models")
     assert "churn-" not in models
+
+
+def test_known_fields_are_served_or_refused_never_dropped(srv):
+    """A known field that would change the answer is served or refused (400 `unsupported` naming
+    it); its default value asks for nothing and passes, as do fields that change nothing here
+    and a client's own extras."""
+    url = srv.url + "/v1/completions"
+    base = {"model": srv.base, "prompt": "The capital of France is", "max_tokens": 12,
+            "temperature": 0}  # fmt: skip
+    for field, value in [("min_tokens", 3), ("prompt_logprobs", 1), ("use_beam_search", True),
+                         ("bad_words", ["x"]), ("truncate_prompt_tokens", 5)]:  # fmt: skip
+        status, _, body = post(url, {**base, field: value})
+        assert status == 400, (field, body)
+        assert body["error"]["param"] == field and body["error"]["code"] == "unsupported", body
+    status, _, plain = post(url, {**base, "min_tokens": 0, "prompt_logprobs": None, "store": True,
+                                  "a_client_extra": 1})  # fmt: skip
+    assert status == 200, plain
+    chat = srv.url + "/v1/chat/completions"
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    status, _, body = post(chat, {"model": srv.base, "messages": msgs, "tool_choice": "required"})
+    assert status == 400 and body["error"]["param"] == "tool_choice", body
+
+    # include_stop_str_in_output keeps the stop string; without it the text ends before it
+    text = plain["choices"][0]["text"]
+    stop = text.split()[1] if len(text.split()) > 1 else text.strip()[:2]
+    _, _, cut = post(url, {**base, "stop": [stop]})
+    _, _, kept = post(url, {**base, "stop": [stop], "include_stop_str_in_output": True})
+    assert kept["choices"][0]["text"] == cut["choices"][0]["text"] + stop, (cut, kept)
+
+    # skip_special_tokens=false shows the turn end the model emits (EOS ignored to get past it)
+    body = {"model": srv.base, "messages": msgs, "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    _, _, hidden = post(chat, body)
+    _, _, shown = post(chat, {**body, "skip_special_tokens": False})
+    assert "<|im_end|>" in shown["choices"][0]["message"]["content"], shown
+    assert "<|im_end|>" not in hidden["choices"][0]["message"]["content"]
+
+    # continuous_usage_stats: every streamed chunk carries the running usage
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    chunks = list(client.completions.create(
+        model=srv.base, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))  # fmt: skip
+    with_text = [c for c in chunks if c.choices and c.choices[0].text]
+    assert with_text and all(c.usage is not None for c in with_text)
+    counts = [c.usage.completion_tokens for c in with_text]
+    assert counts == sorted(counts) and chunks[-1].usage.completion_tokens == 6
