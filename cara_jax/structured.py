@@ -138,17 +138,19 @@ class Grammars:
         self._lock = threading.Lock()
         self.stats = MaskStats()
 
+    def prepare(self) -> None:
+        """Build the grammar engine's tokenizer now (start-up), not on the first request."""
+        self._ll_tokenizer()
+
     def _ll_tokenizer(self):
         with self._lock:
             if self._ll is None:
                 import llguidance
 
                 tok = self.tokenizer
-                eos = tok.eos_token_id
-                if eos is None:
-                    eos = min(tok.eos_token_ids)
+                eos = sorted(tok.eos_token_ids)  # every id the engine stops on ends a grammar
                 self._ll = llguidance.LLTokenizer(
-                    tok.backend.to_str(), n_vocab=self.vocab_size, eos_token=eos
+                    tok.backend.to_str(), n_vocab=self.vocab_size, eos_token=eos or None
                 )
             return self._ll
 
@@ -160,21 +162,11 @@ class Grammars:
             grammar = spec.grammar_text()
         except Exception as e:  # llguidance raises ValueError/RuntimeError on a bad input
             raise GrammarError(f"invalid {spec.kind}: {_short(e)}", spec.param) from e
-        ok, is_error, messages = _validate(llguidance, grammar, ll)
-        if not ok:
-            raise GrammarError(f"invalid {spec.kind}: {_short(messages)}", spec.param)
-        matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(ll, grammar, log_level=0)  # compiles it once
         if matcher.is_error():
             raise GrammarError(f"invalid {spec.kind}: {_short(matcher.get_error())}", spec.param)
         self.stats.compiled += 1
         return Constraint(matcher, self.words, self.stats)
-
-
-def _validate(llguidance, grammar: str, ll) -> tuple[bool, bool, str]:
-    """(usable, is_error, messages) from llguidance's validator."""
-    result = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll)
-    is_error, messages = result
-    return (not is_error), is_error, "; ".join(messages)
 
 
 def _short(e: object) -> str:

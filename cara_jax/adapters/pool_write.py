@@ -1,5 +1,7 @@
-"""The compiled write of one layer group of an adapter into the device pool: ``_write_group``
-(one program per group size and write width, shared by pools of one shape in a process) and
+"""The compiled write of one projection of one layer group of an adapter into the device pool:
+``_write_projection`` (one program per group size, projection shape and write width, shared by
+pools of one shape in a process; each write touches only its projection's arrays, so the
+writes of one group do not wait for each other, only for the step in flight) and
 ``PoolWriter``, mixed into ``DevicePool``, which compiles them before serving (device_pool.py;
 pool_load.py runs them).
 """

@@ -154,7 +154,12 @@ class Engine:
         return self.runner.programs()
 
     def warmup(self, progress=None) -> None:
-        """Compile every program the engine can dispatch (nothing compiles after this)."""
+        """Compile every program the engine can dispatch (nothing compiles after this), and
+        build the grammar engine's tokenizer (structured outputs)."""
+        try:
+            self.grammars.prepare()
+        except Exception as e:  # a tokenizer it cannot read: constrained requests fail alone
+            log.warning("structured outputs unavailable: %s", e)
         self.runner.warmup(threads=self.config.compile_threads, progress=progress)
 
     def stats(self) -> EngineStats:

@@ -264,8 +264,14 @@ class ModelRunner:
         return _Host(meta, inp), SamplingArrays.greedy(s + pch), i32(s), i32(pch)
 
     def _all_tokens(self, rows: int) -> np.ndarray:
-        """The bitmask that allows every token (rows without a grammar)."""
-        return np.full((rows, -(-self.cfg.vocab_size // 32)), 0xFFFFFFFF, np.uint32)
+        """The bitmask that allows every token (rows without a grammar): one read-only array
+        per row count, copied only by a step that has a constrained row."""
+        mask = _ALL_TOKENS_HOST.get(rows)
+        if mask is None or mask.shape[1] != -(-self.cfg.vocab_size // 32):
+            mask = np.full((rows, -(-self.cfg.vocab_size // 32)), 0xFFFFFFFF, np.uint32)
+            mask.flags.writeable = False
+            _ALL_TOKENS_HOST[rows] = mask
+        return mask
 
     def build(self, batch: ScheduledBatch, p: Program):
         """Host arrays of a batch for program ``p`` -> (StepInputs, SamplingArrays, slots)."""
@@ -288,7 +294,7 @@ class ModelRunner:
             dec_ad[i] = d.adapter_slot
             samp[i] = d.sampling
             if d.allowed is not None:
-                x["allowed"][i], x["constrained"][()] = d.allowed, True
+                _constrain_row(x, i, d.allowed)
             off += 1
         for j, ch in enumerate(batch.chunks):
             n = len(ch.tokens)
@@ -307,7 +313,7 @@ class ModelRunner:
             ch_ad[j] = ch.adapter_slot
             samp[k] = ch.sampling
             if ch.allowed is not None:
-                x["allowed"][k], x["constrained"][()] = ch.allowed, True
+                _constrain_row(x, k, ch.allowed)
             off += n
         return host, SamplingArrays.from_rows(samp), dec_ad, ch_ad
 
@@ -419,3 +425,13 @@ class _Host:
 
 
 _ALL_TOKENS: dict[tuple[int, ...], jax.Array] = {}
+_ALL_TOKENS_HOST: dict[int, np.ndarray] = {}
+
+
+def _constrain_row(x: dict[str, np.ndarray], row: int, allowed: np.ndarray) -> None:
+    """Put one sampling row's grammar mask into the step's inputs (the first such row of a
+    step copies the shared all-tokens mask)."""
+    if not x["constrained"]:
+        x["allowed"] = x["allowed"].copy()
+        x["constrained"][()] = True
+    x["allowed"][row] = allowed

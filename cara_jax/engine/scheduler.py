@@ -332,17 +332,18 @@ class Scheduler:
         if c is None:
             seq.append(token, self.limits.max_model_len)
             return
-        ok = c.consume(token)
-        seq.append(token, self.limits.max_model_len)
-        if seq.finished:
-            if seq.finish_reason == "length" and ok and c.done:
-                seq.finish_reason = "stop"  # complete on its last allowed token
-            return
-        if not ok:  # the mask allowed it, so only a grammar engine fault gets here
+        if not c.consume(token):  # the mask allowed it, so only a grammar engine fault gets here
             log.warning("request %s: grammar refused token %d (%s)", seq.request_id, token,
                         c.error)  # fmt: skip
-            seq.finish("stop")
-        elif c.done:
+            seq.text += seq.detok.flush()
+            seq.finish("stop")  # the text so far, without the refused token
+            return
+        seq.append(token, self.limits.max_model_len)
+        if seq.finished:
+            if seq.finish_reason == "length" and c.done:
+                seq.finish_reason = "stop"  # complete on its last allowed token
+            return
+        if c.done:
             seq.text += seq.detok.flush()
             seq.finish("stop")
 

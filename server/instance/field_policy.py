@@ -59,7 +59,6 @@ NOT_SERVED: dict[str, Callable[[Any], bool]] = {
     "allowed_token_ids": _empty,
     "truncate_prompt_tokens": _off(None),
     "return_tokens_as_token_ids": _off(False),
-    "add_special_tokens": _off(None),
     "documents": _empty,
     "mm_processor_kwargs": _empty,
     "modalities": lambda v: v is None or v == ["text"],
@@ -82,6 +81,10 @@ def check_fields(body: dict, kind: str) -> None:
     served = SERVED[kind]
     for key, value in body.items():
         if key in served or key in HARMLESS:
+            continue
+        if key == "add_special_tokens":  # vLLM's defaults are what this server does
+            if value not in (None, kind == "completion"):
+                raise bad(f"`{key}` is not supported", key, code="unsupported")
             continue
         ok = NOT_SERVED.get(key)
         if ok is not None:

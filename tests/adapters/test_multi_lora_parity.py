@@ -44,7 +44,7 @@ def _engine_greedy(loaded, paths, rows, prompts, n_tokens, strategy):
 
         eos_token_ids = ()
 
-        def detokenizer(self):
+        def detokenizer(self, skip_special_tokens=True):
             from types import SimpleNamespace
 
             return SimpleNamespace(add=lambda t: "", flush=lambda: "")
@@ -181,7 +181,7 @@ class _IdsTokenizer:
 
     eos_token_ids = ()
 
-    def detokenizer(self):
+    def detokenizer(self, skip_special_tokens=True):
         from types import SimpleNamespace
 
         return SimpleNamespace(add=lambda t: "", flush=lambda: "")
