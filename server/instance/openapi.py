@@ -122,6 +122,84 @@ def openapi_spec(state: AppState) -> dict:
                     },
                 }
             },
+            "/tokenize": {
+                "post": {
+                    "summary": "Token ids of a prompt or of chat messages through the chat "
+                    "template (vLLM's body)",
+                    "requestBody": {
+                        "required": True,
+                        "content": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "model": {"type": "string"},
+                                    "prompt": {"type": "string"},
+                                    "add_special_tokens": {"type": "boolean"},
+                                    "messages": {
+                                        "type": "array",
+                                        "items": _ref("ChatMessage"),
+                                        "minItems": 1,
+                                    },
+                                    "add_generation_prompt": {"type": "boolean"},
+                                    "return_token_strs": {"type": "boolean"},
+                                },
+                            }
+                        ),
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Tokens",
+                            "content": _json(
+                                {
+                                    "type": "object",
+                                    "required": ["count", "max_model_len", "tokens"],
+                                    "properties": {
+                                        "count": {"type": "integer"},
+                                        "max_model_len": {"type": "integer"},
+                                        "tokens": {"type": "array", "items": {"type": "integer"}},
+                                        "token_strs": {
+                                            "type": ["array", "null"],
+                                            "items": {"type": "string"},
+                                        },
+                                    },
+                                }
+                            ),
+                        },
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/detokenize": {
+                "post": {
+                    "summary": "Text of token ids (vLLM's body)",
+                    "requestBody": {
+                        "required": True,
+                        "content": _json(
+                            {
+                                "type": "object",
+                                "required": ["tokens"],
+                                "properties": {
+                                    "model": {"type": "string"},
+                                    "tokens": {"type": "array", "items": {"type": "integer"}},
+                                },
+                            }
+                        ),
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Text",
+                            "content": _json(
+                                {
+                                    "type": "object",
+                                    "required": ["prompt"],
+                                    "properties": {"prompt": {"type": "string"}},
+                                }
+                            ),
+                        },
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
             "/health": {
                 "get": {
                     "summary": "Liveness: 200 while serving, 503 while draining or broken",
@@ -137,8 +215,13 @@ def openapi_spec(state: AppState) -> dict:
                     "responses": {
                         "200": {
                             "description": "Version",
-                            "content": _json({"type": "object", "required": ["version"],
-                                              "properties": {"version": {"type": "string"}}}),
+                            "content": _json(
+                                {
+                                    "type": "object",
+                                    "required": ["version"],
+                                    "properties": {"version": {"type": "string"}},
+                                }
+                            ),
                         },
                     },
                 }

@@ -280,7 +280,7 @@ def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Ge
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def _messages(body: dict) -> list[dict]:
+def chat_messages(body: dict) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("`messages` must be a non-empty array", "messages")
@@ -321,7 +321,7 @@ def _messages(body: dict) -> list[dict]:
 
 def parse_chat(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> GenerationRequest:
     model = _field(body, "model", (str,), None)
-    messages = _messages(body)
+    messages = chat_messages(body)
     if _field(body, "tools", (list,), []):
         raise bad("`tools` are not supported", "tools", code="unsupported")
     if body.get("tool_choice") not in (None, "none", "auto"):  # with no tools: nothing to call

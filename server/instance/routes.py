@@ -15,6 +15,7 @@ from server.instance.openapi import openapi_spec
 from server.instance.request_parsing import parse_chat, parse_completion
 from server.instance.state import STATE, AppState
 from server.instance.state_route import add_state_route
+from server.instance.tokenize_routes import add_tokenize_routes
 from server.protocol import ApiError, read_json_object
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
+    add_tokenize_routes(app)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     add_state_route(app)

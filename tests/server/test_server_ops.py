@@ -624,3 +624,28 @@ def test_known_fields_are_served_or_refused_never_dropped(srv):
     assert with_text and all(c.usage is not None for c in with_text)
     counts = [c.usage.completion_tokens for c in with_text]
     assert counts == sorted(counts) and chunks[-1].usage.completion_tokens == 6
+
+
+def test_tokenize_and_detokenize_use_the_engines_tokenizer(srv):
+    """vLLM's /tokenize and /detokenize bodies: a prompt, or messages through the chat template
+    (the same ids the chat route feeds the engine), and back to text."""
+    tok = srv.state.tokenizer
+    status, _, body = post(srv.url + "/tokenize", {"model": srv.base, "prompt": "Hello world"})
+    assert status == 200, body
+    assert body["tokens"] == tok.encode("Hello world", add_special_tokens=True)
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == srv.state.max_len
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    status, _, chat = post(srv.url + "/tokenize", {"model": "demo-0", "messages": msgs})
+    assert chat["tokens"] == tok.apply_chat_template(msgs, add_generation_prompt=True,
+                                                     tokenize=True)  # fmt: skip
+    status, _, back = post(srv.url + "/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and back["prompt"] == tok.decode(body["tokens"])
+    for path, bad_body, code in [
+        ("/tokenize", {"prompt": 3}, 400),
+        ("/tokenize", {"model": "no-such-adapter", "prompt": "x"}, 404),
+        ("/detokenize", {"tokens": [1, "x"]}, 400),
+        ("/detokenize", {"tokens": [10**9]}, 400),
+    ]:
+        status, _, err = post(srv.url + path, bad_body)
+        assert status == code, (path, err)
+        assert_error(err)
