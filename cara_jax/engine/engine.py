@@ -287,7 +287,10 @@ class Engine:
         """Cancel a request; its pages and row are free for the next step."""
         with self.lock:
             seq = self.requests.get(request_id)
-            if seq is None or seq.finished:
+            if seq is None:
+                return
+            if seq.finished:  # let go by a step that then failed before it was recorded
+                del self.requests[request_id]
                 return
             seq.finish("abort")
             self._release(seq)
