@@ -88,7 +88,7 @@ def test_structured_outputs_choice_regex_and_json_object_streamed(srv):
                              extra_body={"guided_regex": r" \d{3}-\d{4}"})  # fmt: skip
     assert re.fullmatch(r" \d{3}-\d{4}", r.choices[0].text), r.choices[0].text
     stream = c.chat.completions.create(
-        model="demo-1", messages=QUESTION, max_tokens=60, temperature=0, stream=True,
+        model="demo-1", messages=QUESTION, max_tokens=32, temperature=0, stream=True,
         response_format={"type": "json_object"},
     )  # fmt: skip
     text, reason = "", None
@@ -126,17 +126,17 @@ def test_a_constrained_row_leaves_the_others_unchanged(srv):
     c = client(srv)
 
     def plain(prompt):
-        return c.completions.create(model="demo-1", prompt=prompt, max_tokens=24,
+        return c.completions.create(model="demo-1", prompt=prompt, max_tokens=16,
                                     temperature=0).choices[0].text  # fmt: skip
 
     def constrained(_):
         return c.chat.completions.parse(model="demo-0", messages=QUESTION, response_format=Pet,
                                         max_tokens=88, temperature=0)  # fmt: skip
 
-    prompts = ["Once upon a time", "The capital of France is", "1, 2, 3,"]
+    prompts = ["Once upon a time", "The capital of France is"]
     alone = [plain(p) for p in prompts]
-    with ThreadPoolExecutor(6) as ex:
-        cons = [ex.submit(constrained, i) for i in range(3)]
+    with ThreadPoolExecutor(4) as ex:
+        cons = [ex.submit(constrained, i) for i in range(2)]
         mixed = list(ex.map(plain, prompts))
         for f in cons:
             assert isinstance(f.result().choices[0].message.parsed, Pet)
