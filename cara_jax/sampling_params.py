@@ -42,6 +42,7 @@ class SamplingParams:
     # a regex, a choice, a Lark grammar); None: free text
     structured: Any = None
     skip_special_tokens: bool = True  # leave special tokens (e.g. <|im_end|>) out of the text
+    min_tokens: int = 0  # no EOS, stop token or stop string before this many output tokens
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text
 
     def __post_init__(self) -> None:
@@ -60,6 +61,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (0 < self.repetition_penalty <= 10, "repetition_penalty", "must be in (0, 10]"),
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
                 "logprobs",

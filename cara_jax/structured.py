@@ -137,6 +137,20 @@ class Grammars:
         self._ll = None
         self._lock = threading.Lock()
         self.stats = MaskStats()
+        self._bans: dict[frozenset[int], np.ndarray] = {}
+
+    def ban(self, token_ids: frozenset[int]) -> np.ndarray:
+        """The all-tokens mask less ``token_ids`` (min_tokens: no end before the minimum); one
+        shared read-only array per set."""
+        key = frozenset(int(t) for t in token_ids if 0 <= t < self.vocab_size)
+        mask = self._bans.get(key)
+        if mask is None:
+            mask = np.full(self.words, 0xFFFFFFFF, np.uint32)
+            for t in key:
+                mask[t // 32] &= ~np.uint32(1 << (t % 32))
+            mask.flags.writeable = False
+            self._bans[key] = mask
+        return mask
 
     def prepare(self) -> None:
         """Build the grammar engine's tokenizer now (start-up), not on the first request."""

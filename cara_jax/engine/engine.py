@@ -263,6 +263,10 @@ class Engine:
         )
         if params.structured is not None:  # compiled outside the lock (GrammarError: a 400)
             seq.constraint = self.grammars.compile(params.structured)
+        if params.min_tokens and not params.ignore_eos:
+            seq.ban_mask = self.grammars.ban(seq.eos_ids | set(params.stop_token_ids))
+        elif params.min_tokens:
+            seq.ban_mask = self.grammars.ban(frozenset(params.stop_token_ids))
         with self.lock:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")

@@ -194,16 +194,19 @@ class Scheduler:
             seq=seq, row=seq.row, tokens=toks, start=start,
             table=list(self.blocks.table(seq.request_id)), adapter_slot=seq.hold.slot,
             sampling=seq.sampling_row(), final=final, out_from=len(seq.prompt_ids),
-            cpu_assist=seq.hold.cpu_assist, allowed=self._mask(seq) if final else None,
+            cpu_assist=seq.hold.cpu_assist, allowed=self._mask(seq, seq.num_sampled - 1) if final else None,
         )  # fmt: skip
 
     @staticmethod
-    def _mask(seq: Sequence):
-        """A constrained row's allowed next tokens (its token is then awaited), else None."""
+    def _mask(seq: Sequence, index: int):
+        """The allowed tokens for output ``index`` of ``seq``: a grammar's (its token is then
+        awaited), less the end tokens while below min_tokens; None: any token."""
+        ban = seq.ban_mask if index < seq.params.min_tokens else None
         if seq.constraint is None:
-            return None
+            return ban
         seq.awaiting_token = True
-        return seq.constraint.mask()
+        mask = seq.constraint.mask()
+        return mask if ban is None else mask & ban
 
     def schedule(self, wait_s: float = 0.0, step_s: float = 0.0) -> ScheduledBatch:
         """The next step's batch. ``wait_s``: how long admission may wait for adapter loads
@@ -226,7 +229,7 @@ class Scheduler:
                 continue
             batch.decode.append(
                 DecodeRow(seq, seq.row, seq.num_computed, list(self.blocks.table(seq.request_id)),
-                          seq.hold.slot, seq.sampling_row(), self._mask(seq))  # fmt: skip
+                          seq.hold.slot, seq.sampling_row(), self._mask(seq, seq.num_sampled))  # fmt: skip
             )
             seq.num_computed += 1
             seq.num_sampled += 1

@@ -80,6 +80,7 @@ class Sequence:
     pending_logprobs: list[dict] = dataclasses.field(default_factory=list)
     constraint: Any = None  # structured.Constraint when the output must match a grammar
     awaiting_token: bool = False  # constrained: a sampled token is in flight (its mask waits)
+    ban_mask: Any = None  # min_tokens: the mask without end tokens (structured.Grammars.ban)
 
     @property
     def finished(self) -> bool:
@@ -103,14 +104,16 @@ class Sequence:
         """Take one generated token: update text, apply stop rules (strings across tokens)."""
         self.token_times.append(time.perf_counter())
         p = self.params
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        early = len(self.output_ids) < p.min_tokens  # no end before min_tokens (masked too)
+        if not early and ((token in self.eos_ids and not p.ignore_eos)
+                          or token in p.stop_token_ids):  # fmt: skip
             self.text += self.detok.flush()
             self.finish(reason="stop")
             return
         self.output_ids.append(token)
         before = len(self.text)
         self.text += self.detok.add(token)
-        if p.stop:
+        if p.stop and len(self.output_ids) >= max(p.min_tokens, 1):
             longest = max(len(s) for s in p.stop)
             start = max(0, before - longest + 1)
             hits = [(i, len(s)) for s in p.stop if (i := self.text.find(s, start)) >= 0]

@@ -23,7 +23,7 @@ _COMMON = {
     "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos",
     "n", "best_of", "stream", "stream_options", "user", "logprobs", "tpot_slo", "logit_bias",
     "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-    "guided_grammar", "skip_special_tokens", "include_stop_str_in_output",
+    "guided_grammar", "skip_special_tokens", "include_stop_str_in_output", "min_tokens",
 }  # fmt: skip
 SERVED = {
     "completion": _COMMON | {"prompt", "suffix", "echo"},
@@ -48,7 +48,6 @@ def _empty(v: Any) -> bool:
 
 # known, not served: the value that asks for nothing passes
 NOT_SERVED: dict[str, Callable[[Any], bool]] = {
-    "min_tokens": _off(0),
     "prompt_logprobs": _off(None),
     "chat_template_kwargs": _empty,
     "functions": _empty,

@@ -107,6 +107,7 @@ def _sampling_fields() -> dict[str, Any]:
             }
         ),
         "skip_special_tokens": _nullable({"type": "boolean", "default": True}),
+        "min_tokens": _nullable({"type": "integer", "minimum": 0, "default": 0}),
         "include_stop_str_in_output": _nullable({"type": "boolean", "default": False}),
         "logit_bias": _nullable(
             {"type": "object", "maxProperties": 0, "description": "not supported: must be empty"}

@@ -148,6 +148,7 @@ def _sampling(body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None)
             structured=parse_structured(body),
             skip_special_tokens=_bool(body, "skip_special_tokens", True),
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
+            min_tokens=_int(body, "min_tokens", 0) or 0,
         )
     except InvalidRequestError as e:
         raise bad(f"`{e.param}`: {e}", e.param) from e

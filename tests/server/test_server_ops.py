@@ -587,12 +587,12 @@ def test_known_fields_are_served_or_refused_never_dropped(srv):
     url = srv.url + "/v1/completions"
     base = {"model": srv.base, "prompt": "The capital of France is", "max_tokens": 12,
             "temperature": 0}  # fmt: skip
-    for field, value in [("min_tokens", 3), ("prompt_logprobs", 1), ("use_beam_search", True),
+    for field, value in [("prompt_logprobs", 1), ("use_beam_search", True),
                          ("bad_words", ["x"]), ("truncate_prompt_tokens", 5)]:  # fmt: skip
         status, _, body = post(url, {**base, field: value})
         assert status == 400, (field, body)
         assert body["error"]["param"] == field and body["error"]["code"] == "unsupported", body
-    status, _, plain = post(url, {**base, "min_tokens": 0, "prompt_logprobs": None, "store": True,
+    status, _, plain = post(url, {**base, "prompt_logprobs": None, "store": True,
                                   "a_client_extra": 1})  # fmt: skip
     assert status == 200, plain
     chat = srv.url + "/v1/chat/completions"
@@ -614,6 +614,16 @@ def test_known_fields_are_served_or_refused_never_dropped(srv):
     _, _, shown = post(chat, {**body, "skip_special_tokens": False})
     assert "<|im_end|>" in shown["choices"][0]["message"]["content"], shown
     assert "<|im_end|>" not in hidden["choices"][0]["message"]["content"]
+
+    # min_tokens: no end before the minimum (the answer alone is shorter)
+    body = {"model": srv.base, "messages": msgs, "max_tokens": 40, "temperature": 0}
+    _, _, short = post(chat, body)
+    n = short["usage"]["completion_tokens"]
+    assert short["choices"][0]["finish_reason"] == "stop" and n < 30, short
+    _, _, longer = post(chat, {**body, "min_tokens": n + 6})
+    assert longer["usage"]["completion_tokens"] >= n + 6, longer
+    status, _, err = post(chat, {**body, "min_tokens": 41})
+    assert status == 400 and err["error"]["param"] == "min_tokens", err
 
     # continuous_usage_stats: every streamed chunk carries the running usage
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
