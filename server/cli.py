@@ -48,7 +48,7 @@ def _use_compile_cache(folder: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _engine_config(args: argparse.Namespace):
+def engine_config(args: argparse.Namespace):
     """EngineConfig from the flags; fields the engine does not have yet are kept by the server."""
     from cara_jax.adapters.device_pool import PoolConfig
     from cara_jax.engine import EngineConfig
@@ -113,7 +113,7 @@ def build_state(args: argparse.Namespace):
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     loaded = load_model(path, dtype=DTYPES[dtype])
     try:
-        engine = Engine(loaded, Tokenizer.from_path(path), _engine_config(args))
+        engine = Engine(loaded, Tokenizer.from_path(path), engine_config(args))
     except ValueError as e:  # e.g. an unknown --cold-start mode
         raise SystemExit(f"cara-serve: {e}") from e
     log.info("model %s loaded in %.1fs", path, time.perf_counter() - t0)

@@ -113,18 +113,23 @@ def tiny(tiny_llama_dir):
     return load_model(tiny_llama_dir, use_cache=False)
 
 
-# The files that take longest (their engines' compiles dominate), longest first. `make test`
-# splits the suite over processes file by file; a long file handed out last would be the run's
-# tail, so these go first and the many short files fill in around them.
+# The files that take longest (their engines' compiles dominate), first. `make test` splits the
+# suite over processes file by file (each process starts with the 1st and 3rd, or the 2nd and
+# 4th, then takes the next file when one ends); a long file handed out last would be the run's
+# tail, so these go first and the many short files fill in around them. The SmolLM2 files share
+# one engine geometry (tests/server_helpers.py SMOL_FLAGS): the parity test compiles its 64-token
+# step while the other process runs tiny-model files, the CPU-assist tests then compile only the
+# CPU-assisted twin, and the server files after them find both in the compile cache.
 LONGEST_FIRST = (
     "tests/model/test_model_parity.py",
-    "tests/engine/test_cpu_assist.py",
-    "tests/server/test_server_cold_start.py",
-    "tests/server/test_server_ops.py",
-    "tests/server/test_server.py",
-    "tests/engine/test_paged_engine.py",
     "tests/engine/test_engine.py",
+    "tests/engine/test_cpu_assist.py",
+    "tests/engine/test_paged_engine.py",
+    "tests/server/test_server_ops.py",
+    "tests/server/test_server_cold_start.py",
+    "tests/server/test_server.py",
     "tests/engine/test_prefix_cache.py",
+    "tests/server/test_structured_outputs.py",
     "tests/engine/test_cold_start_auto.py",
 )
 

@@ -21,11 +21,26 @@ from server.cli import (
     COMPILE_CACHE_KEYS,
     build_parser,
     build_state,
+    engine_config,
     start_warmup,
 )
 from server.instance.app import BackgroundServer, ServerState, build_app
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+# The engine geometry of every SmolLM2 engine in the tests: the servers', the model parity
+# test's and the CPU-assist tests' (``smol_engine_config``). Their step programs are then the
+# same, so a fresh clone compiles the 64-token step (and its CPU-assisted twin) once; the
+# persistent compile cache serves every later engine.
+SMOL_FLAGS = ("--max-num-seqs", "8", "--max-model-len", "128", "--max-prefill-seqs", "4",
+              "--max-num-batched-tokens", "64", "--token-buckets", "64",
+              "--kv-cache-memory", "16M", "--max-lora-rank", "32", "--device-lora-bytes", "128M")
+
+
+def smol_engine_config(flags=SMOL_FLAGS, **replace):
+    """The EngineConfig ``cara-serve`` builds from ``flags``, with fields replaced."""
+    cfg = engine_config(build_parser().parse_args(list(flags)))
+    return dataclasses.replace(cfg, **replace)
 
 
 @dataclasses.dataclass
@@ -48,40 +63,12 @@ def start_server(tmp_path_factory):
     lora_dir = tmp_path_factory.mktemp("lora_dir")
     cache = Path(os.environ["CARA_JAX_CACHE"]) / "xla"
     before = {k: getattr(jax.config, k) for k in COMPILE_CACHE_KEYS}
+    # --cold-start sync: the default (auto) adds CPU-assist worker processes to every server
+    # module; auto is tested on the engine (tests/engine/test_cold_start_auto.py)
     args = build_parser().parse_args(
-        [
-            "--demo-adapters",
-            "2",
-            "--max-num-seqs",
-            "8",
-            "--max-model-len",
-            "128",
-            "--max-prefill-seqs",
-            "2",
-            "--max-num-batched-tokens",
-            "64",
-            "--token-buckets",
-            "64",
-            "--kv-cache-memory",
-            "16M",
-            # the default (auto) adds a CPU-assisted program and worker processes to every
-            # server module; auto is tested on the engine (tests/engine/test_cold_start_auto.py)
-            "--cold-start",
-            "sync",
-            "--max-lora-rank",
-            "16",
-            "--device-lora-bytes",
-            "128M",
-            "--lora-dir",
-            str(lora_dir),
-            "--max-queue",
-            "64",
-            "--drain-timeout",
-            "10",
-            "--compile-cache",
-            str(cache),
-        ]
-    )
+        ["--demo-adapters", "2", *SMOL_FLAGS, "--cold-start", "sync", "--lora-dir", str(lora_dir),
+         "--max-queue", "64", "--drain-timeout", "10", "--compile-cache", str(cache)]
+    )  # fmt: skip
     state = build_state(args)
     # One program (a 64-token step) runs every step these tests make; the server compiles it
     # before it reports ready (start_warmup), as a real start does.

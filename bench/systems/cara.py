@@ -80,7 +80,7 @@ class CaraSystem:
         from cara_jax.engine import Engine
         from cara_jax.tokenizer import Tokenizer
         from cara_jax.weights import load_model
-        from server.cli import _engine_config, build_parser, default_cost_model
+        from server.cli import build_parser, default_cost_model, engine_config
 
         o = self.opts
         path = default_model_path()
@@ -94,7 +94,7 @@ class CaraSystem:
         flags = cara_flags(o)
         args = build_parser().parse_args(flags)
         default_cost_model(args)  # the packaged cost model, as cara-serve applies it
-        cfg = _engine_config(args)
+        cfg = engine_config(args)
         self.info["flags"] = " ".join(flags) or "defaults"
         self.info["pool"] = "server default"
         pool = cfg.pool

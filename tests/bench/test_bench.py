@@ -435,7 +435,7 @@ def test_benches_run_cara_serve_defaults():
     """No option set: the engine cara-serve builds with no flag; options become its flags."""
     from bench.experiments import build_plan
     from bench.systems.common import RunOptions, cara_flags
-    from server.cli import _engine_config, build_parser
+    from server.cli import build_parser, engine_config
 
     assert cara_flags(RunOptions()) == []
     assert cara_flags(build_plan("serving", _args(["serving"])).cara[0][1]) == []
@@ -443,7 +443,7 @@ def test_benches_run_cara_serve_defaults():
     quick = build_plan("serving", _args(["serving", "--quick"])).cara[0][1]
     flags = cara_flags(quick)
     assert flags == ["--max-num-seqs", "4", "--max-prefill-seqs", "2"]
-    cfg = _engine_config(build_parser().parse_args(flags))
+    cfg = engine_config(build_parser().parse_args(flags))
     assert (cfg.max_num_seqs, cfg.max_prefill_seqs, cfg.cold_start) == (4, 2, "auto")
 
 

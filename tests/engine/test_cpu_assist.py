@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import signal
 import threading
 
 import pytest
 
-from cara_jax.adapters.device_pool import PoolConfig
-from cara_jax.engine import Engine, EngineConfig
+from cara_jax.engine import Engine
 from cara_jax.sampling_params import SamplingParams
 from tests.helpers import ALL7, make_peft_adapters
+from tests.server_helpers import smol_engine_config
 
 SPECS = {
     "c0": dict(r=8, lora_alpha=16, target_modules=ALL7),
@@ -29,13 +30,14 @@ def smol_adapters(hf_smollm, tmp_path_factory):
 
 
 def _engine(loaded, tok, adapters, mode, **kw):
-    # one 32-token step (plus its CPU-assisted twin) runs everything: all four prompts are
-    # prefilled in one step, as whole chunks
-    cfg = dict(max_num_seqs=4, max_model_len=64, max_prefill_seqs=4, max_num_batched_tokens=32,
-               token_buckets=(32,), kv_cache_memory=4 << 20, cold_start=mode,
-               pool=PoolConfig(max_rank=32, layer_groups=3), cpu_workers=2)  # fmt: skip
+    # the tests' SmolLM2 engine (tests/server_helpers.py), so these share their programs with
+    # the cold-start server's: one 64-token step (plus its CPU-assisted twin) runs everything,
+    # all four prompts prefilled in one step as whole chunks; 3 layer groups (data, not shape)
+    base = smol_engine_config()
+    cfg = dict(cold_start=mode, cpu_workers=2,
+               pool=dataclasses.replace(base.pool, layer_groups=3))  # fmt: skip
     cfg.update(kw)
-    eng = Engine(loaded, tok, EngineConfig(**cfg))
+    eng = Engine(loaded, tok, dataclasses.replace(base, **cfg))
     for name, path in adapters.items():
         eng.load_adapter(name, path)
     return eng
@@ -61,8 +63,8 @@ REQS = [
 ]
 
 
-# a prompt longer than the 32-token budget: its prefill takes two chunks (32 + 8 tokens)
-LONG = ([60 + i for i in range(40)], GREEDY, "c1")
+# a prompt longer than the 64-token budget: its prefill takes two chunks (64 + 16 tokens)
+LONG = ([60 + i for i in range(80)], GREEDY, "c1")
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +244,7 @@ def test_worker_faults(smollm, smol_tok, smol_adapters, reference, caplog):
 
 
 def test_cpu_assist_chunk_by_chunk(assist_engine, cached_runs):
-    """A cold request whose prompt spans several steps (a 40-token prompt, a 32-token budget):
+    """A cold request whose prompt spans several steps (an 80-token prompt, a 64-token budget):
     each chunk takes its deltas from the CPU workers for the layers not yet on the device, and
     the tokens are those of ``cached``."""
     eng = assist_engine
@@ -254,7 +256,7 @@ def test_cpu_assist_chunk_by_chunk(assist_engine, cached_runs):
         prompt, sp, adapter = LONG
         rid = eng.add_request(prompt, sp, adapter)
         toks = []
-        for _ in range(4):  # two chunks (32 + 8 tokens), then the load is still held
+        for _ in range(4):  # two chunks (64 + 16 tokens), then the load is still held
             toks += [t for o in eng.step() if o.request_id == rid for t in o.token_ids]
         st = {k: eng.cpu_stats[k] - before[k] for k in before}
         assert st["cara_cpu_assist_prefills_total"] == 2  # one CPU-assisted plan per chunk

@@ -15,7 +15,7 @@ import torch
 from server.cli import build_parser, build_state, start_warmup
 from server.instance.app import BackgroundServer, build_app
 from tests.helpers import ALL7, make_peft_adapters
-from tests.server_helpers import Srv, get, wait_ready
+from tests.server_helpers import SMOL_FLAGS, Srv, get, wait_ready
 
 SPECS = {
     "c8": dict(r=8, lora_alpha=16, target_modules=ALL7),
@@ -31,11 +31,10 @@ def cold_srv(tmp_path_factory, hf_smollm):
     paths = make_peft_adapters(lambda: copy.deepcopy(hf_smollm), lora_dir, SPECS, seed=11,
                                scale=0.5)  # fmt: skip
     args = build_parser().parse_args([
-        "--max-num-seqs", "4", "--max-model-len", "128", "--max-prefill-seqs", "4",
-        "--max-num-batched-tokens", "64", "--token-buckets", "64", "--kv-cache-memory", "16M",
+        *SMOL_FLAGS,  # the programs of tests/engine/test_cpu_assist.py's engines
         "--cold-start", "cpu_assist", "--cpu-workers", "1",
         "--emulate-link-gbps", "0.005",  # ~0.3-0.8 s per copy: the prefill cannot wait for it
-        "--lora-dir", str(lora_dir), "--max-lora-rank", "16", "--device-lora-bytes", "128M",
+        "--lora-dir", str(lora_dir),
         "--compile-cache", str(Path(os.environ["CARA_JAX_CACHE"]) / "xla"),
     ])  # fmt: skip
     state = build_state(args)

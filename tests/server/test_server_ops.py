@@ -19,9 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.cli import (
-    _engine_config,
     build_parser,
     byte_size,
+    engine_config,
     lora_spec,
 )
 from server.demo import demo_adapters
@@ -377,7 +377,7 @@ def test_cli_parsing_and_engine_passthrough(srv, tmp_path):
             "64M",
         ]
     )
-    cfg = _engine_config(args)
+    cfg = engine_config(args)
     assert cfg.cold_start == "teleport" and cfg.lora_strategy == "mbgmv"
     assert cfg.pool.max_adapters == 8 and cfg.pool.budget_bytes == 64 << 20
     from cara_jax.engine import Engine
@@ -412,9 +412,9 @@ def test_scheduler_state_and_request_slo(srv):
         assert out["error"]["param"] == "tpot_slo"
     args = build_parser().parse_args(["--admission", "slo"])
     with pytest.raises(SystemExit, match="cost-model"):
-        _engine_config(args)
+        engine_config(args)
     args = build_parser().parse_args(["--cost-model", "models.json", "--tpot-slo", "0.2"])
-    sched = _engine_config(args).admission
+    sched = engine_config(args).admission
     assert sched.admission == "slo" and sched.tpot_slo == 0.2  # auto: slo with a cost model
 
 
@@ -436,7 +436,7 @@ def test_default_cost_model(monkeypatch):
     args = build_parser().parse_args(["--replicas", "2"])
     default_cost_model(args)
     assert args.cost_model == str(packaged_cost_model()) and args.ray_router == "rank_aware"
-    assert _engine_config(args).admission.admission == "slo"
+    assert engine_config(args).admission.admission == "slo"
     cm = load_engine_cost_model(args.cost_model, "mbgmv", "cpu")  # the server's default kernel
     assert cm.decode.r2 >= 0.95 and cm.kernel == "mbgmv"
     args = build_parser().parse_args(["--replicas", "2", "--model", "some-model.gguf"])
