@@ -23,6 +23,8 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import jax
@@ -114,3 +116,44 @@ class ProgramStore:
             os.replace(tmp, self.folder / f"{key}.bin")
         except OSError as e:  # a full or read-only disk only costs the next start a compile
             log.warning("could not store a compiled program: %s", e)
+
+
+class ProcessPrograms:
+    """Compiled step programs shared by every engine of one process (bounded, LRU).
+
+    A second engine of the same model and geometry (a bench's next system, a test's second
+    engine) would otherwise trace and lower each program again: seconds each, under the GIL,
+    even when XLA's persistent cache skips the compile. The key is everything the executable
+    depends on within a process: the model's graph (its config included), the parameter tree
+    and shardings, the program and its abstract arguments (shapes, dtypes, static fields). The
+    step closes over nothing else; programs with host callbacks (CPU assist) are not shared.
+    """
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._programs: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(graphdef, params: list, name: str, abstract_args) -> tuple:
+        leaves, tree = jax.tree_util.tree_flatten(abstract_args)
+        shardings = tuple(getattr(a, "sharding", None) for a in params)
+        return (graphdef, shardings, name, str(tree),
+                tuple((tuple(a.shape), str(a.dtype)) for a in leaves))  # fmt: skip
+
+    def get(self, key: tuple):
+        with self._lock:
+            exe = self._programs.get(key)
+            if exe is not None:
+                self._programs.move_to_end(key)
+            return exe
+
+    def put(self, key: tuple, exe) -> None:
+        with self._lock:
+            self._programs[key] = exe
+            self._programs.move_to_end(key)
+            while len(self._programs) > self.capacity:
+                self._programs.popitem(last=False)
+
+
+PROCESS_PROGRAMS = ProcessPrograms()

@@ -29,7 +29,7 @@ from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.multi_lora import ENTRY_BLOCK, RANK_BLOCK, STRATEGIES
 from cara_jax.cpu_assist import CpuAssistHook
 from cara_jax.engine.batch import IDLE_ROW, CpuPlan, ScheduledBatch
-from cara_jax.engine.program_store import ProgramStore
+from cara_jax.engine.program_store import PROCESS_PROGRAMS, ProgramStore
 from cara_jax.engine.step import SeqState, StepInputs, StepOutputs, run_step
 from cara_jax.kv_cache import KVCache
 from cara_jax.lora_hooks import GROUPS, PROJECTIONS
@@ -141,6 +141,7 @@ class ModelRunner:
         # graphdef and tree structure bound once: passing them per call would re-hash the module
         # graph every step; parameters travel as a flat list of arrays
         self.params, treedef = jax.tree_util.tree_flatten(loaded.state)
+        self._graphdef = loaded.graphdef
         self._step = jax.jit(
             partial(run_step, loaded.graphdef, treedef), donate_argnames=("cache", "state")
         )
@@ -200,8 +201,10 @@ class ModelRunner:
             return exe
         t0 = time.perf_counter()
         args = self._abstract(p)
-        key = None if self._store is None else self._store.key(repr(p), args)
-        exe = None if key is None else self._store.load(key)
+        shared = None if p.cpu else PROCESS_PROGRAMS.key(self._graphdef, self.params, repr(p), args)
+        exe = None if shared is None else PROCESS_PROGRAMS.get(shared)
+        key = None if self._store is None or exe is not None else self._store.key(repr(p), args)
+        exe = exe if key is None else self._store.load(key)
         if exe is None:
             lowered = self._step.lower(*args)
             if key is not None and not p.cpu:
@@ -209,6 +212,8 @@ class ModelRunner:
                 self._store.save(key, exe)
             else:
                 exe = lowered.compile()
+        if shared is not None:
+            PROCESS_PROGRAMS.put(shared, exe)
         with self._lock:
             self._exe.setdefault(p, exe)
             self.compile_seconds += time.perf_counter() - t0
