@@ -74,7 +74,7 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 class LoraModule:
     """One targeted projection of one layer: delta(x) = x @ a @ b."""
 
-    a: np.ndarray  # [in, r] float32 (PEFT lora_A.weight transposed)
+    a: np.ndarray  # [in, r] float32 (PEFT lora_A.weight seen transposed: not C-contiguous)
     b: np.ndarray  # [r, out] float32 (PEFT lora_B.weight transposed, scaling folded in)
 
     @property
@@ -273,24 +273,33 @@ def _check_config(conf: dict[str, Any], cfg: ModelConfig) -> list[str]:
 
 
 def _read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
-    """Parse a safetensors file without executing anything: name -> (dtype tag, raw array)."""
+    """Parse a safetensors file without executing anything: name -> (dtype tag, raw array).
+
+    Each tensor is read into an array of its own, so what a caller keeps (A of a float32
+    adapter, as is) does not hold the rest of the file in memory."""
     try:
-        data = path.read_bytes()
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n])
-        header.pop("__metadata__", None)
-        body = memoryview(data)[8 + n :]
-        out = {}
-        for name, info in header.items():
-            tag, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if tag not in _ST_DTYPES:
-                raise AdapterWeightsError(
-                    f"{path.name}: tensor {name!r} has dtype {tag}, not a float"
-                )
-            dt = np.dtype(_ST_DTYPES[tag])
-            if end - start != math.prod(shape) * dt.itemsize or not 0 <= start <= end <= len(body):
-                raise AdapterWeightsError(f"{path.name}: tensor {name!r} has inconsistent offsets")
-            out[name] = (tag, np.frombuffer(body[start:end], dt).reshape(shape))
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            body = path.stat().st_size - 8 - n
+            header.pop("__metadata__", None)
+            out = {}
+            for name, info in header.items():
+                tag, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+                if tag not in _ST_DTYPES:
+                    raise AdapterWeightsError(
+                        f"{path.name}: tensor {name!r} has dtype {tag}, not a float"
+                    )
+                dt = np.dtype(_ST_DTYPES[tag])
+                if end - start != math.prod(shape) * dt.itemsize or not 0 <= start <= end <= body:
+                    raise AdapterWeightsError(
+                        f"{path.name}: tensor {name!r} has inconsistent offsets"
+                    )
+                arr = np.empty(shape, dt)
+                f.seek(8 + n + start)
+                if f.readinto(memoryview(arr).cast("B")) != end - start:
+                    raise AdapterWeightsError(f"{path.name}: tensor {name!r} is truncated")
+                out[name] = (tag, arr)
         return out
     except AdapterWeightsError:
         raise
@@ -299,9 +308,20 @@ def _read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def _as_float32(tag: str, raw: np.ndarray) -> np.ndarray:
+    """The tensor as float32: itself when it already is (no copy)."""
+    if tag == "F32":
+        return raw
     if tag == "BF16":  # bfloat16 is the top half of a float32
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32)
+
+
+def _finite(tag: str, x: np.ndarray) -> bool:
+    """No NaN or Inf in ``x``, in one read-only pass: a float64 sum of float32-range values
+    cannot overflow, and NaN or Inf propagate through it."""
+    if tag == "F64":
+        return bool(np.isfinite(x).all())
+    return bool(np.isfinite(np.sum(x, dtype=np.float64)))
 
 
 def load_peft_adapter(
@@ -401,21 +421,23 @@ def load_peft_adapter(
                 f"rank {r} (config) and the base model's {proj} ({din} -> {dout}); expected "
                 f"({r}, {din}) / ({dout}, {r})"
             )
-        a, b = _as_float32(tag_a, raw_a), _as_float32(tag_b, raw_b)
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        if not (_finite(tag_a, raw_a) and _finite(tag_b, raw_b)):
             raise AdapterWeightsError(f"{name}: weights contain NaN or Inf")
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        modules[(layer, proj)] = LoraModule(
-            a=np.ascontiguousarray(a.T),
-            b=np.ascontiguousarray((b.T.astype(np.float64) * scaling).astype(np.float32)),
-        )
+        # A stays PEFT's [r, in] array, seen transposed (the pool's layout is that array, so
+        # packing it is a plain copy); B is transposed and scaled in one pass, the product
+        # taken in float64 and rounded once.
+        b = np.empty((r, dout), np.float32)
+        np.multiply(_as_float32(tag_b, raw_b).T, scaling, out=b, dtype=np.float64,
+                    casting="unsafe")  # fmt: skip
+        modules[(layer, proj)] = LoraModule(a=_as_float32(tag_a, raw_a).T, b=b)
         # Identity = what changes outputs: which modules, their effective scaling, the stored
         # tensors. Config spelling, key naming, paths and mtimes do not enter.
         h.update(
             f"{name}|{float(scaling).hex()}|{tag_a}{raw_a.shape}|{tag_b}{raw_b.shape}|".encode()
         )
-        h.update(np.ascontiguousarray(raw_a).tobytes())
-        h.update(np.ascontiguousarray(raw_b).tobytes())
+        h.update(raw_a)
+        h.update(raw_b)
     return LoraAdapter(
         path=str(path),
         content_hash=h.hexdigest(),
