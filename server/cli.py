@@ -129,6 +129,7 @@ def build_state(args: argparse.Namespace):
         cost_model=args.cost_model,
         sse_keepalive_s=args.sse_keepalive,
         allow_runtime_lora=args.allow_runtime_lora,
+        tool_call_parser=args.tool_call_parser,
     )
     state = ServerState(AsyncEngine(engine), config)
     adapters = dict(args.lora)

@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and without --lora-dir they are refused",
     )
     a.add_argument(
+        "--tool-call-parser",
+        choices=("hermes", "llama3_json"),
+        default=None,
+        help="how answers to tool_choice auto are read as tool calls (default: llama3_json "
+        "for a Llama 3 chat template, hermes otherwise); required and named tool choices "
+        "are enforced by the grammar whatever this says",
+    )
+    a.add_argument(
         "--cold-start",
         default="auto",
         help="how a request whose adapter is not on the device starts: auto (per request, "

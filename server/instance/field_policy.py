@@ -28,7 +28,8 @@ _COMMON = {
 SERVED = {
     "completion": _COMMON | {"prompt", "suffix", "echo"},
     "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs",
-                       "add_generation_prompt", "tools", "tool_choice", "parallel_tool_calls"},
+                       "add_generation_prompt", "tools", "tool_choice", "parallel_tool_calls",
+                       "chat_template_kwargs"},
 }  # fmt: skip
 
 # fields that change nothing in this server's answer
@@ -49,7 +50,6 @@ def _empty(v: Any) -> bool:
 # known, not served: the value that asks for nothing passes
 NOT_SERVED: dict[str, Callable[[Any], bool]] = {
     "prompt_logprobs": _off(None),
-    "chat_template_kwargs": _empty,
     "functions": _empty,
     "function_call": _off("none"),
     "use_beam_search": _off(False),

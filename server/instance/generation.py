@@ -25,6 +25,7 @@ from cara_jax.scheduling.admission import QueueFullError
 from server.instance.request_parsing import GenerationRequest
 from server.instance.response_shapes import chat_logprobs, completion_logprobs, finish_reason, usage
 from server.instance.state import AppState
+from server.instance.tool_calls import ToolStream, parse_output
 from server.protocol import ApiError, error_body
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.subs = []
         self.choices: list[_Choice] = []
+        self._tool_streams: dict[int, ToolStream] = {}  # streamed chat choices with tools
         # usage counts each prompt once, whatever n (as OpenAI and vLLM do); the engine
         # admits it n times, which the prompt-token metric counts
         self.prompt_tokens = sum(len(p) for p in req.prompts)
@@ -203,17 +205,18 @@ class Generation:
                 lp = None
                 if self.req.logprobs is not None:
                     lp = {"content": chat_logprobs(c.logprobs, tt), "refusal": None}
+                content, calls, reason = self._tool_answer(text, c.reason)
                 choices.append(
                     {
                         "index": i,
                         "message": {
                             "role": "assistant",
-                            "content": text,
+                            "content": content,
                             "refusal": None,
-                            "tool_calls": [],
+                            "tool_calls": calls,
                         },
                         "logprobs": lp,
-                        "finish_reason": finish_reason(c.reason),
+                        "finish_reason": reason,
                     }
                 )
         obj = "text_completion" if self.req.kind == "completion" else "chat.completion"
@@ -228,6 +231,17 @@ class Generation:
             },
             dumps=lambda o: json.dumps(o, ensure_ascii=False),
         )
+
+    def _tool_answer(self, text: str, reason: str | None) -> tuple[str | None, list, str | None]:
+        """(content, tool calls, finish reason) of a finished chat choice. A forced call that
+        did not end (``length``) is not a call: its text comes back as content."""
+        tools = self.req.tools
+        if tools is None or (tools.forced and reason != "stop"):
+            return text, [], finish_reason(reason)
+        content, calls = parse_output(text, tools)
+        if calls and reason == "stop":
+            return content, calls, "tool_calls"
+        return content, calls, finish_reason(reason)
 
     # ---------------------------------------------------------------- server-sent events
 
@@ -261,21 +275,24 @@ class Generation:
                     [{"index": i, "text": out.text, "logprobs": lp, "finish_reason": reason}]
                 )
             ]
-        chunks = []
-        if out.text or lps:
-            lp = {"content": chat_logprobs(lps, tt), "refusal": None} if lps else None
-            chunks.append(
-                self._chunk(
-                    [
-                        {
-                            "index": i,
-                            "delta": {"content": out.text},
-                            "logprobs": lp,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-            )
+        lp = {"content": chat_logprobs(lps, tt), "refusal": None} if lps else None
+        if self.req.tools is None:
+            deltas = [{"content": out.text}] if out.text or lps else []
+        else:  # tool calls: content until a call starts, then call deltas
+            ts = self._tool_streams.setdefault(i, ToolStream(self.req.tools))
+            deltas = ts.feed(out.text)
+            if out.finished:
+                last, is_calls = ts.finish()
+                deltas += last
+                if is_calls and out.finish_reason == "stop":
+                    reason = "tool_calls"
+            if lp is not None and not deltas:
+                deltas = [{}]
+        chunks = [
+            self._chunk([{"index": i, "delta": d, "logprobs": lp if k == 0 else None,
+                          "finish_reason": None}])
+            for k, d in enumerate(deltas)
+        ]  # fmt: skip
         if out.finished:
             chunks.append(
                 self._chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])

@@ -116,6 +116,26 @@ def _sampling_fields() -> dict[str, Any]:
     }
 
 
+def _tool_fields() -> dict[str, Any]:
+    """Chat's tool-calling fields (server/instance/tool_calls.py)."""
+    function = {"type": "object", "required": ["name"],
+                "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                               "description": {"type": "string"},
+                               "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}
+    named = {"type": "object", "required": ["type", "function"],
+             "properties": {"type": {"const": "function"},
+                            "function": {"type": "object", "required": ["name"],
+                                         "properties": {"name": {"type": "string"}}}}}
+    return {
+        "tools": _nullable({"type": "array", "items": {
+            "type": "object", "required": ["type", "function"],
+            "properties": {"type": {"const": "function"}, "function": function}}}),
+        "tool_choice": _nullable({"anyOf": [{"enum": ["none", "auto", "required"]}, named]}),
+        "parallel_tool_calls": _nullable({"type": "boolean"}),
+        "chat_template_kwargs": _nullable({"type": "object"}),
+    }  # fmt: skip
+
+
 def _schemas(max_len: int) -> dict[str, Any]:
     usage = {
         "type": "object",
@@ -125,7 +145,14 @@ def _schemas(max_len: int) -> dict[str, Any]:
             for k in ("prompt_tokens", "completion_tokens", "total_tokens")
         },
     }
-    finish = _nullable({"type": "string", "enum": ["stop", "length", "error", "abort"]})
+    finish = _nullable({"type": "string",
+                        "enum": ["stop", "length", "tool_calls", "error", "abort"]})  # fmt: skip
+    fn = {"type": "object", "required": ["name", "arguments"],
+          "properties": {"name": {"type": "string"},
+                         "arguments": {"type": "string", "description": "a JSON object, as text"}}}
+    tool_call = {"type": "object", "required": ["id", "type", "function"],
+                 "properties": {"id": {"type": "string"}, "type": {"const": "function"},
+                                "function": fn}}  # fmt: skip
     max_tokens = _nullable(
         {
             "type": "integer",
@@ -296,6 +323,8 @@ def _schemas(max_len: int) -> dict[str, Any]:
                     }
                 ),
                 "name": {"type": "string"},
+                "tool_calls": {"type": "array", "items": tool_call},  # assistant
+                "tool_call_id": {"type": "string"},  # tool: the call it answers
             },
         },
         "ChatCompletionRequest": {
@@ -310,9 +339,7 @@ def _schemas(max_len: int) -> dict[str, Any]:
                 "top_logprobs": _nullable(
                     {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}
                 ),
-                "tools": _nullable(
-                    {"type": "array", "maxItems": 0, "description": "not supported"}
-                ),
+                **_tool_fields(),
                 "add_generation_prompt": _nullable({"type": "boolean"}),
                 **_sampling_fields(),
             },
@@ -343,7 +370,8 @@ def _schemas(max_len: int) -> dict[str, Any]:
                                 "required": ["role", "content"],
                                 "properties": {
                                     "role": {"const": "assistant"},
-                                    "content": {"type": "string"},
+                                    "content": _nullable({"type": "string"}),
+                                    "tool_calls": {"type": "array", "items": tool_call},
                                 },
                             },
                             "logprobs": chat_lp,

@@ -16,6 +16,13 @@ from cara_jax.sampling_params import MAX_LOGPROBS, InvalidRequestError, Sampling
 from cara_jax.tokenizer import ChatTemplateError, Tokenizer
 from server.instance.field_policy import check_fields
 from server.instance.structured_parsing import parse_structured
+from server.instance.tool_calls import (
+    ToolRequest,
+    default_parser,
+    history_calls,
+    parse_tools,
+    render_messages,
+)
 from server.protocol import bad
 
 MAX_N = 16  # choices per request (n x prompts); more is refused rather than queued silently
@@ -95,6 +102,7 @@ class GenerationRequest:
     echo: bool = False
     continuous_usage: bool = False  # usage (running counts) on every streamed chunk
     logprobs: int | None = None  # completions: top-k count; chat: top_logprobs when enabled
+    tools: ToolRequest | None = None  # chat: the functions it may call, and how
 
     def choice_params(self, i: int) -> SamplingParams:
         """Choice i of a prompt: a distinct seed when seeded, so n samples differ."""
@@ -311,27 +319,53 @@ def chat_messages(body: dict) -> list[dict]:
             content = ""
         elif not isinstance(content, str):
             raise bad(f"`{where}.content` must be a string or an array of parts", "messages")
-        if m.get("tool_calls"):
-            raise bad("tool calls are not supported", "messages", code="unsupported")
         msg = {"role": role, "content": content}
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
+        if m.get("tool_calls"):
+            if role != "assistant":
+                raise bad(f"`{where}.tool_calls`: only assistant messages call tools", "messages")
+            msg["tool_calls"] = history_calls(m["tool_calls"], where)
+        if role == "tool":
+            tid = m.get("tool_call_id")
+            if tid is not None and not isinstance(tid, str):
+                raise bad(f"`{where}.tool_call_id` must be a string", "messages")
+            msg["tool_call_id"] = tid
         out.append(msg)
     return out
 
 
-def parse_chat(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> GenerationRequest:
-    model = _field(body, "model", (str,), None)
-    messages = chat_messages(body)
-    if _field(body, "tools", (list,), []):
-        raise bad("`tools` are not supported", "tools", code="unsupported")
-    if body.get("tool_choice") not in (None, "none", "auto"):  # with no tools: nothing to call
-        raise bad("`tool_choice` is not supported", "tool_choice", code="unsupported")
+def _template_kwargs(body: dict) -> dict:
+    kw = _field(body, "chat_template_kwargs", (dict,), {})
+    reserved = sorted({"messages", "add_generation_prompt", "tools"} & set(kw))
+    if reserved:
+        raise bad(f"`chat_template_kwargs` cannot set {reserved[0]!r}", "chat_template_kwargs")
+    return kw
+
+
+def chat_prompt(
+    body: dict, tok: Tokenizer, tool_parser: str | None = None
+) -> tuple[list[int], ToolRequest | None]:
+    """The prompt's token ids as the chat template renders ``messages`` (with the tools, and
+    ``chat_template_kwargs``), and the request's tools; /tokenize renders the same."""
+    tools = parse_tools(body, tool_parser or default_parser(tok.chat_template))
+    messages, variables = render_messages(chat_messages(body), tools, tok.chat_template)
+    variables.update(_template_kwargs(body))
     add_gen = _bool(body, "add_generation_prompt", True)
     try:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=add_gen, tokenize=True)
+        ids = tok.apply_chat_template(
+            messages, add_generation_prompt=add_gen, tokenize=True, **variables
+        )
     except ChatTemplateError as e:
         raise bad(f"the chat template cannot render these messages: {e}", "messages") from e
+    return ids, tools
+
+
+def parse_chat(
+    body: dict, tok: Tokenizer, max_len: int, vocab: int, tool_parser: str | None = None
+) -> GenerationRequest:
+    model = _field(body, "model", (str,), None)
+    ids, tools = chat_prompt(body, tok, tool_parser)
     _check_prompt(ids, max_len, vocab, "messages")
     logprobs = None
     if _bool(body, "logprobs", False):
@@ -346,12 +380,19 @@ def parse_chat(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Generati
     check_fields(body, "chat")
     stream, include_usage, continuous = _stream(body)
     _field(body, "user", (str,), None)
+    params = _sampling(body, vocab, max_tokens, logprobs)
+    if tools is not None and tools.forced:
+        if params.structured is not None:
+            raise bad(f"`tool_choice` {tools.choice} and `{params.structured.param}` both "
+                      "constrain the output; send one", "tool_choice")  # fmt: skip
+        params = dataclasses.replace(params, structured=tools.grammar())
     return GenerationRequest(
         kind="chat",
         model=model,
         prompts=[ids],
         prompt_texts=[""],
-        params=_sampling(body, vocab, max_tokens, logprobs),
+        params=params,
+        tools=tools,
         n=_n(body, 1),
         stream=stream,
         include_usage=include_usage,

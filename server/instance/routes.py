@@ -42,6 +42,8 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     body = read_json_object(raw)
     parse = parse_completion if kind == "completion" else parse_chat
     args = (body, state.tokenizer, state.max_len, state.vocab)
+    if kind == "chat":
+        args += (state.config.tool_call_parser,)
     req = await asyncio.to_thread(parse, *args) if len(raw) > _BIG_BODY else parse(*args)
     adapter = await state.adapters.resolve_model(req.model)
     if state.async_engine.num_waiting() >= state.config.max_queue:

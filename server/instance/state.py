@@ -29,6 +29,8 @@ class ServerConfig:
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter: allowed when lora_dir confines
     # them or this is set (--allow-runtime-lora), refused otherwise (vLLM's rule)
     allow_runtime_lora: bool = False
+    # how `tool_choice: auto` answers are parsed (tool_calls.PARSERS); None: by the template
+    tool_call_parser: str | None = None
 
     @property
     def runtime_lora(self) -> bool:

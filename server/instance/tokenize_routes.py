@@ -2,7 +2,8 @@
 counts and builds prompts exactly as the engine will see them.
 
 POST /tokenize   {"prompt": str, "add_special_tokens": true}  or
-                 {"messages": [...], "add_generation_prompt": true}
+                 {"messages": [...], "add_generation_prompt": true, "tools": [...],
+                  "chat_template_kwargs": {...}}  (rendered as the chat route renders them)
               -> {"count", "max_model_len", "tokens", "token_strs"}
 POST /detokenize {"tokens": [int, ...]} -> {"prompt": str}
 (``model`` is accepted and checked like the generation routes' and does not change the
@@ -13,8 +14,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from cara_jax.tokenizer import ChatTemplateError
-from server.instance.request_parsing import chat_messages
+from server.instance.request_parsing import chat_prompt
 from server.instance.state import STATE
 from server.protocol import bad, read_json_object
 
@@ -32,14 +32,7 @@ async def tokenize(request: web.Request) -> web.Response:
     await _model(state, body)
     tok = state.tokenizer
     if "messages" in body:
-        gen = body.get("add_generation_prompt", True)
-        if not isinstance(gen, bool):
-            raise bad("`add_generation_prompt` must be a boolean", "add_generation_prompt")
-        try:
-            ids = tok.apply_chat_template(chat_messages(body), add_generation_prompt=gen,
-                                          tokenize=True)  # fmt: skip
-        except ChatTemplateError as e:
-            raise bad(f"the chat template cannot render these messages: {e}", "messages") from e
+        ids, _ = chat_prompt(body, tok, state.config.tool_call_parser)
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):

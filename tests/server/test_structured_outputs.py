@@ -141,3 +141,143 @@ def test_a_constrained_row_leaves_the_others_unchanged(srv):
         for f in cons:
             assert isinstance(f.result().choices[0].message.parsed, Pet)
     assert mixed == alone
+
+
+# ---------------------------------------------------------------------------- tool calling
+
+
+class Unit(str, enum.Enum):
+    c = "c"
+    f = "f"
+
+
+class GetWeather(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=16)
+    unit: Unit
+
+
+class GetTime(pydantic.BaseModel):
+    timezone: str = pydantic.Field(pattern=r"^[A-Z]{3}$")
+
+
+WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris, and the time in UTC?"}]
+# the test server's context is 128 tokens and the tools take about half of it, so these
+# requests leave max_tokens at its default (the rest of the context)
+
+
+def _tools() -> list[dict]:
+    return [openai.pydantic_function_tool(GetWeather), openai.pydantic_function_tool(GetTime)]
+
+
+def _valid(call) -> pydantic.BaseModel:
+    model = {"GetWeather": GetWeather, "GetTime": GetTime}[call.function.name]
+    return model.model_validate_json(call.function.arguments)
+
+
+@pytest.mark.parametrize("model", ["base", "demo-0"])
+def test_tool_choice_required_gives_calls_valid_against_the_schema(srv, model):
+    name = srv.base if model == "base" else model
+    r = client(srv).chat.completions.parse(
+        model=name, messages=WEATHER_Q, tools=_tools(), tool_choice="required", temperature=0,
+    )  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.tool_calls and choice.message.content is None
+    for call in choice.message.tool_calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        assert _valid(call) == call.function.parsed_arguments  # the SDK's own parse agrees
+    # one call at most without parallel calls
+    r = client(srv).chat.completions.create(
+        model=name, messages=WEATHER_Q, tools=_tools(), tool_choice="required", temperature=0, parallel_tool_calls=False,
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert len(r.choices[0].message.tool_calls) == 1
+
+
+def test_named_tool_choice_streamed_and_not_with_a_tool_history(srv):
+    c = client(srv)
+    named = {"type": "function", "function": {"name": "GetTime"}}
+    r = c.chat.completions.create(model="demo-1", messages=WEATHER_Q, tools=_tools(),
+                                  tool_choice=named, temperature=0)  # fmt: skip
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "GetTime"
+    _valid(call)
+    stream = c.chat.completions.create(model="demo-1", messages=WEATHER_Q, tools=_tools(),
+                                       tool_choice=named, temperature=0,
+                                       stream=True)  # fmt: skip
+    args, names, reason = "", set(), None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            if tc.function.name:
+                names.add(tc.function.name)
+            args += tc.function.arguments or ""
+        reason = chunk.choices[0].finish_reason or reason
+    assert names == {"GetTime"} and reason == "tool_calls"
+    assert args == call.function.arguments  # greedy: the same arguments, streamed in pieces
+    # the call and its result go back into the conversation
+    history = [{"role": "user", "content": "Time in UTC?"}] + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12:00"},
+    ]
+    r = c.chat.completions.create(model="demo-1", messages=history, temperature=0,
+                                  tools=[openai.pydantic_function_tool(GetTime)])  # fmt: skip
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    for call in r.choices[0].message.tool_calls or []:
+        assert call.function.name in ("GetWeather", "GetTime")
+        json.loads(call.function.arguments)
+    if not r.choices[0].message.tool_calls:
+        assert isinstance(r.choices[0].message.content, str)
+
+
+def test_auto_answers_are_text_or_well_formed_calls(srv):
+    """What SmolLM2 does with tools is its own choice; what the server makes of it must parse."""
+    c = client(srv)
+    for stream in (False, True):
+        r = c.chat.completions.create(model=srv.base, messages=WEATHER_Q, tools=_tools(),
+                                      temperature=0, stream=stream)  # fmt: skip
+        if stream:
+            content, calls, reason = "", {}, None
+            for chunk in r:
+                if not chunk.choices:
+                    continue
+                d = chunk.choices[0].delta
+                content += d.content or ""
+                for tc in d.tool_calls or []:
+                    slot = calls.setdefault(tc.index, ["", ""])
+                    slot[0] += tc.function.name or ""
+                    slot[1] += tc.function.arguments or ""
+                reason = chunk.choices[0].finish_reason or reason
+            got = (content, sorted(calls.values()), reason)
+        else:
+            m = r.choices[0].message
+            got = (m.content or "", sorted([t.function.name, t.function.arguments]
+                                           for t in m.tool_calls or []),  # fmt: skip
+                   r.choices[0].finish_reason)
+            plain = got
+        for name, args in got[1]:
+            assert name in ("GetWeather", "GetTime") and isinstance(json.loads(args), dict)
+        assert (got[2] == "tool_calls") == bool(got[1])
+        assert "<tool_call>" not in got[0] or not got[1]
+    # streamed or not: the same content and calls (ids aside)
+    assert got[0].strip() == plain[0].strip() and got[1] == plain[1]
+
+
+def test_bad_tool_requests_are_400(srv):
+    url = srv.url + "/v1/chat/completions"
+    base = {"model": srv.base, "messages": WEATHER_Q, "max_tokens": 4, "tools": _tools()}
+    bad_history = WEATHER_Q + [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "GetTime", "arguments": "{no"}}]}]
+    for extra, param in [
+        ({"tool_choice": {"type": "function", "function": {"name": "Nope"}}}, "tool_choice"),
+        ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+        ({"messages": bad_history}, "messages"),
+        ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ]:  # fmt: skip
+        status, _, body = post(url, {**base, **extra})
+        assert status == 400, (extra, body)
+        assert_error(body)
+        assert body["error"]["param"] == param, body
