@@ -15,6 +15,7 @@ class InvalidRequestError(ValueError):
 
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries per request (the step holds this many per sampling row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,9 @@ class SamplingParams:
     skip_special_tokens: bool = True  # leave special tokens (e.g. <|im_end|>) out of the text
     min_tokens: int = 0  # no EOS, stop token or stop string before this many output tokens
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias);
+    # a dict {token id: bias} is accepted too
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +56,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         checks = [
             (self.temperature >= 0, "temperature", "must be >= 0"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
@@ -71,6 +77,12 @@ class SamplingParams:
             (len(self.stop) <= 16, "stop", "at most 16 stop strings"),
             (self.n == 1, "n", "only n=1 is supported; send several requests instead"),
             (self.tpot_slo is None or self.tpot_slo > 0, "tpot_slo", "must be > 0 seconds"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+             f"at most {MAX_LOGIT_BIAS} tokens"),
+            (len({t for t, _ in self.logit_bias}) == len(self.logit_bias), "logit_bias",
+             "names a token twice"),
+            (all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias), "logit_bias",
+             "needs token ids >= 0 and biases in [-100, 100]"),
         ]
         for ok, field, why in checks:
             if not ok:

@@ -41,6 +41,7 @@ class DecodeRow:
     adapter_slot: int  # device-pool slot (0 = base model)
     sampling: SamplingRow
     allowed: np.ndarray | None = None  # [ceil(V/32)] uint32 token bitmask (structured.py)
+    bias: tuple[tuple[int, float], ...] = ()  # (token, logit bias) pairs (logit_bias)
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ class ChunkRow:
     cpu_assist: bool = False  # the adapter is still loading: deltas may come from the CPU
     first: bool = False  # the sequence's first chunk (after a prefix-cache hit, start > 0)
     allowed: np.ndarray | None = None  # a final chunk's token bitmask (structured.py)
+    bias: tuple[tuple[int, float], ...] = ()  # a final chunk's (token, logit bias) pairs
 
     @property
     def end(self) -> int:

@@ -229,6 +229,9 @@ class Engine:
             )
         if any(not 0 <= t < self.loaded.cfg.vocab_size for t in ids):
             raise InvalidRequestError("prompt token id out of the vocabulary", "prompt")
+        if any(t >= self.loaded.cfg.vocab_size for t, _ in params.logit_bias):
+            raise InvalidRequestError("logit_bias names a token id out of the vocabulary",
+                                      "logit_bias")  # fmt: skip
 
     def add_request(
         self,

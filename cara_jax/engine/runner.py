@@ -30,10 +30,11 @@ from cara_jax.adapters.multi_lora import ENTRY_BLOCK, RANK_BLOCK, STRATEGIES
 from cara_jax.cpu_assist import CpuAssistHook
 from cara_jax.engine.batch import IDLE_ROW, CpuPlan, ScheduledBatch
 from cara_jax.engine.program_store import PROCESS_PROGRAMS, ProgramStore
-from cara_jax.engine.step import SeqState, StepInputs, StepOutputs, run_step
+from cara_jax.engine.step import SeqState, StepOutputs, run_step
+from cara_jax.engine.step_inputs import HostInputs, all_tokens, bias_row, constrain_row, no_bias
 from cara_jax.kv_cache import KVCache
 from cara_jax.lora_hooks import GROUPS, PROJECTIONS
-from cara_jax.ragged import DROP, RaggedMeta
+from cara_jax.ragged import DROP
 from cara_jax.sampler import SamplingArrays
 from cara_jax.weights import LoadedModel
 
@@ -264,22 +265,14 @@ class ModelRunner:
             tokens=i32(t), dec_row=i32(s), ch_row=i32(pch), ch_reset=np.zeros(pch, bool),
             ch_out_from=np.full(pch, DROP, np.int32), sample_tok=i32(s + pch),
             sample_row=i32(s + pch), sample_valid=np.zeros(s + pch, bool),
-            allowed=self._all_tokens(s + pch), constrained=np.zeros((), bool),
+            allowed=all_tokens(s + pch, self.cfg.vocab_size), constrained=np.zeros((), bool),
+            bias_ids=no_bias(s + pch, np.int32), bias_vals=no_bias(s + pch, np.float32),
+            biased=np.zeros((), bool),
         )  # fmt: skip
-        return _Host(meta, inp), SamplingArrays.greedy(s + pch), i32(s), i32(pch)
-
-    def _all_tokens(self, rows: int) -> np.ndarray:
-        """The bitmask that allows every token (rows without a grammar): one read-only array
-        per row count, copied only by a step that has a constrained row."""
-        mask = _ALL_TOKENS_HOST.get(rows)
-        if mask is None or mask.shape[1] != -(-self.cfg.vocab_size // 32):
-            mask = np.full((rows, -(-self.cfg.vocab_size // 32)), 0xFFFFFFFF, np.uint32)
-            mask.flags.writeable = False
-            _ALL_TOKENS_HOST[rows] = mask
-        return mask
+        return HostInputs(meta, inp), SamplingArrays.greedy(s + pch), i32(s), i32(pch)
 
     def build(self, batch: ScheduledBatch, p: Program):
-        """Host arrays of a batch for program ``p`` -> (StepInputs, SamplingArrays, slots)."""
+        """Host arrays of a batch for program ``p`` -> (HostInputs, SamplingArrays, slots)."""
         c = self.config
         host, _, dec_ad, ch_ad = self._empty_inputs(p.tokens)
         m, x = host.meta, host.inp
@@ -299,7 +292,9 @@ class ModelRunner:
             dec_ad[i] = d.adapter_slot
             samp[i] = d.sampling
             if d.allowed is not None:
-                _constrain_row(x, i, d.allowed)
+                constrain_row(x, i, d.allowed)
+            if d.bias:
+                bias_row(x, i, d.bias)
             off += 1
         for j, ch in enumerate(batch.chunks):
             n = len(ch.tokens)
@@ -318,7 +313,9 @@ class ModelRunner:
             ch_ad[j] = ch.adapter_slot
             samp[k] = ch.sampling
             if ch.allowed is not None:
-                _constrain_row(x, k, ch.allowed)
+                constrain_row(x, k, ch.allowed)
+            if ch.bias:
+                bias_row(x, k, ch.bias)
             off += n
         return host, SamplingArrays.from_rows(samp), dec_ad, ch_ad
 
@@ -404,39 +401,3 @@ class ModelRunner:
     def time_step(self, batch: ScheduledBatch) -> jax.Array:
         """Dispatch a (synthetic) batch; returns its tokens to block on."""
         return self.run(batch).outputs.tokens
-
-
-@dataclasses.dataclass
-class _Host:
-    meta: dict[str, np.ndarray]
-    inp: dict[str, np.ndarray]
-
-    def device(self, logprobs: bool, config: RunnerConfig) -> StepInputs:
-        meta = RaggedMeta(
-            **{k: jnp.asarray(v) for k, v in self.meta.items()},
-            block_size=config.block_size,
-            pages_per_chunk=config.pages_per_chunk,
-            attn_backend=config.attention_backend,
-        )
-        arrays = {k: jnp.asarray(v) for k, v in self.inp.items() if k != "allowed"}
-        allowed = self.inp["allowed"]
-        if self.inp["constrained"]:
-            arrays["allowed"] = jnp.asarray(allowed)
-        else:  # no grammar in the step: the device keeps one all-tokens mask per shape
-            arrays["allowed"] = _ALL_TOKENS.get(allowed.shape)
-            if arrays["allowed"] is None:
-                arrays["allowed"] = _ALL_TOKENS.setdefault(allowed.shape, jnp.asarray(allowed))
-        return StepInputs(meta=meta, want_logprobs=jnp.asarray(logprobs), **arrays)
-
-
-_ALL_TOKENS: dict[tuple[int, ...], jax.Array] = {}
-_ALL_TOKENS_HOST: dict[int, np.ndarray] = {}
-
-
-def _constrain_row(x: dict[str, np.ndarray], row: int, allowed: np.ndarray) -> None:
-    """Put one sampling row's grammar mask into the step's inputs (the first such row of a
-    step copies the shared all-tokens mask)."""
-    if not x["constrained"]:
-        x["allowed"] = x["allowed"].copy()
-        x["constrained"][()] = True
-    x["allowed"][row] = allowed

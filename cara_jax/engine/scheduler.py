@@ -195,6 +195,7 @@ class Scheduler:
             table=list(self.blocks.table(seq.request_id)), adapter_slot=seq.hold.slot,
             sampling=seq.sampling_row(), final=final, out_from=len(seq.prompt_ids),
             cpu_assist=seq.hold.cpu_assist, allowed=self._mask(seq, seq.num_sampled - 1) if final else None,
+            bias=seq.params.logit_bias if final else (),
         )  # fmt: skip
 
     @staticmethod
@@ -229,7 +230,8 @@ class Scheduler:
                 continue
             batch.decode.append(
                 DecodeRow(seq, seq.row, seq.num_computed, list(self.blocks.table(seq.request_id)),
-                          seq.hold.slot, seq.sampling_row(), self._mask(seq, seq.num_sampled))  # fmt: skip
+                          seq.hold.slot, seq.sampling_row(), self._mask(seq, seq.num_sampled),
+                          seq.params.logit_bias)  # fmt: skip
             )
             seq.num_computed += 1
             seq.num_sampled += 1

@@ -59,6 +59,9 @@ class StepInputs:
     want_logprobs: jax.Array  # () bool
     allowed: jax.Array  # [S+P, ceil(V/32)] uint32: tokens a row may sample (structured.py)
     constrained: jax.Array  # () bool: some row has a grammar (else ``allowed`` is not read)
+    bias_ids: jax.Array  # [S+P, MAX_LOGIT_BIAS] int32: tokens whose logits a row shifts
+    bias_vals: jax.Array  # [S+P, MAX_LOGIT_BIAS] float32: by how much (0 pads)
+    biased: jax.Array  # () bool: some row has a logit bias (else neither is read)
 
 
 @jax.tree_util.register_dataclass
@@ -75,6 +78,11 @@ def _logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Arra
     chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
     return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def add_bias(logits: jax.Array, ids: jax.Array, vals: jax.Array) -> jax.Array:
+    """OpenAI's logit_bias: each row's (token, bias) pairs added to its logits."""
+    return logits.at[jnp.arange(logits.shape[0])[:, None], ids].add(vals)
 
 
 def constrain(logits: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -117,6 +125,8 @@ def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: St
         return apply_penalties(x, c, s, sampling)
 
     shaped = jax.lax.cond(penalties_active(sampling), penalize, lambda x: x, logits)
+    shaped = jax.lax.cond(inp.biased, lambda x: add_bias(x, inp.bias_ids, inp.bias_vals),
+                          lambda x: x, shaped)  # fmt: skip
     shaped = jax.lax.cond(inp.constrained, lambda x: constrain(x, inp.allowed), lambda x: x,
                           shaped)  # fmt: skip
     positions = meta.positions.at[inp.sample_tok].get(mode="clip")

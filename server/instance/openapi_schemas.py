@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cara_jax.sampling_params import MAX_LOGPROBS
+from cara_jax.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from server.instance.request_parsing import MAX_N
 
 REF = "#/components/schemas/"
@@ -109,9 +109,10 @@ def _sampling_fields() -> dict[str, Any]:
         "skip_special_tokens": _nullable({"type": "boolean", "default": True}),
         "min_tokens": _nullable({"type": "integer", "minimum": 0, "default": 0}),
         "include_stop_str_in_output": _nullable({"type": "boolean", "default": False}),
-        "logit_bias": _nullable(
-            {"type": "object", "maxProperties": 0, "description": "not supported: must be empty"}
-        ),
+        "logit_bias": _nullable({"type": "object", "maxProperties": MAX_LOGIT_BIAS,
+                                 "additionalProperties": {"type": "number", "minimum": -100,
+                                                          "maximum": 100},
+                                 "description": "token id -> bias added to its logit"}),  # fmt: skip
         "user": _nullable({"type": "string"}),
     }
 

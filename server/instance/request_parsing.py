@@ -134,9 +134,7 @@ def _sampling(body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None)
     stop_ids = _field(body, "stop_token_ids", (list,), [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise bad("`stop_token_ids` must be an array of integers", "stop_token_ids")
-    bias = _field(body, "logit_bias", (dict,), {})
-    if bias:
-        raise bad("`logit_bias` is not supported", "logit_bias", code="unsupported")
+    bias = _logit_bias(body, tok_vocab)
     try:
         return SamplingParams(
             temperature=_num(body, "temperature", 1.0),
@@ -157,9 +155,31 @@ def _sampling(body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None)
             skip_special_tokens=_bool(body, "skip_special_tokens", True),
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
             min_tokens=_int(body, "min_tokens", 0) or 0,
+            logit_bias=bias,
         )
     except InvalidRequestError as e:
         raise bad(f"`{e.param}`: {e}", e.param) from e
+
+
+def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
+    """OpenAI's ``{"token id": bias}`` with biases in [-100, 100]."""
+    raw = _field(body, "logit_bias", (dict,), {})
+    out = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad(f"`logit_bias` key {key!r} is not a token id", "logit_bias") from None
+        if not 0 <= token < vocab:
+            raise bad(f"`logit_bias` token {token} is not in the vocabulary (0..{vocab - 1})",
+                      "logit_bias")  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            -100 <= value <= 100
+        ):
+            raise bad(f"`logit_bias` of token {token} must be a number in [-100, 100]",
+                      "logit_bias")  # fmt: skip
+        out[token] = float(value)
+    return out
 
 
 def _n(body: dict, prompts: int) -> int:

@@ -211,6 +211,36 @@ def test_penalties(tiny, smol_tok):
     eng.close()
 
 
+def test_logit_bias(tiny, smol_tok):
+    """The bias lands on the logits the step samples from: the runner-up of the first greedy
+    step, pushed just past the winner, is taken; +100 on a token makes it every token; a
+    biased row leaves the other rows of its batch alone."""
+    import jax
+
+    from cara_jax.scoring import full_logits
+
+    eng = _engine(tiny, smol_tok)
+    prompt, other = [5, 9, 17, 33], [7, 7, 21]
+    greedy = dict(temperature=0, max_tokens=3, ignore_eos=True)
+    plain, plain_other = (r[0] for r in _run(eng, [(prompt, SamplingParams(**greedy), None),
+                                                   (other, SamplingParams(**greedy), None)]))  # fmt: skip
+    row = np.asarray(jax.nn.log_softmax(full_logits(tiny, np.array([prompt]))[0, -1]))
+    first, second = np.argsort(-row)[:2]
+    assert plain[0] == first
+    lift = float(row[first] - row[second]) + 0.01
+    (lifted, _, _), (beside, _, _) = _run(eng, [
+        (prompt, SamplingParams(logit_bias={int(second): lift}, **greedy), None),
+        (other, SamplingParams(**greedy), None)])  # fmt: skip
+    assert lifted[0] == second and beside == plain_other
+    forced = _run(eng, [(prompt, SamplingParams(logit_bias={7: 100.0}, **greedy), None)])
+    assert forced[0][0] == [7, 7, 7]
+    with pytest.raises(InvalidRequestError):
+        eng.add_request(prompt, SamplingParams(logit_bias={10**7: 1.0}))
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(logit_bias={1: 101.0})
+    eng.close()
+
+
 def test_adapter_gone_before_admission_fails_only_that_request(tiny, smol_tok, engine_adapters):
     # the host tier keeps only the newest adapter; no prefetch, so nothing holds e1 on arrival
     eng = _engine(tiny, smol_tok, host_budget_bytes=1, prefetch_adapters=False)

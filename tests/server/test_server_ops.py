@@ -81,7 +81,9 @@ def test_bad_requests(srv):
         ({"model": srv.base, "prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"model": srv.base, "prompt": "x", "max_tokens": 500}, "max_tokens"),
         ({"model": srv.base, "prompt": 5}, "prompt"),
-        ({"model": srv.base, "prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"model": srv.base, "prompt": "x", "logit_bias": {"one": 5}}, "logit_bias"),
+        ({"model": srv.base, "prompt": "x", "logit_bias": {"1": 500}}, "logit_bias"),
+        ({"model": srv.base, "prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
         ({"model": srv.base, "prompt": "x", "stop": [1]}, "stop"),
         ({"model": srv.base, "prompt": "x", "n": True}, "n"),
         ({"model": srv.base, "prompt": "x", "seed": 10**30}, "seed"),
@@ -601,6 +603,13 @@ def test_known_fields_are_served_or_refused_never_dropped(srv):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     status, _, body = post(chat, {"model": srv.base, "messages": msgs, "tool_choice": "required"})
     assert status == 400 and body["error"]["param"] == "tool_choice", body
+
+    # logit_bias: +100 on one token makes it every token of a greedy answer
+    _, _, tok = post(srv.url + "/tokenize", {"prompt": " Paris", "add_special_tokens": False})
+    t = tok["tokens"][0]
+    _, _, forced = post(url, {**base, "max_tokens": 3, "logit_bias": {str(t): 100}})
+    _, _, text = post(srv.url + "/detokenize", {"tokens": [t, t, t]})
+    assert forced["choices"][0]["text"] == text["prompt"], (forced, text)
 
     # include_stop_str_in_output keeps the stop string; without it the text ends before it
     text = plain["choices"][0]["text"]
