@@ -48,6 +48,9 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias);
     # a dict {token id: bias} is accepted too
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # log-probs of the prompt's tokens (each given those before it) plus the top k; None: off.
+    # Such a request prefills its whole prompt (no prefix-cache hit: every position is scored)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -71,6 +74,11 @@ class SamplingParams:
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
                 "logprobs",
+                f"must be between 0 and {MAX_LOGPROBS}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                "prompt_logprobs",
                 f"must be between 0 and {MAX_LOGPROBS}",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),

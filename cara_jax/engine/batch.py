@@ -61,6 +61,7 @@ class ChunkRow:
     first: bool = False  # the sequence's first chunk (after a prefix-cache hit, start > 0)
     allowed: np.ndarray | None = None  # a final chunk's token bitmask (structured.py)
     bias: tuple[tuple[int, float], ...] = ()  # a final chunk's (token, logit bias) pairs
+    score_next: list[int] | None = None  # prompt_logprobs: the token after each (-1: none)
 
     @property
     def end(self) -> int:

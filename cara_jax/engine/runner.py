@@ -115,6 +115,14 @@ class StepResult:
     batch: ScheduledBatch
     program: Program
     sample_index: list[int]  # per batch row (decode rows, then chunks): its row in the outputs
+    chunk_offsets: list[int] = dataclasses.field(default_factory=list)  # each chunk's 1st token
+
+    def chunk_scores(self, j: int) -> tuple[np.ndarray, ...]:
+        """prompt_logprobs of chunk j's positions: (log-prob, rank, top ids, top log-probs)."""
+        o = self.outputs
+        a, b = self.chunk_offsets[j], self.chunk_offsets[j] + len(self.batch.chunks[j].tokens)
+        return tuple(np.asarray(v[a:b]) for v in (o.score_lp, o.score_rank, o.score_top_ids,
+                                                   o.score_top_lp))  # fmt: skip
 
 
 class ModelRunner:
@@ -267,7 +275,8 @@ class ModelRunner:
             sample_row=i32(s + pch), sample_valid=np.zeros(s + pch, bool),
             allowed=all_tokens(s + pch, self.cfg.vocab_size), constrained=np.zeros((), bool),
             bias_ids=no_bias(s + pch, np.int32), bias_vals=no_bias(s + pch, np.float32),
-            biased=np.zeros((), bool),
+            biased=np.zeros((), bool), score_next=np.full(t, -1, np.int32),
+            want_scores=np.zeros((), bool),
         )  # fmt: skip
         return HostInputs(meta, inp), SamplingArrays.greedy(s + pch), i32(s), i32(pch)
 
@@ -316,6 +325,9 @@ class ModelRunner:
                 constrain_row(x, k, ch.allowed)
             if ch.bias:
                 bias_row(x, k, ch.bias)
+            if ch.score_next is not None:
+                x["score_next"][off : off + n] = ch.score_next
+                x["want_scores"][()] = True
             off += n
         return host, SamplingArrays.from_rows(samp), dec_ad, ch_ad
 
@@ -369,7 +381,8 @@ class ModelRunner:
         )
         s = self.config.decode_rows(p.tokens)
         index = [*range(len(batch.decode)), *range(s, s + len(batch.chunks))]
-        return StepResult(out, logits, batch, p, index)
+        offsets = [int(v) for v in host.meta["ch_start"][: len(batch.chunks)]]
+        return StepResult(out, logits, batch, p, index, offsets)
 
 
     # ------------------------------------------------------------------ probes (profiling)

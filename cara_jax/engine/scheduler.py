@@ -146,14 +146,15 @@ class Scheduler:
         usable = (tokens - 1) // self.blocks.block_size
         p = seq.params
         penalties = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-        lookup = self.blocks.enable_caching and not penalties
+        scored = p.prompt_logprobs is not None  # every prompt position is computed and scored
+        lookup = self.blocks.enable_caching and not penalties and not scored
         hashes = self._hashes(seq)[:usable] if lookup else []
         seq.num_computed = self.blocks.match(seq.request_id, hashes)
 
     def uncached_tokens(self, seq: Sequence) -> int:
         """Tokens the sequence would prefill if admitted now (after its prefix-cache hit)."""
         tokens = len(seq.tokens)
-        if not self.blocks.enable_caching:
+        if not self.blocks.enable_caching or seq.params.prompt_logprobs is not None:
             return tokens
         usable = (tokens - 1) // self.blocks.block_size
         return tokens - self.blocks.cached_prefix(self._hashes(seq)[:usable])
@@ -195,7 +196,7 @@ class Scheduler:
             table=list(self.blocks.table(seq.request_id)), adapter_slot=seq.hold.slot,
             sampling=seq.sampling_row(), final=final, out_from=len(seq.prompt_ids),
             cpu_assist=seq.hold.cpu_assist, allowed=self._mask(seq, seq.num_sampled - 1) if final else None,
-            bias=seq.params.logit_bias if final else (),
+            bias=seq.params.logit_bias if final else (), score_next=seq.score_next(start, n),
         )  # fmt: skip
 
     @staticmethod

@@ -31,6 +31,9 @@ class RequestOutput:
     logprobs: list[dict] | None = None
     error: str | None = None  # why, when finish_reason == "error"
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # prompt_logprobs: [None, then per prompt token {"token_id", "logprob", "rank", "top"}],
+    # on the request's first delta with tokens
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclasses.dataclass
@@ -81,6 +84,8 @@ class Sequence:
     constraint: Any = None  # structured.Constraint when the output must match a grammar
     awaiting_token: bool = False  # constrained: a sampled token is in flight (its mask waits)
     ban_mask: Any = None  # min_tokens: the mask without end tokens (structured.Grammars.ban)
+    prompt_scores: list[dict] = dataclasses.field(default_factory=list)  # prompt tokens 1..
+    prompt_scores_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -140,7 +145,34 @@ class Sequence:
         lps = None
         if self.params.logprobs is not None:
             lps, self.pending_logprobs = self.pending_logprobs[: len(new_tokens)], []
+        prompt = None
+        if self.params.prompt_logprobs is not None and not self.prompt_scores_sent and (
+            len(self.prompt_scores) == len(self.prompt_ids) - 1
+        ):
+            prompt, self.prompt_scores_sent = [None, *self.prompt_scores], True
         return RequestOutput(
             self.request_id, piece, new_tokens, self.finished, self.finish_reason, lps,
-            num_cached_tokens=self.num_cached_tokens or 0,
+            num_cached_tokens=self.num_cached_tokens or 0, prompt_logprobs=prompt,
         )
+
+    def score_next(self, start: int, n: int) -> list[int] | None:
+        """prompt_logprobs: for the chunk of positions [start, start + n), the prompt token
+        that follows each (-1 past the prompt); None when nothing in it is scored."""
+        if self.params.prompt_logprobs is None or start + 1 >= len(self.prompt_ids):
+            return None
+        nxt = self.prompt_ids[start + 1 : start + n + 1]
+        return nxt + [-1] * (n - len(nxt))
+
+    def take_scores(self, start: int, lp, rank, top_ids, top_lp) -> None:
+        """The scores of a chunk's positions (arrays over its tokens): kept once each (a chunk
+        recomputed after a preemption scores again, and is not counted twice)."""
+        k = self.params.prompt_logprobs or 0
+        for i in range(len(lp)):
+            target = start + i + 1  # the prompt token this position predicts
+            if target >= len(self.prompt_ids) or target != len(self.prompt_scores) + 1:
+                continue
+            self.prompt_scores.append(
+                {"token_id": self.prompt_ids[target], "logprob": float(lp[i]),
+                 "rank": int(rank[i]),
+                 "top": [(int(t), float(v)) for t, v in zip(top_ids[i, :k], top_lp[i, :k], strict=True)]}
+            )  # fmt: skip

@@ -62,6 +62,8 @@ class StepInputs:
     bias_ids: jax.Array  # [S+P, MAX_LOGIT_BIAS] int32: tokens whose logits a row shifts
     bias_vals: jax.Array  # [S+P, MAX_LOGIT_BIAS] float32: by how much (0 pads)
     biased: jax.Array  # () bool: some row has a logit bias (else neither is read)
+    score_next: jax.Array  # [T] int32: prompt_logprobs, the prompt token after each (-1: none)
+    want_scores: jax.Array  # () bool: some chunk is scored (else no logits beyond the samples)
 
 
 @jax.tree_util.register_dataclass
@@ -71,6 +73,10 @@ class StepOutputs:
     chosen_logprob: jax.Array  # [S+P] (zeros unless want_logprobs)
     top_ids: jax.Array  # [S+P, MAX_LOGPROBS]
     top_logprobs: jax.Array  # [S+P, MAX_LOGPROBS]
+    score_lp: jax.Array  # [T] log-prob of the next prompt token at each position (prompt_logprobs)
+    score_rank: jax.Array  # [T] its rank among all tokens (1 = the most likely)
+    score_top_ids: jax.Array  # [T, MAX_LOGPROBS]
+    score_top_lp: jax.Array  # [T, MAX_LOGPROBS]
 
 
 def _logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -148,4 +154,17 @@ def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: St
             jnp.zeros((n, MAX_LOGPROBS), jnp.float32),
         ),
     )
-    return StepOutputs(next_tok, chosen, top_ids, top_lp), logits, cache, state
+    t = tokens.shape[0]
+
+    def score():  # the LM head over every token of the step: only when a prompt is scored
+        lp = jax.nn.log_softmax(model.logits(h), axis=-1)
+        nxt = jnp.maximum(inp.score_next, 0)
+        chosen_t = jnp.take_along_axis(lp, nxt[:, None], axis=-1)
+        rank = 1 + jnp.sum(lp > chosen_t, axis=-1, dtype=jnp.int32)
+        top_lp_t, top_ids_t = jax.lax.top_k(lp, MAX_LOGPROBS)
+        return chosen_t[:, 0], rank, top_ids_t.astype(jnp.int32), top_lp_t
+
+    scores = jax.lax.cond(inp.want_scores, score, lambda: (
+        jnp.zeros((t,), jnp.float32), jnp.zeros((t,), jnp.int32),
+        jnp.zeros((t, MAX_LOGPROBS), jnp.int32), jnp.zeros((t, MAX_LOGPROBS), jnp.float32)))  # fmt: skip
+    return StepOutputs(next_tok, chosen, top_ids, top_lp, *scores), logits, cache, state

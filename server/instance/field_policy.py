@@ -24,6 +24,7 @@ _COMMON = {
     "n", "best_of", "stream", "stream_options", "user", "logprobs", "tpot_slo", "logit_bias",
     "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
     "guided_grammar", "skip_special_tokens", "include_stop_str_in_output", "min_tokens",
+    "prompt_logprobs",
 }  # fmt: skip
 SERVED = {
     "completion": _COMMON | {"prompt", "suffix", "echo"},
@@ -49,7 +50,6 @@ def _empty(v: Any) -> bool:
 
 # known, not served: the value that asks for nothing passes
 NOT_SERVED: dict[str, Callable[[Any], bool]] = {
-    "prompt_logprobs": _off(None),
     "functions": _empty,
     "function_call": _off("none"),
     "use_beam_search": _off(False),

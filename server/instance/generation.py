@@ -23,7 +23,14 @@ from cara_jax.engine.sequence import RequestOutput
 from cara_jax.sampling_params import InvalidRequestError
 from cara_jax.scheduling.admission import QueueFullError
 from server.instance.request_parsing import GenerationRequest
-from server.instance.response_shapes import chat_logprobs, completion_logprobs, finish_reason, usage
+from server.instance.response_shapes import (
+    chat_logprobs,
+    completion_logprobs,
+    echo_entries,
+    finish_reason,
+    usage,
+    vllm_prompt_logprobs,
+)
 from server.instance.state import AppState
 from server.instance.tool_calls import ToolStream, parse_output
 from server.protocol import ApiError, error_body
@@ -48,9 +55,12 @@ class _Choice:
     last: float | None = None
     offset: int = 0  # text_offset of the next log-prob token (completions)
     cached: int = 0  # prompt tokens served from the prefix cache
+    prompt_scores: list | None = None  # prompt_logprobs (engine entries; None first)
 
     def take(self, out: RequestOutput, now: float) -> None:
         self.cached = max(self.cached, out.num_cached_tokens)
+        if out.prompt_logprobs is not None:
+            self.prompt_scores = out.prompt_logprobs
         if out.token_ids:
             self.tokens += len(out.token_ids)
             if self.first is None:
@@ -169,11 +179,28 @@ class Generation:
         n = self.req.n  # a prompt's cached tokens: the most any of its n choices found cached
         cached = sum(max(c.cached for c in self.choices[i : i + n])
                      for i in range(0, len(self.choices), n))  # fmt: skip
-        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices), cached)
+        generated = 0 if self.req.score_only else sum(c.tokens for c in self.choices)
+        return usage(self.prompt_tokens, generated, cached)
 
     def _prefix(self, i: int) -> str:
         """Echoed prompt text of choice i (completions with ``echo``)."""
         return self.req.prompt_texts[i // self.req.n] if self.req.echo else ""
+
+    def _completion_lp(self, i: int, entries: list[dict], scores: list | None, offset: int):
+        """Legacy log-probs of choice i's new tokens, after its echoed prompt's when the
+        prompt is echoed (``scores``: the prompt's, on the delta that brings them)."""
+        if self.req.score_only:
+            entries = []
+        if scores is not None and self.req.echo:
+            entries = echo_entries(self.req.prompts[i // self.req.n], scores) + entries
+        return completion_logprobs(entries, self.state.token_text, offset)
+
+    def _prompt_lp(self, c: _Choice) -> list | None:
+        """vLLM's prompt_logprobs of a choice, when asked."""
+        k = self.req.prompt_logprobs
+        if k is None or c.prompt_scores is None:
+            return None
+        return vllm_prompt_logprobs(c.prompt_scores, k, self.state.token_text)
 
     # ---------------------------------------------------------------- one JSON answer
 
@@ -188,19 +215,21 @@ class Generation:
         tt = self.state.token_text
         choices = []
         for i, c in enumerate(self.choices):
-            text = "".join(c.text)
+            text = "" if self.req.score_only else "".join(c.text)
             if self.req.kind == "completion":
                 lp = None
                 if self.req.logprobs is not None:
-                    lp = completion_logprobs(c.logprobs, tt, len(self._prefix(i)))
-                choices.append(
-                    {
-                        "index": i,
-                        "text": self._prefix(i) + text,
-                        "logprobs": lp,
-                        "finish_reason": finish_reason(c.reason),
-                    }
-                )
+                    start = 0 if self.req.echo else len(self._prefix(i))
+                    lp = self._completion_lp(i, c.logprobs, c.prompt_scores, start)
+                choice = {
+                    "index": i,
+                    "text": self._prefix(i) + text,
+                    "logprobs": lp,
+                    "finish_reason": "length" if self.req.score_only else finish_reason(c.reason),
+                }
+                if self.req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self._prompt_lp(c)
+                choices.append(choice)
             else:
                 lp = None
                 if self.req.logprobs is not None:
@@ -220,17 +249,11 @@ class Generation:
                     }
                 )
         obj = "text_completion" if self.req.kind == "completion" else "chat.completion"
-        return web.json_response(
-            {
-                "id": self.id,
-                "object": obj,
-                "created": self.created,
-                "model": self.model,
-                "choices": choices,
-                "usage": self.usage(),
-            },
-            dumps=lambda o: json.dumps(o, ensure_ascii=False),
-        )
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}  # fmt: skip
+        if self.req.kind == "chat" and self.req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._prompt_lp(self.choices[0])  # vLLM: one per request
+        return web.json_response(body, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
     def _tool_answer(self, text: str, reason: str | None) -> tuple[str | None, list, str | None]:
         """(content, tool calls, finish reason) of a finished chat choice. A forced call that
@@ -264,17 +287,24 @@ class Generation:
         reason = finish_reason(out.finish_reason) if out.finished else None
         lps = out.logprobs if req.logprobs is not None else None
         if req.kind == "completion":
-            if not (out.text or lps or out.finished):
+            text = "" if req.score_only else out.text
+            echo_now = req.echo and req.logprobs is not None and out.prompt_logprobs is not None
+            if echo_now:  # the echoed prompt waited for its log-probs
+                text = self._prefix(i) + text
+            if req.score_only and not out.finished and not echo_now:
+                return []
+            if not (text or lps or out.finished or echo_now):
                 return []
             lp = None
             if lps is not None:
-                lp = completion_logprobs(lps, tt, c.offset)
+                lp = self._completion_lp(i, lps, out.prompt_logprobs if echo_now else None,
+                                         c.offset)  # fmt: skip
                 c.offset += sum(len(t) for t in lp["tokens"])
-            return [
-                self._chunk(
-                    [{"index": i, "text": out.text, "logprobs": lp, "finish_reason": reason}]
-                )
-            ]
+            choice = {"index": i, "text": text, "logprobs": lp,
+                      "finish_reason": "length" if req.score_only and reason else reason}
+            if req.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._prompt_lp(c)
+            return [self._chunk([choice])]
         lp = {"content": chat_logprobs(lps, tt), "refusal": None} if lps else None
         if self.req.tools is None:
             deltas = [{"content": out.text}] if out.text or lps else []
@@ -328,7 +358,7 @@ class Generation:
                             ]
                         )
                     )
-                elif self.req.echo:
+                elif self.req.echo and self.req.logprobs is None:  # else: with its log-probs
                     self.choices[i].offset = len(self._prefix(i))
                     await send(
                         self._chunk(

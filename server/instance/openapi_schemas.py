@@ -109,6 +109,9 @@ def _sampling_fields() -> dict[str, Any]:
         "skip_special_tokens": _nullable({"type": "boolean", "default": True}),
         "min_tokens": _nullable({"type": "integer", "minimum": 0, "default": 0}),
         "include_stop_str_in_output": _nullable({"type": "boolean", "default": False}),
+        "prompt_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
+                                      "description": "vLLM's: per prompt token, its log-prob, "
+                                      "rank and the top k (chat: not streamed)"}),
         "logit_bias": _nullable({"type": "object", "maxProperties": MAX_LOGIT_BIAS,
                                  "additionalProperties": {"type": "number", "minimum": -100,
                                                           "maximum": 100},
@@ -255,9 +258,11 @@ def _schemas(max_len: int) -> dict[str, Any]:
                         },
                     ]
                 },
-                "max_tokens": max_tokens,
+                "max_tokens": _nullable({**max_tokens["anyOf"][0], "minimum": 0,
+                                         "description": "0 only with echo: score the prompt"}),
                 "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}),
-                "echo": _nullable({"type": "boolean"}),
+                "echo": _nullable({"type": "boolean",
+                                   "description": "with logprobs: the prompt's log-probs too"}),
                 "suffix": _nullable(
                     {"type": "string", "maxLength": 0, "description": "not supported"}
                 ),

@@ -103,6 +103,8 @@ class GenerationRequest:
     continuous_usage: bool = False  # usage (running counts) on every streamed chunk
     logprobs: int | None = None  # completions: top-k count; chat: top_logprobs when enabled
     tools: ToolRequest | None = None  # chat: the functions it may call, and how
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs (top k per prompt token)
+    score_only: bool = False  # completions, echo with max_tokens 0: the prompt's log-probs only
 
     def choice_params(self, i: int) -> SamplingParams:
         """Choice i of a prompt: a distinct seed when seeded, so n samples differ."""
@@ -122,7 +124,17 @@ def _stop(body: dict) -> tuple[str, ...]:
     raise bad("`stop` must be a string or an array of strings", "stop")
 
 
-def _sampling(body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _prompt_logprobs(body: dict) -> int | None:
+    k = _int(body, "prompt_logprobs", None)
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise bad(f"`prompt_logprobs` must be between 0 and {MAX_LOGPROBS}", "prompt_logprobs")
+    return k
+
+
+def _sampling(
+    body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None, scored: int | None = None
+) -> SamplingParams:
+    """``scored``: the top-k count of the prompt log-probs the request needs (None: none)."""
     seed = _int(body, "seed", None)
     if seed is not None:
         if not -_INT64 <= seed < _INT64:
@@ -156,6 +168,7 @@ def _sampling(body: dict, tok_vocab: int, max_tokens: int, logprobs: int | None)
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
             min_tokens=_int(body, "min_tokens", 0) or 0,
             logit_bias=bias,
+            prompt_logprobs=scored,
         )
     except InvalidRequestError as e:
         raise bad(f"`{e.param}`: {e}", e.param) from e
@@ -278,16 +291,17 @@ def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Ge
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad(f"`logprobs` must be between 0 and {MAX_LOGPROBS}", "logprobs")
     echo = _bool(body, "echo", False)
-    if echo and logprobs is not None:
-        raise bad(
-            "`echo` with `logprobs` is not supported (no prompt log-probs)",
-            "echo",
-            code="unsupported",
-        )
     if echo:
         texts = [t or tok.decode(ids) for t, ids in zip(texts, prompts, strict=True)]
     room = max_len - max(len(p) for p in prompts)
-    max_tokens = _max_tokens(body, ("max_tokens",), 16, room)
+    # echo with max_tokens 0 scores the prompt only (lm-eval's loglikelihood requests): one
+    # token is generated and left out of the answer
+    score_only = echo and _int(body, "max_tokens", None) == 0
+    max_tokens = 1 if score_only else _max_tokens(body, ("max_tokens",), 16, room)
+    plp = _prompt_logprobs(body)
+    scored = plp
+    if echo and logprobs is not None:  # the echoed prompt's tokens carry log-probs too
+        scored = max(logprobs, plp or 0)
     check_fields(body, "completion")
     stream, include_usage, continuous = _stream(body)
     _field(body, "user", (str,), None)
@@ -296,13 +310,15 @@ def parse_completion(body: dict, tok: Tokenizer, max_len: int, vocab: int) -> Ge
         model=model,
         prompts=prompts,
         prompt_texts=texts,
-        params=_sampling(body, vocab, max_tokens, logprobs),
+        params=_sampling(body, vocab, max_tokens, logprobs, scored),
         n=_n(body, len(prompts)),
         stream=stream,
         include_usage=include_usage,
         continuous_usage=continuous,
         echo=echo,
         logprobs=logprobs,
+        prompt_logprobs=plp,
+        score_only=score_only,
     )
 
 
@@ -400,7 +416,11 @@ def parse_chat(
     check_fields(body, "chat")
     stream, include_usage, continuous = _stream(body)
     _field(body, "user", (str,), None)
-    params = _sampling(body, vocab, max_tokens, logprobs)
+    plp = _prompt_logprobs(body)
+    if plp is not None and _bool(body, "stream", False):
+        raise bad("`prompt_logprobs` is served on chat answers that are not streamed",
+                  "prompt_logprobs", code="unsupported")  # fmt: skip
+    params = _sampling(body, vocab, max_tokens, logprobs, plp)
     if tools is not None and tools.forced:
         if params.structured is not None:
             raise bad(f"`tool_choice` {tools.choice} and `{params.structured.param}` both "
@@ -413,6 +433,7 @@ def parse_chat(
         prompt_texts=[""],
         params=params,
         tools=tools,
+        prompt_logprobs=plp,
         n=_n(body, 1),
         stream=stream,
         include_usage=include_usage,

@@ -34,12 +34,38 @@ def completion_logprobs(entries: list[dict], tt: TokenText, offset: int) -> dict
         s = tt.piece(e["token_id"])[0]
         tokens.append(s)
         lps.append(e["logprob"])
-        top = {tt.piece(i)[0]: lp for i, lp in e["top"]}
-        top.setdefault(s, e["logprob"])
-        tops.append(top)
+        if e["top"] is None:  # an echoed prompt's first token: nothing before it to score it
+            tops.append(None)
+        else:
+            top = {tt.piece(i)[0]: lp for i, lp in e["top"]}
+            top.setdefault(s, e["logprob"])
+            tops.append(top)
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_entries(prompt: list[int], scores: list[dict | None]) -> list[dict]:
+    """An echoed prompt's tokens as log-prob entries: the first has none (None, as OpenAI)."""
+    return [{"token_id": prompt[0], "logprob": None, "top": None},
+            *({"token_id": e["token_id"], "logprob": e["logprob"], "top": e["top"]}
+              for e in scores[1:])]  # fmt: skip
+
+
+def vllm_prompt_logprobs(scores: list[dict | None], k: int, tt: TokenText) -> list:
+    """vLLM's ``prompt_logprobs``: per prompt token None (the first) or {token id: {logprob,
+    rank, decoded_token}} holding the prompt's token and the top k."""
+    out: list = []
+    for e in scores:
+        if e is None:
+            out.append(None)
+            continue
+        d = {str(i): {"logprob": lp, "rank": r, "decoded_token": tt.piece(i)[0]}
+             for r, (i, lp) in enumerate(e["top"][:k], start=1)}  # fmt: skip
+        d[str(e["token_id"])] = {"logprob": e["logprob"], "rank": e["rank"],
+                                 "decoded_token": tt.piece(e["token_id"])[0]}  # fmt: skip
+        out.append(d)
+    return out
 
 
 def chat_logprobs(entries: list[dict], tt: TokenText) -> list[dict]:

@@ -241,6 +241,48 @@ def test_logit_bias(tiny, smol_tok):
     eng.close()
 
 
+def test_prompt_logprobs_equal_hf_and_peft(tiny, smol_tok, tiny_llama_dir, engine_adapters):
+    """Every prompt token's log-prob given those before it (and its rank, and the top 3), for
+    the base model and an adapter in one batch, over a prompt that spans two chunks, equal HF
+    transformers and PEFT; a second run of the same prompt, whose blocks the prefix cache now
+    holds, is scored whole all the same."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    eng = _engine(tiny, smol_tok, {"e1": engine_adapters["e1"]}, enable_prefix_caching=True)
+    prompt = np.random.default_rng(3).integers(3, 500, size=80).tolist()
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3)
+    runs = {}
+    for name, adapter in [("base", None), ("e1", "e1"), ("base again", None)]:
+        runs[name] = eng.add_request(prompt, sp, adapter)
+    got = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.prompt_logprobs is not None:
+                got[o.request_id] = o.prompt_logprobs
+    eng.close()
+
+    def reference(model):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0].float()
+        return torch.log_softmax(logits, -1).numpy()
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    refs = {"base": reference(hf)}
+    refs["e1"] = reference(PeftModel.from_pretrained(hf, engine_adapters["e1"]).eval())
+    refs["base again"] = refs["base"]
+    for name, rid in runs.items():
+        scores, ref = got[rid], refs[name]
+        assert scores[0] is None and len(scores) == len(prompt)
+        for i, e in enumerate(scores[1:], start=1):
+            row = ref[i - 1]
+            assert e["token_id"] == prompt[i]
+            assert abs(e["logprob"] - row[prompt[i]]) <= 1e-4, (name, i)
+            assert e["rank"] == 1 + int((row > row[prompt[i]]).sum())
+            assert [t for t, _ in e["top"]] == list(np.argsort(-row)[:3]), (name, i)
+
+
 def test_adapter_gone_before_admission_fails_only_that_request(tiny, smol_tok, engine_adapters):
     # the host tier keeps only the newest adapter; no prefetch, so nothing holds e1 on arrival
     eng = _engine(tiny, smol_tok, host_budget_bytes=1, prefetch_adapters=False)

@@ -591,7 +591,7 @@ def test_known_fields_are_served_or_refused_never_dropped(srv):
     url = srv.url + "/v1/completions"
     base = {"model": srv.base, "prompt": "The capital of France is", "max_tokens": 12,
             "temperature": 0}  # fmt: skip
-    for field, value in [("prompt_logprobs", 1), ("use_beam_search", True),
+    for field, value in [("use_beam_search", True),
                          ("bad_words", ["x"]), ("truncate_prompt_tokens", 5)]:  # fmt: skip
         status, _, body = post(url, {**base, field: value})
         assert status == 400, (field, body)
@@ -671,3 +671,63 @@ def test_tokenize_and_detokenize_use_the_engines_tokenizer(srv):
         assert status == code, (path, err)
         assert_error(err)
 
+
+
+def test_echo_logprobs_score_prompts_as_hf_and_peft(srv, hf_smollm_tokenizer, smollm_path):
+    """lm-eval's loglikelihood request (echo, logprobs, max_tokens 0) on the base model and on
+    an adapter: the prompt's tokens come back with the log-prob of each given those before it,
+    equal to HF transformers' and PEFT's; nothing is generated. Streamed, the echoed prompt
+    comes with its log-probs, then the new tokens'."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    url = srv.url + "/v1/completions"
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    ids = hf_smollm_tokenizer(prompt)["input_ids"]
+    base = {"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 0, "temperature": 0}
+
+    def hf_logprobs(model):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        lp = torch.log_softmax(logits, -1).numpy()
+        return [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+    def fresh_hf():
+        return AutoModelForCausalLM.from_pretrained(
+            str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32).eval()
+
+    demo = srv.state.engine.adapters()["demo-0"].path
+    for model, ref in [(srv.base, fresh_hf()), ("demo-0", PeftModel.from_pretrained(fresh_hf(), demo))]:
+        status, _, body = post(url, {**base, "model": model})
+        assert status == 200, body
+        ch = body["choices"][0]
+        assert ch["text"] == prompt and ch["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 0
+        lp = ch["logprobs"]
+        assert "".join(lp["tokens"]) == prompt and len(lp["tokens"]) == len(ids)
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        np.testing.assert_allclose(lp["token_logprobs"][1:], hf_logprobs(ref.eval()), atol=1e-4)
+        assert all(len(t) >= 1 and len(t) <= 3 for t in lp["top_logprobs"][1:])
+        assert lp["text_offset"][0] == 0
+    # streamed, with new tokens after the echoed prompt
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    chunks = list(c.completions.create(model=srv.base, prompt=prompt, echo=True, logprobs=1,
+                                       max_tokens=3, temperature=0, stream=True))  # fmt: skip
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    toks = [t for ch in chunks if ch.choices and ch.choices[0].logprobs
+            for t in ch.choices[0].logprobs.tokens]  # fmt: skip
+    assert text.startswith(prompt) and len(toks) == len(ids) + 3 and "".join(toks) == text
+    # vLLM's prompt_logprobs on chat: the prompt's tokens, each with its rank and the top k
+    status, _, body = post(srv.url + "/v1/chat/completions", {
+        "model": srv.base, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+        "prompt_logprobs": 1})  # fmt: skip
+    assert status == 200, body
+    plp = body["prompt_logprobs"]
+    assert plp[0] is None and all(1 <= len(d) <= 2 for d in plp[1:])
+    assert all(v["rank"] >= 1 and v["logprob"] <= 0 for d in plp[1:] for v in d.values())
+    status, _, body = post(srv.url + "/v1/chat/completions", {
+        "model": srv.base, "messages": [{"role": "user", "content": "Hi"}], "stream": True,
+        "prompt_logprobs": 1})  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "prompt_logprobs", body
