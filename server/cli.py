@@ -130,6 +130,7 @@ def build_state(args: argparse.Namespace):
         sse_keepalive_s=args.sse_keepalive,
         allow_runtime_lora=args.allow_runtime_lora,
         tool_call_parser=args.tool_call_parser,
+        allowed_origins=tuple(args.allowed_origins),
     )
     state = ServerState(AsyncEngine(engine), config)
     adapters = dict(args.lora)

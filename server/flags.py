@@ -5,10 +5,24 @@ Benches build their engine through this parser too, so they run what a user of t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """``https://a.example,https://b.example`` or ``["https://a.example"]``."""
+    if text.strip().startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from e
+        if not isinstance(items, list) or not all(isinstance(o, str) for o in items):
+            raise argparse.ArgumentTypeError("a JSON list of strings is needed")
+        return tuple(items)
+    return tuple(o.strip() for o in text.split(",") if o.strip())
 
 
 def byte_size(text: str) -> int:
@@ -174,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter without --lora-dir "
         "(a runtime load then reads any path the server process can read); without this flag "
         "and without --lora-dir they are refused",
+    )
+    a.add_argument(
+        "--allowed-origins",
+        type=_origins,
+        default=(),
+        metavar="ORIGINS",
+        help="browser origins allowed to call the API (CORS), comma-separated or a JSON list "
+        "as vLLM takes it; '*' allows any. Default: none (no CORS headers)",
     )
     a.add_argument(
         "--tool-call-parser",

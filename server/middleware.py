@@ -1,6 +1,7 @@
 """The middlewares every aiohttp app of the package uses (cara-serve, cara-router): every
 failure becomes OpenAI's error object and is counted by endpoint and status; ``--api-key``
-guards /v1/*; a request's ``X-Request-Id`` is echoed on its answer (``echo_request_id``)."""
+guards /v1/*; a request's ``X-Request-Id`` is echoed on its answer (``echo_request_id``);
+``--allowed-origins`` lets browsers on those origins call the API (``cors``)."""
 
 from __future__ import annotations
 
@@ -86,3 +87,46 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
     rid = request.headers.get("X-Request-Id")
     if rid and "X-Request-Id" not in response.headers:
         response.headers["X-Request-Id"] = rid[:256]
+
+
+def origin_allowed(origins: tuple[str, ...], origin: str | None) -> bool:
+    return bool(origin) and ("*" in origins or origin in origins)
+
+
+def cors_middleware(origins_of: Callable[[web.Request], tuple[str, ...]]):
+    """Answer a browser's CORS preflight (OPTIONS with Access-Control-Request-Method) from an
+    allowed origin, before auth: a preflight carries no credentials. ``cors_headers`` adds
+    the headers to the answers themselves."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if (
+            request.method == "OPTIONS"
+            and "Access-Control-Request-Method" in request.headers
+            and origin_allowed(origins_of(request), origin)
+        ):
+            asked = request.headers.get("Access-Control-Request-Headers", "")
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": asked or "Authorization, Content-Type",
+                "Access-Control-Max-Age": "600",
+            })  # fmt: skip
+        return await handler(request)
+
+    return middleware
+
+
+def cors_headers(origins_of: Callable[[web.Request], tuple[str, ...]]):
+    """``on_response_prepare`` hook: an allowed origin's answers (streamed ones included) carry
+    Access-Control-Allow-Origin, and expose X-Request-Id to the page."""
+
+    async def hook(request: web.Request, response: web.StreamResponse) -> None:
+        origins = origins_of(request)
+        origin = request.headers.get("Origin")
+        if origin_allowed(origins, origin):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+            response.headers.add("Vary", "Origin")
+
+    return hook

@@ -21,7 +21,13 @@ from server.instance.lora_dir import LoraDir
 from server.instance.metrics import Metrics
 from server.instance.response_shapes import TokenText
 from server.instance.state import STATE, ServerConfig
-from server.middleware import auth_middleware, echo_request_id, error_middleware
+from server.middleware import (
+    auth_middleware,
+    cors_headers,
+    cors_middleware,
+    echo_request_id,
+    error_middleware,
+)
 from server.protocol import ApiError
 
 log = logging.getLogger(__name__)
@@ -79,6 +85,10 @@ def _api_key(request: web.Request) -> str | None:
     return request.app[STATE].config.api_key
 
 
+def _origins(request: web.Request) -> tuple[str, ...]:
+    return request.app[STATE].config.allowed_origins
+
+
 async def _drain(app: web.Application) -> None:
     """Stop taking generation requests and wait (bounded) for the running ones to finish."""
     state = app[STATE]
@@ -102,9 +112,10 @@ async def _close_engine(app: web.Application) -> None:
 def build_app(state: ServerState) -> web.Application:
     from server.instance.routes import add_routes
 
-    middlewares = [error_middleware(_count), auth_middleware(_api_key)]
+    middlewares = [cors_middleware(_origins), error_middleware(_count), auth_middleware(_api_key)]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app.on_response_prepare.append(echo_request_id)
+    app.on_response_prepare.append(cors_headers(_origins))
     app[STATE] = state
     add_routes(app)
     app.on_shutdown.append(_drain)

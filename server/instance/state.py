@@ -31,6 +31,8 @@ class ServerConfig:
     allow_runtime_lora: bool = False
     # how `tool_choice: auto` answers are parsed (tool_calls.PARSERS); None: by the template
     tool_call_parser: str | None = None
+    # browser origins allowed to call the API (CORS); "*": any; empty: no CORS headers
+    allowed_origins: tuple[str, ...] = ()
 
     @property
     def runtime_lora(self) -> bool:

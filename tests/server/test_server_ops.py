@@ -210,6 +210,44 @@ def test_api_key(srv):
     side.stop()
 
 
+def test_allowed_origins_cors(srv):
+    """--allowed-origins: a browser's preflight from an allowed origin is answered before auth,
+    and its answers (streamed too) carry the CORS headers; other origins get none."""
+    import urllib.request
+
+    from server.flags import build_parser
+
+    assert build_parser().parse_args(["--allowed-origins", '["https://a.example"]']
+                                     ).allowed_origins == ("https://a.example",)  # fmt: skip
+    side = side_app(srv, api_key="sekret", allowed_origins=("https://a.example",))
+    url = side.url + "/v1/completions"
+
+    def call(method, headers, body=None):
+        req = urllib.request.Request(url, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    pre = {"Origin": "https://a.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+    status, headers, _ = call("OPTIONS", pre)
+    assert status == 204 and "POST" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "authorization,content-type"
+    assert headers["Access-Control-Allow-Origin"] == "https://a.example"
+    body = json.dumps({"model": srv.base, "prompt": "Hi", "max_tokens": 2, "stream": True})
+    status, headers, text = call("POST", {"Origin": "https://a.example",
+                                          "Authorization": "Bearer sekret",
+                                          "Content-Type": "application/json"}, body.encode())  # fmt: skip
+    assert status == 200 and text.endswith(b"data: [DONE]\n\n")
+    assert headers["Access-Control-Allow-Origin"] == "https://a.example"
+    assert "X-Request-Id" in headers["Access-Control-Expose-Headers"]
+    status, headers, _ = call("OPTIONS", {**pre, "Origin": "https://evil.example"})
+    assert status != 204 and "Access-Control-Allow-Origin" not in headers
+    side.stop()
+
+
 def test_catch_all_returns_500_json(srv):
     app = build_app(ServerState(srv.state.async_engine, srv.state.config, owns_engine=False))
 
