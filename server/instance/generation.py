@@ -99,15 +99,23 @@ class Generation:
     """One API request's life: submit every choice, then collect or stream the deltas."""
 
     def __init__(
-        self, state: AppState, req: GenerationRequest, adapter: str | None, arrival: float
+        self,
+        state: AppState,
+        req: GenerationRequest,
+        adapter: str | None,
+        arrival: float,
+        client_id: str | None = None,
     ) -> None:
+        """``client_id``: the request's X-Request-Id, which names it in the answer's ``id`` and
+        in the engine's request ids (with a suffix: two requests may send the same one)."""
         self.state = state
         self.req = req
         self.adapter = adapter
         self.arrival = arrival
         self.model = req.model or state.base_name
         prefix = "cmpl" if req.kind == "completion" else "chatcmpl"
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.id = f"{prefix}-{client_id[:256] if client_id else uuid.uuid4().hex}"
+        self._engine_id = f"{self.id}-{uuid.uuid4().hex[:8]}" if client_id else self.id
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
         self.subs = []
@@ -127,7 +135,7 @@ class Generation:
                         ids,
                         req.choice_params(j),
                         self.adapter,
-                        f"{self.id}-{idx}",
+                        f"{self._engine_id}-{idx}",
                         queue=self.queue,
                     )
                 )

@@ -55,7 +55,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             code="queue_full",
             headers={"Retry-After": str(state.config.retry_after_s)},
         )
-    gen = Generation(state, req, adapter, arrival)
+    gen = Generation(state, req, adapter, arrival, request.headers.get("X-Request-Id"))
     state.active += 1
     try:
         await gen.submit()

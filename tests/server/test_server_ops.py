@@ -43,17 +43,18 @@ srv = pytest.fixture(scope="module")(start_server)
 
 
 def test_version_and_request_id_echo(srv):
-    """/version answers as vLLM's does; a client's X-Request-Id comes back on a plain answer, a
-    streamed one and an error."""
+    """/version answers as vLLM's does; a client's X-Request-Id names the request and comes
+    back on a plain answer, a streamed one and an error."""
     from importlib.metadata import version
 
     status, text = get(srv.url + "/version")
     assert status == 200 and json.loads(text) == {"version": version("cara-jax")}
     url = srv.url + "/v1/completions"
     body = {"model": srv.base, "prompt": "Hi", "max_tokens": 2, "temperature": 0}
-    status, headers, _ = post(url, body, {"X-Request-Id": "req-plain"})
+    status, headers, answer = post(url, body, {"X-Request-Id": "req-plain"})
     rid = lambda h: {k.lower(): v for k, v in h.items()}.get("x-request-id")  # noqa: E731
     assert status == 200 and rid(headers) == "req-plain"
+    assert answer["id"] == "cmpl-req-plain"  # the client's id names the request, as in vLLM
     status, headers, _ = post(url, {**body, "model": "no-such-model"}, {"X-Request-Id": "req-bad"})
     assert status == 404 and rid(headers) == "req-bad"
 
