@@ -21,7 +21,16 @@ from aiohttp import web
 
 from server.middleware import auth_middleware, echo_request_id, error_middleware
 from server.router.config import RouterConfig, RouterConfigError
-from server.router.handlers import generate, get_model, health, list_models, metrics, router_state
+from server.router.handlers import (
+    generate,
+    get_model,
+    health,
+    list_models,
+    metrics,
+    router_state,
+    tokenize,
+    version,
+)
 from server.router.routing import ROUTER, RouterState
 
 log = logging.getLogger("cara_router")
@@ -74,6 +83,9 @@ def build_router_app(config: RouterConfig) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_get("/v1/router/state", router_state)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", tokenize)
+    app.router.add_get("/version", version)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.on_startup.append(_start)

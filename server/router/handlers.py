@@ -1,4 +1,5 @@
-"""The router's HTTP handlers: completions and chat (routed and forwarded), the union of the
+"""The router's HTTP handlers: completions and chat (routed and forwarded), /tokenize and
+/detokenize (forwarded to an instance that serves the model), /version, the union of the
 instances' models, the router's state, health and metrics."""
 
 from __future__ import annotations
@@ -160,3 +161,37 @@ async def metrics(request: web.Request) -> web.Response:
 
     data = request.app[ROUTER].metrics.render()
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def tokenize(request: web.Request) -> web.StreamResponse:
+    """/tokenize and /detokenize: answered by an instance serving the body's ``model`` (its
+    tokenizer and chat template), the first one up if no model is named."""
+    rs = request.app[ROUTER]
+    raw = await request.read()
+    model = read_json_object(raw).get("model")
+    await rs.pool.refresh()
+    up = [i for i in rs.pool.instances if i.up]
+    serving = [i for i in up if i.snapshot is not None and i.snapshot.rank_of(model) is not None]
+    if not up:
+        raise ApiError(503, "no cara-serve instance is reachable", type="server_error",
+                       code="no_instance")  # fmt: skip
+    if model is not None and not serving:
+        raise ApiError(404, f"The model `{model}` does not exist.", param="model",
+                       code="model_not_found")  # fmt: skip
+    inst = (serving or up)[0]
+    timeout = aiohttp.ClientTimeout(total=max(5.0, rs.config.state_timeout_s))
+    headers = {**rs.pool.headers, "Content-Type": "application/json"}
+    try:
+        async with rs._session().post(inst.url + request.path, data=raw, headers=headers,
+                                      timeout=timeout) as r:  # fmt: skip
+            return web.Response(body=await r.read(), status=r.status,
+                                content_type="application/json")  # fmt: skip
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        raise ApiError(503, f"instance {inst.url} could not be reached: {e}",
+                       type="server_error", code="instance_unavailable") from e
+
+
+async def version(request: web.Request) -> web.Response:
+    from importlib.metadata import version as package_version
+
+    return web.json_response({"version": package_version("cara-jax")})

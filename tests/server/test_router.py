@@ -552,10 +552,11 @@ def real(tmp_path_factory):
              "--compile-cache", str(cache), *extra]
         )  # fmt: skip
         state = build_state(args)
-        # one program (a 64-token step) runs every step of these requests: compile it before
-        # serving, so no request waits for the compiler
+        # one 64-token step (and its CPU-assisted twin, for cold adapters) runs every step of
+        # these requests: compile them before serving, so no request waits for the compiler
         state.engine.warmup()
-        assert state.engine.runner.compiled_count() == len(state.engine.runner.programs()) == 1
+        assert state.engine.runner.compiled_count() == len(state.engine.runner.programs())
+        assert {p.tokens for p in state.engine.runner.programs()} == {64}
         states.append(state)
         servers.append(BackgroundServer(build_app(state)))
     yield [s.url for s in servers], states
@@ -597,3 +598,9 @@ def test_real_instances_through_the_router_match_direct(real, env):
     status, _, body = post(url + "/v1/completions", {"model": "nope", "prompt": "x"})
     assert status == 404
     assert_error(body, "model_not_found")
+    # /tokenize and /detokenize are answered by an instance that serves the model
+    for path, body in [("/tokenize", {"model": "demo-0", "messages": chat}),
+                       ("/detokenize", {"model": base, "tokens": [1, 2, 3]})]:  # fmt: skip
+        assert post(url + path, body)[2] == post(urls[0] + path, body)[2]
+    assert post(url + "/tokenize", {"model": "nope", "prompt": "x"})[0] == 404
+    assert json.loads(get(url + "/version")[1])["version"]
