@@ -186,6 +186,22 @@ def test_tool_choice_required_gives_calls_valid_against_the_schema(srv, model):
     for call in choice.message.tool_calls:
         assert call.id.startswith("call_") and call.type == "function"
         assert _valid(call) == call.function.parsed_arguments  # the SDK's own parse agrees
+    # streamed: the same calls, assembled from the deltas as the SDK does
+    calls, reason = {}, None
+    for chunk in client(srv).chat.completions.create(
+        model=name, messages=WEATHER_Q, tools=_tools(), tool_choice="required", temperature=0,
+        stream=True,
+    ):  # fmt: skip
+        if not chunk.choices:
+            continue
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            slot = calls.setdefault(tc.index, ["", ""])
+            slot[0] += tc.function.name or ""
+            slot[1] += tc.function.arguments or ""
+        reason = chunk.choices[0].finish_reason or reason
+    assert reason == "tool_calls"
+    assert [tuple(calls[k]) for k in sorted(calls)] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls]
     # one call at most without parallel calls
     r = client(srv).chat.completions.create(
         model=name, messages=WEATHER_Q, tools=_tools(), tool_choice="required", temperature=0, parallel_tool_calls=False,
