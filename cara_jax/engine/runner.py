@@ -31,7 +31,7 @@ from cara_jax.cpu_assist import CpuAssistHook
 from cara_jax.engine.batch import IDLE_ROW, CpuPlan, ScheduledBatch
 from cara_jax.engine.program_store import PROCESS_PROGRAMS, ProgramStore
 from cara_jax.engine.step import SeqState, StepOutputs, run_step
-from cara_jax.engine.step_inputs import HostInputs, all_tokens, bias_row, constrain_row, no_bias
+from cara_jax.engine.step_inputs import HostInputs, all_tokens, no_bias, shape_row
 from cara_jax.kv_cache import KVCache
 from cara_jax.lora_hooks import GROUPS, PROJECTIONS
 from cara_jax.ragged import DROP
@@ -300,10 +300,7 @@ class ModelRunner:
             x["sample_tok"][i], x["sample_row"][i], x["sample_valid"][i] = off, d.row, True
             dec_ad[i] = d.adapter_slot
             samp[i] = d.sampling
-            if d.allowed is not None:
-                constrain_row(x, i, d.allowed)
-            if d.bias:
-                bias_row(x, i, d.bias)
+            shape_row(x, i, d.allowed, d.bias)
             off += 1
         for j, ch in enumerate(batch.chunks):
             n = len(ch.tokens)
@@ -321,10 +318,7 @@ class ModelRunner:
             x["sample_tok"][k], x["sample_row"][k], x["sample_valid"][k] = off + n - 1, ch.row, ch.final
             ch_ad[j] = ch.adapter_slot
             samp[k] = ch.sampling
-            if ch.allowed is not None:
-                constrain_row(x, k, ch.allowed)
-            if ch.bias:
-                bias_row(x, k, ch.bias)
+            shape_row(x, k, ch.allowed, ch.bias)
             if ch.score_next is not None:
                 x["score_next"][off : off + n] = ch.score_next
                 x["want_scores"][()] = True

@@ -88,3 +88,11 @@ def constrain_row(x: dict[str, np.ndarray], row: int, allowed: np.ndarray) -> No
         x["allowed"] = x["allowed"].copy()
         x["constrained"][()] = True
     x["allowed"][row] = allowed
+
+
+def shape_row(x: dict[str, np.ndarray], row: int, allowed: np.ndarray | None, bias) -> None:
+    """A sampling row's grammar mask and logit bias, when it has them."""
+    if allowed is not None:
+        constrain_row(x, row, allowed)
+    if bias:
+        bias_row(x, row, bias)
