@@ -712,15 +712,16 @@ def test_tokenize_and_detokenize_use_the_engines_tokenizer(srv):
 
 
 
-def test_echo_logprobs_score_prompts_as_hf_and_peft(srv, hf_smollm_tokenizer, smollm_path):
+def test_echo_logprobs_score_prompts_as_hf_and_peft(srv, hf_smollm_tokenizer, hf_smollm):
     """lm-eval's loglikelihood request (echo, logprobs, max_tokens 0) on the base model and on
     an adapter: the prompt's tokens come back with the log-prob of each given those before it,
     equal to HF transformers' and PEFT's; nothing is generated. Streamed, the echoed prompt
     comes with its log-probs, then the new tokens'."""
+    import copy
+
     import numpy as np
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     url = srv.url + "/v1/completions"
     prompt = "The capital of France is Paris, and the capital of Italy is"
@@ -733,12 +734,9 @@ def test_echo_logprobs_score_prompts_as_hf_and_peft(srv, hf_smollm_tokenizer, sm
         lp = torch.log_softmax(logits, -1).numpy()
         return [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
 
-    def fresh_hf():
-        return AutoModelForCausalLM.from_pretrained(
-            str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32).eval()
-
     demo = srv.state.engine.adapters()["demo-0"].path
-    for model, ref in [(srv.base, fresh_hf()), ("demo-0", PeftModel.from_pretrained(fresh_hf(), demo))]:
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf_smollm), demo)  # PEFT wraps in place
+    for model, ref in [(srv.base, hf_smollm), ("demo-0", peft)]:
         status, _, body = post(url, {**base, "model": model})
         assert status == 200, body
         ch = body["choices"][0]
