@@ -401,14 +401,9 @@ class Engine:
     def _delta(a: Accepted, lp, idx: int) -> RequestOutput | None:
         """What the stream gets for an accepted token (its log-probs, if asked)."""
         seq = a.seq
-        k = seq.params.logprobs
         new = seq.output_ids[a.outputs_before :]  # empty for EOS / stop token ids
-        if k is not None and lp is not None and new:
-            chosen, top_ids, top_lp = lp
-            seq.pending_logprobs.append(
-                {"token_id": new[0], "logprob": float(chosen[idx]),
-                 "top": [(int(i), float(v)) for i, v in zip(top_ids[idx, :k], top_lp[idx, :k], strict=True)]}
-            )  # fmt: skip
+        if seq.params.logprobs is not None and lp is not None and new:
+            seq.take_logprob(new[0], *(v[idx] for v in lp))
         out = seq.take_delta(new)
         return out if (out.text or out.token_ids or out.finished) else None
 

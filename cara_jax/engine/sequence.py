@@ -155,6 +155,14 @@ class Sequence:
             num_cached_tokens=self.num_cached_tokens or 0, prompt_logprobs=prompt,
         )
 
+    def take_logprob(self, token: int, chosen, top_ids, top_lp) -> None:
+        """The log-prob of a new token and the top k (one sampling row of the step)."""
+        k = self.params.logprobs or 0
+        self.pending_logprobs.append(
+            {"token_id": token, "logprob": float(chosen),
+             "top": [(int(i), float(v)) for i, v in zip(top_ids[:k], top_lp[:k], strict=True)]}
+        )  # fmt: skip
+
     def score_next(self, start: int, n: int) -> list[int] | None:
         """prompt_logprobs: for the chunk of positions [start, start + n), the prompt token
         that follows each (-1 past the prompt); None when nothing in it is scored."""

@@ -186,6 +186,8 @@ def test_tool_choice_required_gives_calls_valid_against_the_schema(srv, model):
     for call in choice.message.tool_calls:
         assert call.id.startswith("call_") and call.type == "function"
         assert _valid(call) == call.function.parsed_arguments  # the SDK's own parse agrees
+    if model != "base":
+        return  # streaming and parallel_tool_calls are the same code on every model
     # streamed: the same calls, assembled from the deltas as the SDK does
     calls, reason = {}, None
     for chunk in client(srv).chat.completions.create(
@@ -252,7 +254,7 @@ def test_auto_answers_are_text_or_well_formed_calls(srv):
     c = client(srv)
     for stream in (False, True):
         r = c.chat.completions.create(model=srv.base, messages=WEATHER_Q, tools=_tools(),
-                                      temperature=0, stream=stream)  # fmt: skip
+                                      temperature=0, stream=stream, max_tokens=24)  # fmt: skip
         if stream:
             content, calls, reason = "", {}, None
             for chunk in r:
