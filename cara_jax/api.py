@@ -28,6 +28,22 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    # per new token {"token_id", "logprob", "top": [(id, logprob)]} when params.logprobs is set
+    logprobs: list[dict] | None = None
+    # [None, then per prompt token {"token_id", "logprob", "rank", "top"}] (prompt_logprobs)
+    prompt_logprobs: list[dict | None] | None = None
+
+
+@dataclasses.dataclass
+class ScoreOutput:
+    """A continuation's tokens and the log-prob of each given the prompt and those before it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
 
 
 def build_engine(
@@ -50,6 +66,13 @@ class LLM:
     def __init__(self, model: str | Path | None = None, adapters: dict | None = None, **config):
         self.engine = build_engine(model, adapters, **config)
 
+    @classmethod
+    def from_engine(cls, engine: Engine) -> LLM:
+        """An ``LLM`` over an engine built elsewhere (its adapters, its configuration)."""
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        return llm
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],
@@ -71,9 +94,42 @@ class LLM:
                     continue
                 r.text += out.text
                 r.token_ids += out.token_ids
+                if out.logprobs is not None:
+                    r.logprobs = (r.logprobs or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    r.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     r.finish_reason = out.finish_reason
         return [results[i] for i in ids]
+
+    def score(
+        self,
+        prompts: list[str | list[int]],
+        continuations: list[str | list[int]],
+        adapter: str | list[str | None] | None = None,
+    ) -> list[ScoreOutput]:
+        """Log-probs of each continuation's tokens after its prompt, all pairs in one batch
+        (each on its own adapter, or the base model): one prefill each, scored on the device
+        (the prompt's tokens with special tokens, the continuation's without)."""
+        if len(prompts) != len(continuations):
+            raise InvalidRequestError("one continuation per prompt", "continuations")
+        tok = self.engine.tokenizer
+        pairs = []
+        for p, c in zip(prompts, continuations, strict=True):
+            p_ids = tok.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+            c_ids = tok.encode(c, add_special_tokens=False) if isinstance(c, str) else list(c)
+            if not p_ids or not c_ids:
+                raise InvalidRequestError("prompts and continuations must not be empty", "prompt")
+            pairs.append((p_ids, c_ids))
+        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+        outs = self.generate([p + c for p, c in pairs], params, adapter)
+        for o in outs:
+            if o.prompt_logprobs is None:
+                raise RuntimeError(f"a scoring request ended without scores ({o.finish_reason})")
+        return [
+            ScoreOutput(c, [e["logprob"] for e in o.prompt_logprobs[len(p) :]])
+            for (p, c), o in zip(pairs, outs, strict=True)
+        ]
 
     def chat(self, messages: list[dict], sampling_params=None, adapter=None) -> CompletionOutput:
         ids = self.engine.tokenizer.apply_chat_template(

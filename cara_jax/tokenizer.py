@@ -162,6 +162,10 @@ class Tokenizer:
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
+    def is_token(self, text: str) -> bool:
+        """Whether ``text`` is one token of the vocabulary (a model's tool-call tag may be)."""
+        return self._id(text) is not None
+
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """Rebuild the byte-level BPE tokenizer described by a GGUF file's metadata."""

@@ -124,9 +124,10 @@ def cors_headers(origins_of: Callable[[web.Request], tuple[str, ...]]):
     async def hook(request: web.Request, response: web.StreamResponse) -> None:
         origins = origins_of(request)
         origin = request.headers.get("Origin")
+        if origins and "*" not in origins:  # the answer depends on the origin: caches must know
+            response.headers.add("Vary", "Origin")
         if origin_allowed(origins, origin):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
             response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
-            response.headers.add("Vary", "Origin")
 
     return hook

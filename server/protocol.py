@@ -80,3 +80,13 @@ def check_api_key(path: str, authorization: str, key: str | None) -> None:
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+
+
+def package_version() -> str:
+    """This package's version (/version on cara-serve and cara-router, as vLLM's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cara-jax")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"

@@ -316,12 +316,16 @@ def _as_float32(tag: str, raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def _finite(tag: str, x: np.ndarray) -> bool:
-    """No NaN or Inf in ``x``, in one read-only pass: a float64 sum of float32-range values
-    cannot overflow, and NaN or Inf propagate through it."""
+def _finite(tag: str, raw: np.ndarray) -> bool:
+    """No NaN or Inf in the tensor once it is float32, without making that copy: a float64 sum
+    of float32/float16 values cannot overflow, and NaN or Inf propagate through it; bfloat16
+    (kept as its bits) is non-finite where its exponent bits are all ones; float64 must also
+    fit float32."""
+    if tag == "BF16":
+        return not bool(np.any((raw & 0x7F80) == 0x7F80))
     if tag == "F64":
-        return bool(np.isfinite(x).all())
-    return bool(np.isfinite(np.sum(x, dtype=np.float64)))
+        return bool(np.isfinite(raw.astype(np.float32)).all())
+    return bool(np.isfinite(np.sum(raw, dtype=np.float64)))
 
 
 def load_peft_adapter(

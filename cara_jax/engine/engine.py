@@ -382,10 +382,11 @@ class Engine:
         if any(r.seq.params.logprobs is not None for r in res.batch.rows):
             o = res.outputs
             lp = (np.asarray(o.chosen_logprob), np.asarray(o.top_ids), np.asarray(o.top_logprobs))
-        for j, ch in enumerate(res.batch.chunks):  # prompt_logprobs, before the deltas
-            if ch.score_next is not None:
-                ch.seq.take_scores(ch.start, *res.chunk_scores(j))
         failed = self.residency.finish_plan(step.cpu)
+        for j, ch in enumerate(res.batch.chunks):  # prompt_logprobs, before the deltas
+            fresh = (ch.seq.epoch, ch.seq.kv_epoch) == step.epochs[id(ch.seq)]
+            if ch.score_next is not None and j not in failed and fresh:
+                ch.seq.take_scores(ch.start, *res.chunk_scores(j))
         row_tokens = [int(toks[i]) for i in res.sample_index]
         accepted, ended = self.scheduler.postprocess(res.batch, step.epochs, failed, row_tokens)
         outputs: list[RequestOutput] = []

@@ -172,15 +172,17 @@ class Sequence:
         return nxt + [-1] * (n - len(nxt))
 
     def take_scores(self, start: int, lp, rank, top_ids, top_lp) -> None:
-        """The scores of a chunk's positions (arrays over its tokens): kept once each (a chunk
-        recomputed after a preemption scores again, and is not counted twice)."""
+        """The scores of a chunk's positions (arrays over its tokens). A chunk computed again
+        (after a preemption) replaces its positions' scores, so they are counted once."""
         k = self.params.prompt_logprobs or 0
         for i in range(len(lp)):
             target = start + i + 1  # the prompt token this position predicts
-            if target >= len(self.prompt_ids) or target != len(self.prompt_scores) + 1:
+            if target >= len(self.prompt_ids) or target > len(self.prompt_scores) + 1:
                 continue
-            self.prompt_scores.append(
-                {"token_id": self.prompt_ids[target], "logprob": float(lp[i]),
-                 "rank": int(rank[i]),
-                 "top": [(int(t), float(v)) for t, v in zip(top_ids[i, :k], top_lp[i, :k], strict=True)]}
-            )  # fmt: skip
+            entry = {"token_id": self.prompt_ids[target], "logprob": float(lp[i]),
+                     "rank": int(rank[i]),
+                     "top": [(int(t), float(v)) for t, v in zip(top_ids[i, :k], top_lp[i, :k], strict=True)]}  # fmt: skip
+            if target <= len(self.prompt_scores):
+                self.prompt_scores[target - 1] = entry
+            else:
+                self.prompt_scores.append(entry)

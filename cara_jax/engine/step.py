@@ -86,6 +86,9 @@ def _logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Arra
     return chosen, top_ids.astype(jnp.int32), top_lp
 
 
+SCORE_SLICE = 32  # tokens scored at a time (prompt_logprobs)
+
+
 def add_bias(logits: jax.Array, ids: jax.Array, vals: jax.Array) -> jax.Array:
     """OpenAI's logit_bias: each row's (token, bias) pairs added to its logits."""
     return logits.at[jnp.arange(logits.shape[0])[:, None], ids].add(vals)
@@ -156,13 +159,19 @@ def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: St
     )
     t = tokens.shape[0]
 
-    def score():  # the LM head over every token of the step: only when a prompt is scored
-        lp = jax.nn.log_softmax(model.logits(h), axis=-1)
-        nxt = jnp.maximum(inp.score_next, 0)
-        chosen_t = jnp.take_along_axis(lp, nxt[:, None], axis=-1)
+    def score_slice(args):
+        hs, nxt = args
+        lp = jax.nn.log_softmax(model.logits(hs), axis=-1)
+        chosen_t = jnp.take_along_axis(lp, jnp.maximum(nxt, 0)[:, None], axis=-1)
         rank = 1 + jnp.sum(lp > chosen_t, axis=-1, dtype=jnp.int32)
         top_lp_t, top_ids_t = jax.lax.top_k(lp, MAX_LOGPROBS)
         return chosen_t[:, 0], rank, top_ids_t.astype(jnp.int32), top_lp_t
+
+    def score():  # the LM head over every token of the step: only when a prompt is scored,
+        # in slices of SCORE_SLICE tokens so that its [tokens, vocab] temporaries stay small
+        s = SCORE_SLICE if t % SCORE_SLICE == 0 else t
+        out = jax.lax.map(score_slice, (h.reshape(t // s, s, -1), inp.score_next.reshape(-1, s)))
+        return tuple(o.reshape(t, *o.shape[2:]) for o in out)
 
     scores = jax.lax.cond(inp.want_scores, score, lambda: (
         jnp.zeros((t,), jnp.float32), jnp.zeros((t,), jnp.int32),

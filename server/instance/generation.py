@@ -200,7 +200,8 @@ class Generation:
         if self.req.score_only:
             entries = []
         if scores is not None and self.req.echo:
-            entries = echo_entries(self.req.prompts[i // self.req.n], scores) + entries
+            prompt = self.req.prompts[i // self.req.n]
+            entries = echo_entries(prompt, scores, self.req.logprobs or 0) + entries
         return completion_logprobs(entries, self.state.token_text, offset)
 
     def _prompt_lp(self, c: _Choice) -> list | None:

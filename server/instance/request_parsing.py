@@ -373,7 +373,7 @@ def chat_messages(body: dict) -> list[dict]:
 
 def _template_kwargs(body: dict) -> dict:
     kw = _field(body, "chat_template_kwargs", (dict,), {})
-    reserved = sorted({"messages", "add_generation_prompt", "tools"} & set(kw))
+    reserved = sorted({"messages", "add_generation_prompt", "tools", "tokenize"} & set(kw))
     if reserved:
         raise bad(f"`chat_template_kwargs` cannot set {reserved[0]!r}", "chat_template_kwargs")
     return kw
@@ -426,6 +426,10 @@ def parse_chat(
             raise bad(f"`tool_choice` {tools.choice} and `{params.structured.param}` both "
                       "constrain the output; send one", "tool_choice")  # fmt: skip
         params = dataclasses.replace(params, structured=tools.grammar())
+    if tools is not None and tools.parser == "hermes" and tok.is_token("<tool_call>"):
+        # the model writes its call tags as tokens that may be special: keep them in the text
+        # the parser reads (as vLLM's hermes parser does)
+        params = dataclasses.replace(params, skip_special_tokens=False)
     return GenerationRequest(
         kind="chat",
         model=model,

@@ -45,10 +45,11 @@ def completion_logprobs(entries: list[dict], tt: TokenText, offset: int) -> dict
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def echo_entries(prompt: list[int], scores: list[dict | None]) -> list[dict]:
-    """An echoed prompt's tokens as log-prob entries: the first has none (None, as OpenAI)."""
+def echo_entries(prompt: list[int], scores: list[dict | None], k: int) -> list[dict]:
+    """An echoed prompt's tokens as log-prob entries with their top ``k``: the first has none
+    (None, as OpenAI)."""
     return [{"token_id": prompt[0], "logprob": None, "top": None},
-            *({"token_id": e["token_id"], "logprob": e["logprob"], "top": e["top"]}
+            *({"token_id": e["token_id"], "logprob": e["logprob"], "top": e["top"][:k]}
               for e in scores[1:])]  # fmt: skip
 
 

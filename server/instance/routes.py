@@ -16,7 +16,7 @@ from server.instance.request_parsing import parse_chat, parse_completion
 from server.instance.state import STATE, AppState
 from server.instance.state_route import add_state_route
 from server.instance.tokenize_routes import add_tokenize_routes
-from server.protocol import ApiError, read_json_object
+from server.protocol import ApiError, package_version, read_json_object
 
 log = logging.getLogger(__name__)
 _BIG_BODY = 64 << 10  # tokenize bodies larger than this off the event loop
@@ -180,14 +180,7 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
 
 async def version(request: web.Request) -> web.Response:
     """vLLM's /version: the server's package version."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
-
-    try:
-        v = package_version("cara-jax")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        v = "unknown"
-    return web.json_response({"version": v})
+    return web.json_response({"version": package_version()})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -85,7 +85,10 @@ def _hoist(schema: Any, owner: str, defs: dict) -> Any:
     references would otherwise miss)."""
     if not isinstance(schema, dict):
         return schema
-    local = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    local = {}
+    for key in ("definitions", "$defs"):
+        if isinstance(schema.get(key), dict):
+            local.update(schema[key])
 
     def fix(node: Any) -> Any:
         if isinstance(node, list):
@@ -94,8 +97,6 @@ def _hoist(schema: Any, owner: str, defs: dict) -> Any:
             return node
         out = {}
         for k, v in node.items():
-            if k in ("$defs", "definitions"):
-                continue
             if k == "$ref" and isinstance(v, str):
                 for prefix in ("#/$defs/", "#/definitions/"):
                     if v.startswith(prefix):
@@ -105,7 +106,8 @@ def _hoist(schema: Any, owner: str, defs: dict) -> Any:
 
     for name, sub in local.items():
         defs[f"{owner}.{name}"] = fix(sub)
-    return fix(schema)
+    # only the root's definitions move (a property may be named "definitions")
+    return fix({k: v for k, v in schema.items() if k not in ("$defs", "definitions")})
 
 
 def _function(i: int, tool: Any) -> dict:
@@ -229,30 +231,40 @@ def _with_tool_list(messages: list[dict], specs: list[dict]) -> list[dict]:
 
 
 def _signature(fn: dict) -> str:
+    """``name(arg: type, opt?: type): description``; a schema it cannot read shows ``any``."""
     params = fn["parameters"]
-    required = set(params.get("required", []))
+    props = params.get("properties")
+    props = props if isinstance(props, dict) else {}
+    required = params.get("required")
+    required = set(required) if isinstance(required, list) else set()
+    defs = params.get("$defs")
+    defs = defs if isinstance(defs, dict) else {}
     args = [
-        f"{k}{'' if k in required else '?'}: {_type(v, params.get('$defs', {}))}"
-        for k, v in params.get("properties", {}).items()
+        f"{k}{'' if k in required else '?'}: {_type(v, defs, frozenset())}" for k, v in props.items()
     ]
     desc = f": {fn['description']}" if fn.get("description") else ""
     return f"{fn['name']}({', '.join(args)}){desc}"
 
 
-def _type(schema: Any, defs: dict) -> str:
+def _type(schema: Any, defs: dict, seen: frozenset) -> str:
     if not isinstance(schema, dict):
         return "any"
-    ref = schema.get("$ref", "")
-    if ref.startswith("#/$defs/") and ref[8:] in defs:
-        return _type(defs[ref[8:]], defs)
-    if "enum" in schema:
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        name = ref.removeprefix("#/$defs/")
+        if name in seen or name not in defs:  # recursive, or not resolvable here
+            return name.rsplit("/", 1)[-1] or "any"
+        return _type(defs[name], defs, seen | {name})
+    if isinstance(schema.get("enum"), list):
         return " | ".join(json.dumps(v, ensure_ascii=False) for v in schema["enum"])
-    if "anyOf" in schema:
-        return " | ".join(_type(s, defs) for s in schema["anyOf"])
+    if isinstance(schema.get("anyOf"), list):
+        return " | ".join(_type(s, defs, seen) for s in schema["anyOf"])
     kind = schema.get("type", "any")
     if kind == "array":
-        return f"{_type(schema.get('items'), defs)}[]"
-    return " | ".join(kind) if isinstance(kind, list) else str(kind)
+        return f"{_type(schema.get('items'), defs, seen)}[]"
+    if isinstance(kind, list):
+        return " | ".join(str(k) for k in kind)
+    return str(kind)
 
 
 def _flatten(m: dict) -> dict:
@@ -310,8 +322,8 @@ def parse_output(text: str, tools: ToolRequest) -> tuple[str | None, list[dict]]
         rest.append(text[pos:])
         content = "".join(rest).strip()
     else:
-        parts = [p for p in text.strip().split(";") if p.strip()]
-        calls = [_json_call(p, known) for p in parts] if text.strip().startswith("{") else []
+        calls = _json_objects(text) if text.strip().startswith("{") else None
+        calls = [_json_call(json.dumps(c), known) for c in calls or []]
         if calls and all(c is not None for c in calls):
             found, content = calls, ""
         else:
@@ -319,6 +331,22 @@ def parse_output(text: str, tools: ToolRequest) -> tuple[str | None, list[dict]]
     if found and not tools.parallel:
         found = found[:1]
     return (content or None) if found else text, found
+
+
+def _json_objects(text: str) -> list | None:
+    """The JSON values of ``text``, one after another (whitespace or ``;`` between), or None
+    if anything else is there (Llama 3's several calls are joined by ``;``)."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n;":
+            i += 1
+        if i == len(text):
+            return out
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except ValueError:
+            return None
+        out.append(obj)
 
 
 def _json_call(text: str, known: set[str]) -> dict | None:

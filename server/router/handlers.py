@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from server.protocol import ApiError, bad, read_json_object
+from server.protocol import ApiError, bad, package_version, read_json_object
 from server.router.routing import ROUTER, RouterState
 from server.router.state import Instance
 
@@ -169,6 +169,8 @@ async def tokenize(request: web.Request) -> web.StreamResponse:
     rs = request.app[ROUTER]
     raw = await request.read()
     model = read_json_object(raw).get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("`model` must be a string", "model")
     await rs.pool.refresh()
     up = [i for i in rs.pool.instances if i.up]
     serving = [i for i in up if i.snapshot is not None and i.snapshot.rank_of(model) is not None]
@@ -192,6 +194,5 @@ async def tokenize(request: web.Request) -> web.StreamResponse:
 
 
 async def version(request: web.Request) -> web.Response:
-    from importlib.metadata import version as package_version
-
-    return web.json_response({"version": package_version("cara-jax")})
+    """/version, as cara-serve's."""
+    return web.json_response({"version": package_version()})

@@ -283,6 +283,44 @@ def test_prompt_logprobs_equal_hf_and_peft(tiny, smol_tok, tiny_llama_dir, engin
             assert [t for t, _ in e["top"]] == list(np.argsort(-row)[:3]), (name, i)
 
 
+def test_llm_score_and_generate_logprobs(tiny, smol_tok, tiny_llama_dir, engine_adapters):
+    """``LLM.score``: 3 prompts x {two adapters, base} in one call, each continuation token's
+    log-prob equal to HF transformers' and PEFT's; ``generate`` returns the log-probs asked."""
+    import copy
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cara_jax.api import LLM
+
+    names = ("e1", "e2")
+    llm = LLM.from_engine(_engine(tiny, smol_tok, {n: engine_adapters[n] for n in names}))
+    rng = np.random.default_rng(5)  # token ids: the tiny model's vocabulary is small
+    prompts = [rng.integers(3, 500, size=n).tolist() for n in (5, 9, 3)]
+    conts = [rng.integers(3, 500, size=n).tolist() for n in (2, 6, 4)]
+    models = [None, *names]
+    batch = [(p, c, m) for m in models for p, c in zip(prompts, conts, strict=True)]
+    out = llm.score([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
+    gen = llm.generate([5, 9, 17], SamplingParams(temperature=0, max_tokens=3, logprobs=2,
+                                                  ignore_eos=True))[0]  # fmt: skip
+    llm.engine.close()
+    assert [e["token_id"] for e in gen.logprobs] == gen.token_ids
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    refs = {None: hf}
+    for n in names:
+        refs[n] = PeftModel.from_pretrained(copy.deepcopy(hf), engine_adapters[n]).eval()
+    for (p, c, m), o in zip(batch, out, strict=True):
+        p_ids = p
+        assert o.token_ids == c
+        ids = p_ids + o.token_ids
+        with torch.no_grad():
+            lp = torch.log_softmax(refs[m](torch.tensor([ids])).logits[0].float(), -1).numpy()
+        want = [lp[i - 1, ids[i]] for i in range(len(p_ids), len(ids))]
+        np.testing.assert_allclose(o.logprobs, want, atol=1e-4, err_msg=f"{m}: {p!r}")
+    assert out[0].total != out[3].total != out[6].total  # the adapters were applied
+
+
 def test_adapter_gone_before_admission_fails_only_that_request(tiny, smol_tok, engine_adapters):
     # the host tier keeps only the newest adapter; no prefetch, so nothing holds e1 on arrival
     eng = _engine(tiny, smol_tok, host_budget_bytes=1, prefetch_adapters=False)

@@ -203,3 +203,28 @@ def test_required_moves_each_functions_defs_to_the_root():
     args = [c["properties"]["arguments"] for c in schema["items"]["anyOf"]]
     assert [x["properties"]["u"]["$ref"] for x in args] == ["#/$defs/a.U", "#/$defs/b.U"]
     assert all("$defs" not in x and "definitions" not in x for x in args)
+
+
+def test_odd_schemas_and_llama3_semicolons():
+    """A recursive or malformed parameters schema still gets a signature (no 500); a property
+    named "definitions" survives the hoisting; a llama3 call whose arguments hold ";" parses."""
+    from server.instance.tool_calls import _signature
+
+    tree = {"name": "walk", "parameters": {
+        "type": "object", "$defs": {"N": {"type": "array", "items": {"anyOf": [
+            {"type": "integer"}, {"$ref": "#/$defs/N"}]}}},
+        "properties": {"node": {"$ref": "#/$defs/N"}, "bad": {"enum": 3}}, "required": "node"}}  # fmt: skip
+    assert _signature(tree) == "walk(node?: integer | N[], bad?: any)"
+    named = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"definitions": {"type": "string"}},
+        "required": ["definitions"]}}}  # fmt: skip
+    schema = json.loads(parse_tools({"tools": [named], "tool_choice": "required"}, "hermes")
+                        .grammar().value)  # fmt: skip
+    assert schema["items"]["properties"]["arguments"]["properties"] == {
+        "definitions": {"type": "string"}}
+    sql = {"type": "function", "function": {"name": "sql"}}
+    llama = parse_tools({"tools": [sql]}, "llama3_json")
+    text = '{"name": "sql", "parameters": {"q": "SELECT 1; SELECT 2"}}; {"name": "sql", "parameters": {}}'
+    content, calls = parse_output(text, llama)
+    assert content is None and [json.loads(c["function"]["arguments"]) for c in calls] == [
+        {"q": "SELECT 1; SELECT 2"}, {}]
