@@ -221,6 +221,18 @@ def test_bf16_weights(saved, cfg, tmp_path):
     key = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"
     assert np.array_equal(got.modules[(1, "up_proj")].a, bf[key].float().numpy().T)
     assert got.content_hash != load_peft_adapter(src, cfg).content_hash
+    # non-finite values are refused in every stored dtype (bfloat16 is checked on its bits;
+    # float64 must also fit float32)
+    import torch
+
+    for dtype, bad in [(torch.bfloat16, float("nan")), (torch.bfloat16, float("-inf")),
+                       (torch.float16, float("inf")), (torch.float64, 1e300)]:  # fmt: skip
+        t = {k: v.to(dtype) for k, v in tensors.items()}
+        t[key] = t[key].clone()
+        t[key][0, 1] = bad
+        st.save_file(t, dst / "adapter_model.safetensors")
+        with pytest.raises(AdapterWeightsError, match="NaN or Inf"):
+            load_peft_adapter(dst, cfg)
 
 
 def _nan(t):

@@ -188,6 +188,10 @@ def test_chat_template_kwargs_reach_the_template():
     ids, tools = chat_prompt({**body, "chat_template_kwargs": {"greeting": "Hello "}}, tok)
     assert tools is None and tok.decode(ids) == "Hello there"
     assert tok.decode(chat_prompt(body, tok)[0]) == "there"
+    for reserved in ("tokenize", "messages", "add_generation_prompt", "tools"):
+        with pytest.raises(ApiError) as e:
+            chat_prompt({**body, "chat_template_kwargs": {reserved: 1}}, tok)
+        assert e.value.status == 400 and e.value.param == "chat_template_kwargs"
 
 
 def test_required_moves_each_functions_defs_to_the_root():
