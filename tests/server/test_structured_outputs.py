@@ -249,6 +249,7 @@ def test_named_tool_choice_streamed_and_not_with_a_tool_history(srv):
         assert isinstance(r.choices[0].message.content, str)
 
 
+@pytest.mark.slow  # SmolLM2's own choice, streamed and not: the parsers are unit-tested
 def test_auto_answers_are_text_or_well_formed_calls(srv):
     """What SmolLM2 does with tools is its own choice; what the server makes of it must parse."""
     c = client(srv)
