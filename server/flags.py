@@ -12,7 +12,7 @@ import re
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.I)
 
 
-def _origins(text: str) -> tuple[str, ...]:
+def origins(text: str) -> tuple[str, ...]:
     """``https://a.example,https://b.example`` or ``["https://a.example"]``."""
     if text.strip().startswith("["):
         try:
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--allowed-origins",
-        type=_origins,
+        type=origins,
         default=(),
         metavar="ORIGINS",
         help="browser origins allowed to call the API (CORS), comma-separated or a JSON list "

@@ -19,7 +19,13 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from server.middleware import auth_middleware, echo_request_id, error_middleware
+from server.middleware import (
+    auth_middleware,
+    cors_headers,
+    cors_middleware,
+    echo_request_id,
+    error_middleware,
+)
 from server.router.config import RouterConfig, RouterConfigError
 from server.router.handlers import (
     generate,
@@ -48,6 +54,10 @@ def _api_key(request: web.Request) -> str | None:
     return request.app[ROUTER].config.api_key
 
 
+def _origins(request: web.Request) -> tuple[str, ...]:
+    return request.app[ROUTER].config.allowed_origins
+
+
 async def _start(app: web.Application) -> None:
     rs = app[ROUTER]
     rs.session = aiohttp.ClientSession(
@@ -74,9 +84,11 @@ async def _stop(app: web.Application) -> None:
 
 
 def build_router_app(config: RouterConfig) -> web.Application:
-    middlewares = [error_middleware(_count, "internal router error"), auth_middleware(_api_key)]
+    middlewares = [cors_middleware(_origins), error_middleware(_count, "internal router error"),
+                   auth_middleware(_api_key)]  # fmt: skip
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app.on_response_prepare.append(echo_request_id)
+    app.on_response_prepare.append(cors_headers(_origins))
     app[ROUTER] = RouterState(config)
     app.router.add_post("/v1/completions", generate)
     app.router.add_post("/v1/chat/completions", generate)

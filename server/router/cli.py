@@ -9,6 +9,7 @@ import sys
 
 from cara_jax.scheduling.router import POLICIES
 from server.cli import positive
+from server.flags import origins
 
 log = logging.getLogger("cara_router")
 
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     p.add_argument(
+        "--allowed-origins",
+        type=origins,
+        default=(),
+        metavar="ORIGINS",
+        help="browser origins allowed to call the router (CORS), as cara-serve's flag",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -98,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout_s=args.request_timeout,
             state_timeout_s=args.state_timeout,
             seed=args.seed,
+            allowed_origins=tuple(args.allowed_origins),
         )
         app = build_router_app(config)
         log.info(

@@ -27,6 +27,7 @@ class RouterConfig:
     state_timeout_s: float = 1.0  # one state fetch
     state_ttl_s: float = 0.05  # how long a fetched state serves routes
     seed: int = 0  # the random policy's
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed to call it (CORS), as cara-serve
 
     def __post_init__(self) -> None:
         if not self.instances:

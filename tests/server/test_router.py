@@ -473,6 +473,28 @@ def test_api_key_is_required_and_forwarded(env):
     assert get(url + "/health")[0] == 200  # open, like cara-serve's
 
 
+def test_allowed_origins_cors(env):
+    """--allowed-origins on the router, as on cara-serve: the preflight is answered before the
+    API key is checked; answers carry the header for allowed origins only."""
+    import urllib.request
+
+    from server.router.cli import build_parser
+
+    args = build_parser().parse_args(["--instance", "http://x:1", "--allowed-origins", "*"])
+    assert args.allowed_origins == ("*",)
+    url = env([Fake("A")], policy="round_robin", api_key="sesame",
+              allowed_origins=("https://a.example",))  # fmt: skip
+    pre = urllib.request.Request(url + "/v1/completions", method="OPTIONS", headers={
+        "Origin": "https://a.example", "Access-Control-Request-Method": "POST"})  # fmt: skip
+    with urllib.request.urlopen(pre) as r:
+        assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    for origin, allowed in [("https://a.example", True), ("https://b.example", False)]:
+        req = urllib.request.Request(url + "/health", headers={"Origin": origin})
+        with urllib.request.urlopen(req) as r:
+            assert ("Access-Control-Allow-Origin" in r.headers) == allowed
+            assert r.headers["Vary"] == "Origin"
+
+
 def test_cost_model_needed_by_rank_aware(env, tmp_path):
     with pytest.raises(RouterConfigError, match="cost model"):
         env([Fake("A", cost=False)], policy="rank_aware")
