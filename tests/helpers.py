@@ -4,6 +4,7 @@
   mixed-batch model over them (what the engine's outputs are compared with).
 - ``rel_err``, the relative error the parity tests bound.
 - Hand-made cost models for the scheduling tests.
+- Random device-pool rows and batch slots for the grouped-LoRA kernel and gradient tests.
 - ``TINY_CFG``: a two-layer model shape for the model-free scheduler and residency tests.
 
 torch and peft are imported where they are used, so model-free tests stay light.
@@ -11,6 +12,10 @@ torch and peft are imported where they are used, so model-free tests stay light.
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cara_jax.config import PROJECTIONS, ModelConfig
@@ -98,3 +103,37 @@ def linear_model(kernel: str, a_ms: float, b_ms: float, base_ms: float = 24.0, c
         base=LinearFit(("batch", "one"), (0.0, base_ms * MS)),
         prefill=LinearFit(("tokens", "lora_tokens", "one"), tuple(x * MS for x in prefill)),
     )  # fmt: skip
+
+
+@dataclasses.dataclass
+class Pool:
+    a: jax.Array
+    b: jax.Array
+    slot_rows: np.ndarray  # [S, 128]
+    slot_rank: np.ndarray  # [S]
+
+
+def make_pool(rng, din, dout, ranks, dtype, cap=128) -> Pool:
+    """Slot s+1 holds ranks[s] scattered pool rows; row 0 stays zero."""
+    n_rows = sum(ranks) + 37
+    a = rng.standard_normal((n_rows, din)).astype(np.float32)
+    b = rng.standard_normal((n_rows, dout)).astype(np.float32)
+    a[0] = b[0] = 0.0
+    free = rng.permutation(np.arange(1, n_rows))
+    slot_rows = np.zeros((len(ranks) + 1, cap), np.int32)
+    slot_rank = np.zeros((len(ranks) + 1,), np.int32)
+    used = 0
+    for s, r in enumerate(ranks, start=1):
+        slot_rows[s, :r] = free[used : used + r]
+        slot_rank[s] = r
+        used += r
+    return Pool(jnp.asarray(a, dtype), jnp.asarray(b, dtype), slot_rows, slot_rank)
+
+
+def batch_slots(rng, n_slots, batch) -> np.ndarray:
+    """Every slot in shuffled order, with slot-0 rows mixed in (batch 1: one adapter)."""
+    if batch == 1:
+        return rng.integers(1, n_slots, size=1).astype(np.int32)
+    ad = rng.permutation(np.resize(np.arange(n_slots), batch)).astype(np.int32)
+    ad[rng.integers(0, batch)] = 0
+    return ad

@@ -13,7 +13,8 @@ Kernels (x is one token per batch row in decode):
 - ``sgmv``  — prefill: tokens in contiguous segments per adapter, jax.lax.ragged_dot over the
   segments (segment ranks padded to the batch's max rank).
 - ``row_lora`` — a prefill chunk row: one adapter per row of tokens (the engine's chunk view).
-All are plain functions usable inside any jit. The first three are the references that sit
+All are plain functions usable inside any jit (the differentiable op over them,
+``multi_lora_delta``, is in lora_op.py). The first three are the references that sit
 beside their Pallas kernels in ``pallas_kernels`` (one copy, imported here); the kernels
 (docs/pallas_kernels.md) implement the same math with the same arguments;
 ``backend`` picks them: "auto" (Pallas on GPU, these references elsewhere), "jnp", "pallas"
@@ -23,19 +24,24 @@ beside their Pallas kernels in ``pallas_kernels`` (one copy, imported here); the
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from cara_jax.adapters.lora_op import (  # noqa: F401  (the op's names, re-exported)
+    BACKENDS,
+    STRATEGIES,
+    mbgmv_index,
+    multi_lora_delta,
+    resolve_backend,
+    row_lora,
+)
 from cara_jax.ragged import RaggedMeta, when
 from pallas_kernels.bgmv import bgmv_ref as bgmv
-from pallas_kernels.common import take
 from pallas_kernels.mbgmv import mbgmv_blocks_ref as mbgmv_blocks
-from pallas_kernels.mbgmv import mbgmv_ref as mbgmv
-from pallas_kernels.sgmv import sgmv_ref as sgmv
+from pallas_kernels.mbgmv import mbgmv_ref as mbgmv  # noqa: F401
+from pallas_kernels.sgmv import sgmv_ref as sgmv  # noqa: F401
 
-STRATEGIES = ("bgmv", "mbgmv")
 # rank rows per iteration of the loops that run at a step's rank (chunk rows, bgmv's decode
 # rows): a rank-r adapter costs ceil(r / RANK_BLOCK) iterations, and one loop body is compiled
 # whatever the largest rank
@@ -49,113 +55,6 @@ assert BLOCKS_BIG % BLOCKS_SMALL == 0  # the small loop then never slices past t
 # the granularity of the summed ranks mbgmv's decode runs at (cost models); the step itself
 # rounds each row's rank up to RANK_BLOCK first, which the cost model's work feature does not
 ENTRY_BLOCK = RANK_BLOCK * BLOCKS_SMALL
-BACKENDS = ("auto", "jnp", "pallas", "pallas_interpret")
-
-
-def resolve_backend(backend: str, din: int, dout: int) -> str:
-    """The backend that runs a projection of shape (din, dout): "jnp", "pallas" or
-    "pallas_interpret". "auto" picks compiled Pallas on GPU when the kernels support the shape
-    and this JAX still has their (Triton) lowering; otherwise the jnp references."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown multi-LoRA backend {backend!r}; use one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    if jax.default_backend() != "gpu":
-        return "jnp"
-    from pallas_kernels import common
-
-    return "pallas" if common.available() and common.supports(din, dout) else "jnp"
-
-
-def _rows(pool: jax.Array, idx: jax.Array) -> jax.Array:
-    """Gather pool rows; indices come from the slot table and are always in range."""
-    return take(pool, idx)
-
-
-def row_lora(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
-    """One adapter per row of tokens (a prefill chunk): x [P, Q, in], idx [P, R] -> [P, Q, out].
-
-    Two batched matmuls after one gather of each row's rank rows: the segment kernel when every
-    segment is a row (the chunk view of a step), with none of ragged_dot's per-group masking."""
-    v = jnp.einsum("pqi,pri->pqr", x, _rows(a, idx), preferred_element_type=jnp.float32)
-    return jnp.einsum(
-        "pqr,pro->pqo", v.astype(b.dtype), _rows(b, idx), preferred_element_type=jnp.float32
-    )
-
-
-def mbgmv_index(
-    ranks: jax.Array, slot_rows: jax.Array, adapter: jax.Array, total: int
-) -> tuple[jax.Array, jax.Array]:
-    """Flatten each batch row's rank rows: -> (rows [total], owner [total]); padding -> row 0."""
-    ends = jnp.cumsum(ranks)
-    starts = ends - ranks
-    t = jnp.arange(total)
-    owner = jnp.minimum(jnp.searchsorted(ends, t, side="right"), ranks.shape[0] - 1)
-    offset = t - starts[owner]
-    valid = t < ends[-1]
-    rows = jnp.where(valid, slot_rows[adapter[owner], jnp.where(valid, offset, 0)], 0)
-    return rows, jnp.where(valid, owner, 0)
-
-
-def multi_lora_delta(
-    x: jax.Array,
-    a: jax.Array,
-    b: jax.Array,
-    slot_rows: jax.Array,
-    slot_rank: jax.Array,
-    adapter: jax.Array,
-    *,
-    strategy: str,
-    rank_bucket: int,
-    backend: str = "auto",
-) -> jax.Array:
-    """Functional API: the LoRA delta of one projection for a batch, inside any jit.
-
-    x [B, T, in]; a/b the pool rows of this projection and layer; slot_rows [S, R_cap] and
-    slot_rank [S] the pool's slot table; adapter [B] the slot of each row (0 = none).
-    T == 1 uses ``strategy`` (bgmv: rank_bucket >= the batch's max rank; mbgmv: rank_bucket >=
-    the batch's total rank); T > 1 (prefill) runs sgmv with rank_bucket >= the max rank.
-    ``backend`` (see BACKENDS, resolve_backend) picks the jnp references or the Pallas kernels.
-    """
-    bsz, t, din = x.shape
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown multi-LoRA strategy {strategy!r}; use one of {STRATEGIES}")
-    mode = resolve_backend(backend, din, b.shape[1])
-    pk = None
-    if mode != "jnp":
-        import pallas_kernels as pk
-    interpret = mode == "pallas_interpret"
-    if t == 1:
-        x2 = x[:, 0]
-        # The barriers keep XLA from fusing the index computation into the weight gathers,
-        # which otherwise recomputes indices per element (10x slower on CPU).
-        if strategy == "bgmv":
-            idx = jax.lax.optimization_barrier(slot_rows[adapter, :rank_bucket])
-            if pk is None:
-                out = bgmv(x2, a, b, idx)
-            else:
-                out = pk.bgmv(x2, a, b, idx, interpret=interpret)
-        else:
-            ranks = slot_rank[adapter]
-            rows, owner = mbgmv_index(ranks, slot_rows, adapter, rank_bucket)
-            if pk is None:
-                rows, owner = jax.lax.optimization_barrier((rows, owner))
-                out = mbgmv(x2, a, b, rows, owner)
-            else:
-                # each row's segment of the flattened rows, clipped like mbgmv_index clips
-                ends = jnp.cumsum(ranks)
-                start = jnp.minimum(ends - ranks, rank_bucket)
-                count = jnp.minimum(ends, rank_bucket) - start
-                rows, owner, start, count = jax.lax.optimization_barrier(
-                    (rows, owner, start, count)
-                )
-                out = pk.mbgmv_segments(x2, a, b, rows, owner, start, count, interpret=interpret)
-        return out[:, None, :].astype(x.dtype)
-    seg_idx = jax.lax.optimization_barrier(slot_rows[adapter, :rank_bucket])
-    sizes = jnp.full((bsz,), t, jnp.int32)
-    fn = sgmv if pk is None else partial(pk.sgmv, interpret=interpret)
-    out = fn(x.reshape(bsz * t, din), a, b, seg_idx, sizes)
-    return out.reshape(bsz, t, -1).astype(x.dtype)
 
 
 @jax.tree_util.register_dataclass

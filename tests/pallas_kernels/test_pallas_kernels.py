@@ -7,7 +7,6 @@ non-contiguous pool rows and batch rows use them in any order, some rows use non
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -20,43 +19,10 @@ from cara_jax.adapters import multi_lora
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.multi_lora import mbgmv_index, multi_lora_delta, resolve_backend
 from cara_jax.adapters.pool_index import rank_bucket_for
+from tests.helpers import batch_slots, make_pool
 from tests.helpers import rel_err as rel
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
-
-
-@dataclasses.dataclass
-class Pool:
-    a: jax.Array
-    b: jax.Array
-    slot_rows: np.ndarray  # [S, 128]
-    slot_rank: np.ndarray  # [S]
-
-
-def make_pool(rng, din, dout, ranks, dtype, cap=128) -> Pool:
-    """Slot s+1 holds ranks[s] scattered pool rows; row 0 stays zero."""
-    n_rows = sum(ranks) + 37
-    a = rng.standard_normal((n_rows, din)).astype(np.float32)
-    b = rng.standard_normal((n_rows, dout)).astype(np.float32)
-    a[0] = b[0] = 0.0
-    free = rng.permutation(np.arange(1, n_rows))
-    slot_rows = np.zeros((len(ranks) + 1, cap), np.int32)
-    slot_rank = np.zeros((len(ranks) + 1,), np.int32)
-    used = 0
-    for s, r in enumerate(ranks, start=1):
-        slot_rows[s, :r] = free[used : used + r]
-        slot_rank[s] = r
-        used += r
-    return Pool(jnp.asarray(a, dtype), jnp.asarray(b, dtype), slot_rows, slot_rank)
-
-
-def batch_slots(rng, n_slots, batch) -> np.ndarray:
-    """Every slot in shuffled order, with slot-0 rows mixed in (batch 1: one adapter)."""
-    if batch == 1:
-        return rng.integers(1, n_slots, size=1).astype(np.int32)
-    ad = rng.permutation(np.resize(np.arange(n_slots), batch)).astype(np.int32)
-    ad[rng.integers(0, batch)] = 0
-    return ad
 
 
 # (din, dout, batch, ranks, dtype): SmolLM2 and Llama-2-7B feature sizes, ranks 8..128
