@@ -1,9 +1,10 @@
 """Flax NNX Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
 
-The model is written for serving, not training: every forward takes a flat batch of tokens from
-any mix of sequences (decode tokens and prefill chunks), the paged KV cache and the step's
-layout (ragged.py); each linear projection is a LoRA hook point (see lora_hooks.py). The jitted
-step over (graphdef, state) lives in engine/step.py.
+Two forwards share every layer's code: the serving one (``__call__``) takes a flat batch of tokens
+from any mix of sequences (decode tokens and prefill chunks), the paged KV cache and the step's
+layout (ragged.py); ``dense`` takes whole sequences [B, T] with no cache and static loops, so it
+is differentiable (training many adapters at once, dense.py). Each linear projection is a LoRA
+hook point (see lora_hooks.py). The jitted step over (graphdef, state) lives in engine/step.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cara_jax.attention import attend_rows, write_kv
+from cara_jax.attention import NEG, attend_rows, write_kv
 from cara_jax.config import ModelConfig
 from cara_jax.kv_cache import KVCache
 from cara_jax.lora_hooks import LoraHook, project
@@ -54,10 +55,10 @@ def rope_cos_sin(
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [T, heads, D]; cos/sin: [T, D]."""
+    """x: [..., T, heads, D]; cos/sin: [..., T, D]."""
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
+    return x * cos[..., None, :] + rot * sin[..., None, :]
 
 
 class Attention(nnx.Module):
@@ -70,6 +71,18 @@ class Attention(nnx.Module):
         self.v_proj = Linear(h, cfg.kv_size, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(cfg.q_size, h, dtype=dtype, rngs=rngs)
 
+    def _qkv(self, x, cos, sin, hook):
+        """Projections (each plus its LoRA delta) of x [..., T, hidden], RoPE applied:
+        q [..., T, H, D], k and v [..., T, Hkv, D]."""
+        cfg, i = self.cfg, self.layer
+        q, k, v = project(
+            hook, i, x, {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj}
+        )
+        lead = x.shape[:-1]
+        q = apply_rope(q.reshape(*lead, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        return q, k, v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+
     def __call__(
         self,
         x: jax.Array,
@@ -81,14 +94,8 @@ class Attention(nnx.Module):
         hook: LoraHook | None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [T, hidden] flat tokens; the caches [pages * block_size, Hkv, D] of this layer."""
-        cfg, i = self.cfg, self.layer
         t = x.shape[0]
-        q, k, v = project(
-            hook, i, x, {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj}
-        )
-        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self._qkv(x, cos, sin, hook)
         k_cache, v_cache = write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         kw = dict(block_size=meta.block_size, pages_per_chunk=meta.pages_per_chunk,
                   backend=meta.attn_backend)  # fmt: skip
@@ -104,9 +111,25 @@ class Attention(nnx.Module):
             return attend_rows(qc, meta.ch_len, meta.ch_ctx, meta.ch_table, k_cache, v_cache, **kw)
 
         out = meta.scatter(meta.if_decode(dec_view), meta.if_chunks(ch_view))
-        out = out.reshape(t, cfg.q_size)
-        (o,) = project(hook, i, out, {"o_proj": self.o_proj})
+        (o,) = project(hook, self.layer, out.reshape(t, self.cfg.q_size), {"o_proj": self.o_proj})
         return o, k_cache, v_cache
+
+    def dense(self, x, cos, sin, hook: LoraHook | None) -> jax.Array:
+        """Causal attention within each row of x [B, T, hidden], no cache (training, scoring):
+        static shapes and loops, so reverse mode runs through it."""
+        b, t = x.shape[:2]
+        q, k, v = self._qkv(x, cos, sin, hook)
+        cfg = self.cfg
+        g = cfg.num_heads // cfg.num_kv_heads
+        qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim).astype(jnp.float32)
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) / jnp.sqrt(
+            jnp.float32(cfg.head_dim)
+        )
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        p = jax.nn.softmax(jnp.where(causal, s, NEG), axis=-1)
+        out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32)).astype(x.dtype)
+        (o,) = project(hook, self.layer, out.reshape(b, t, cfg.q_size), {"o_proj": self.o_proj})
+        return o
 
 
 class MLP(nnx.Module):
@@ -139,6 +162,10 @@ class DecoderLayer(nnx.Module):
         h = h + a
         h = h + self.mlp(self.post_attention_layernorm(h), hook)
         return h, k_cache, v_cache
+
+    def dense(self, h, cos, sin, hook):
+        h = h + self.self_attn.dense(self.input_layernorm(h), cos, sin, hook)
+        return h + self.mlp(self.post_attention_layernorm(h), hook)
 
 
 class Llama(nnx.Module):
@@ -178,3 +205,16 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             h, ks[i], vs[i] = layer(h, cos, sin, ks[i], vs[i], meta, hook)
         return h, KVCache(k=ks, v=vs)
+
+    def dense(self, tokens: jax.Array, hook: LoraHook | None = None) -> jax.Array:
+        """Hidden states [B, T, hidden] (before the final norm) of whole sequences [B, T] that
+        start at position 0, with no KV cache: the differentiable forward for training and
+        scoring. Rows are right-padded as needed (causal attention never looks ahead, so padding
+        changes nothing before it). ``hook`` sees x as [B, T, in] (adapters.MultiLoraHook: an
+        adapter slot per row)."""
+        h = self.embed(tokens)
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        cos, sin = rope_cos_sin(self.cfg, pos, h.dtype)
+        for layer in self.layers:
+            h = layer.dense(h, cos, sin, hook)
+        return h
