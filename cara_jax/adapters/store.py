@@ -5,7 +5,8 @@
 - ``AdapterRegistry``: name -> (path, content hash). Registering a name again with different
   contents swaps the mapping atomically; sequences that already hold the old content keep it
   (the device pool refcounts by content hash), new requests get the new one. An adapter evicted
-  from the host tier is re-read from disk on the next use.
+  from the host tier is re-read from disk on the next use; one registered from memory (weights
+  given as a tree, no folder) is kept by the registry for as long as a name points at it.
 """
 
 from __future__ import annotations
@@ -91,24 +92,36 @@ class AdapterRegistry:
         self.host = host or HostStore()
         self.base_model_name = base_model_name
         self._names: dict[str, RegisteredAdapter] = {}
+        self._memory: dict[str, LoraAdapter] = {}  # content -> adapter with no folder behind it
         self._lock = threading.Lock()
 
     def register(
-        self, name: str, path: str | Path, check: Callable[[LoraAdapter], object] | None = None
+        self,
+        name: str,
+        source: str | Path | LoraAdapter,
+        check: Callable[[LoraAdapter], object] | None = None,
     ) -> RegisteredAdapter:
-        """Load and validate ``path`` (all or nothing; ``check`` may raise too, e.g. the device
-        pool converting it to its layout), then point ``name`` at its content."""
-        adapter = load_peft_adapter(path, self.cfg, base_model_name=self.base_model_name)
+        """Load and validate ``source``, a PEFT folder or an adapter already in memory (all or
+        nothing; ``check`` may raise too, e.g. the device pool converting it to its layout),
+        then point ``name`` at its content."""
+        if isinstance(source, LoraAdapter):
+            adapter, path = source, ""
+        else:
+            adapter = load_peft_adapter(source, self.cfg, base_model_name=self.base_model_name)
+            path = str(source)
         if check is not None:
             check(adapter)
         adapter = self.host.put(adapter)
         entry = RegisteredAdapter(
-            name, str(path), adapter.content_hash, adapter.max_rank,
+            name, path, adapter.content_hash, adapter.max_rank,
             adapter.cost_rank(self.cfg.num_layers),
         )  # fmt: skip
         with self._lock:
             old = self._names.get(name)
             self._names[name] = entry
+            if not path:
+                self._memory[adapter.content_hash] = adapter
+            self._forget_unused()
         if old is not None and old.content_hash != entry.content_hash:
             log.info(
                 "adapter %s replaced: %s -> %s",
@@ -122,7 +135,15 @@ class AdapterRegistry:
         with self._lock:
             if name not in self._names:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded")
-            return self._names.pop(name)
+            entry = self._names.pop(name)
+            self._forget_unused()
+            return entry
+
+    def _forget_unused(self) -> None:
+        """Drop in-memory adapters no name points at (under the lock)."""
+        held = {e.content_hash for e in self._names.values()}
+        for h in [h for h in self._memory if h not in held]:
+            del self._memory[h]
 
     def names(self) -> dict[str, RegisteredAdapter]:
         with self._lock:
@@ -141,6 +162,10 @@ class AdapterRegistry:
         a = self.host.get(e.content_hash)
         if a is not None:
             return a
+        with self._lock:
+            a = self._memory.get(e.content_hash)
+        if a is not None:
+            return self.host.put(a)
         a = load_peft_adapter(e.path, self.cfg, base_model_name=self.base_model_name)
         if a.content_hash != e.content_hash:
             raise AdapterError(

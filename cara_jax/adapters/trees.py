@@ -128,6 +128,20 @@ def adapter_from_tree(
                        projection_shapes=shapes)  # fmt: skip
 
 
+def adapter_source(
+    cfg: ModelConfig, name: str, path: str | Path | None, weights: Any, alpha: float | None,
+    path_map: PathMap | None,
+) -> str | Path | LoraAdapter:  # fmt: skip
+    """What ``Engine.load_adapter`` registers: the folder, or the weights (a LoraAdapter, or a
+    tree read here); exactly one of them must be given."""
+    if (path is None) == (weights is None):
+        raise TypeError("load_adapter takes a folder path or weights, exactly one")
+    if weights is None or isinstance(weights, LoraAdapter):
+        return path if weights is None else weights
+    return adapter_from_tree(weights, cfg, alpha=alpha, path_map=path_map,
+                             name=f"<memory:{name}>")  # fmt: skip
+
+
 def adapter_tree(adapter: LoraAdapter) -> dict:
     """The adapter as a nested dict in JAX layout, ``layers/<i>/<proj>/lora_a|lora_b`` (the
     scaling is already in lora_b): what ``adapter_from_tree`` reads back unchanged."""

@@ -25,6 +25,7 @@ import numpy as np
 
 from cara_jax.adapters.device_pool import DevicePool
 from cara_jax.adapters.store import AdapterRegistry, HostStore, RegisteredAdapter
+from cara_jax.adapters.trees import adapter_source
 from cara_jax.engine.admission_order import AdmissionOrder
 from cara_jax.engine.batch import CpuPlan, ScheduledBatch
 from cara_jax.engine.block_manager import BlockManager
@@ -198,10 +199,15 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
 
-    def load_adapter(self, name: str, path: str | Path) -> RegisteredAdapter:
-        """Register (or replace) an adapter; ``cached`` mode also pins it on the device. Before
-        start-up's warm-up, the write programs of new widths are left to it."""
-        return self.residency.register(name, path, compile_writer=self.runner.is_ready())
+    def load_adapter(
+        self, name: str, path: str | Path | None = None, *, weights=None,
+        alpha: float | None = None, path_map=None,
+    ) -> RegisteredAdapter:  # fmt: skip
+        """Register (or replace: running requests keep the old weights) an adapter from a PEFT
+        folder or from ``weights`` in memory (adapters/trees.py); ``cached`` mode pins it on
+        the device. Before start-up's warm-up, new widths' write programs are left to it."""
+        source = adapter_source(self.loaded.cfg, name, path, weights, alpha, path_map)
+        return self.residency.register(name, source, compile_writer=self.runner.is_ready())
 
     def unload_adapter(self, name: str) -> None:
         self.residency.unregister(name)

@@ -111,13 +111,13 @@ class AdapterResidency:
 
     # ------------------------------------------------------------------ names
 
-    def register(self, name: str, path, compile_writer: bool = True) -> RegisteredAdapter:
+    def register(self, name: str, source, compile_writer: bool = True) -> RegisteredAdapter:
         """Register (or replace) an adapter; ``cached`` mode also pins it on the device. The
         one-time conversion to the pool's layout happens here (loads then only copy); it
         rejects what the pool cannot hold before the name changes."""
         old = self.registry.names().get(name)
         entry = self.registry.register(
-            name, path, check=lambda a: self.pool.prepare(a, compile_writer=compile_writer)
+            name, source, check=lambda a: self.pool.prepare(a, compile_writer=compile_writer)
         )
         if self.mode == "cached":
             if old is None or old.content_hash != entry.content_hash:

@@ -6,6 +6,8 @@ The tiny random Llama (tests/conftest.py) with real PEFT adapters of different r
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +46,7 @@ def test_dense_logits_match_peft(tiny, hf_tiny, adapters):
     toks = _tokens(0, 4)
     slots = np.array([0, 1, 2, 3])
     ours = np.asarray(dense_logits(tiny, toks, s.hook(params, slots)))
-    peft = peft_mixed(hf_tiny, paths)
+    peft = peft_mixed(copy.deepcopy(hf_tiny), paths)
     names = [None, *paths]
     for i, name in enumerate(names):
         with torch.no_grad():

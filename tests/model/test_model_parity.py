@@ -170,3 +170,75 @@ def test_weights_cache_roundtrip(smollm_path, smollm, tmp_path, monkeypatch, dty
         np.asarray(pa["layers"][7]["self_attn"]["q_proj"]["kernel"]),
         np.asarray(pb["layers"][7]["self_attn"]["q_proj"]["kernel"]),
     )
+
+
+def _nnx_lora_tree(cfg, rank: int):
+    """A random flax nnx.LoRA state at SmolLM2's shapes, on q_proj and v_proj of every layer
+    (B random too: nnx.LoRA starts B at zero)."""
+    from flax import nnx
+
+    shapes = cfg.projection_shapes()
+    normal = nnx.initializers.normal(0.05)
+    rngs = nnx.Rngs(3)
+
+    def lora(p):
+        return nnx.LoRA(shapes[p][0], rank, shapes[p][1], rngs=rngs, b_initializer=normal)
+
+    class Layers(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List([nnx.Dict(self_attn=nnx.Dict(q_proj=lora("q_proj"),
+                                                               v_proj=lora("v_proj")))
+                                    for _ in range(cfg.num_layers)])  # fmt: skip
+
+    return nnx.state(Layers(), nnx.LoRAParam)
+
+
+def _qwix_tree(cfg, rank: int) -> dict:
+    """A qwix/Tunix-style tree: kernel_lora_a [in, r] / kernel_lora_b [r, out] on the MLP of
+    every third layer (served with alpha / r scaling)."""
+    rng = np.random.default_rng(4)
+    shapes = cfg.projection_shapes()
+    return {"model": {"layers": {str(i): {"mlp": {p: {
+        "kernel_lora_a": rng.normal(0, 0.05, (shapes[p][0], rank)).astype(np.float32),
+        "kernel_lora_b": rng.normal(0, 0.05, (rank, shapes[p][1])).astype(np.float32),
+    } for p in ("gate_proj", "down_proj")}} for i in range(0, cfg.num_layers, 3)}}}  # fmt: skip
+
+
+def test_lora_trees_to_peft_and_engine(smol_engine, hf_smollm, hf_smollm_tokenizer, tmp_path):
+    """An nnx.LoRA tree and a qwix-style tree -> save_peft_adapter -> HF PEFT gives the logits
+    cara-jax's dense forward gives (both adapters and the base in one batch); the engine serves
+    the tree loaded from memory exactly as the saved folder."""
+    import copy
+
+    from cara_jax.adapters.lora_set import LoraSet
+    from cara_jax.adapters.trees import adapter_from_tree, save_peft_adapter
+    from cara_jax.dense import dense_logits
+    from tests.helpers import peft_mixed
+
+    cfg = smol_engine.loaded.cfg
+    trees = {"nnx": (_nnx_lora_tree(cfg, 8), None), "qwix": (_qwix_tree(cfg, 4), 16.0)}
+    paths = {n: save_peft_adapter(t, tmp_path / n, cfg, alpha=alpha)
+             for n, (t, alpha) in trees.items()}  # fmt: skip
+    ads = [adapter_from_tree(t, cfg, alpha=alpha) for t, alpha in trees.values()]
+    ids = hf_smollm_tokenizer("Adapters trained in JAX, served as PEFT")["input_ids"]
+    s, params = LoraSet.from_adapters(cfg, ads)
+    batch = np.array([ids] * 3)
+    ours = np.asarray(dense_logits(smol_engine.loaded, batch, s.hook(params, [0, 1, 2])))
+    peft = peft_mixed(copy.deepcopy(hf_smollm), paths)
+    with torch.no_grad(), peft.disable_adapter():
+        assert rel_err(ours[0], peft(torch.tensor([ids])).logits[0].numpy()) <= 1e-5
+    for row, name in enumerate(trees, start=1):
+        peft.set_adapter(name)
+        with torch.no_grad():
+            ref = peft(torch.tensor([ids])).logits[0].numpy()
+        assert rel_err(ours[row], ref) <= 1e-5, name
+        assert rel_err(ours[row], ours[0]) > 1e-3, name  # the adapter changes the logits
+    # served: the tree from memory, the saved folder; same greedy tokens
+    tree, alpha = trees["qwix"]
+    smol_engine.load_adapter("qwix-mem", weights=tree, alpha=alpha)
+    smol_engine.load_adapter("qwix-disk", paths["qwix"])
+    out = generate_tokens(smol_engine, [ids, ids, ids], 12, stop_ids=frozenset(),
+                          adapters=["qwix-mem", "qwix-disk", None])  # fmt: skip
+    assert out[0].token_ids == out[1].token_ids != out[2].token_ids
+    smol_engine.unload_adapter("qwix-mem")
+    smol_engine.unload_adapter("qwix-disk")
