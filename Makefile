@@ -29,7 +29,7 @@ run: $(VENV)/.base
 	$(BIN)/cara-serve --demo-adapters 2
 
 test: $(VENV)/.test
-	$(BIN)/ruff check cara_jax pallas_kernels cpu_lora server tests bench
+	$(BIN)/ruff check cara_jax pallas_kernels cpu_lora server tests bench examples
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.test

@@ -73,6 +73,12 @@ class LLM:
         llm.engine = engine
         return llm
 
+    def load_adapter(self, name: str, path=None, *, weights=None, alpha=None, path_map=None):
+        """Register (or replace) ``name`` from a PEFT folder or from weights in memory (a pytree
+        of LoRA factors or a LoraAdapter, see Engine.load_adapter)."""
+        return self.engine.load_adapter(name, path, weights=weights, alpha=alpha,
+                                        path_map=path_map)  # fmt: skip
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],
