@@ -24,7 +24,7 @@ COMMANDS = ("run", "workload", "simulate", "list")  # before any module of the s
 
 
 def _workload(argv: list[str]) -> int:
-    from bench.workload import LengthDist, WorkloadSpec, describe, generate, save_jsonl
+    from bench.lib.workload import LengthDist, WorkloadSpec, describe, generate, save_jsonl
 
     ap = argparse.ArgumentParser(
         prog="python -m bench workload", description="write a seeded trace as JSONL"
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    from bench.experiment_args import add_run_args
+    from bench.experiments.args import add_run_args
 
     add_run_args(sub.add_parser("run", help="run an experiment"))
     sub.add_parser("workload", help="write a trace (JSONL)", add_help=False)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "workload":
         return _workload(argv[1:])
     args = ap.parse_args(argv)
-    from bench.experiments import run_cli
+    from bench.experiments.runner import run_cli
 
     run_cli(args)
     return 0

@@ -30,13 +30,14 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.report import save_report
-from bench.router_run import Processes, free_port, wait_healthy
+from bench.lib.report import save_report
+from bench.lib.server_processes import Processes, free_port, wait_healthy
+from bench.lib.stream_replay import STORY_PROMPT as PROMPT  # noqa: F401  (its report names it)
+from bench.lib.stream_replay import timed_stream
 from bench.systems.common import TARGET_SETS, model_config, write_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "SmolLM2-135M-Instruct"
-PROMPT = "Write a long story about a lighthouse keeper and the sea, in plain words."
 RANKS_8 = [8, 16, 32, 8, 16, 32, 8, 16]
 RANKS_16 = [8, 16, 32, 64] * 4
 
@@ -52,32 +53,9 @@ def base_bytes(cfg) -> int:
     return 4 * (layers * per_layer + cfg.vocab_size * h + h)
 
 
-async def stream(session, url: str, model: str, max_tokens: int, extra: dict | None = None) -> dict:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, **(extra or {})}  # fmt: skip
-    times = []
-    t0 = time.perf_counter()
-    async with session.post(url + "/v1/completions", json=body) as r:
-        if r.status != 200:
-            raise RuntimeError(f"{model}: HTTP {r.status} {(await r.text())[:300]}")
-        async for raw in r.content:
-            line = raw.strip()
-            if line == b"data: [DONE]":
-                break
-            if line.startswith(b"data: "):
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(f"{model}: {chunk['error']}")
-                if any(c.get("text") for c in chunk.get("choices", [])):
-                    times.append(time.perf_counter() - t0)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    return {"ttft": times[0], "tpot": statistics.median(gaps), "tokens": len(times),
-            "end": t0 + times[-1], "start": t0}  # fmt: skip
-
-
 async def concurrent(session, url: str, models: list[str], max_tokens: int) -> dict:
     t0 = time.perf_counter()
-    res = await asyncio.gather(*(stream(session, url, m, max_tokens) for m in models))
+    res = await asyncio.gather(*(timed_stream(session, url, m, max_tokens) for m in models))
     wall = max(r["end"] for r in res) - t0
     return {"tok_s": sum(r["tokens"] for r in res) / wall,
             "tpot_p50": statistics.median(r["tpot"] for r in res), "wall": wall}  # fmt: skip
@@ -88,11 +66,11 @@ async def measure(url: str, names8: list[str], names16: list[str], tokens: int, 
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         for m in [BASE, *names8, *names16]:  # first use of each adapter: its load, untimed
-            await stream(s, url, m, 4)
+            await timed_stream(s, url, m, 4)
         await concurrent(s, url, [BASE] * 8, 8)
         for k in range(repeats):  # base and LoRA interleaved, so drift hits both alike
-            one_b = await stream(s, url, BASE, tokens)
-            one_a = await stream(s, url, names8[0], tokens)
+            one_b = await timed_stream(s, url, BASE, tokens)
+            one_a = await timed_stream(s, url, names8[0], tokens)
             c8b = await concurrent(s, url, [BASE] * 8, tokens)
             c8a = await concurrent(s, url, names8, tokens)
             c16b = await concurrent(s, url, [BASE] * 16, tokens)

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from bench.report import write_report
+from bench.lib.report import write_report
 from cara_jax.embedded import default_model_path
 from cara_jax.engine import Engine, EngineConfig
 from cara_jax.kv_cache import bytes_per_token

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import save_report
+from bench.lib.report import save_report
 from bench.systems.common import TARGET_SETS, RunOptions, model_config, write_adapters
 
 MODES = ("sync", "cpu_assist", "auto", "cached")

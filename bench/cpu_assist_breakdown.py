@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import write_report
+from bench.lib.report import write_report
 from bench.systems.common import compile_progress, kv_cache_bytes
 from cara_jax.adapters.device_pool import PoolConfig
 from cara_jax.adapters.random_peft import write_random_peft

@@ -11,7 +11,7 @@ output) divided by the device copy bandwidth that the ``hbm`` section measures. 
 K times over disjoint pool rows inside one jit (a fori_loop), so the working set exceeds the L2
 cache where the shapes allow and dispatch costs are amortised. Goal: >= 70 % of HBM bandwidth
 at Llama-2-7B decode shapes (hidden 4096, batch 16-64) on an H100.
-``cold_start`` and ``e2e_throughput`` (bench/gpu_sections.py) run the Engine end to end.
+``cold_start`` and ``e2e_throughput`` (bench/gpu/sections.py) run the Engine end to end.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.gpu_ctx import Ctx
-from bench.report import write_report
+from bench.gpu.ctx import Ctx
+from bench.lib.report import write_report
 
 L2_BYTES = 50 << 20  # H100 / H200 L2 size; the timed working set aims at a multiple of it
 
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the remaining cases after this many seconds (fits a 10 min call)",
     )
     args = ap.parse_args(argv)
-    from bench.gpu_sections import register  # cold_start and e2e_throughput (the Engine)
+    from bench.gpu.sections import register  # cold_start and e2e_throughput (the Engine)
 
     register(section)
     on_gpu = jax.default_backend() == "gpu"

@@ -32,8 +32,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from bench.report import write_report
-from bench.serve_flags import engine_flags
+from bench.lib.report import write_report
+from bench.lib.serve_flags import engine_flags
 from bench.systems.common import kv_cache_bytes, model_config
 from server.cli import byte_size
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bench.report import write_report
+from bench.lib.report import write_report
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.random_peft import write_random_peft
 from cara_jax.adapters.store import AdapterRegistry

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench.report import save_report
+from bench.lib.report import save_report
 from cara_jax.adapters.lora_set import LoraSet
 from cara_jax.dense import sequence_nll
 from cara_jax.embedded import default_model_path

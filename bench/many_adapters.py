@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,33 +27,14 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from bench.adapter_cost import stream
-from bench.report import save_report
-from bench.router_run import Processes, free_port, wait_healthy
+from bench.lib.report import save_report
+from bench.lib.server_processes import start_server
+from bench.lib.stream_replay import timed_stream
 from bench.systems.common import TARGET_SETS, adapter_seed, model_config
 from cara_jax.adapters.random_peft import write_random_peft
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_RANKS = (8, 16, 32, 64, 128, 256)
-
-
-def start_server(work: Path, lora_dir: Path, extra: list[str], name: str, src: Path = ROOT):
-    port = free_port()
-    procs = Processes(work)
-    boot = f"import sys; sys.path.insert(0, {str(src)!r}); from server.cli import main; sys.exit(main())"
-    cmd = [sys.executable, "-c", boot,
-           "--port", str(port), "--lora-dir", str(lora_dir), *extra]  # fmt: skip
-    proc = procs.start(name, cmd)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
-    try:
-        asyncio.run(wait_healthy(url, proc, 1200, "cara-serve"))
-    except BaseException:
-        print(procs.tail(name, 40), file=sys.stderr)
-        procs.stop()
-        raise
-    print(f"  {name}: healthy after {time.perf_counter() - t0:.0f} s", flush=True)
-    return procs, url
 
 
 async def hot_compiles(session, url: str) -> float:
@@ -80,14 +60,14 @@ def zipf_trace(n_adapters: int, requests: int, rate: float, alpha: float, seed: 
 async def replay(url: str, trace, names: list[str], tokens: int) -> dict:
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(timeout=timeout) as s:
-        await stream(s, url, "SmolLM2-135M-Instruct", 4)  # first request: untimed
+        await timed_stream(s, url, "SmolLM2-135M-Instruct", 4)  # first request: untimed
         before = await hot_compiles(s, url)
         t0 = time.perf_counter()
 
         async def one(at: float, i: int):
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             try:
-                return await stream(s, url, names[i], tokens)
+                return await timed_stream(s, url, names[i], tokens)
             except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as e:
                 return {"error": str(e)[:200]}
 
@@ -133,16 +113,16 @@ async def first_requests(
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         for m in warm:
-            await stream(s, url, m, 4)
+            await timed_stream(s, url, m, 4)
         before = await hot_compiles(s, url)
         rows = {}
         for r, names in cold.items():
             firsts, warms = [], []
             for name in names:  # a never-seen adapter each time
-                background = [asyncio.create_task(stream(s, url, m, tokens)) for m in warm]
+                background = [asyncio.create_task(timed_stream(s, url, m, tokens)) for m in warm]
                 await asyncio.sleep(3.0)  # the 8 streams are decoding
-                first = await stream(s, url, name, 8)
-                again = await stream(s, url, name, 8)
+                first = await timed_stream(s, url, name, 8)
+                again = await timed_stream(s, url, name, 8)
                 await asyncio.gather(*background)
                 firsts.append(first["ttft"])
                 warms.append(again["ttft"])

@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from bench.report import save_report
+from bench.lib.report import save_report
 from cara_jax.embedded import default_model_path
 from cara_jax.engine.batch import ChunkRow, DecodeRow, ScheduledBatch
 from cara_jax.engine.runner import ModelRunner, RunnerConfig

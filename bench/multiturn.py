@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import save_report
+from bench.lib.report import save_report
+from bench.lib.workload import Request
 from bench.systems.common import RunOptions, model_config, write_adapters
-from bench.workload import Request
 
 TOPICS = ["billing", "shipping", "returns", "warranty", "accounts", "privacy", "discounts",
           "installation", "repairs", "upgrades", "gift cards", "delivery windows"]  # fmt: skip

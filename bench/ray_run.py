@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.metrics import Slo, summarize
-from bench.report import write_report
-from bench.serve_flags import engine_flags
-from bench.server_processes import free_port
-from bench.stream_replay import replay, warm_up
-from bench.workload import LengthDist, WorkloadSpec, generate
+from bench.lib.metrics import Slo, summarize
+from bench.lib.report import write_report
+from bench.lib.serve_flags import engine_flags
+from bench.lib.server_processes import free_port
+from bench.lib.stream_replay import replay, warm_up
+from bench.lib.workload import LengthDist, WorkloadSpec, generate
 
 RESULTS = Path(__file__).parent / "results"
 ROUTERS = ("rank_aware", "power_of_two", "least_loaded", "round_robin")

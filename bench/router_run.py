@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.metrics import Slo, summarize
-from bench.report import write_report
-from bench.serve_flags import engine_flags
-from bench.server_processes import Processes, free_port, get_json, wait_healthy, wait_idle
-from bench.stream_replay import replay, warm_up
-from bench.workload import LengthDist, Trace, WorkloadSpec, generate
+from bench.lib.metrics import Slo, summarize
+from bench.lib.report import write_report
+from bench.lib.serve_flags import engine_flags
+from bench.lib.server_processes import Processes, free_port, get_json, wait_healthy, wait_idle
+from bench.lib.stream_replay import replay, warm_up
+from bench.lib.workload import LengthDist, Trace, WorkloadSpec, generate
 from server.cli import byte_size
 
 RESULTS = Path(__file__).parent / "results"

@@ -32,8 +32,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sim_fleet import simulate
-from bench.sim_workload import Lengths, Scenario, rank_mix
+from bench.sim.fleet import simulate
+from bench.sim.workload import Lengths, Scenario, rank_mix
 from cara_jax.scheduling.cost_model import CostModel, load_cost_models, synthetic_gpu_cost_model
 
 BASELINES = ("random", "round_robin", "least_loaded", "first_fit", "first_fit_slo")
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "cost_models": {k: m.key for k, m in models.items()},
             "rows": rows, "crossover": cross, "argv": list(sys.argv[1:] if argv is None else argv)}  # fmt: skip
     if a.out:
-        from bench.report import write_report
+        from bench.lib.report import write_report
 
         write_report(a.out, a.stem, lines, data)
     else:

@@ -27,7 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.report import write_report
+from bench.lib.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

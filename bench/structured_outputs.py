@@ -23,9 +23,9 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.adapter_cost import stream
-from bench.many_adapters import start_server
-from bench.report import save_report
+from bench.lib.report import save_report
+from bench.lib.server_processes import start_server
+from bench.lib.stream_replay import timed_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "SmolLM2-135M-Instruct"
@@ -49,7 +49,7 @@ async def mix(session, url: str, constrained: int, tokens: int) -> dict:
     secs0 = await metric(session, url, "cara_structured_mask_seconds")
     t0 = time.perf_counter()
     res = await asyncio.gather(*(
-        stream(session, url, BASE, tokens, extra if i < constrained else None)
+        timed_stream(session, url, BASE, tokens, extra if i < constrained else None)
         for i in range(STREAMS)
     ))  # fmt: skip
     free, cons = res[constrained:], res[:constrained]

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import RequestResult
+from bench.lib.metrics import RequestResult
+from bench.lib.workload import Trace
 from bench.systems.common import (
     ALL_PROJECTIONS,
     ReplayClock,
@@ -29,7 +30,6 @@ from bench.systems.common import (
     run_system,
     write_adapters,
 )
-from bench.workload import Trace
 
 NAME = "cara-jax"
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from bench.metrics import RequestResult
-from bench.workload import Trace
+from bench.lib.metrics import RequestResult
+from bench.lib.workload import Trace
 from cara_jax.adapters.random_peft import write_random_peft
 from cara_jax.config import PROJECTIONS
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import RequestResult
+from bench.lib.metrics import RequestResult
+from bench.lib.workload import Request, Trace
 from bench.systems.common import ReplayClock, RunOptions, progress_bar, run_system
-from bench.workload import Request, Trace
 
 NAME = "HF+PEFT"
 

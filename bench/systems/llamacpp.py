@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.metrics import RequestResult
+from bench.lib.metrics import RequestResult
+from bench.lib.workload import Trace
 from bench.systems.common import (
     ReplayClock,
     RunOptions,
@@ -38,7 +39,6 @@ from bench.systems.common import (
     progress_bar,
     run_system,
 )
-from bench.workload import Trace
 
 NAME = "llama.cpp"
 GGUF_NAMES = {

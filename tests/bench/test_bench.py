@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import metrics
-from bench.metrics import RequestResult, Slo
-from bench.workload import (
+from bench.lib import metrics
+from bench.lib.metrics import RequestResult, Slo
+from bench.lib.workload import (
     LengthDist,
     Request,
     Trace,
@@ -314,7 +314,7 @@ class _FakeSystem:
 
 
 def _args(argv):
-    from bench.experiments import add_run_args
+    from bench.experiments.runner import add_run_args
 
     ap = argparse.ArgumentParser()
     add_run_args(ap)
@@ -322,7 +322,7 @@ def _args(argv):
 
 
 def test_experiment_plumbing_writes_reports(tmp_path, monkeypatch):
-    from bench import experiments
+    from bench.experiments import runner as experiments
 
     monkeypatch.setattr(experiments, "model_config", _tiny_cfg)
     speeds = {"cara": 100.0, "hf": 25.0}
@@ -366,7 +366,7 @@ def test_experiment_plumbing_writes_reports(tmp_path, monkeypatch):
 
 
 def test_experiment_skips_an_unavailable_system(tmp_path, monkeypatch):
-    from bench import experiments
+    from bench.experiments import runner as experiments
     from bench.systems import SystemUnavailable
 
     class Missing(_FakeSystem):
@@ -405,7 +405,7 @@ def test_experiment_skips_an_unavailable_system(tmp_path, monkeypatch):
 
 def test_scrub_names_a_repo_under_the_temp_folder(tmp_path, monkeypatch):
     """A checkout under the temp folder is ``<repo>``: the longer path is replaced first."""
-    from bench import experiment_report
+    from bench.experiments import report as experiment_report
 
     repo = tmp_path / "clone" / "repo"
     repo.mkdir(parents=True)
@@ -420,7 +420,7 @@ def test_scrub_names_a_repo_under_the_temp_folder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag", ["--num-slots", "--max-num-seqs"])
 def test_cara_engine_flags(flag):
-    from bench.experiments import build_plan
+    from bench.experiments.runner import build_plan
 
     args = _args(["serving", "--quick", flag, "6", "--max-prefill-batch", "3",
                   "--max-num-batched-tokens", "128", "--kv-cache-memory", "64M"])  # fmt: skip
@@ -433,7 +433,7 @@ def test_cara_engine_flags(flag):
 
 def test_benches_run_cara_serve_defaults():
     """No option set: the engine cara-serve builds with no flag; options become its flags."""
-    from bench.experiments import build_plan
+    from bench.experiments.runner import build_plan
     from bench.systems.common import RunOptions, cara_flags
     from server.cli import build_parser, engine_config
 
@@ -455,7 +455,7 @@ def test_kv_cache_bytes_holds_every_context():
 
 
 def test_server_engine_flags_follow_the_servers_spelling():
-    from bench.serve_flags import engine_flags
+    from bench.lib.serve_flags import engine_flags
 
     warm = {"--warmup": ("full", "none")}
     old = {"--num-slots": None, "--max-len": None, "--max-prefill-batch": None, **warm}
@@ -477,7 +477,7 @@ def test_server_engine_flags_follow_the_servers_spelling():
 
 
 def test_cold_start_plan_has_four_modes():
-    from bench.experiments import build_plan
+    from bench.experiments.runner import build_plan
 
     plan = build_plan("cold_start", _args(["cold_start", "--quick"]))
     assert [o.cold_start for _, o in plan.cara] == ["sync", "cached", "cpu_assist", "auto"]
@@ -556,7 +556,7 @@ class _ChildJob:
 def test_each_system_runs_in_its_own_process():
     import os
 
-    from bench.experiments import _isolated
+    from bench.experiments.runner import _isolated
 
     skipped, entry, raw = _isolated(_ChildJob(crash=False))
     assert skipped is None and entry["pid"] != os.getpid() and raw == [[{"ok": True}]]
@@ -580,3 +580,15 @@ def test_bench_front_door(capsys):
     with pytest.raises(SystemExit) as e:
         main(["no_such_bench"])
     assert e.value.code == 2
+
+
+def test_a_rewritten_report_keeps_its_hand_written_notes(tmp_path):
+    from bench.lib.report import NOTES, save_report
+
+    save_report(tmp_path / "r", "# run 1\n| a | 1 |", {"run": 1})
+    md = tmp_path / "r.md"
+    md.write_text(md.read_text() + f"\n{NOTES}\nAn earlier run's row, and what the numbers mean.\n")
+    save_report(tmp_path / "r", "# run 2\n| a | 2 |", {"run": 2})
+    text = md.read_text()
+    assert text.startswith("# run 2") and "run 1" not in text
+    assert text.endswith(f"{NOTES}\nAn earlier run's row, and what the numbers mean.\n")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench import gpu_sections
+from bench.gpu import sections as gpu_sections
 
 
 def _positive(x) -> bool:
@@ -50,7 +50,7 @@ def test_gpu_sections_smoke(tmp_path):
 
 def test_sections_honour_the_deadline():
     """Past the deadline both sections skip their cases (with a note) instead of running them."""
-    from bench.gpu_ctx import Ctx
+    from bench.gpu.ctx import Ctx
 
     ctx = Ctx(smoke=True, interpret=True, repeats=1, device="cpu", deadline=0.0)
     cold = gpu_sections.cold_start_section(ctx)

@@ -1,6 +1,6 @@
 """What each experiment of ``python -m bench run`` runs (``build_plan``): its points (one seeded
 workload each), the systems, and the cara-jax configurations to compare, as a ``Plan``
-(bench/plan.py). bench/experiments.py runs the plan.
+(bench/lib/plan.py). bench/experiments/runner.py runs the plan.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import dataclasses
 import itertools
 from typing import Any
 
-from bench.plan import Plan, Point
+from bench.lib.plan import Plan, Point
+from bench.lib.workload import LengthDist, WorkloadSpec
 from bench.systems import SYSTEM_KEYS, RunOptions
-from bench.workload import LengthDist, WorkloadSpec
 
 EXPERIMENTS = (
     "serving", "load_sweep", "adapters_sweep", "cold_start", "admission", "engine_poisson"

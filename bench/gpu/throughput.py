@@ -1,6 +1,6 @@
 """The ``e2e_throughput`` section of the GPU check: 16 concurrent requests over 16 adapters
 (``cached``), bgmv and mbgmv decode, beside the base model serving the same batch without
-adapters. See bench/gpu_sections.py.
+adapters. See bench/gpu/sections.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import traceback
 
 import jax.numpy as jnp
 
-from bench.gpu_ctx import Ctx
-from bench.gpu_engine_setup import (
+from bench.gpu.ctx import Ctx
+from bench.gpu.engine_setup import (
     GRACE_S,
     RANKS,
     AdapterSet,

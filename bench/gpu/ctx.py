@@ -1,5 +1,5 @@
 """The context every bench/gpu_check section receives (its own module, so that the sections in
-bench/gpu_sections.py and the runner in bench/gpu_check.py import it without importing each
+bench/gpu/sections.py and the runner in bench/gpu_check.py import it without importing each
 other)."""
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ pass of every case then runs first. Rows note any compile that still happened wh
 (should be 0). ``--smoke`` runs tiny shapes and smaller batches on any backend
 (about a minute on 2 CPU cores, most of it compiling).
 
-Parts: bench/gpu_engine_setup.py (the model, adapters, pools, compiled programs, serving),
-bench/gpu_cold_start.py, bench/gpu_throughput.py and bench/gpu_lora_step.py (one section each);
+Parts: bench/gpu/engine_setup.py (the model, adapters, pools, compiled programs, serving),
+bench/gpu/cold_start.py, bench/gpu/throughput.py and bench/gpu/lora_step.py (one section each);
 this module registers them with bench/gpu_check.py.
 """
 
@@ -30,13 +30,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bench.gpu_cold_start import (  # noqa: F401  (MODES, cold_plan: re-exported for the tests)
+from bench.gpu.cold_start import (  # noqa: F401  (MODES, cold_plan: re-exported for the tests)
     MODES,
     cold_plan,
     cold_start_section,
 )
-from bench.gpu_lora_step import lora_step_section
-from bench.gpu_throughput import e2e_throughput_section
+from bench.gpu.lora_step import lora_step_section
+from bench.gpu.throughput import e2e_throughput_section
 
 
 def register(section: Callable) -> None:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from bench.gpu_ctx import Ctx
-from bench.gpu_engine_setup import (
+from bench.gpu.ctx import Ctx
+from bench.gpu.engine_setup import (
     RANKS,
     AdapterSet,
     _dtype,

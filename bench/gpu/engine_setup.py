@@ -1,4 +1,4 @@
-"""Shared setup of the GPU check's engine sections (bench/gpu_sections.py): the
+"""Shared setup of the GPU check's engine sections (bench/gpu/sections.py): the
 Llama-2-7B-shaped model with random weights (``CARA_GPU_CHECK_LAYERS`` of its 32 layers), random
 PEFT adapters, pool sizes, compiled programs shared between engines, and serving a batch.
 """
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.gpu_ctx import Ctx
+from bench.gpu.ctx import Ctx
 from cara_jax.adapters.device_pool import PoolConfig
 from cara_jax.adapters.random_peft import write_random_peft
 from cara_jax.config import ModelConfig

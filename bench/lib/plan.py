@@ -1,13 +1,13 @@
-"""What an experiment runs (bench/experiment_plans.py builds it, bench/experiments.py runs it,
-bench/experiment_report.py writes it up): its workload points, the systems and the cara-jax
+"""What an experiment runs (bench/experiments/plans.py builds it, bench/experiments/runner.py runs it,
+bench/experiments/report.py writes it up): its workload points, the systems and the cara-jax
 configurations."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from bench.lib.workload import WorkloadSpec
 from bench.systems.common import RunOptions
-from bench.workload import WorkloadSpec
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """The ``cold_start`` section of the GPU check: TTFT of requests whose adapter is not on the
 device (each its own adapter, ranks 16 and 64 on all seven projections), one at a time and in a
 small burst, in each cold-start mode; median TTFT per mode and the ratios to ``cached``
-(adapters pinned on the device, the ideal). See bench/gpu_sections.py.
+(adapters pinned on the device, the ideal). See bench/gpu/sections.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import traceback
 
 import jax.numpy as jnp
 
-from bench.gpu_ctx import Ctx
-from bench.gpu_engine_setup import (
+from bench.gpu.ctx import Ctx
+from bench.gpu.engine_setup import (
     GRACE_S,
     RANKS,
     RUN_TIMEOUT_S,

@@ -1,18 +1,23 @@
 """Replaying a trace as streaming completions over HTTP: each request sent at its arrival time,
 its token times recorded (``RequestResult``), and the server that answered (``X-Cara-Instance``
-or ``X-Cara-Replica``); plus an untimed warm-up of every adapter.
+or ``X-Cara-Replica``); plus an untimed warm-up of every adapter, and one timed stream
+(``timed_stream``) for the benches that measure a fixed prompt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
 
 import aiohttp
 
-from bench.metrics import RequestResult
-from bench.workload import Trace
+from bench.lib.metrics import RequestResult
+from bench.lib.workload import Trace
+
+# the fixed prompt of the benches that time single streams (adapter_cost, many_adapters, ...)
+STORY_PROMPT = "Write a long story about a lighthouse keeper and the sea, in plain words."
 
 
 def body_of(model: str | None, prompt: list[int], max_tokens: int) -> dict:
@@ -102,3 +107,30 @@ async def warm_up(urls: list[str], names: list[str], prompt: list[int]) -> None:
                     r.release()
 
         await asyncio.gather(*(run(u) for u in urls))
+
+
+async def timed_stream(
+    session, url: str, model: str, max_tokens: int, extra: dict | None = None, *,
+    prompt: str = STORY_PROMPT,
+) -> dict:  # fmt: skip
+    """One greedy streamed completion of ``max_tokens``: TTFT, median TPOT, token count."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, **(extra or {})}  # fmt: skip
+    times = []
+    t0 = time.perf_counter()
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{model}: HTTP {r.status} {(await r.text())[:300]}")
+        async for raw in r.content:
+            line = raw.strip()
+            if line == b"data: [DONE]":
+                break
+            if line.startswith(b"data: "):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"{model}: {chunk['error']}")
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    times.append(time.perf_counter() - t0)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"ttft": times[0], "tpot": statistics.median(gaps), "tokens": len(times),
+            "end": t0 + times[-1], "start": t0}  # fmt: skip

@@ -1,4 +1,4 @@
-"""The command-line options of ``python -m bench run`` (``add_run_args``); bench/experiments.py
+"""The command-line options of ``python -m bench run`` (``add_run_args``); bench/experiments/runner.py
 runs what they ask for.
 """
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.experiment_plans import EXPERIMENTS
+from bench.experiments.plans import EXPERIMENTS
 from bench.systems import SYSTEM_KEYS
 from bench.systems.common import TARGET_SETS
 from server.cli import byte_size

@@ -4,8 +4,8 @@ An experiment is a list of points, each a seeded workload (one trace), and a lis
 Every system is started once (model and all adapters loaded, cara-jax compiled and warmed up),
 then replays every point's trace in turn, so all systems see identical requests. Per point the
 report gives each system's metrics and every cara-jax configuration's ratio to each baseline
-measured in the same run. What each experiment runs is in bench/experiment_plans.py, its options
-in bench/experiment_args.py; this module runs a plan and writes the report.
+measured in the same run. What each experiment runs is in bench/experiments/plans.py, its options
+in bench/experiments/args.py; this module runs a plan and writes the report.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import experiment_report, metrics
-from bench.experiment_args import add_run_args  # noqa: F401  (re-exported for the tests)
-from bench.experiment_plans import build_plan
-from bench.metrics import RequestResult, Slo
-from bench.plan import Plan, Point
+from bench.experiments import report as experiment_report
+from bench.experiments.args import add_run_args  # noqa: F401  (re-exported for the tests)
+from bench.experiments.plans import build_plan
+from bench.lib import metrics
+from bench.lib.metrics import RequestResult, Slo
+from bench.lib.plan import Plan, Point
+from bench.lib.workload import Trace, generate, save_jsonl
 from bench.systems import LABELS, RunOptions, SystemUnavailable, make_system
 from bench.systems.common import TARGET_SETS, model_config, write_adapters
-from bench.workload import Trace, generate, save_jsonl
 
 GiB = 1 << 30
 
@@ -150,7 +151,7 @@ def run_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     cfg = model_config()
     traces = [generate(dataclasses.replace(p.spec, vocab_size=cfg.vocab_size)) for p in plan.points]
     if args.trace:
-        from bench.workload import load_jsonl
+        from bench.lib.workload import load_jsonl
 
         traces = [load_jsonl(args.trace)]
         plan.points = [

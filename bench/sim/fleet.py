@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.sim_workload import Scenario, SimRequest, make_requests
+from bench.sim.workload import Scenario, SimRequest, make_requests
 from cara_jax.scheduling.admission import AdmissionConfig, AdmissionPolicy
 from cara_jax.scheduling.cost_model import CostModel
 from cara_jax.scheduling.router import BatchSummary, InstanceState, make_router, solo_prefill

@@ -12,11 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import metrics, plots
-from bench.plan import Plan
-from bench.report import save_report
+from bench.lib import metrics, plots
+from bench.lib.plan import Plan
+from bench.lib.report import save_report
+from bench.lib.workload import WorkloadSpec, describe
 from bench.systems.common import TARGET_SETS
-from bench.workload import WorkloadSpec, describe
 
 _COLS = [
     ("tok/s", "throughput_tok_s", 1, 1),
@@ -182,7 +182,7 @@ def write(plan: Plan, report: dict[str, Any], raw: dict[str, Any], out: Path, st
     (out / f"{stem}_requests.json").write_text(json.dumps(_clean(raw)))
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _scrub(text: str) -> str:

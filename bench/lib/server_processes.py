@@ -8,11 +8,14 @@ import asyncio
 import contextlib
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout whose server a bench starts
 
 
 def free_port() -> int:
@@ -86,3 +89,23 @@ async def wait_idle(urls: list[str], timeout: float = 300.0) -> bool:
             return True
         await asyncio.sleep(0.5)
     return False
+
+
+def start_server(work: Path, lora_dir: Path, extra: list[str], name: str, src: Path = ROOT):
+    """``cara-serve --lora-dir`` from checkout ``src`` on a free port, once healthy: (procs, url)."""
+    port = free_port()
+    procs = Processes(work)
+    boot = f"import sys; sys.path.insert(0, {str(src)!r}); from server.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", boot,
+           "--port", str(port), "--lora-dir", str(lora_dir), *extra]  # fmt: skip
+    proc = procs.start(name, cmd)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(wait_healthy(url, proc, 1200, "cara-serve"))
+    except BaseException:
+        print(procs.tail(name, 40), file=sys.stderr)
+        procs.stop()
+        raise
+    print(f"  {name}: healthy after {time.perf_counter() - t0:.0f} s", flush=True)
+    return procs, url

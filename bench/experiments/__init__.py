@@ -1,0 +1,1 @@
+"""Experiments behind `python -m bench run`: arguments, plans, runs, reports."""

@@ -1,0 +1,1 @@
+"""Sections of the GPU check (bench/gpu_check.py)."""

@@ -1,0 +1,1 @@
+"""The benches' library: workloads, metrics, reports, plots, server processes."""

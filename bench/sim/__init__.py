@@ -1,0 +1,1 @@
+"""The scheduling simulator's workload and fleet model."""
