@@ -438,20 +438,8 @@ class Engine:
 
     def scheduler_state(self) -> dict:
         """Running and queued requests with their ranks and SLOs: what a router weighs."""
-
-        def info(s: Sequence) -> dict:
-            return {
-                "rank": s.rank,
-                "prompt_tokens": len(s.prompt_ids),
-                "slo_s": s.params.tpot_slo,
-                "adapter": s.adapter_name,
-            }
-
         with self.lock:
-            running = [info(s) for s in self.scheduler.running]
-            queued = [info(s) for s in self.scheduler.waiting]
-            free = self.scheduler.num_free_rows
-        return {"running": running, "queued": queued, "free_slots": free}
+            return self.scheduler.router_state()
 
     def close(self) -> None:
         with self.lock:

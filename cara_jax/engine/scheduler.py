@@ -380,3 +380,14 @@ class Scheduler:
         victim = self.running[-1]
         self._preempt(victim)
         return victim
+
+    def router_state(self) -> dict:
+        """Running and queued requests with their ranks and SLOs (call under the engine's
+        lock): what a router weighs."""
+
+        def info(s: Sequence) -> dict:
+            return {"rank": s.rank, "prompt_tokens": len(s.prompt_ids),
+                    "slo_s": s.params.tpot_slo, "adapter": s.adapter_name}  # fmt: skip
+
+        return {"running": [info(s) for s in self.running],
+                "queued": [info(s) for s in self.waiting], "free_slots": self.num_free_rows}  # fmt: skip
