@@ -208,7 +208,9 @@ def _backward(x, g, adapter, a, b, slot_rows, slot_rank, strategy, rank_bucket, 
     v = jnp.einsum("bti,bri->btr", x, ga, preferred_element_type=f32)
     dv = jnp.einsum("bto,bro->btr", g, gb, preferred_element_type=f32)
     da_rows = jnp.einsum("btr,bti->bri", dv, x.astype(f32))
-    db_rows = jnp.einsum("btr,bto->bro", v.astype(b.dtype).astype(f32), g.astype(f32))
+    if x.shape[1] > 1 or strategy == "bgmv":  # as the forward: v rounded to B's dtype first
+        v = v.astype(b.dtype).astype(f32)  # (mbgmv's decode keeps it in float32)
+    db_rows = jnp.einsum("btr,bto->bro", v, g.astype(f32))
     da = jnp.zeros(a.shape, f32).at[idx].add(da_rows).at[0].set(0.0)
     db = jnp.zeros(b.shape, f32).at[idx].add(db_rows).at[0].set(0.0)
     return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)

@@ -27,23 +27,44 @@ from cara_jax.config import ModelConfig
 Params = dict[str, dict[str, list[jax.Array]]]
 
 
-@dataclasses.dataclass(frozen=True)
+# identity-hashed (eq=False), so a set can be a static argument of jax.jit
+@dataclasses.dataclass(frozen=True, eq=False)
 class LoraSet:
     cfg: ModelConfig
     projections: tuple[str, ...]
-    ranks: tuple[dict[str, int], ...]  # adapter k (slot k + 1): its rank on each projection
+    # adapter k (slot k + 1): the rank of each (layer, projection) it has
+    modules: tuple[dict[tuple[int, str], int], ...]
     slot_rows: dict[str, np.ndarray]  # proj -> [K + 1, R] pool rows of each slot (0 pads)
     slot_rank: dict[str, np.ndarray]  # proj -> [K + 1]
 
     @property
+    def ranks(self) -> tuple[dict[str, int], ...]:
+        """Adapter k's rows on each projection: its largest rank there over the layers."""
+        out = []
+        for mods in self.modules:
+            d: dict[str, int] = {}
+            for (_, p), r in mods.items():
+                d[p] = max(d.get(p, 0), r)
+            out.append(d)
+        return tuple(out)
+
+    @property
     def max_rank(self) -> int:
-        return max((r for d in self.ranks for r in d.values()), default=0)
+        return max((r for m in self.modules for r in m.values()), default=0)
 
     @classmethod
-    def layout(cls, cfg: ModelConfig, ranks: Sequence[dict[str, int]]) -> LoraSet:
-        """Pool rows for adapters of the given per-projection ranks, packed one after another
-        from row 1 (row 0 is the zero row)."""
-        projs = tuple(p for p in cfg.projection_shapes() if any(d.get(p, 0) for d in ranks))
+    def layout(cls, cfg: ModelConfig, modules: Sequence[dict[tuple[int, str], int]]) -> LoraSet:
+        """Pool rows for adapters with the given (layer, projection) -> rank, packed one after
+        another from row 1 (row 0 is the zero row); an adapter takes its largest rank on a
+        projection in every layer (the rows of layers it lacks stay zero)."""
+        shapes = cfg.projection_shapes()
+        for mods in modules:
+            bad = sorted({p for _, p in mods if p not in shapes})
+            if bad:
+                raise ValueError(f"unknown projections {bad}; the model has {sorted(shapes)}")
+        probe = cls(cfg, (), tuple(dict(m) for m in modules), {}, {})
+        ranks = probe.ranks
+        projs = tuple(p for p in shapes if any(d.get(p, 0) for d in ranks))
         width = max((r for d in ranks for r in d.values()), default=1)
         rows, rank = {}, {}
         for p in projs:
@@ -55,7 +76,7 @@ class LoraSet:
                 rows[p][k, :r] = np.arange(nxt, nxt + r)
                 rank[p][k] = r
                 nxt += r
-        return cls(cfg, projs, tuple(dict(d) for d in ranks), rows, rank)
+        return cls(cfg, projs, probe.modules, rows, rank)
 
     def num_rows(self, proj: str) -> int:
         return 1 + int(self.slot_rank[proj].sum())
@@ -67,13 +88,7 @@ class LoraSet:
         """The set and its params from host adapters (PEFT folders, trees): slot k + 1 is
         adapters[k]. An adapter's rank on a projection is its largest over the layers; layers
         it does not target (or target at a lower rank) hold zero rows, which get no gradient."""
-        ranks = []
-        for ad in adapters:
-            d: dict[str, int] = {}
-            for (_, p), m in ad.modules.items():
-                d[p] = max(d.get(p, 0), m.rank)
-            ranks.append(d)
-        s = cls.layout(cfg, ranks)
+        s = cls.layout(cfg, [{k: m.rank for k, m in ad.modules.items()} for ad in adapters])
         shapes = cfg.projection_shapes()
         a = {p: np.zeros((cfg.num_layers, s.num_rows(p), shapes[p][0]), np.float32)
              for p in s.projections}  # fmt: skip
@@ -94,7 +109,8 @@ class LoraSet:
         """``n`` new adapters of rank ``rank`` on ``targets`` in every layer, initialised as PEFT
         does: A uniform in ±1/sqrt(in) (Kaiming with a = sqrt(5)), B zero, so each starts as
         the base model."""
-        s = cls.layout(cfg, [dict.fromkeys(targets, rank)] * n)
+        every = {(layer, p): rank for layer in range(cfg.num_layers) for p in targets}
+        s = cls.layout(cfg, [every] * n)
         shapes = cfg.projection_shapes()
         a, b = {}, {}
         for i, p in enumerate(s.projections):
@@ -128,15 +144,11 @@ class LoraSet:
         """Adapter k (0-based) back in host form, e.g. for ``save_peft_adapter`` or
         ``Engine.load_adapter(weights=...)``."""
         modules = {}
-        for p in self.projections:
-            r = self.ranks[k].get(p, 0)
-            if not r:
-                continue
+        for (layer, p), r in sorted(self.modules[k].items()):  # the modules it has, at its ranks
             rows = self.slot_rows[p][k + 1, :r]
-            for layer in range(self.cfg.num_layers):
-                a = np.asarray(params["a"][p][layer], np.float32)[rows].T
-                b = np.asarray(params["b"][p][layer], np.float32)[rows]
-                modules[(layer, p)] = LoraModule(a=a, b=b)
+            a = np.asarray(params["a"][p][layer], np.float32)[rows].T
+            b = np.asarray(params["b"][p][layer], np.float32)[rows]
+            modules[(layer, p)] = LoraModule(a=a, b=b)
         shapes = self.cfg.projection_shapes()
         tree = adapter_tree(LoraAdapter(path=name, content_hash="", modules=modules,
                                         projection_shapes=shapes))  # fmt: skip

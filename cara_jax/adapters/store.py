@@ -166,6 +166,8 @@ class AdapterRegistry:
             a = self._memory.get(e.content_hash)
         if a is not None:
             return self.host.put(a)
+        if not e.path:  # from memory, and replaced or unloaded since this entry was read
+            raise AdapterError(f"adapter {name!r} was replaced while it was being resolved")
         a = load_peft_adapter(e.path, self.cfg, base_model_name=self.base_model_name)
         if a.content_hash != e.content_hash:
             raise AdapterError(

@@ -33,6 +33,7 @@ from cara_jax.adapters.peft import (
     AdapterWeightsError,
     LoraAdapter,
     LoraModule,
+    UnsupportedAdapterError,
     module_name,
 )
 from cara_jax.config import PROJECTIONS, ModelConfig
@@ -41,6 +42,8 @@ PathMap = Callable[[str], "tuple[int, str] | None"]
 _DEFAULT_RE = re.compile(r"(?:^|/)layers/(\d+)/(?:.*/)?(" + "|".join(PROJECTIONS) + r")(?:/|$)")
 # the factor a leaf holds: lower case = JAX layout (x @ a @ b), upper case = PEFT (torch) layout
 _FACTOR_RE = re.compile(r"(?:^|/|_)lora_([abAB])(?:/|$)")
+# LoRA leaves this server cannot serve as x·A·B on a projection (DoRA, embeddings, LM head)
+_UNSUPPORTED_RE = re.compile(r"magnitude|lora_embedding|(?:^|/)(?:lm_head|embed_tokens)(?:/|$)")
 
 
 def _key_str(k: Any) -> str:
@@ -82,9 +85,15 @@ def adapter_from_tree(
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for path, leaf in tree_paths(tree):
         f = _FACTOR_RE.search(path)
+        if _UNSUPPORTED_RE.search(path) and (f or "lora" in path):
+            raise UnsupportedAdapterError(f"{path}: DoRA magnitudes and LoRA on embeddings or "
+                                          "the LM head are not supported")  # fmt: skip
+        if f is None:
+            continue  # not a LoRA factor (say, a base weight in the same tree)
         where = path_map(path)
-        if f is None or where is None:
-            continue
+        if where is None:
+            raise AdapterShapeError(f"{path}: a LoRA factor whose layer and projection the "
+                                    "path map cannot tell (pass path_map=...)")  # fmt: skip
         layer, proj = where
         if not 0 <= layer < cfg.num_layers or proj not in shapes:
             raise AdapterShapeError(f"{path}: no projection {proj!r} in layer {layer} of the base")
@@ -136,8 +145,10 @@ def adapter_source(
     tree read here); exactly one of them must be given."""
     if (path is None) == (weights is None):
         raise TypeError("load_adapter takes a folder path or weights, exactly one")
-    if weights is None or isinstance(weights, LoraAdapter):
-        return path if weights is None else weights
+    if weights is None:
+        return path
+    if isinstance(weights, LoraAdapter):  # validated and hashed again, like any tree
+        weights = adapter_tree(weights)
     return adapter_from_tree(weights, cfg, alpha=alpha, path_map=path_map,
                              name=f"<memory:{name}>")  # fmt: skip
 

@@ -89,7 +89,8 @@ def _model_card(state: AppState, name: str) -> dict | None:
     e = state.adapters.registered().get(name)
     if e is None:
         return None
-    return {"id": name, **card, "root": e.path, "parent": state.base_name, "rank": e.max_rank}
+    root = e.path or None  # None: loaded from memory (Python API), no folder
+    return {"id": name, **card, "root": root, "parent": state.base_name, "rank": e.max_rank}
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -151,7 +152,7 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
         {
             "object": "lora_adapter",
             "id": name,
-            "root": entry.path,
+            "root": entry.path or None,
             "parent": state.base_name,
             "rank": entry.max_rank,
             "content_hash": entry.content_hash,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -123,3 +124,41 @@ def test_registry_keeps_memory_adapters_while_named():
     assert ads[0].content_hash not in reg._memory
     reg.unregister("y")
     assert set(reg._memory) == {ads[2].content_hash}
+
+
+def test_unservable_leaves_and_unmapped_factors_are_refused():
+    from cara_jax.adapters import UnsupportedAdapterError
+
+    a, b = _factors()[(0, "q_proj")]
+    ok = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a.T,
+          "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b.T}  # fmt: skip
+    for extra in ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+                  "base_model.model.lm_head.lora_A.weight",
+                  "base_model.model.model.embed_tokens.lora_embedding_A"):  # fmt: skip
+        with pytest.raises(UnsupportedAdapterError):
+            adapter_from_tree({**ok, extra: np.ones((4,), np.float32)}, CFG)
+    with pytest.raises(AdapterShapeError, match="path map"):
+        adapter_from_tree({"blocks": {"q": {"lora_a": a, "lora_b": b}}}, CFG)
+    # a LoraAdapter given as weights is validated and hashed again, not trusted
+    from dataclasses import replace
+
+    from cara_jax.adapters.trees import adapter_source
+
+    good = adapter_from_tree(ok, CFG)
+    forged = replace(good, content_hash="")
+    assert adapter_source(CFG, "x", None, forged, None, None).content_hash == good.content_hash
+
+
+def test_lora_set_exports_only_the_modules_an_adapter_has():
+    a, b = _factors(rank=4)[(0, "q_proj")]
+    a2, b2 = _factors(seed=5, rank=2)[(1, "down_proj")]
+    ad = adapter_from_tree({"layers": {0: {"q_proj": {"lora_a": a, "lora_b": b}},
+                                       1: {"down_proj": {"lora_a": a2, "lora_b": b2}}}}, CFG)  # fmt: skip
+    wide = adapter_from_tree({"layers": {i: {"q_proj": {"lora_a": np.ones((32, 8), np.float32),
+                                                        "lora_b": np.ones((8, 32), np.float32)}}
+                                         for i in range(2)}}, CFG)  # fmt: skip
+    s, params = LoraSet.from_adapters(CFG, [ad, wide])
+    assert s.adapter(params, 0).content_hash == ad.content_hash
+    assert s.adapter(params, 1).content_hash == wide.content_hash
+    with pytest.raises(ValueError, match="unknown projections"):
+        LoraSet.init(CFG, 2, 4, ("q", "v"), jax.random.key(0))
