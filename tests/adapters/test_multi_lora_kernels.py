@@ -8,22 +8,13 @@ import pytest
 
 from cara_jax.adapters.multi_lora import multi_lora_delta
 from cara_jax.adapters.pool_index import rank_bucket_for
+from tests.helpers import make_pool
 
 
-def _pool(rng, din, dout, ranks, n_rows):
-    """Random pool; adapter slot s+1 gets ranks[s] scattered (non-contiguous) rows."""
-    a = rng.standard_normal((n_rows, din)).astype(np.float32)
-    b = rng.standard_normal((n_rows, dout)).astype(np.float32)
-    a[0] = b[0] = 0.0
-    free = rng.permutation(np.arange(1, n_rows))
-    slot_rows = np.zeros((len(ranks) + 1, 128), np.int32)
-    slot_rank = np.zeros((len(ranks) + 1,), np.int32)
-    used = 0
-    for s, r in enumerate(ranks, start=1):
-        slot_rows[s, :r] = free[used : used + r]
-        slot_rank[s] = r
-        used += r
-    return a, b, slot_rows, slot_rank
+def _pool(rng, din, dout, ranks):
+    """Random pool (tests.helpers.make_pool) as numpy arrays: (a, b, slot_rows, slot_rank)."""
+    p = make_pool(rng, din, dout, ranks, "float32")
+    return np.asarray(p.a), np.asarray(p.b), p.slot_rows, p.slot_rank
 
 
 def _ref(x, a, b, slot_rows, slot_rank, adapter):
@@ -39,7 +30,7 @@ def _ref(x, a, b, slot_rows, slot_rank, adapter):
 def test_decode_strategies_match_reference(din, dout, batch):
     rng = np.random.default_rng(din + batch)
     ranks = [8, 16, 32, 64, 128, 8, 24]
-    a, b, slot_rows, slot_rank = _pool(rng, din, dout, ranks, n_rows=400)
+    a, b, slot_rows, slot_rank = _pool(rng, din, dout, ranks)
     adapter = rng.integers(0, len(ranks) + 1, size=batch).astype(np.int32)  # 0 = no adapter
     adapter[0] = 0 if batch > 1 else adapter[0]
     x = rng.standard_normal((batch, 1, din)).astype(np.float32)
@@ -66,7 +57,7 @@ def test_prefill_segments_match_reference(seq):
     rng = np.random.default_rng(seq)
     din, dout = 576, 960
     ranks = [8, 64, 16]
-    a, b, slot_rows, slot_rank = _pool(rng, din, dout, ranks, n_rows=200)
+    a, b, slot_rows, slot_rank = _pool(rng, din, dout, ranks)
     adapter = np.array([2, 0, 1, 3, 2], np.int32)
     x = rng.standard_normal((len(adapter), seq, din)).astype(np.float32)
     ref = _ref(x, a, b, slot_rows, slot_rank, adapter)
@@ -78,7 +69,7 @@ def test_prefill_segments_match_reference(seq):
 
 def test_bfloat16_pool():
     rng = np.random.default_rng(3)
-    a, b, slot_rows, slot_rank = _pool(rng, 576, 576, [16, 32], n_rows=64)
+    a, b, slot_rows, slot_rank = _pool(rng, 576, 576, [16, 32])
     adapter = np.array([1, 2, 0], np.int32)
     x = rng.standard_normal((3, 1, 576)).astype(np.float32)
     ref = _ref(x, a, b, slot_rows, slot_rank, adapter)
