@@ -113,12 +113,13 @@ def test_preemption_under_a_small_kv_budget_loses_nothing(tiny, smol_tok):
     rng = np.random.default_rng(5)
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     reqs = [(rng.integers(3, 500, size=int(rng.integers(10, 30))).tolist(), sp) for _ in range(6)]
-    roomy = _engine(tiny, smol_tok)
-    alone = [_run(roomy, [r])[0][0] for r in reqs]
-    roomy.close()
-    # 12 pages of 16 tokens: room for about three of the six requests at once
+    # 12 pages of 16 tokens: room for about three of the six requests at once, and for any one
+    # alone (at most 70 tokens), so the same engine (one program) gives the reference outputs
     per_page = 16 * 2 * tiny.cfg.num_layers * tiny.cfg.num_kv_heads * tiny.cfg.head_dim * 4
-    tight = _engine(tiny, smol_tok, kv_cache_memory=13 * per_page, max_model_len=128)
+    tight = _engine(tiny, smol_tok, kv_cache_memory=13 * per_page, max_model_len=128,
+                    token_buckets=(64,))  # fmt: skip
+    alone = [_run(tight, [r])[0][0] for r in reqs]
+    assert tight.scheduler.preemptions == 0
     got, reasons = _run(tight, reqs)
     assert tight.scheduler.preemptions > 0
     assert got == alone and reasons == ["length"] * 6
