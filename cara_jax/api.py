@@ -315,8 +315,8 @@ class AsyncEngine:
     def _publish(self) -> None:
         eng = self.engine
         with eng.lock:
-            running = collections.Counter(s.adapter_name for s in eng.running)
-            waiting = collections.Counter(s.adapter_name for s in eng.waiting)
+            running = collections.Counter(s.stats_name for s in eng.running)
+            waiting = collections.Counter(s.stats_name for s in eng.waiting)
         self.snapshot = QueueSnapshot(
             sum(running.values()), sum(waiting.values()), dict(running), dict(waiting)
         )

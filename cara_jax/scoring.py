@@ -52,7 +52,9 @@ def _full_logits(graphdef, state, tokens, hook, block_size):
         unused = {p: jnp.zeros((1,), jnp.int32) for p in idx}  # bgmv's table
         hook = RaggedLoraHook(
             a=hook.a, b=hook.b, dec_rows=blocks, dec_ent=unused, dec_own=own,
+            dec_w={p: jnp.ones((BLOCKS_BIG, RANK_BLOCK), jnp.float32) for p in idx},
             dec_bucket={p: jnp.int32(0) for p in idx}, ch_idx=idx,
+            ch_w={p: jnp.ones(v.shape, jnp.float32) for p, v in idx.items()},
             ch_bucket={p: jnp.int32(w // RANK_BLOCK) for p in idx}, meta=meta,
             strategy="mbgmv", backend=hook.backend,
         )  # fmt: skip

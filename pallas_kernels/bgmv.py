@@ -35,15 +35,20 @@ from pallas_kernels.common import (
 )
 
 
-def bgmv_ref(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
+def bgmv_ref(
+    x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array, w: jax.Array | None = None
+) -> jax.Array:
     """The reference (the engine's jnp path: multi_lora.bgmv is this function).
 
     x [B, in], a [N, in], b [N, out], idx [B, R] row indices -> delta [B, out] float32.
+    ``w`` [B, R] (optional) weighs each rank row (a request's scale or mixture weights).
     Written as multiply-reduce rather than batched dots: XLA:CPU then fuses each row gather into
     its reduction and reads the adapter rows once, in place (a batched matrix-vector dot first
     copies the gathered rows out)."""
     f32 = jnp.float32
     v = jnp.sum(x[:, None, :].astype(f32) * take(a, idx).astype(f32), axis=-1)  # [B, R]
+    if w is not None:
+        v = v * w
     v = v.astype(b.dtype).astype(f32)
     return jnp.sum(v[:, :, None] * take(b, idx).astype(f32), axis=1)
 
@@ -80,15 +85,19 @@ def bgmv(
     a: jax.Array,
     b: jax.Array,
     idx: jax.Array,
+    w: jax.Array | None = None,
     *,
     interpret: bool = False,
     poison: bool = False,
 ) -> jax.Array:
-    """Pallas BGMV: x [B, in], a [N, in], b [N, out], idx [B, R] -> [B, out] float32."""
+    """Pallas BGMV: x [B, in], a [N, in], b [N, out], idx [B, R] -> [B, out] float32; ``w``
+    [B, R] (optional) weighs the rank rows, applied to the shrink's partials between the calls."""
     bsz, din = x.shape
     dout = b.shape[1]
     check_dims(din=din, dout=dout)
     r = max(8, next_pow2(idx.shape[1]))
+    if w is not None:
+        w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, r - w.shape[1])))
     idx = pad_cols(idx.astype(jnp.int32), r)
     br, bk, bo = tiles(din, dout, r)
     ks = din // bk
@@ -107,6 +116,8 @@ def bgmv(
         poison=poison,
         name="bgmv_shrink",
     )
+    if w is not None:  # the split-K sum in the expand is linear: weigh each partial
+        part = part * w[:, None, :]
     return call(
         partial(_expand_kernel, bo=bo, ks=ks, b_dtype=b.dtype),
         [part, idx, b],

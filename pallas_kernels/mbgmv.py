@@ -32,29 +32,45 @@ BE = 16  # rank rows per expand step: ranks are multiples of 8 in practice, 16 h
 
 
 def mbgmv_ref(
-    x: jax.Array, a: jax.Array, b: jax.Array, rows: jax.Array, owner: jax.Array
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    rows: jax.Array,
+    owner: jax.Array,
+    w: jax.Array | None = None,
 ) -> jax.Array:
     """The reference (the engine's jnp path: multi_lora.mbgmv is this function).
 
-    x [B, in]; rows [T] pool rows of the whole batch; owner [T] batch row of each -> [B, out]."""
+    x [B, in]; rows [T] pool rows of the whole batch; owner [T] batch row of each; w [T]
+    (optional) the weight of each rank row -> [B, out]."""
     v = jnp.sum(take(x, owner).astype(jnp.float32) * take(a, rows).astype(jnp.float32), axis=-1)
+    if w is not None:
+        v = v * w
     contrib = v[:, None] * take(b, rows).astype(jnp.float32)
     return jax.ops.segment_sum(contrib, owner, num_segments=x.shape[0])
 
 
 def mbgmv_blocks_ref(
-    x: jax.Array, a: jax.Array, b: jax.Array, blk_rows: jax.Array, blk_own: jax.Array
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    blk_rows: jax.Array,
+    blk_own: jax.Array,
+    blk_w: jax.Array | None = None,
 ) -> jax.Array:
     """MBGMV with the entries grouped in blocks: the same math as ``mbgmv_ref`` on
     (blk_rows.reshape(-1), repeat(blk_own, RB)), written as two batched matmuls.
 
     x [B, in]; blk_rows [K, RB] pool rows (a block holds RB rank rows of one batch row; row 0
-    pads); blk_own [K] the batch row of each block -> [B, out] float32. XLA:CPU runs the
+    pads); blk_own [K] the batch row of each block; blk_w [K, RB] (optional) the weight of each
+    rank row -> [B, out] float32. XLA:CPU runs the
     batched dots about twice as fast as the reference's multiply-reduce over flat entries
     (docs/adapters.md), so the engine's jnp path uses this form."""
     v = jnp.einsum(
         "ki,kri->kr", take(x, blk_own), take(a, blk_rows), preferred_element_type=jnp.float32
     )
+    if blk_w is not None:
+        v = v * blk_w
     e = jnp.einsum("kr,kro->ko", v, take(b, blk_rows), preferred_element_type=jnp.float32)
     return jax.ops.segment_sum(e, blk_own, num_segments=x.shape[0])
 
@@ -118,11 +134,13 @@ def mbgmv_segments(
     owner: jax.Array,
     start: jax.Array,
     count: jax.Array,
+    w: jax.Array | None = None,
     *,
     interpret: bool = False,
     poison: bool = False,
 ) -> jax.Array:
-    """Pallas MBGMV given each batch row's segment (start [B], count [B]) of ``rows``."""
+    """Pallas MBGMV given each batch row's segment (start [B], count [B]) of ``rows``; ``w``
+    [T] (optional) weighs each rank row, applied to the shrink's partials between the calls."""
     bsz, din = x.shape
     dout = b.shape[1]
     check_dims(din=din, dout=dout)
@@ -132,6 +150,8 @@ def mbgmv_segments(
     if total % 8:  # padding entries (row 0, owner 0) up to a multiple of 8
         extra = 8 - total % 8
         rows, owner = jnp.pad(rows, (0, extra)), jnp.pad(owner, (0, extra))
+        if w is not None:
+            w = jnp.pad(w, (0, extra))
         total += extra
     bt, bk, bo = tiles(din, dout, total)
     ks = din // bk
@@ -151,6 +171,8 @@ def mbgmv_segments(
         poison=poison,
         name="mbgmv_shrink",
     )
+    if w is not None:  # the expand sums the split-K partials: weigh each one
+        part = part * w.astype(jnp.float32)[None, :]
     return call(
         partial(_expand_kernel, bo=bo, ks=ks),
         [start.astype(jnp.int32), count.astype(jnp.int32), rows, part, b],
@@ -177,10 +199,13 @@ def mbgmv(
     b: jax.Array,
     rows: jax.Array,
     owner: jax.Array,
+    w: jax.Array | None = None,
     *,
     interpret: bool = False,
     poison: bool = False,
 ) -> jax.Array:
-    """Pallas MBGMV with the reference's arguments: x [B, in], rows/owner [T] -> [B, out] f32."""
+    """Pallas MBGMV with the reference's arguments: x [B, in], rows/owner [T] (w [T]
+    optional) -> [B, out] f32."""
     start, count = segments_from_owner(rows, owner, x.shape[0])
-    return mbgmv_segments(x, a, b, rows, owner, start, count, interpret=interpret, poison=poison)
+    return mbgmv_segments(x, a, b, rows, owner, start, count, w, interpret=interpret,
+                          poison=poison)  # fmt: skip

@@ -32,17 +32,33 @@ _NN = (((1,), (0,)), ((), ()))  # v [m, r] . b [r, o] -> [m, o]
 
 
 def sgmv_ref(
-    x: jax.Array, a: jax.Array, b: jax.Array, seg_idx: jax.Array, group_sizes: jax.Array
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    seg_idx: jax.Array,
+    group_sizes: jax.Array,
+    seg_w: jax.Array | None = None,
 ) -> jax.Array:
     """The reference (the engine's jnp path: multi_lora.sgmv is this function).
 
     x [M, in] sorted into G contiguous segments of sizes group_sizes [G]; seg_idx [G, R] pool
-    rows of each segment's adapter -> [M, out] float32."""
+    rows of each segment's adapter; seg_w [G, R] (optional) the weight of each rank row
+    -> [M, out] float32."""
     a_g = jnp.swapaxes(a[seg_idx], 1, 2)  # [G, in, R]
     v = jax.lax.ragged_dot(x, a_g, group_sizes, preferred_element_type=jnp.float32)
+    if seg_w is not None:
+        v = v * token_weights(seg_w, group_sizes, x.shape[0])
     return jax.lax.ragged_dot(
         v.astype(b.dtype), b[seg_idx], group_sizes, preferred_element_type=jnp.float32
     )
+
+
+def token_weights(seg_w: jax.Array, group_sizes: jax.Array, m: int) -> jax.Array:
+    """[m, R] each token's segment's rank-row weights (tokens past the segments: the last's,
+    harmless: they are zero)."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    seg = jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right")
+    return seg_w.astype(jnp.float32)[jnp.minimum(seg, seg_w.shape[0] - 1)]
 
 
 def _inside(starts_ref, ends_ref, g, m):
@@ -101,11 +117,13 @@ def sgmv(
     b: jax.Array,
     seg_idx: jax.Array,
     group_sizes: jax.Array,
+    seg_w: jax.Array | None = None,
     *,
     interpret: bool = False,
     poison: bool = False,
 ) -> jax.Array:
-    """Pallas SGMV: x [M, in], seg_idx [G, R], group_sizes [G] -> [M, out] float32."""
+    """Pallas SGMV: x [M, in], seg_idx [G, R], group_sizes [G] (seg_w [G, R] optional: the
+    rank rows' weights, applied between the calls) -> [M, out] float32."""
     mtok, din = x.shape
     dout = b.shape[1]
     check_dims(din=din, dout=dout)
@@ -142,7 +160,11 @@ def sgmv(
         poison=poison,
         name="sgmv_shrink",
     )
-    v = jnp.sum(part, axis=0).astype(b.dtype)  # the reference rounds v to b's dtype
+    v = jnp.sum(part, axis=0)
+    if seg_w is not None:
+        w = jnp.pad(seg_w.astype(jnp.float32), ((0, 0), (0, r - seg_w.shape[1])))
+        v = v * token_weights(w, group_sizes, mp)
+    v = v.astype(b.dtype)  # the reference rounds v to b's dtype
     out = call(
         partial(_expand_kernel, bm=bm, bo=bo),
         [*tables, v, b],

@@ -89,6 +89,54 @@ def peft_mixed(hf_model, paths):
     return model.eval()
 
 
+def engine_logprobs(loaded, paths, rows, prompts, n_tokens, strategy, passes=2):
+    """Greedy tokens and their top-5 log-probs per row, for ``passes`` runs of the same batch
+    on one engine (the second prefills from the prefix cache), token budget 32 (long prompts
+    prefill in chunks beside the other rows' decode steps). A row is None (the base model), an
+    adapter name, or a list of (name, scale) entries (a request's ``lora`` mixture)."""
+    from cara_jax.adapters.device_pool import PoolConfig
+    from cara_jax.engine import Engine, EngineConfig
+    from cara_jax.sampling_params import SamplingParams
+
+    eng = Engine(loaded, IdsTokenizer(), EngineConfig(
+        max_num_seqs=len(rows), max_model_len=128, max_prefill_seqs=2, max_num_batched_tokens=32,
+        token_buckets=(8, 32), kv_cache_memory=8 << 20, cold_start="cached",
+        lora_strategy=strategy, pool=PoolConfig(budget_bytes=64 << 20),
+    ))  # fmt: skip
+    for name, path in paths.items():
+        eng.load_adapter(name, path)
+    eng.warmup()
+    sp = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True, logprobs=5)
+    out, cached = [], []
+    for _ in range(passes):
+        ids = [eng.add_request(p, sp, r) if not isinstance(r, list) else
+               eng.add_request(p, sp, lora=r) for p, r in zip(prompts, rows, strict=True)]  # fmt: skip
+        got = {i: ([], []) for i in ids}
+        hits = 0
+        while eng.has_unfinished():
+            for o in eng.step():
+                got[o.request_id][0].extend(o.token_ids)
+                got[o.request_id][1].extend(o.logprobs or [])
+                hits += (o.num_cached_tokens or 0) if o.finished else 0
+        out.append([got[i] for i in ids])
+        cached.append(hits)
+    assert cached[0] == 0 and cached[-1] >= 16 * 4, cached  # the later passes hit the cache
+    assert eng.runner.hot_compiles == 0
+    eng.close()
+    return out
+
+
+class IdsTokenizer:
+    """Token ids in, token ids out: no vocabulary needed."""
+
+    eos_token_ids = ()
+
+    def detokenizer(self, skip_special_tokens=True):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(add=lambda t: "", flush=lambda: "")
+
+
 # ---------------------------------------------------------------------- cost models
 
 MS = 1e-3

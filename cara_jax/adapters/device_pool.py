@@ -17,6 +17,11 @@ dispatched, not waited for: it runs on the device after the step in flight (whic
 the arrays it replaces) and before the next step, which is the first to see the new rows.
 Adapters are keyed by content hash. Eviction is LRU and skips adapters that a running sequence
 holds (refcount > 0) and pinned ones.
+
+A scaled or mixed adapter (adapters/mixture.py) is a slot of its own whose table lists its
+members' rows one after another, each with its weight (``_slot_w``): no rows, no copy, no merged
+weights. It holds one reference on each member while it is in the pool; it is evicted like any
+adapter, and dropped with a member whose load failed.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 from cara_jax.adapters.packed import PackedAdapter, PackedStore, PoolLayout
 from cara_jax.adapters.peft import LoraAdapter
 from cara_jax.adapters.pool_index import PoolIndex
-from cara_jax.adapters.pool_load import LoadHandle, PoolLoader, _Entry
+from cara_jax.adapters.pool_load import LoadHandle, MixHandle, PoolLoader, _Entry
 from cara_jax.adapters.pool_write import PoolWriter
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import PROJECTIONS
@@ -102,6 +107,11 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
             p: np.zeros((pc.max_adapters, pc.max_rank), np.int32) for p in self.projections
         }
         self._slot_rank = {p: np.zeros((pc.max_adapters,), np.int32) for p in self.projections}
+        # each slot row's weight: 1, but in a mixture's slot (its members' weights)
+        self._slot_w = {
+            p: np.ones((pc.max_adapters, pc.max_rank), np.float32) for p in self.projections
+        }
+        self._mix_slots: set[int] = set()
         self._table_dev: tuple | None = None
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
         per_group = -(-cfg.num_layers // pc.layer_groups)
@@ -221,6 +231,73 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
         self._loader.submit(self._load, e)
         return handle
 
+    def acquire_mix(
+        self, key: str, members: list[tuple[LoraAdapter | PackedAdapter, float]]
+    ) -> MixHandle:
+        """Hold the mixture ``key`` (its members at their weights), acquiring each member
+        (starting their loads) and giving the mixture a slot whose rows are theirs; until
+        ``release``. ValueError when a projection's summed rank exceeds max_rank."""
+        with self.lock:
+            e = self._entries.get(key)
+            if e is not None:
+                self.stats.hits += 1
+                e.refcount += 1
+                self._entries.move_to_end(key)
+                return e.handle
+        held: list[str] = []
+        try:
+            handles = []
+            for adapter, _ in members:
+                handles.append(self.acquire(adapter))
+                held.append(adapter.content_hash)
+            with self.lock:
+                e = self._entries.get(key)
+                if e is not None:  # another thread made it meanwhile
+                    for h in held:
+                        self.release(h)
+                    e.refcount += 1
+                    return e.handle
+                tables, ranks = self._mix_tables(members)
+                self._make_room({})
+                slot = self._free_slots.pop()
+                self.stats.misses += 1
+                for p in self.projections:
+                    rows, wts = tables[p]
+                    self._slot_rows[p][slot] = 0
+                    self._slot_w[p][slot] = 1.0
+                    self._slot_rows[p][slot, : len(rows)] = rows
+                    self._slot_w[p][slot, : len(rows)] = wts
+                    self._slot_rank[p][slot] = len(rows)
+                self._mix_slots.add(slot)
+                self._table_dev = None
+                handle = MixHandle(key, handles, self.groups)
+                packed = PackedAdapter(key, ranks, [], "mixture")
+                self._entries[key] = _Entry(packed, slot, {}, handle, 1, members=tuple(held))
+                return handle
+        except BaseException:
+            for h in held:
+                if self.handle_of(h) is not None:
+                    self.release(h)
+            raise
+
+    def _mix_tables(self, members) -> tuple[dict, dict[str, int]]:
+        """Per projection, (pool rows, weights) of a mixture's slot: each member's rows in turn."""
+        tables, ranks = {}, {}
+        for p in self.projections:
+            rows, wts = [], []
+            for adapter, w in members:
+                r = self._entries[adapter.content_hash].rows.get(p)
+                if r is not None:
+                    rows.extend(int(x) for x in r)
+                    wts.extend([float(w)] * len(r))
+            if len(rows) > self.config.max_rank:
+                raise ValueError(f"the mixture's summed rank on {p} is {len(rows)}, over the "
+                                 f"pool's max_rank {self.config.max_rank}")  # fmt: skip
+            tables[p] = (np.asarray(rows, np.int32), np.asarray(wts, np.float32))
+            if rows:
+                ranks[p] = len(rows)
+        return tables, ranks
+
     def release(self, content_hash: str) -> None:
         with self.lock:
             e = self._entries[content_hash]
@@ -238,6 +315,9 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
             e = self._entries.get(content_hash)
             if e is None:
                 return
+            for k, other in list(self._entries.items()):  # idle mixtures that hold it
+                if content_hash in other.members and other.refcount == 0:
+                    self._drop(k)
             if e.refcount > 0 or not e.handle.done():
                 raise PoolFullError(f"adapter {content_hash[:12]} is in use")
             self._drop(content_hash)
@@ -254,13 +334,13 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
                 len(self._free_rows[p]) >= r for p, r in ranks.items()
             )
 
-        for h in list(self._entries):
-            if fits():
-                return
-            e = self._entries[h]
-            if e.refcount == 0 and not e.pinned and e.handle.done():
-                self._drop(h)
-                self.stats.evictions += 1
+        while not fits():  # LRU first; dropping a mixture may free its members for a later turn
+            idle = next((h for h, e in self._entries.items()
+                         if e.refcount == 0 and not e.pinned and e.handle.done()), None)  # fmt: skip
+            if idle is None:
+                break
+            self._drop(idle)
+            self.stats.evictions += 1
         if not fits():
             need = {p: r for p, r in ranks.items()}
             raise PoolFullError(
@@ -275,8 +355,16 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
         for p in self.projections:
             self._slot_rows[p][e.slot] = 0
             self._slot_rank[p][e.slot] = 0
+            self._slot_w[p][e.slot] = 1.0
+        self._mix_slots.discard(e.slot)
         self._free_slots.append(e.slot)
         self._table_dev = None
+        for m in e.members:  # a mixture lets go of its members
+            me = self._entries.get(m)
+            if me is not None:
+                me.refcount -= 1
+        for k in [k for k, o in self._entries.items() if content_hash in o.members]:
+            self._drop(k)  # a mixture whose member is gone (its load failed) goes too
 
     def take_load_events(self) -> list[tuple[int, float]]:
         """The loads finished since the last call, as (bytes, seconds)."""

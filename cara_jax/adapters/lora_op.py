@@ -48,12 +48,17 @@ def resolve_backend(backend: str, din: int, dout: int) -> str:
     return "pallas" if common.available() and common.supports(din, dout) else "jnp"
 
 
-def row_lora(x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array) -> jax.Array:
-    """One adapter per row of tokens (a prefill chunk): x [P, Q, in], idx [P, R] -> [P, Q, out].
+def row_lora(
+    x: jax.Array, a: jax.Array, b: jax.Array, idx: jax.Array, w: jax.Array | None = None
+) -> jax.Array:
+    """One adapter per row of tokens (a prefill chunk): x [P, Q, in], idx [P, R] -> [P, Q, out];
+    ``w`` [P, R] (optional) weighs each rank row (a scale, a mixture's weights).
 
     Two batched matmuls after one gather of each row's rank rows: the segment kernel when every
     segment is a row (the chunk view of a step), with none of ragged_dot's per-group masking."""
     v = jnp.einsum("pqi,pri->pqr", x, take(a, idx), preferred_element_type=jnp.float32)
+    if w is not None:
+        v = v * w[:, None, :]
     return jnp.einsum(
         "pqr,pro->pqo", v.astype(b.dtype), take(b, idx), preferred_element_type=jnp.float32
     )

@@ -103,6 +103,10 @@ class RaggedLoraHook:
       step rounded up to RANK_BLOCK (Punica-style: cost ~ rows x max rank).
     Chunk view (prefill chunks, one adapter per row): each row multiplies by its adapter's rows
     on p, up to the largest rank on p among the chunk rows rounded up to RANK_BLOCK.
+    Every rank row carries a weight (``dec_w``, ``ch_w``, laid out as the row tables): 1 for a
+    plain adapter, the request's scale, or each member's weight in a mixture (a mixture's slot
+    lists its members' rows one after another, adapters/mixture.py), so a scaled or mixed
+    request is just more rank rows in the same program.
 
     Sizes are data, not shape: per projection and view, ``*_bucket[p]`` is, at run time, the
     number of loop iterations of RANK_BLOCK rank rows each (chunks, bgmv) or the number of
@@ -119,8 +123,10 @@ class RaggedLoraHook:
     dec_rows: dict[str, jax.Array]
     dec_ent: dict[str, jax.Array]
     dec_own: dict[str, jax.Array]
+    dec_w: dict[str, jax.Array]  # mbgmv: [K_cap, RANK_BLOCK]; bgmv: [S, r_max] float32
     dec_bucket: dict[str, jax.Array]  # proj -> () int32: mbgmv blocks, bgmv iterations (0: none)
     ch_idx: dict[str, jax.Array]  # proj -> [P, r_max] pool rows of each chunk row
+    ch_w: dict[str, jax.Array]  # proj -> [P, r_max] their weights
     ch_bucket: dict[str, jax.Array]  # proj -> () int32: RANK_BLOCK blocks (0: none)
     meta: RaggedMeta
     strategy: str = dataclasses.field(default="mbgmv", metadata=dict(static=True))
@@ -144,12 +150,14 @@ class RaggedLoraHook:
         xc = self.meta.ch_gather(x)
         p, q = xc.shape[:2]
         sizes = jnp.full((p,), q, jnp.int32)
+        wts = self.ch_w[proj]
 
         def block(k, acc):
             rows = jax.lax.dynamic_slice_in_dim(idx, k * RANK_BLOCK, RANK_BLOCK, axis=1)
+            w = jax.lax.dynamic_slice_in_dim(wts, k * RANK_BLOCK, RANK_BLOCK, axis=1)
             if pk is None:
-                return acc + row_lora(xc, a, b, rows)
-            out = pk.sgmv(xc.reshape(p * q, -1), a, b, rows, sizes, interpret=interpret)
+                return acc + row_lora(xc, a, b, rows, w)
+            out = pk.sgmv(xc.reshape(p * q, -1), a, b, rows, sizes, w, interpret=interpret)
             return acc + out.reshape(p, q, -1)
 
         zero = jnp.zeros((p, q, b.shape[1]), jnp.float32)
@@ -162,27 +170,32 @@ class RaggedLoraHook:
         s = xd.shape[0]
         if self.strategy == "bgmv":
             ent = self.dec_ent[proj]  # dec_bucket: RANK_BLOCK-wide slices of each row's rows
+            wts = self.dec_w[proj]
 
             def block(k, acc):
                 idx = jax.lax.dynamic_slice_in_dim(ent, k * RANK_BLOCK, RANK_BLOCK, axis=1)
+                w = jax.lax.dynamic_slice_in_dim(wts, k * RANK_BLOCK, RANK_BLOCK, axis=1)
                 if pk is None:
-                    return acc + bgmv(xd, a, b, idx)
-                return acc + pk.bgmv(xd, a, b, idx, interpret=interpret)
+                    return acc + bgmv(xd, a, b, idx, w)
+                return acc + pk.bgmv(xd, a, b, idx, w, interpret=interpret)
 
             zero = jnp.zeros((s, b.shape[1]), jnp.float32)
             return jax.lax.fori_loop(0, self.dec_bucket[proj], block, zero).astype(x.dtype)
 
         rows, own, k = self.dec_rows[proj], self.dec_own[proj], self.dec_bucket[proj]
+        wts = self.dec_w[proj]
 
         def blocks(size: int, first: jax.Array):
             def body(i, acc):
                 off = first + i * size
                 br = jax.lax.dynamic_slice_in_dim(rows, off, size)
                 bo = jax.lax.dynamic_slice_in_dim(own, off, size)
+                bw = jax.lax.dynamic_slice_in_dim(wts, off, size)
                 if pk is None:
-                    return acc + mbgmv_blocks(xd, a, b, br, bo)
+                    return acc + mbgmv_blocks(xd, a, b, br, bo, bw)
                 flat_own = jnp.repeat(bo, RANK_BLOCK)
-                return acc + pk.mbgmv(xd, a, b, br.reshape(-1), flat_own, interpret=interpret)
+                return acc + pk.mbgmv(xd, a, b, br.reshape(-1), flat_own, bw.reshape(-1),
+                                      interpret=interpret)  # fmt: skip
 
             return body
 

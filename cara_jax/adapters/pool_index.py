@@ -15,7 +15,8 @@ from cara_jax.ragged import RaggedMeta
 
 class PoolIndex:
     """Index tables and hooks of a step (needs the pool's ``a``, ``b``, ``lock``, ``config``,
-    ``projections``, ``_slot_rows``, ``_slot_rank`` and ``_table_dev``)."""
+    ``projections``, ``_slot_rows``, ``_slot_rank``, ``_slot_w``, ``_mix_slots`` and
+    ``_table_dev``)."""
 
     def _table(self) -> tuple[dict, dict]:
         if self._table_dev is None:
@@ -44,6 +45,10 @@ class PoolIndex:
         GPU and the jnp references elsewhere. Call and dispatch the step while holding
         ``pool.lock``: a concurrent load donates the pool arrays it updates.
         """
+        with self.lock:
+            if self._mix_slots & {int(s) for s in np.asarray(slots).reshape(-1)}:
+                raise ValueError("the dense hook has no per-row weights: scaled or mixed "
+                                 "adapters are served by the engine step only")  # fmt: skip
         if rank_bucket is None:
             mx, total = self.batch_ranks(slots)
             rank_bucket = rank_bucket_for(total if strategy == "mbgmv" else mx)
@@ -67,20 +72,29 @@ class PoolIndex:
             out[:, :cols] = self._slot_rows[proj][slots, :cols]
         return out
 
+    def row_weights(self, proj: str, slots: np.ndarray, r: int) -> np.ndarray:
+        """[len(slots), r] the weight of each of those rows (1 but in scaled or mixed slots)."""
+        out = np.ones((len(slots), r), np.float32)
+        with self.lock:
+            cols = min(r, self.config.max_rank)
+            out[:, :cols] = self._slot_w[proj][slots, :cols]
+        return out
+
     def step_blocks(
         self, proj: str, slots: np.ndarray, capacity: int
-    ) -> tuple[np.ndarray, np.ndarray, int]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """MBGMV's tables for decode rows using ``slots`` on ``proj``: (rows [capacity,
         RANK_BLOCK] the pool rows of each block, a block holding up to RANK_BLOCK rank rows of
         one decode row, each row at its own rank; own [capacity] the decode row of each block;
-        the number of blocks). A row's blocks are contiguous, and rows on the same adapter are
+        weights [capacity, RANK_BLOCK] of those rows; the number of blocks). A row's blocks are contiguous, and rows on the same adapter are
         adjacent, so an adapter's pool rows are read from memory once per step and again only
         from cache. Padding: row 0 (zeros), owned by 0."""
         rows = np.zeros((capacity, RANK_BLOCK), np.int32)
         own = np.zeros(capacity, np.int32)
+        wts = np.ones((capacity, RANK_BLOCK), np.float32)
         n = 0
         with self.lock:
-            table, rank = self._slot_rows[proj], self._slot_rank[proj]
+            table, rank, weight = self._slot_rows[proj], self._slot_rank[proj], self._slot_w[proj]
             for i in np.argsort(slots, kind="stable"):
                 r = int(rank[slots[i]])
                 k = -(-r // RANK_BLOCK)
@@ -91,9 +105,12 @@ class PoolIndex:
                 flat = np.zeros(k * RANK_BLOCK, np.int32)
                 flat[:r] = table[slots[i], :r]
                 rows[n : n + k] = flat.reshape(k, RANK_BLOCK)
+                flat_w = np.ones(k * RANK_BLOCK, np.float32)
+                flat_w[:r] = weight[slots[i], :r]
+                wts[n : n + k] = flat_w.reshape(k, RANK_BLOCK)
                 own[n : n + k] = i
                 n += k
-        return rows, own, n
+        return rows, own, wts, n
 
     def ragged_hook(
         self,
@@ -110,28 +127,32 @@ class PoolIndex:
         Call and dispatch under ``pool.lock``, as for ``hook``."""
         dec_slots, ch_slots = np.asarray(dec_slots), np.asarray(ch_slots)
         width = self.index_width()
-        dec_rows, dec_ent, dec_own, dec_b, ch_idx, ch_b = {}, {}, {}, {}, {}, {}
+        dec_rows, dec_ent, dec_own, dec_w, dec_b = {}, {}, {}, {}, {}
+        ch_idx, ch_w, ch_b = {}, {}, {}
         none = jnp.zeros((1,), jnp.int32)
         capacity = -(-len(dec_slots) * width // RANK_BLOCK // BLOCKS_BIG) * BLOCKS_BIG
         with self.lock:
             for p in self.a:
                 rank = self._slot_rank[p]
                 if strategy == "mbgmv":
-                    rows, own, n = self.step_blocks(p, dec_slots, capacity)
+                    rows, own, wts, n = self.step_blocks(p, dec_slots, capacity)
                     dec_rows[p], dec_own[p] = jnp.asarray(rows), jnp.asarray(own)
+                    dec_w[p] = jnp.asarray(wts)
                     dec_ent[p] = none
                     dec_b[p] = jnp.asarray(n, jnp.int32)
                 else:
                     dec_ent[p] = jnp.asarray(self.row_index(p, dec_slots, width))
+                    dec_w[p] = jnp.asarray(self.row_weights(p, dec_slots, width))
                     dec_rows[p] = dec_own[p] = none
                     dec_b[p] = jnp.asarray(rank_blocks(rank[dec_slots]), jnp.int32)
                 ch_idx[p] = jnp.asarray(self.row_index(p, ch_slots, width))
+                ch_w[p] = jnp.asarray(self.row_weights(p, ch_slots, width))
                 ch_b[p] = jnp.asarray(rank_blocks(rank[ch_slots]), jnp.int32)
         return RaggedLoraHook(
             a={p: list(v) for p, v in self.a.items()},
             b={p: list(v) for p, v in self.b.items()},
-            dec_rows=dec_rows, dec_ent=dec_ent, dec_own=dec_own, dec_bucket=dec_b,
-            ch_idx=ch_idx, ch_bucket=ch_b, meta=meta, strategy=strategy,
+            dec_rows=dec_rows, dec_ent=dec_ent, dec_own=dec_own, dec_w=dec_w, dec_bucket=dec_b,
+            ch_idx=ch_idx, ch_w=ch_w, ch_bucket=ch_b, meta=meta, strategy=strategy,
             backend=backend,
         )  # fmt: skip
 

@@ -69,14 +69,48 @@ class LoadHandle:
         return [i for g, r in enumerate(self.groups) if self.group_ready(g) for i in r]
 
 
+class MixHandle:
+    """A mixture's progress: its members' loads, seen as one (a layer group is ready when it is
+    for every member; the first member error is the mixture's)."""
+
+    def __init__(self, content_hash: str, handles: list[LoadHandle], groups: list[range]) -> None:
+        self.content_hash = content_hash
+        self.handles = handles
+        self.groups = groups
+        self.nbytes = sum(h.nbytes for h in handles)
+        self.started = min((h.started for h in handles), default=time.perf_counter())
+
+    @property
+    def error(self) -> BaseException | None:
+        return next((h.error for h in self.handles if h.error is not None), None)
+
+    def done(self) -> bool:
+        return all(h.done() for h in self.handles)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        end = None if timeout is None else time.perf_counter() + timeout
+        for h in self.handles:
+            left = None if end is None else max(0.0, end - time.perf_counter())
+            if not h.wait(left):
+                return False
+        return True
+
+    def group_ready(self, g: int) -> bool:
+        return all(h.group_ready(g) for h in self.handles)
+
+    def ready_layers(self) -> list[int]:
+        return [i for g, r in enumerate(self.groups) if self.group_ready(g) for i in r]
+
+
 @dataclasses.dataclass
 class _Entry:
-    adapter: PackedAdapter
+    adapter: PackedAdapter  # a mixture's: its summed ranks and no payload
     slot: int
     rows: dict[str, np.ndarray]  # proj -> pool rows (len = rank on that projection)
-    handle: LoadHandle
+    handle: LoadHandle | MixHandle
     refcount: int = 0
     pinned: bool = False
+    members: tuple[str, ...] = ()  # a mixture: the content it holds (one reference each)
 
 
 class PoolLoader:

@@ -27,7 +27,9 @@ import time
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import GROUPS  # one host exchange per (layer, group) (cpu_assist.py)
 
-REASONS = ("resident", "load_faster", "cpu_faster", "no_cpu_path")
+# "mixture": a scaled or mixed adapter waits for its members' loads (the CPU path serves one
+# adapter at scale 1)
+REASONS = ("resident", "load_faster", "cpu_faster", "no_cpu_path", "mixture")
 
 
 @dataclasses.dataclass

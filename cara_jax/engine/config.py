@@ -54,6 +54,8 @@ class EngineConfig:
     # admission: fifo, or slo (rank-aware, needs a profiled cost model); see admission_order.py
     admission: AdmissionSettings = AdmissionSettings()
     max_queue: int | None = None  # waiting requests beyond which add_request raises QueueFullError
+    # entries of a request's adapter mixture (adapters/mixture.py); more is an InvalidRequestError
+    max_lora_entries: int = 4
 
 
 def default_kv_cache_memory() -> int:

@@ -179,9 +179,9 @@ class Engine:
             ready=self.runner.is_ready(), preemptions=self.scheduler.preemptions,
             steps=self._num_steps, lora_pool=self.residency.stats(),
             admission=dict(self.admission.stats), cpu_assist=self.residency.cpu_stats(),
-            running_adapters=tuple(sorted({s.adapter_name for s in run if s.adapter_name})),
-            waiting_adapters=tuple(sorted({s.adapter_name for s in list(self.scheduler.waiting)
-                                           if s.adapter_name})),
+            running_adapters=tuple(sorted({n for s in run for n in s.adapter_names})),
+            waiting_adapters=tuple(sorted({n for s in list(self.scheduler.waiting)
+                                           for n in s.adapter_names})),
             cold_start=None if (cm := self.residency.cold_model) is None else cm.snapshot(),
             prefix_caching=self.blocks.enable_caching, prefix_cache_queries=pc.queries,
             prefix_cache_hits=pc.hits, prefix_cache_blocks=self.blocks.num_cached,
@@ -245,8 +245,11 @@ class Engine:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         request_id: str | None = None,
+        lora=None,
     ) -> str:
-        """Queue a request; invalid input raises at once and never disturbs other requests."""
+        """Queue a request; invalid input raises at once and never disturbs other requests.
+        ``lora``: instead of ``adapter``, adapters at weights (adapters/mixture.py), as
+        [{"name", "scale"}], (name, scale) pairs or LoraRefs."""
         params = params or SamplingParams()
         ids = (
             self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -254,10 +257,7 @@ class Engine:
             else list(prompt)
         )
         self.validate(ids, params)
-        content_hash, rank = None, 0
-        if adapter is not None:
-            entry = self.residency.entry(adapter)  # UnknownAdapterError
-            content_hash, rank = entry.content_hash, entry.cost_rank
+        use = self.residency.adapter_use(adapter, lora, self.config.max_lora_entries)
         rid = request_id or f"req-{next(self._ids)}"
         seq = Sequence(
             request_id=rid,
@@ -266,9 +266,10 @@ class Engine:
             seed=params.seed if params.seed is not None else random.getrandbits(31),
             detok=self.tokenizer.detokenizer(params.skip_special_tokens),
             eos_ids=frozenset(self.tokenizer.eos_token_ids),
-            adapter_name=adapter,
-            content_hash=content_hash,
-            rank=rank,
+            adapter_name=use.label,
+            content_hash=use.content_hash,
+            rank=use.rank,
+            mixture=use.mixture,
         )
         if params.structured is not None:  # compiled outside the lock (GrammarError: a 400)
             seq.constraint = self.grammars.compile(params.structured)
@@ -289,11 +290,13 @@ class Engine:
             # prefetch: start the adapter's load now, not when the request reaches the head of
             # the queue (the first max_num_seqs waiting requests; the pool must have room)
             prefetch = self.config.prefetch_adapters and self.residency.prefetch
-            if prefetch and adapter and len(self.scheduler.waiting) <= self.config.max_num_seqs:
+            if prefetch and use.content_hash and (
+                len(self.scheduler.waiting) <= self.config.max_num_seqs
+            ):
                 try:
                     self.residency.acquire(seq)
                 except Exception as e:  # admission reports it (the scheduler retries there)
-                    log.debug("prefetch of %s failed: %s", adapter, e)
+                    log.debug("prefetch of %s failed: %s", use.label, e)
         return rid
 
     def abort(self, request_id: str) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from cara_jax import cpu_assist
 from cara_jax.adapters.device_pool import DevicePool, PoolFullError
+from cara_jax.adapters.mixture import MixtureError, describe, is_plain, mixture_key, parse_mixture
 from cara_jax.adapters.packed import PackedAdapter
 from cara_jax.adapters.store import AdapterRegistry, RegisteredAdapter
 from cara_jax.config import ModelConfig
@@ -31,6 +32,7 @@ from cara_jax.engine.cold_start import ColdStartModel
 from cara_jax.engine.cpu_coordinator import CpuAssistCoordinator, zero_stats
 from cara_jax.engine.sequence import Sequence
 from cara_jax.lora_hooks import GROUPS
+from cara_jax.sampling_params import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,16 @@ class Readiness(enum.Enum):
     READY = "ready"  # resident: prefill and decode on the device
     CPU_ASSIST = "cpu_assist"  # still loading: prefill now, CPU deltas for the layers not there
     NOT_YET = "not_yet"  # loading (or the pool is full of adapters in use): try next step
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterUse:
+    """What a request runs on: nothing (the base model), a registered adapter, or a mixture."""
+
+    label: str | None = None  # the adapter's name, a mixture's description
+    content_hash: str | None = None  # content, or the mixture's key
+    rank: int = 0  # cost rank: a mixture's is its members' summed
+    mixture: tuple[tuple[str, str, float], ...] | None = None  # (name, content hash, weight)
 
 
 @dataclasses.dataclass
@@ -145,6 +157,32 @@ class AdapterResidency:
     def names(self) -> dict[str, RegisteredAdapter]:
         return self.registry.names()
 
+    def adapter_use(self, adapter: str | None, lora, max_entries: int) -> AdapterUse:
+        """Resolve a request's ``adapter`` name or ``lora`` mixture (UnknownAdapterError,
+        InvalidRequestError). One entry at scale 1 is the adapter itself."""
+        if lora is None:
+            if adapter is None:
+                return AdapterUse()
+            e = self.entry(adapter)
+            return AdapterUse(adapter, e.content_hash, e.cost_rank)
+        if adapter is not None:
+            raise InvalidRequestError("name the adapters in `lora` only (the model is the base "
+                                      "model when `lora` is given)", "lora")  # fmt: skip
+        try:
+            refs = parse_mixture(lora, max_entries)
+        except MixtureError as e:
+            raise InvalidRequestError(f"`lora` {e}", e.param) from None
+        entries = [(r, self.entry(r.name)) for r in refs]  # UnknownAdapterError
+        if is_plain(refs):
+            return AdapterUse(refs[0].name, entries[0][1].content_hash, entries[0][1].cost_rank)
+        total = sum(e.max_rank for _, e in entries)
+        if total > self.pool.config.max_rank:
+            raise InvalidRequestError(f"`lora` sums to rank {total}, over the server's max "
+                                      f"rank {self.pool.config.max_rank}", "lora")  # fmt: skip
+        members = tuple((r.name, e.content_hash, r.scale) for r, e in entries)
+        return AdapterUse(describe(refs), mixture_key((h, w) for _, h, w in members),
+                          sum(e.cost_rank for _, e in entries), members)  # fmt: skip
+
     def resident_names(self) -> list[str]:
         return [n for n, e in self.registry.names().items() if self.pool.is_resident(e.content_hash)]
 
@@ -160,6 +198,21 @@ class AdapterResidency:
             seq.content_hash = adapter.content_hash
         return adapter
 
+    def _members(self, seq: Sequence) -> list:
+        """A mixture's members at their weights, each found as ``_find`` finds an adapter; a
+        member whose name now points at other content moves the mixture to its new key."""
+        out, now = [], []
+        for name, h, w in seq.mixture:
+            adapter = self.pool.packed.lookup(h) or self.registry.host.get(h)
+            if adapter is None:
+                adapter = self.registry.resolve(name)
+            out.append((adapter, w))
+            now.append((name, adapter.content_hash, w))
+        if tuple(now) != seq.mixture:
+            seq.mixture = tuple(now)
+            seq.content_hash = mixture_key((h, w) for _, h, w in now)
+        return out
+
     def acquire(self, seq: Sequence) -> bool:
         """Hold the sequence's adapter in the device pool, starting its load if it is not
         there; False when the pool is full of adapters in use (try again later)."""
@@ -168,10 +221,15 @@ class AdapterResidency:
             hold.acquired = False  # its load failed and the pool dropped it: ask again
         if seq.content_hash is None or hold.acquired:
             return True
-        adapter = self._find(seq)
-        hold.cold = not self.pool.is_resident(seq.content_hash)
         try:
-            self.pool.acquire(adapter)
+            if seq.mixture is not None:
+                members = self._members(seq)
+                hold.cold = not all(self.pool.is_resident(a.content_hash) for a, _ in members)
+                self.pool.acquire_mix(seq.content_hash, members)
+            else:
+                adapter = self._find(seq)
+                hold.cold = not self.pool.is_resident(seq.content_hash)
+                self.pool.acquire(adapter)
         except PoolFullError:
             return False
         hold.acquired = True
@@ -225,6 +283,9 @@ class AdapterResidency:
         """Whether a request whose adapter is still loading prefills now with CPU deltas."""
         hold = seq.hold
         if self.cpu is None:
+            return False
+        if seq.mixture is not None:  # the CPU workers serve one adapter at scale 1
+            hold.mode, hold.reason = "sync", "mixture"
             return False
         if hold.no_cpu_assist:
             hold.mode, hold.reason = "sync", "no_cpu_path"

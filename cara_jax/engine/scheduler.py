@@ -279,7 +279,7 @@ class Scheduler:
                 break
             hit = ch.start
             ch.first = True
-            self.blocks.record(seq.adapter_name, len(seq.tokens), hit)
+            self.blocks.record(seq.stats_name, len(seq.tokens), hit)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = min(hit, len(seq.prompt_ids))
             self.waiting.remove(seq)

@@ -12,6 +12,9 @@ from cara_jax.sampling_params import SamplingParams
 from cara_jax.tokenizer import IncrementalDetokenizer
 
 
+MIXED_LABEL = "(mixture)"
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -58,9 +61,11 @@ class Sequence:
     seed: int
     detok: IncrementalDetokenizer
     eos_ids: frozenset[int]
-    adapter_name: str | None = None
-    content_hash: str | None = None  # adapter content this sequence holds
+    adapter_name: str | None = None  # a mixture's: its label (mixture.describe)
+    content_hash: str | None = None  # adapter content this sequence holds (a mixture's key)
     rank: int = 0  # the adapter's cost rank (0 = base model): what scheduling counts
+    # a scaled or mixed adapter: (name, content hash, weight) per entry (adapters/mixture.py)
+    mixture: tuple[tuple[str, str, float], ...] | None = None
     status: SeqStatus = SeqStatus.WAITING
     row: int = -1  # sequence row of the device-side state while running
     num_computed: int = 0  # tokens whose KV is in the cache
@@ -86,6 +91,19 @@ class Sequence:
     ban_mask: Any = None  # min_tokens: the mask without end tokens (structured.Grammars.ban)
     prompt_scores: list[dict] = dataclasses.field(default_factory=list)  # prompt tokens 1..
     prompt_scores_sent: bool = False
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The registered names this request uses (a mixture's members)."""
+        if self.mixture is not None:
+            return tuple(m[0] for m in self.mixture)
+        return () if self.adapter_name is None else (self.adapter_name,)
+
+    @property
+    def stats_name(self) -> str | None:
+        """The name its per-adapter counters go under: a mixture's go under MIXED_LABEL, so
+        arbitrary weights do not grow the counters' keys."""
+        return MIXED_LABEL if self.mixture is not None else self.adapter_name
 
     @property
     def finished(self) -> bool:

@@ -11,7 +11,7 @@ import torch
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.store import AdapterRegistry, HostStore
 from cara_jax.scoring import full_logits
-from tests.helpers import ADAPTERS, ALL7, make_peft_adapters, peft_mixed, rel_err
+from tests.helpers import ADAPTERS, ALL7, engine_logprobs, make_peft_adapters, peft_mixed, rel_err
 
 
 def _setup(loaded, paths, strategy="bgmv", budget=64 << 20):
@@ -142,51 +142,6 @@ PATH_ADAPTERS = {
 }
 
 
-def _engine_logprobs(loaded, paths, rows, prompts, n_tokens, strategy, passes=2):
-    """Greedy tokens and their top-5 log-probs per row, for ``passes`` runs of the same batch
-    on one engine (the second prefills from the prefix cache), token budget 32 (long prompts
-    prefill in chunks beside the other rows' decode steps)."""
-    from cara_jax.engine import Engine, EngineConfig
-    from cara_jax.sampling_params import SamplingParams
-
-    eng = Engine(loaded, _IdsTokenizer(), EngineConfig(
-        max_num_seqs=len(rows), max_model_len=128, max_prefill_seqs=2, max_num_batched_tokens=32,
-        token_buckets=(8, 32), kv_cache_memory=8 << 20, cold_start="cached",
-        lora_strategy=strategy, pool=PoolConfig(budget_bytes=64 << 20),
-    ))  # fmt: skip
-    for name in {r for r in rows if r}:
-        eng.load_adapter(name, paths[name])
-    eng.warmup()
-    sp = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True, logprobs=5)
-    out, cached = [], []
-    for _ in range(passes):
-        ids = [eng.add_request(p, sp, r) for p, r in zip(prompts, rows, strict=True)]
-        got = {i: ([], []) for i in ids}
-        hits = 0
-        while eng.has_unfinished():
-            for o in eng.step():
-                got[o.request_id][0].extend(o.token_ids)
-                got[o.request_id][1].extend(o.logprobs or [])
-                hits += (o.num_cached_tokens or 0) if o.finished else 0
-        out.append([got[i] for i in ids])
-        cached.append(hits)
-    assert cached[0] == 0 and cached[-1] >= 16 * 4, cached  # the later passes hit the cache
-    assert eng.runner.hot_compiles == 0
-    eng.close()
-    return out
-
-
-class _IdsTokenizer:
-    """Token ids in, token ids out: no vocabulary needed."""
-
-    eos_token_ids = ()
-
-    def detokenizer(self, skip_special_tokens=True):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(add=lambda t: "", flush=lambda: "")
-
-
 @pytest.mark.parametrize("strategy", ["mbgmv", "bgmv"])
 def test_engine_paths_match_peft(tiny, tiny_llama_dir, tmp_path, strategy):
     """Decode, chunked prefill and prefix-cached prefill, in mixed batches of base rows and
@@ -204,7 +159,7 @@ def test_engine_paths_match_peft(tiny, tiny_llama_dir, tmp_path, strategy):
     prompts = [shared[:n] if i % 2 == 0 else rng.integers(3, tiny.cfg.vocab_size, size=n).tolist()
                for i, n in enumerate(lens)]  # fmt: skip
     n_tokens = 10
-    passes = _engine_logprobs(tiny, paths, rows, prompts, n_tokens, strategy)
+    passes = engine_logprobs(tiny, paths, rows, prompts, n_tokens, strategy)
     for prompt, row, *runs in zip(prompts, rows, *passes, strict=True):
         name = row or "__base__"
         with torch.no_grad():

@@ -1,0 +1,230 @@
+"""Adapters composed per request: weighted kernels, mixture slots in the pool, and the engine's
+scaled and mixed requests against PEFT (a scale is PEFT's cat of one adapter at that weight, a
+mixture PEFT's ``add_weighted_adapter(..., combination_type="cat")``)."""
+
+from __future__ import annotations
+
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import pallas_kernels as pk
+from cara_jax.adapters.device_pool import DevicePool, PoolConfig
+from cara_jax.adapters.mixture import LoraRef, MixtureError, mixture_key, parse_mixture
+from cara_jax.adapters.multi_lora import bgmv, mbgmv, mbgmv_blocks, row_lora, sgmv
+from cara_jax.adapters.store import AdapterRegistry, HostStore
+from cara_jax.engine.residency import AdapterResidency, Readiness
+from cara_jax.engine.sequence import Sequence
+from cara_jax.sampling_params import InvalidRequestError, SamplingParams
+from server.demo import write_demo_adapter
+from tests.helpers import (
+    ALL7,
+    TINY_CFG,
+    engine_logprobs,
+    make_peft_adapters,
+    make_pool,
+    peft_mixed,
+)
+
+
+def _close(got, want):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(np.abs(np.asarray(want)).max()))  # fmt: skip
+
+
+def test_weighted_kernels_weigh_each_rank_row():
+    """Every kernel, reference and Pallas (interpreted), with per-rank-row weights equals the
+    same rows with the weights folded into A (what a merged copy would hold)."""
+    rng = np.random.default_rng(3)
+    din, dout, ranks = 64, 48, [8, 16, 4]
+    p = make_pool(rng, din, dout, ranks, "float32", cap=32)
+    rows = p.slot_rows[[1, 2, 3, 0], :16]  # [B, R]: the three adapters and a base row
+    w = rng.uniform(-1.5, 1.5, rows.shape).astype(np.float32)
+    x = jnp.asarray(rng.standard_normal((4, din)), jnp.float32)
+    a, b = p.a, p.b
+
+    def folded(x, rows, w):  # per row: x . (w * A_rows)^T . B_rows
+        ga = np.asarray(a)[rows] * w[..., None]
+        return np.einsum("bi,bri,bro->bo", np.asarray(x), ga, np.asarray(b)[rows])
+
+    want = folded(x, rows, w)
+    _close(bgmv(x, a, b, rows, w), want)
+    _close(pk.bgmv(x, a, b, rows, w, interpret=True), want)
+    flat_rows, flat_w = rows.reshape(-1), w.reshape(-1)
+    owner = np.repeat(np.arange(4), 16).astype(np.int32)
+    _close(mbgmv(x, a, b, flat_rows, owner, flat_w), want)
+    _close(pk.mbgmv(x, a, b, flat_rows, owner, flat_w, interpret=True), want)
+    _close(mbgmv_blocks(x, a, b, rows, np.arange(4, dtype=np.int32), w), want)
+    xs = jnp.asarray(rng.standard_normal((4, 5, din)), jnp.float32)  # 4 rows of 5 tokens
+    want_t = np.stack([folded(xs[:, t], rows, w) for t in range(5)], axis=1)
+    _close(row_lora(xs, a, b, rows, w), want_t)
+    sizes = jnp.full((4,), 5, jnp.int32)
+    flat_x = xs.reshape(20, din)
+    _close(sgmv(flat_x, a, b, rows, sizes, w).reshape(4, 5, -1), want_t)
+    _close(pk.sgmv(flat_x, a, b, rows, sizes, w, interpret=True).reshape(4, 5, -1), want_t)
+    ones = np.ones_like(w)  # weight 1 is the unweighted kernel, bit for bit
+    assert np.array_equal(np.asarray(bgmv(x, a, b, rows, ones)), np.asarray(bgmv(x, a, b, rows)))
+
+
+def test_parse_mixture_shapes_and_errors():
+    assert parse_mixture([{"name": "a", "scale": 0.5}, ("b", 2), LoraRef("c")], 4) == (
+        LoraRef("a", 0.5), LoraRef("b", 2.0), LoraRef("c", 1.0))
+    bad = [
+        ("a", 4), ([], 4), ([{"name": "a"}] * 2, 4), ([{"name": "a", "scale": "x"}], 4),
+        ([{"name": "a", "scale": float("nan")}], 4), ([{"id": 0, "scale": 1}], 4),
+        ([{"name": "a", "weight": 1}], 4), ([("a", 1), ("b", 1), ("c", 1)], 2), ([{"scale": 1}], 4),
+    ]  # fmt: skip
+    for spec, limit in bad:
+        with pytest.raises(MixtureError):
+            parse_mixture(spec, limit)
+    assert mixture_key([("h1", 0.5)]) != mixture_key([("h1", 0.5000001)])
+
+
+def _residency(tmp_path, max_adapters=5):
+    cfg = TINY_CFG
+    pc = PoolConfig(budget_bytes=1 << 20, max_adapters=max_adapters, max_rank=24)
+    res = AdapterResidency(cfg, DevicePool(cfg, pc), AdapterRegistry(cfg, HostStore(1 << 20)),
+                           "sync")  # fmt: skip
+    for name, rank, seed in (("x", 8, 1), ("y", 16, 2), ("z", 8, 3)):
+        write_demo_adapter(tmp_path / name, cfg, rank=rank, seed=seed)
+        res.register(name, tmp_path / name)
+    return res
+
+
+def _seq(res, rid, lora):
+    use = res.adapter_use(None, lora, 4)
+    return Sequence(rid, [1, 2, 3], SamplingParams(), 0, None, frozenset(), use.label,
+                    use.content_hash, use.rank, mixture=use.mixture)  # fmt: skip
+
+
+def test_mixture_slot_lists_member_rows_with_weights(tmp_path):
+    """A mixture's slot: its members' rows in order, their weights, summed rank; the members
+    are held while it is in the pool and evictable after it goes; the dense hook refuses it."""
+    res = _residency(tmp_path)
+    pool = res.pool
+    seq = _seq(res, "m", [{"name": "x", "scale": 0.5}, {"name": "y", "scale": -2}])
+    assert seq.rank == res.entry("x").cost_rank + res.entry("y").cost_rank
+    assert seq.adapter_names == ("x", "y")
+    answer, _ = res.ready(seq, 3, 30.0, 0.0)  # sync: waits for both members' loads
+    assert answer is Readiness.READY
+    hx, hy = (res.entry(n).content_hash for n in "xy")
+    slot = seq.hold.slot
+    targeted = 0
+    for p in pool.projections:
+        rx, ry = (pool._entries[h].rows.get(p, np.zeros(0, np.int32)) for h in (hx, hy))
+        n = len(rx) + len(ry)
+        targeted += n > 0
+        assert pool._slot_rank[p][slot] == n
+        assert np.array_equal(pool._slot_rows[p][slot, :n], np.concatenate([rx, ry]))
+        assert np.array_equal(pool._slot_w[p][slot, :n], [0.5] * len(rx) + [-2.0] * len(ry))
+    assert targeted and max(pool._slot_rank[p][slot] for p in pool.projections) == 24
+    assert pool._entries[hx].refcount == 1 and pool._entries[hy].refcount == 1
+    with pytest.raises(ValueError, match="dense hook"):
+        pool.hook(np.array([slot]))
+    same = _seq(res, "m2", [("x", 0.5), ("y", -2)])  # the same mixture: the same slot
+    assert res.ready(same, 3, 30.0, 0.0)[0] is Readiness.READY and same.hold.slot == slot
+    res.finished(seq)
+    res.finished(same)
+    pool.evict(hx)  # the idle mixture holding x goes first, then x
+    assert pool.handle_of(seq.content_hash) is None and pool.handle_of(hx) is None
+    assert pool._entries[hy].refcount == 0
+    assert (pool._slot_w[next(iter(pool.projections))][slot] == 1.0).all()  # the slot is reset
+    res.close()
+
+
+def test_mixture_falls_with_a_failed_member_and_frees_its_slot(tmp_path):
+    res = _residency(tmp_path)
+    pool = res.pool
+    gate = threading.Event()
+    hz = res.entry("z").content_hash
+
+    def hold(h, g):
+        gate.wait(30)
+        if h == hz:
+            raise OSError("copy failed")
+
+    pool.group_gate = hold
+    seq = _seq(res, "m", [("x", 1.0), ("z", 0.25)])
+    assert res.ready(seq, 3, 0.0, 0.0)[0] is Readiness.NOT_YET
+    free_before = len(pool._free_slots)
+    gate.set()
+    pool.handle_of(res.entry("x").content_hash).wait(30)
+    with pytest.raises(OSError):
+        pool.handle_of(seq.content_hash).wait(30)  # noqa: B018
+    assert pool.handle_of(seq.content_hash) is None and pool.handle_of(hz) is None
+    assert len(pool._free_slots) == free_before + 2  # the mixture's and z's
+    assert pool._entries[res.entry("x").content_hash].refcount == 0
+    res.release(seq)  # the sequence's hold went with the mixture: nothing to release twice
+    res.close()
+
+
+def test_adapter_use_limits(tmp_path):
+    res = _residency(tmp_path)
+    assert res.adapter_use(None, [("x", 1.0)], 4).mixture is None  # one entry at 1: the adapter
+    with pytest.raises(InvalidRequestError, match="max rank"):
+        res.adapter_use(None, [("x", 1), ("y", 1), ("z", 1)], 4)  # 8 + 16 + 8 > 24
+    with pytest.raises(InvalidRequestError, match="only"):
+        res.adapter_use("x", [("y", 1.0)], 4)  # a name and a mixture: one or the other
+    res.close()
+
+
+# --------------------------------------------------------------- engine against PEFT
+
+MIX_ADAPTERS = {  # different ranks and targets; lists, so PEFT's cat takes their union
+    "m8_attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "m16_mlp": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "m4_all": dict(r=4, lora_alpha=4, target_modules=ALL7),
+}
+# per row: (label in PEFT, what the engine is asked for: adapter name or lora entries)
+MIX_ROWS = [
+    ("__base__", None),
+    ("m8_attn", "m8_attn"),
+    ("s_half", [("m8_attn", 0.5)]),
+    ("__base__", [("m16_mlp", 0.0)]),  # scale 0: the base model
+    ("mix_a", [("m8_attn", 0.7), ("m16_mlp", -0.4)]),
+    ("m16_mlp", "m16_mlp"),
+    ("mix_b", [("m16_mlp", 1.3), ("m4_all", 0.6), ("m8_attn", 0.2)]),
+]
+PEFT_WEIGHTED = {"s_half": (["m8_attn"], [0.5]), "mix_a": (["m8_attn", "m16_mlp"], [0.7, -0.4]),
+                 "mix_b": (["m16_mlp", "m4_all", "m8_attn"], [1.3, 0.6, 0.2])}  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["mbgmv", "bgmv"])
+def test_engine_mixtures_match_peft(tiny, tiny_llama_dir, tmp_path, strategy):
+    """Scaled and mixed requests in one batch with plain adapters and base rows, through
+    chunked prefill, decode and a prefix-cached second pass: greedy tokens equal PEFT's (a
+    scale and a mixture are PEFT's cat at those weights) and each token's top-5 log-probs
+    equal PEFT's within 1e-5; scale 0 gives the base model's tokens."""
+    from transformers import AutoModelForCausalLM
+
+    paths = make_peft_adapters(tiny_llama_dir, tmp_path, MIX_ADAPTERS, seed=21)
+    peft_model = peft_mixed(AutoModelForCausalLM.from_pretrained(tiny_llama_dir,
+                                                                 dtype=torch.float32), paths)
+    for name, (members, weights) in PEFT_WEIGHTED.items():
+        peft_model.add_weighted_adapter(members, weights, name, combination_type="cat")
+    rng = np.random.default_rng(8)
+    lens = [40, 12, 40, 23, 40, 17, 33]
+    shared = rng.integers(3, tiny.cfg.vocab_size, size=40).tolist()
+    prompts = [shared[:n] if i % 2 == 0 else rng.integers(3, tiny.cfg.vocab_size, size=n).tolist()
+               for i, n in enumerate(lens)]  # fmt: skip
+    n_tokens = 10
+    rows = [r for _, r in MIX_ROWS]
+    passes = engine_logprobs(tiny, paths, rows, prompts, n_tokens, strategy)
+    for prompt, (name, _), *runs in zip(prompts, MIX_ROWS, *passes, strict=True):
+        with torch.no_grad():
+            hf = peft_model.generate(input_ids=torch.tensor([prompt]), adapter_names=[name],
+                                     max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                                     do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+            seq = torch.tensor([prompt + hf])
+            lp = torch.log_softmax(peft_model(seq, adapter_names=[name]).logits[0], -1).numpy()
+        for tokens, logprobs in runs:
+            assert tokens == hf, (name, strategy)
+            for k, entry in enumerate(logprobs):
+                ref = lp[len(prompt) - 1 + k]
+                top = [t for t, _ in entry["top"]]
+                ours = np.array([v for _, v in entry["top"]] + [entry["logprob"]])
+                want = np.array([ref[t] for t in top] + [ref[tokens[k]]])
+                assert np.max(np.abs(ours - want)) <= 1e-5, (name, k, ours - want)
