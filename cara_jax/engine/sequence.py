@@ -11,7 +11,6 @@ from cara_jax.engine.batch import SamplingRow
 from cara_jax.sampling_params import SamplingParams
 from cara_jax.tokenizer import IncrementalDetokenizer
 
-
 MIXED_LABEL = "(mixture)"
 
 
