@@ -83,13 +83,19 @@ class LLM:
         self,
         prompts: str | list[str] | list[list[int]],
         sampling_params: SamplingParams | None = None,
-        adapter: str | list[str | None] | None = None,
+        adapter: str | list | None = None,
+        lora=None,
     ) -> list[CompletionOutput]:
+        """``adapter``: a name for every prompt, or a list with one entry per prompt (a name,
+        None, or a mixture given as a list of (name, scale)); ``lora``: one mixture for every
+        prompt (adapters/mixture.py)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
         ids = [
-            self.engine.add_request(p, sampling_params, a)
+            self.engine.add_request(p, sampling_params, lora=a)
+            if isinstance(a, (list, tuple))
+            else self.engine.add_request(p, sampling_params, a, lora=lora)
             for p, a in zip(prompts, adapters, strict=True)
         ]
         results = {i: CompletionOutput("", [], None) for i in ids}
@@ -258,14 +264,15 @@ class AsyncEngine:
             except IndexError:
                 break
             if op[0] == "add":
-                _, rid, prompt, params, adapter, loop, fut = op
+                _, rid, prompt, params, adapter, lora, loop, fut = op
                 taken += 1
                 error: BaseException | None = None
                 if closing:
                     error = RuntimeError("the engine is shut down")
                 else:
                     try:
-                        self.engine.add_request(prompt, params, adapter, request_id=rid)
+                        self.engine.add_request(prompt, params, adapter, request_id=rid,
+                                                lora=lora)  # fmt: skip
                     except Exception as e:  # reported to the submitter, the loop goes on
                         error = e
                 self._call(loop, _resolve, fut, error)
@@ -334,8 +341,10 @@ class AsyncEngine:
         adapter: str | None = None,
         request_id: str | None = None,
         queue: asyncio.Queue | None = None,
+        lora=None,
     ) -> Submission:
         """Hand a request to the engine thread without waiting (call from an event loop).
+        ``lora``: adapters at weights instead of ``adapter`` (Engine.add_request).
 
         Several submissions may share ``queue`` (e.g. the ``n`` choices of one API request);
         deltas carry their ``request_id``. Await ``.accepted`` before relying on the request.
@@ -351,7 +360,7 @@ class AsyncEngine:
         self._queues[rid] = (loop, queue)
         with self._pending_lock:
             self._pending_adds += 1
-        self._post(("add", rid, prompt, params, adapter, loop, accepted))
+        self._post(("add", rid, prompt, params, adapter, lora, loop, accepted))
         return Submission(self, rid, loop, queue, accepted)
 
     @contextlib.asynccontextmanager
@@ -361,10 +370,11 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         request_id: str | None = None,
+        lora=None,
     ) -> AsyncIterator[Submission]:
         """``async with engine.request(...) as deltas``: raises at once if the engine refuses
         the request; leaving the block cancels it."""
-        sub = self.submit(prompt, params, adapter, request_id)
+        sub = self.submit(prompt, params, adapter, request_id, lora=lora)
         try:
             await sub.accepted
             yield sub
@@ -377,9 +387,10 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         request_id: str | None = None,
+        lora=None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield deltas until the final one; leaving early cancels the request."""
-        async with self.request(prompt, params, adapter, request_id) as deltas:
+        async with self.request(prompt, params, adapter, request_id, lora=lora) as deltas:
             async for out in deltas:
                 yield out
 

@@ -66,6 +66,7 @@ def engine_config(args: argparse.Namespace):
         cold_start=args.cold_start,
         cpu_workers=args.cpu_workers,
         lora_strategy=args.lora_kernel,
+        max_lora_entries=args.max_lora_entries,
         host_budget_bytes=args.host_lora_bytes,
         pool=PoolConfig(
             budget_bytes=args.device_lora_bytes,

@@ -259,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest adapter rank accepted; a step runs each adapter at its own rank, so a "
         "larger limit costs no step anything (only the slot table's width)",
     )
+    a.add_argument(
+        "--max-lora-entries",
+        type=positive(int),
+        default=4,
+        help="adapters one request may mix (its `lora` list of {name, scale}); their summed "
+        "rank is bounded by --max-lora-rank",
+    )
 
     s = p.add_argument_group("scheduling")
     s.add_argument(

@@ -16,6 +16,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cara_jax.adapters.mixture import LoraRef, MixtureError, parse_mixture
 from cara_jax.adapters.peft import AdapterError
 from cara_jax.adapters.store import RegisteredAdapter, UnknownAdapterError
 from server.protocol import ApiError, not_found_model
@@ -82,6 +83,28 @@ class AdapterManager:
             path = lora_dir.resolve(name)
             await self._load(name, path)
         return name
+
+    async def resolve_lora(self, raw, adapter: str | None) -> tuple[LoraRef, ...] | None:
+        """A request's ``lora`` list (adapters at weights, llama.cpp's shape by name), each
+        name resolved as ``model`` is (loaded from the adapter folder on first use); None
+        when the request has none. 400 for a malformed list, a list beside an adapter
+        ``model``, or the base model's name in it; 404 for an unknown name."""
+        if raw is None:
+            return None
+        if adapter is not None:
+            raise ApiError(400, "`lora` composes adapters over the base model: set `model` to "
+                           "the base model's name (or name one adapter in `model` alone)",
+                           param="lora", code="invalid_value")  # fmt: skip
+        try:
+            refs = parse_mixture(raw, self.state.engine.config.max_lora_entries)
+        except MixtureError as e:
+            raise ApiError(400, f"`lora` {e}", param="lora", code="invalid_value") from None
+        for r in refs:
+            if self.is_base(r.name):
+                raise ApiError(400, f"`lora` names the base model {r.name!r}; list adapters "
+                               "only", param="lora", code="invalid_value")  # fmt: skip
+            await self.resolve_model(r.name)
+        return refs
 
     async def load(self, name: str, path: Path) -> RegisteredAdapter:
         """Register ``name`` (replacing what it pointed at if the contents differ)."""

@@ -24,7 +24,7 @@ _COMMON = {
     "n", "best_of", "stream", "stream_options", "user", "logprobs", "tpot_slo", "logit_bias",
     "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
     "guided_grammar", "skip_special_tokens", "include_stop_str_in_output", "min_tokens",
-    "prompt_logprobs",
+    "prompt_logprobs", "lora",
 }  # fmt: skip
 SERVED = {
     "completion": _COMMON | {"prompt", "suffix", "echo"},

@@ -105,12 +105,15 @@ class Generation:
         adapter: str | None,
         arrival: float,
         client_id: str | None = None,
+        lora=None,
     ) -> None:
         """``client_id``: the request's X-Request-Id, which names it in the answer's ``id`` and
-        in the engine's request ids (with a suffix: two requests may send the same one)."""
+        in the engine's request ids (with a suffix: two requests may send the same one);
+        ``lora``: the request's adapters at weights (instead of ``adapter``)."""
         self.state = state
         self.req = req
         self.adapter = adapter
+        self.lora = lora
         self.arrival = arrival
         self.model = req.model or state.base_name
         prefix = "cmpl" if req.kind == "completion" else "chatcmpl"
@@ -137,6 +140,7 @@ class Generation:
                         self.adapter,
                         f"{self._engine_id}-{idx}",
                         queue=self.queue,
+                        lora=self.lora,
                     )
                 )
                 self.choices.append(_Choice())

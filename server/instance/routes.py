@@ -46,6 +46,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         args += (state.config.tool_call_parser,)
     req = await asyncio.to_thread(parse, *args) if len(raw) > _BIG_BODY else parse(*args)
     adapter = await state.adapters.resolve_model(req.model)
+    lora = await state.adapters.resolve_lora(body.get("lora"), adapter)
     if state.async_engine.num_waiting() >= state.config.max_queue:
         state.metrics.rejected.inc()
         raise ApiError(
@@ -55,7 +56,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             code="queue_full",
             headers={"Retry-After": str(state.config.retry_after_s)},
         )
-    gen = Generation(state, req, adapter, arrival, request.headers.get("X-Request-Id"))
+    gen = Generation(state, req, adapter, arrival, request.headers.get("X-Request-Id"), lora)
     state.active += 1
     try:
         await gen.submit()
