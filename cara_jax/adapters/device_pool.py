@@ -245,8 +245,8 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
                 self._entries.move_to_end(key)
                 return e.handle
         held: list[str] = []
+        handles: list[LoadHandle] = []
         try:
-            handles = []
             for adapter, _ in members:
                 handles.append(self.acquire(adapter))
                 held.append(adapter.content_hash)
@@ -257,6 +257,8 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
                         self.release(h)
                     e.refcount += 1
                     return e.handle
+                if any(h not in self._entries for h in held):  # a member's load failed already
+                    raise PoolFullError("a member of the mixture was dropped (its load failed)")
                 tables, ranks = self._mix_tables(members)
                 self._make_room({})
                 slot = self._free_slots.pop()
@@ -275,8 +277,8 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
                 self._entries[key] = _Entry(packed, slot, {}, handle, 1, members=tuple(held))
                 return handle
         except BaseException:
-            for h in held:
-                if self.handle_of(h) is not None:
+            for h, handle in zip(held, handles, strict=False):
+                if self.handle_of(h) is handle:  # still the entry this reference was taken on
                     self.release(h)
             raise
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 MIX_PREFIX = "mix-"
+# largest |scale| accepted: weights are float32 in the step, and a delta scaled further is noise
+MAX_SCALE = 1000.0
 
 
 class MixtureError(ValueError):
@@ -42,8 +45,11 @@ def parse_mixture(spec: Any, max_entries: int) -> tuple[LoraRef, ...]:
     """Entries from what a caller passed: LoraRef, (name, scale) pairs, {"name", "scale"} dicts
     (scale defaults to 1). Raises MixtureError on anything else, an empty list, more than
     ``max_entries`` entries, a name given twice or a scale that is not a finite number."""
-    if isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
+    if isinstance(spec, (str, bytes, Mapping)) or not isinstance(spec, Iterable):
         raise MixtureError('must be a list of {"name": ..., "scale": ...} entries')
+    spec = list(spec)
+    if len(spec) > max_entries:
+        raise MixtureError(f"has {len(spec)} entries; this server takes at most {max_entries}")
     out: list[LoraRef] = []
     for i, item in enumerate(spec):
         if isinstance(item, LoraRef):
@@ -61,13 +67,17 @@ def parse_mixture(spec: Any, max_entries: int) -> tuple[LoraRef, ...]:
             raise MixtureError(f'entry {i} must be {{"name": ..., "scale": ...}}')
         if not isinstance(name, str) or not name:
             raise MixtureError(f"entry {i} needs an adapter `name`")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise MixtureError(f"entry {i} ({name!r}): `scale` must be a finite number")
-        out.append(LoraRef(name, float(scale)))
+        try:
+            ok = not isinstance(scale, bool) and isinstance(scale, numbers.Real)
+            value = float(scale) if ok else math.nan
+        except (OverflowError, TypeError, ValueError):
+            value = math.nan
+        if not abs(value) <= MAX_SCALE:
+            raise MixtureError(f"entry {i} ({name!r}): `scale` must be a number in "
+                               f"[-{MAX_SCALE:g}, {MAX_SCALE:g}]")  # fmt: skip
+        out.append(LoraRef(name, value + 0.0))  # -0.0 -> 0.0: one key per delta
     if not out:
         raise MixtureError("names no adapter; leave it out for the base model")
-    if len(out) > max_entries:
-        raise MixtureError(f"has {len(out)} entries; this server takes at most {max_entries}")
     names = [r.name for r in out]
     if len(set(names)) != len(names):
         raise MixtureError("names an adapter twice; give it one entry with the summed scale")
@@ -79,9 +89,20 @@ def is_plain(refs: tuple[LoraRef, ...]) -> bool:
     return len(refs) == 1 and refs[0].scale == 1.0
 
 
+def merge_members(members: Iterable[tuple[str, str, float]]) -> tuple[tuple[str, str, float], ...]:
+    """(name, content hash, weight) members in a canonical order (by content), one per content
+    (two names of the same content: their weights summed), so that the same delta has one key
+    and one slot whatever order or names a request used."""
+    merged: dict[str, tuple[str, float]] = {}
+    for name, h, w in members:
+        first, total = merged.get(h, (name, 0.0))
+        merged[h] = (first, total + w)
+    return tuple((name, h, w + 0.0) for h, (name, w) in sorted(merged.items()))
+
+
 def mixture_key(members: Iterable[tuple[str, float]]) -> str:
-    """The key of a mixture of (content hash, weight) members, in order: it changes with any
-    member's content or weight (float repr: exact)."""
+    """The key of a mixture of (content hash, weight) members (in merge_members' order): it
+    changes with any member's content or weight (float repr: exact)."""
     text = ";".join(f"{h}:{float(w)!r}" for h, w in members)
     return MIX_PREFIX + hashlib.sha256(text.encode()).hexdigest()
 

@@ -23,7 +23,14 @@ import numpy as np
 
 from cara_jax import cpu_assist
 from cara_jax.adapters.device_pool import DevicePool, PoolFullError
-from cara_jax.adapters.mixture import MixtureError, describe, is_plain, mixture_key, parse_mixture
+from cara_jax.adapters.mixture import (
+    MixtureError,
+    describe,
+    is_plain,
+    merge_members,
+    mixture_key,
+    parse_mixture,
+)
 from cara_jax.adapters.packed import PackedAdapter
 from cara_jax.adapters.store import AdapterRegistry, RegisteredAdapter
 from cara_jax.config import ModelConfig
@@ -175,13 +182,33 @@ class AdapterResidency:
         entries = [(r, self.entry(r.name)) for r in refs]  # UnknownAdapterError
         if is_plain(refs):
             return AdapterUse(refs[0].name, entries[0][1].content_hash, entries[0][1].cost_rank)
-        total = sum(e.max_rank for _, e in entries)
-        if total > self.pool.config.max_rank:
-            raise InvalidRequestError(f"`lora` sums to rank {total}, over the server's max "
-                                      f"rank {self.pool.config.max_rank}", "lora")  # fmt: skip
-        members = tuple((r.name, e.content_hash, r.scale) for r, e in entries)
+        members = merge_members((r.name, e.content_hash, r.scale) for r, e in entries)
+        self._check_fits(members)
+        cost = {e.content_hash: e.cost_rank for _, e in entries}
         return AdapterUse(describe(refs), mixture_key((h, w) for _, h, w in members),
-                          sum(e.cost_rank for _, e in entries), members)  # fmt: skip
+                          sum(cost[h] for _, h, _ in members), members)  # fmt: skip
+
+    def _check_fits(self, members) -> None:
+        """Refuse a mixture the pool could never hold at once: its members and its own slot,
+        and per projection its summed rank (the slot table's width, the pool's rows)."""
+        pool, pc = self.pool, self.pool.config
+        if len(members) + 1 > pc.max_adapters - 1:
+            raise InvalidRequestError(f"`lora` needs {len(members) + 1} adapter slots at once "
+                                      f"(its members and itself); this server has "
+                                      f"{pc.max_adapters - 1}", "lora")  # fmt: skip
+        summed: dict[str, int] = {}
+        for name, h, _ in members:
+            packed = pool.packed.lookup(h)
+            ranks = packed.ranks if packed is not None else dict.fromkeys(
+                pool.projections, self.registry.entry(name).max_rank)  # fmt: skip
+            for p, r in ranks.items():
+                summed[p] = summed.get(p, 0) + r
+        limit = min(pc.max_rank, pool.rows_per_proj)
+        over = {p: r for p, r in summed.items() if r > limit}
+        if over:
+            raise InvalidRequestError(f"`lora` sums to rank {max(over.values())} on "
+                                      f"{sorted(over)}; this server holds at most {limit}",
+                                      "lora")  # fmt: skip
 
     def resident_names(self) -> list[str]:
         return [n for n, e in self.registry.names().items() if self.pool.is_resident(e.content_hash)]
@@ -201,45 +228,51 @@ class AdapterResidency:
     def _members(self, seq: Sequence) -> list:
         """A mixture's members at their weights, each found as ``_find`` finds an adapter; a
         member whose name now points at other content moves the mixture to its new key."""
-        out, now = [], []
+        found, now = {}, []
         for name, h, w in seq.mixture:
             adapter = self.pool.packed.lookup(h) or self.registry.host.get(h)
             if adapter is None:
                 adapter = self.registry.resolve(name)
-            out.append((adapter, w))
+            found[adapter.content_hash] = adapter
             now.append((name, adapter.content_hash, w))
-        if tuple(now) != seq.mixture:
-            seq.mixture = tuple(now)
-            seq.content_hash = mixture_key((h, w) for _, h, w in now)
-        return out
+        merged = merge_members(now)
+        if merged != seq.mixture:
+            seq.mixture = merged
+            seq.content_hash = mixture_key((h, w) for _, h, w in merged)
+        return [(found[h], w) for _, h, w in merged]
 
     def acquire(self, seq: Sequence) -> bool:
         """Hold the sequence's adapter in the device pool, starting its load if it is not
         there; False when the pool is full of adapters in use (try again later)."""
         hold = seq.hold
-        if hold.acquired and self.pool.handle_of(seq.content_hash) is None:
-            hold.acquired = False  # its load failed and the pool dropped it: ask again
+        if hold.acquired and self.pool.handle_of(seq.content_hash) is not hold.handle:
+            # its load (or a member's) failed and the pool dropped what it held: ask again (an
+            # entry made since under the same key is someone else's reference, not this one's)
+            hold.acquired, hold.handle = False, None
         if seq.content_hash is None or hold.acquired:
             return True
         try:
             if seq.mixture is not None:
                 members = self._members(seq)
                 hold.cold = not all(self.pool.is_resident(a.content_hash) for a, _ in members)
-                self.pool.acquire_mix(seq.content_hash, members)
+                handle = self.pool.acquire_mix(seq.content_hash, members)
             else:
                 adapter = self._find(seq)
                 hold.cold = not self.pool.is_resident(seq.content_hash)
-                self.pool.acquire(adapter)
+                handle = self.pool.acquire(adapter)
         except PoolFullError:
             return False
-        hold.acquired = True
+        hold.acquired, hold.handle = True, handle
         return True
 
     def release(self, seq: Sequence) -> None:
-        if seq.hold.acquired and seq.content_hash:
-            seq.hold.acquired = False
-            if self.pool.handle_of(seq.content_hash) is not None:  # not dropped by a failed load
+        hold = seq.hold
+        if hold.acquired and seq.content_hash:
+            hold.acquired = False
+            # the reference is held only while the pool still has the entry it was taken on
+            if self.pool.handle_of(seq.content_hash) is hold.handle:
                 self.pool.release(seq.content_hash)
+            hold.handle = None
 
     def ready(
         self, seq: Sequence, uncached_tokens: int, wait_s: float, step_s: float

@@ -43,6 +43,7 @@ class AdapterHold:
     """A sequence's claim on its adapter and how its cold start went (written by residency)."""
 
     acquired: bool = False  # holds a reference in the device pool
+    handle: Any = None  # the pool entry's load handle that reference was taken on
     slot: int = 0  # device-pool slot (0 = base model)
     cold: bool = False  # the adapter was not resident when the request first asked for it
     cpu_assist: bool = False  # prefilled (or to be) with CPU-computed deltas; decodes once loaded

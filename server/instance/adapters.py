@@ -103,7 +103,11 @@ class AdapterManager:
             if self.is_base(r.name):
                 raise ApiError(400, f"`lora` names the base model {r.name!r}; list adapters "
                                "only", param="lora", code="invalid_value")  # fmt: skip
-            await self.resolve_model(r.name)
+            try:
+                await self.resolve_model(r.name)
+            except ApiError as e:
+                e.param = "lora"
+                raise
         return refs
 
     async def load(self, name: str, path: Path) -> RegisteredAdapter:

@@ -76,14 +76,19 @@ def test_parse_mixture_shapes_and_errors():
         ("a", 4), ([], 4), ([{"name": "a"}] * 2, 4), ([{"name": "a", "scale": "x"}], 4),
         ([{"name": "a", "scale": float("nan")}], 4), ([{"id": 0, "scale": 1}], 4),
         ([{"name": "a", "weight": 1}], 4), ([("a", 1), ("b", 1), ("c", 1)], 2), ([{"scale": 1}], 4),
+        ([{"name": "a", "scale": 10**400}], 4), ([{"name": "a", "scale": 1e39}], 4),
+        ({"name": "a"}, 4), ([{"name": "a", "scale": True}], 4),
     ]  # fmt: skip
     for spec, limit in bad:
         with pytest.raises(MixtureError):
             parse_mixture(spec, limit)
     assert mixture_key([("h1", 0.5)]) != mixture_key([("h1", 0.5000001)])
+    assert parse_mixture([("a", -0.0)], 4)[0].scale == 0.0  # one key for scale 0
+    assert parse_mixture([("a", np.float32(0.5))], 4)[0].scale == 0.5
 
 
 def _residency(tmp_path, max_adapters=5):
+    tmp_path.mkdir(exist_ok=True)
     cfg = TINY_CFG
     pc = PoolConfig(budget_bytes=1 << 20, max_adapters=max_adapters, max_rank=24)
     res = AdapterResidency(cfg, DevicePool(cfg, pc), AdapterRegistry(cfg, HostStore(1 << 20)),
@@ -91,6 +96,7 @@ def _residency(tmp_path, max_adapters=5):
     for name, rank, seed in (("x", 8, 1), ("y", 16, 2), ("z", 8, 3)):
         write_demo_adapter(tmp_path / name, cfg, rank=rank, seed=seed)
         res.register(name, tmp_path / name)
+    res.register("x2", tmp_path / "x")  # another name for x's content
     return res
 
 
@@ -113,18 +119,23 @@ def test_mixture_slot_lists_member_rows_with_weights(tmp_path):
     hx, hy = (res.entry(n).content_hash for n in "xy")
     slot = seq.hold.slot
     targeted = 0
+    weight = {hx: 0.5, hy: -2.0}
+    order = [h for _, h, _ in seq.mixture]  # members in content order (mixture.merge_members)
+    assert sorted(order) == order and set(order) == {hx, hy}
     for p in pool.projections:
-        rx, ry = (pool._entries[h].rows.get(p, np.zeros(0, np.int32)) for h in (hx, hy))
-        n = len(rx) + len(ry)
+        parts = [pool._entries[h].rows.get(p, np.zeros(0, np.int32)) for h in order]
+        n = sum(len(r) for r in parts)
         targeted += n > 0
         assert pool._slot_rank[p][slot] == n
-        assert np.array_equal(pool._slot_rows[p][slot, :n], np.concatenate([rx, ry]))
-        assert np.array_equal(pool._slot_w[p][slot, :n], [0.5] * len(rx) + [-2.0] * len(ry))
+        assert np.array_equal(pool._slot_rows[p][slot, :n], np.concatenate(parts))
+        assert np.array_equal(pool._slot_w[p][slot, :n],
+                              np.concatenate([[weight[h]] * len(r) for h, r in zip(order, parts, strict=True)]))
     assert targeted and max(pool._slot_rank[p][slot] for p in pool.projections) == 24
     assert pool._entries[hx].refcount == 1 and pool._entries[hy].refcount == 1
     with pytest.raises(ValueError, match="dense hook"):
         pool.hook(np.array([slot]))
-    same = _seq(res, "m2", [("x", 0.5), ("y", -2)])  # the same mixture: the same slot
+    same = _seq(res, "m2", [("y", -2), ("x", 0.5)])  # the same delta: the same key and slot
+    assert same.content_hash == seq.content_hash
     assert res.ready(same, 3, 30.0, 0.0)[0] is Readiness.READY and same.hold.slot == slot
     res.finished(seq)
     res.finished(same)
@@ -164,8 +175,12 @@ def test_mixture_falls_with_a_failed_member_and_frees_its_slot(tmp_path):
 def test_adapter_use_limits(tmp_path):
     res = _residency(tmp_path)
     assert res.adapter_use(None, [("x", 1.0)], 4).mixture is None  # one entry at 1: the adapter
-    with pytest.raises(InvalidRequestError, match="max rank"):
+    with pytest.raises(InvalidRequestError, match="sums to rank 32"):
         res.adapter_use(None, [("x", 1), ("y", 1), ("z", 1)], 4)  # 8 + 16 + 8 > 24
+    with pytest.raises(InvalidRequestError, match="slots"):  # 2 members + itself > 2 slots
+        _residency(tmp_path / "small", max_adapters=3).adapter_use(None, [("x", 1), ("z", 2)], 4)
+    both = res.adapter_use(None, [("x", 0.25), ("x2", 0.5)], 4)  # one content, two names
+    assert [w for _, _, w in both.mixture] == [0.75]
     with pytest.raises(InvalidRequestError, match="only"):
         res.adapter_use("x", [("y", 1.0)], 4)  # a name and a mixture: one or the other
     res.close()
