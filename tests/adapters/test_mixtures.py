@@ -1,6 +1,7 @@
-"""Adapters composed per request: weighted kernels, mixture slots in the pool, and the engine's
-scaled and mixed requests against PEFT (a scale is PEFT's cat of one adapter at that weight, a
-mixture PEFT's ``add_weighted_adapter(..., combination_type="cat")``)."""
+"""Adapters composed per request, without a model: weighted kernels, parsing, mixture slots in
+the pool and their limits. The engine's scaled and mixed requests against PEFT are in
+test_multi_lora_parity.py (``test_engine_paths_match_peft``, one engine for plain and mixed
+rows) and, through the server, in tests/server/test_server.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import threading
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import pallas_kernels as pk
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
@@ -21,12 +21,8 @@ from cara_jax.engine.sequence import Sequence
 from cara_jax.sampling_params import InvalidRequestError, SamplingParams
 from server.demo import write_demo_adapter
 from tests.helpers import (
-    ALL7,
     TINY_CFG,
-    engine_logprobs,
-    make_peft_adapters,
     make_pool,
-    peft_mixed,
 )
 
 
@@ -184,62 +180,3 @@ def test_adapter_use_limits(tmp_path):
     with pytest.raises(InvalidRequestError, match="only"):
         res.adapter_use("x", [("y", 1.0)], 4)  # a name and a mixture: one or the other
     res.close()
-
-
-# --------------------------------------------------------------- engine against PEFT
-
-MIX_ADAPTERS = {  # different ranks and targets; lists, so PEFT's cat takes their union
-    "m8_attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-    "m16_mlp": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
-    "m4_all": dict(r=4, lora_alpha=4, target_modules=ALL7),
-}
-# per row: (label in PEFT, what the engine is asked for: adapter name or lora entries)
-MIX_ROWS = [
-    ("__base__", None),
-    ("m8_attn", "m8_attn"),
-    ("s_half", [("m8_attn", 0.5)]),
-    ("__base__", [("m16_mlp", 0.0)]),  # scale 0: the base model
-    ("mix_a", [("m8_attn", 0.7), ("m16_mlp", -0.4)]),
-    ("m16_mlp", "m16_mlp"),
-    ("mix_b", [("m16_mlp", 1.3), ("m4_all", 0.6), ("m8_attn", 0.2)]),
-]
-PEFT_WEIGHTED = {"s_half": (["m8_attn"], [0.5]), "mix_a": (["m8_attn", "m16_mlp"], [0.7, -0.4]),
-                 "mix_b": (["m16_mlp", "m4_all", "m8_attn"], [1.3, 0.6, 0.2])}  # fmt: skip
-
-
-@pytest.mark.parametrize("strategy", ["mbgmv", "bgmv"])
-def test_engine_mixtures_match_peft(tiny, tiny_llama_dir, tmp_path, strategy):
-    """Scaled and mixed requests in one batch with plain adapters and base rows, through
-    chunked prefill, decode and a prefix-cached second pass: greedy tokens equal PEFT's (a
-    scale and a mixture are PEFT's cat at those weights) and each token's top-5 log-probs
-    equal PEFT's within 1e-5; scale 0 gives the base model's tokens."""
-    from transformers import AutoModelForCausalLM
-
-    paths = make_peft_adapters(tiny_llama_dir, tmp_path, MIX_ADAPTERS, seed=21)
-    peft_model = peft_mixed(AutoModelForCausalLM.from_pretrained(tiny_llama_dir,
-                                                                 dtype=torch.float32), paths)
-    for name, (members, weights) in PEFT_WEIGHTED.items():
-        peft_model.add_weighted_adapter(members, weights, name, combination_type="cat")
-    rng = np.random.default_rng(8)
-    lens = [40, 12, 40, 23, 40, 17, 33]
-    shared = rng.integers(3, tiny.cfg.vocab_size, size=40).tolist()
-    prompts = [shared[:n] if i % 2 == 0 else rng.integers(3, tiny.cfg.vocab_size, size=n).tolist()
-               for i, n in enumerate(lens)]  # fmt: skip
-    n_tokens = 10
-    rows = [r for _, r in MIX_ROWS]
-    passes = engine_logprobs(tiny, paths, rows, prompts, n_tokens, strategy)
-    for prompt, (name, _), *runs in zip(prompts, MIX_ROWS, *passes, strict=True):
-        with torch.no_grad():
-            hf = peft_model.generate(input_ids=torch.tensor([prompt]), adapter_names=[name],
-                                     max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-                                     do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
-            seq = torch.tensor([prompt + hf])
-            lp = torch.log_softmax(peft_model(seq, adapter_names=[name]).logits[0], -1).numpy()
-        for tokens, logprobs in runs:
-            assert tokens == hf, (name, strategy)
-            for k, entry in enumerate(logprobs):
-                ref = lp[len(prompt) - 1 + k]
-                top = [t for t, _ in entry["top"]]
-                ours = np.array([v for _, v in entry["top"]] + [entry["logprob"]])
-                want = np.array([ref[t] for t in top] + [ref[tokens[k]]])
-                assert np.max(np.abs(ours - want)) <= 1e-5, (name, k, ours - want)

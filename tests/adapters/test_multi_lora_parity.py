@@ -142,26 +142,44 @@ PATH_ADAPTERS = {
 }
 
 
+# per row: (PEFT's adapter, what the engine is asked for: None, a name, or `lora` entries). A
+# scale is PEFT's cat of one adapter at that weight, a mixture PEFT's cat of several
+# (add_weighted_adapter); scale 0 is the base model.
+PATH_ROWS = [
+    ("p8_qkvo", "p8_qkvo"), ("__base__", None), ("p16_mlp", "p16_mlp"),
+    ("p32_layers", "p32_layers"), ("p64_pattern", "p64_pattern"), ("p8_qkvo", "p8_qkvo"),
+    ("__base__", None), ("s_half", [("p8_qkvo", 0.5)]), ("__base__", [("p16_mlp", 0.0)]),
+    ("mix_a", [("p8_qkvo", 0.7), ("p16_mlp", -0.4)]),
+    ("mix_b", [("p16_mlp", 1.3), ("p32_layers", 0.6), ("p8_qkvo", 0.2)]),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("strategy", ["mbgmv", "bgmv"])
 def test_engine_paths_match_peft(tiny, tiny_llama_dir, tmp_path, strategy):
-    """Decode, chunked prefill and prefix-cached prefill, in mixed batches of base rows and
-    adapters of different ranks and projections: greedy tokens equal PEFT's and every
-    generated token's top-5 log-probs equal PEFT's (teacher-forced) within 1e-5."""
+    """Decode, chunked prefill and prefix-cached prefill, in mixed batches of base rows,
+    adapters of different ranks and projections, and scaled and mixed adapters (a request's
+    ``lora``): greedy tokens equal PEFT's and every generated token's top-5 log-probs equal
+    PEFT's (teacher-forced) within 1e-5."""
     from transformers import AutoModelForCausalLM
 
     paths = make_peft_adapters(tiny_llama_dir, tmp_path, PATH_ADAPTERS, seed=11)
     peft_model = peft_mixed(AutoModelForCausalLM.from_pretrained(tiny_llama_dir,
                                                                  dtype=torch.float32), paths)
-    rows = ["p8_qkvo", None, "p16_mlp", "p32_layers", "p64_pattern", "p8_qkvo", None]
+    for name, row in PATH_ROWS:
+        if isinstance(row, list) and name != "__base__":
+            members, weights = zip(*row, strict=True)
+            peft_model.add_weighted_adapter(list(members), list(weights), name,
+                                            combination_type="cat")  # fmt: skip
+    rows = [r for _, r in PATH_ROWS]
     rng = np.random.default_rng(5)
-    lens = [40, 9, 23, 40, 17, 33, 40]  # > one 16-token block: the second pass hits the cache
+    # > one 16-token block: the second pass hits the cache
+    lens = [40, 9, 23, 40, 17, 33, 40, 12, 40, 26, 40]
     shared = rng.integers(3, tiny.cfg.vocab_size, size=40).tolist()
     prompts = [shared[:n] if i % 2 == 0 else rng.integers(3, tiny.cfg.vocab_size, size=n).tolist()
                for i, n in enumerate(lens)]  # fmt: skip
     n_tokens = 10
     passes = engine_logprobs(tiny, paths, rows, prompts, n_tokens, strategy)
-    for prompt, row, *runs in zip(prompts, rows, *passes, strict=True):
-        name = row or "__base__"
+    for prompt, (name, row), *runs in zip(prompts, PATH_ROWS, *passes, strict=True):
         with torch.no_grad():
             hf = peft_model.generate(input_ids=torch.tensor([prompt]), adapter_names=[name],
                                      max_new_tokens=n_tokens, min_new_tokens=n_tokens,
