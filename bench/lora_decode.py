@@ -103,7 +103,7 @@ def main() -> None:
         reg = AdapterRegistry(cfg)
         for i, r in enumerate(adapter_ranks):
             projs = PROJS if args.targets == "all" else PROJS[:4]
-            write_random_peft(Path(tmp) / f"a{i}", cfg, r, seed=i, projs=projs)
+            write_random_peft(Path(tmp) / f"a{i}", cfg, r, seed=i, targets=projs)
             reg.register(f"a{i}", Path(tmp) / f"a{i}")
         adapter_bytes = sum(reg.resolve(f"a{i}").nbytes for i in range(args.batch))
         pool = DevicePool(
