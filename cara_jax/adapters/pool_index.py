@@ -6,6 +6,7 @@ pool's lock and builds nothing on the device but the small index arrays.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -132,21 +133,26 @@ class PoolIndex:
         none = jnp.zeros((1,), jnp.int32)
         capacity = -(-len(dec_slots) * width // RANK_BLOCK // BLOCKS_BIG) * BLOCKS_BIG
         with self.lock:
+            # a step without a mixture's slot weighs every row 1: one cached device array per
+            # shape stands for its weight tables (nothing built or copied per step)
+            mixed = bool(self._mix_slots.intersection(dec_slots.tolist() + ch_slots.tolist()))
             for p in self.a:
                 rank = self._slot_rank[p]
                 if strategy == "mbgmv":
                     rows, own, wts, n = self.step_blocks(p, dec_slots, capacity)
                     dec_rows[p], dec_own[p] = jnp.asarray(rows), jnp.asarray(own)
-                    dec_w[p] = jnp.asarray(wts)
+                    dec_w[p] = jnp.asarray(wts) if mixed else _ones(wts.shape)
                     dec_ent[p] = none
                     dec_b[p] = jnp.asarray(n, jnp.int32)
                 else:
                     dec_ent[p] = jnp.asarray(self.row_index(p, dec_slots, width))
-                    dec_w[p] = jnp.asarray(self.row_weights(p, dec_slots, width))
+                    dec_w[p] = (jnp.asarray(self.row_weights(p, dec_slots, width)) if mixed
+                                else _ones((len(dec_slots), width)))  # fmt: skip
                     dec_rows[p] = dec_own[p] = none
                     dec_b[p] = jnp.asarray(rank_blocks(rank[dec_slots]), jnp.int32)
                 ch_idx[p] = jnp.asarray(self.row_index(p, ch_slots, width))
-                ch_w[p] = jnp.asarray(self.row_weights(p, ch_slots, width))
+                ch_w[p] = (jnp.asarray(self.row_weights(p, ch_slots, width)) if mixed
+                           else _ones((len(ch_slots), width)))  # fmt: skip
                 ch_b[p] = jnp.asarray(rank_blocks(rank[ch_slots]), jnp.int32)
         return RaggedLoraHook(
             a={p: list(v) for p, v in self.a.items()},
@@ -160,6 +166,17 @@ class PoolIndex:
         """Columns of the per-row index tables: max_rank rounded up to whole RANK_BLOCKs."""
         return -(-self.config.max_rank // RANK_BLOCK) * RANK_BLOCK
 
+
+
+_ONES: dict[tuple[int, ...], jax.Array] = {}
+
+
+def _ones(shape: tuple[int, ...]) -> jax.Array:
+    """A device array of float32 ones, one per shape, shared by every step that needs it."""
+    a = _ONES.get(shape)
+    if a is None:
+        a = _ONES.setdefault(shape, jnp.ones(shape, jnp.float32))
+    return a
 
 
 def rank_blocks(ranks: np.ndarray) -> int:
