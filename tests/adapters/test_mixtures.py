@@ -157,10 +157,12 @@ def test_mixture_falls_with_a_failed_member_and_frees_its_slot(tmp_path):
     seq = _seq(res, "m", [("x", 1.0), ("z", 0.25)])
     assert res.ready(seq, 3, 0.0, 0.0)[0] is Readiness.NOT_YET
     free_before = len(pool._free_slots)
+    mix_handle = pool.handle_of(seq.content_hash)  # taken now: the failure drops the entry
+    x_handle = pool.handle_of(res.entry("x").content_hash)
     gate.set()
-    pool.handle_of(res.entry("x").content_hash).wait(30)
     with pytest.raises(OSError):
-        pool.handle_of(seq.content_hash).wait(30)  # noqa: B018
+        mix_handle.wait(30)
+    x_handle.wait(30)
     assert pool.handle_of(seq.content_hash) is None and pool.handle_of(hz) is None
     assert len(pool._free_slots) == free_before + 2  # the mixture's and z's
     assert pool._entries[res.entry("x").content_hash].refcount == 0
