@@ -17,7 +17,7 @@ def _compile_cache() -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(Path(os.environ["CARA_JAX_CACHE"]) / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 _compile_cache()
