@@ -183,11 +183,11 @@ class CpuAssistHook:
     need: jax.Array  # [layers, projection groups] bool: some cold row needs the CPU there
     out_sizes: tuple[tuple[str, int], ...] = dataclasses.field(metadata=dict(static=True))
 
-    def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
+    def output(self, layer: int, proj: str, x: jax.Array, y: jax.Array) -> jax.Array:
         inner = self.inner
         if proj not in inner.a:
-            return None
-        return inner.run_delta(layer, proj, x, self.dev_idx[proj][layer])
+            return y
+        return inner.run_output(layer, proj, x, y, self.dev_idx[proj][layer])
 
     def after(
         self, layer: int, projs: tuple[str, ...], x: jax.Array, ys: list[jax.Array]

@@ -4,6 +4,9 @@ Every linear projection of a decoder layer (q, k, v, o, gate, up, down) calls
 
     y = x @ W  +  hook.delta(layer, proj, x)          # delta is None when nothing applies
 
+or, for a hook that needs the base output too (DoRA rescales it), ``y = hook.output(layer,
+proj, x, x @ W)``.
+
 inside the jitted forward. ``x`` is the step's flat token batch [T, in] (decode tokens and
 prefill chunks of any sequences, ragged.py) and the delta, when present, is [T, out] in x's
 dtype. A hook is a JAX pytree (its arrays are traced
@@ -55,9 +58,13 @@ class LoraHook(Protocol):
 def apply_hook(
     hook: LoraHook | None, layer: int, proj: str, x: jax.Array, y: jax.Array
 ) -> jax.Array:
-    """y plus the hook's delta for this projection (y unchanged when there is none)."""
+    """y plus the hook's delta for this projection (y unchanged when there is none), or what
+    the hook's ``output`` makes of y."""
     if hook is None:
         return y
+    output = getattr(hook, "output", None)
+    if output is not None:
+        return output(layer, proj, x, y)
     d = hook.delta(layer, proj, x)
     return y if d is None else y + d.astype(y.dtype)
 

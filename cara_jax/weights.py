@@ -57,6 +57,14 @@ class LoadedModel:
     def model(self) -> Llama:
         return nnx.merge(self.graphdef, self.state)
 
+    def kernels(self) -> dict[str, list[jax.Array]]:
+        """Each projection's [in, out] kernel per layer: the arrays the model runs on."""
+        layers = nnx.to_pure_dict(self.state)["layers"]
+        parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                  "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+        return {p: [layers[i][parent[p]][p]["kernel"] for i in range(self.cfg.num_layers)]
+                for p in self.cfg.projection_shapes()}  # fmt: skip
+
 
 def _progress(items: list, desc: str) -> Iterator:
     return iter(tqdm(items, desc=desc, unit="tensor", leave=False, disable=None))

@@ -79,6 +79,31 @@ def make_peft_adapters(base, out_dir, specs, seed=0, scale=1.0):
     return paths
 
 
+def make_dora_adapters(base, out_dir, specs, seed=0):
+    """Save real PEFT DoRA adapters (``use_dora``): PEFT's default init (so a weighted merge of
+    them starts from B = 0, as trained adapters do), then B and the magnitudes perturbed so
+    that every part of DoRA shows in the outputs. ``base`` as for make_peft_adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for i, (name, kw) in enumerate(specs.items()):
+        torch.manual_seed(seed + i)
+        model_in = base() if callable(base) else AutoModelForCausalLM.from_pretrained(
+            base, dtype=torch.float32)  # fmt: skip
+        model = get_peft_model(model_in, LoraConfig(use_dora=True, **kw))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0.0, 0.05)
+                elif "lora_magnitude_vector" in n:
+                    p.mul_(1.0 + 0.2 * torch.randn_like(p))
+        model.save_pretrained(out_dir / name)
+        paths[name] = out_dir / name
+    return paths
+
+
 def peft_mixed(hf_model, paths):
     from peft import PeftModel
 

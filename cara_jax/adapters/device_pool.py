@@ -22,6 +22,9 @@ A scaled or mixed adapter (adapters/mixture.py) is a slot of its own whose table
 members' rows one after another, each with its weight (``_slot_w``): no rows, no copy, no merged
 weights. It holds one reference on each member while it is in the pool; it is evicted like any
 adapter, and dropped with a member whose load failed.
+
+A DoRA adapter's slot (and a scaled or mixed slot over DoRA adapters) also takes a row of the
+DoRA output-scale tables (dora.py), computed on the device before the slot's first step.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax.numpy as jnp
 import numpy as np
 
+from cara_jax.adapters.dora import PoolDora
 from cara_jax.adapters.packed import PackedAdapter, PackedStore, PoolLayout
 from cara_jax.adapters.peft import LoraAdapter
 from cara_jax.adapters.pool_index import PoolIndex
@@ -67,6 +71,8 @@ class PoolConfig:
     # packed copies (the pool's layout) on disk, memory-mapped; None: converted in memory only
     cache_dir: str | None = None
     packed_budget_bytes: int = 1 << 30  # packed copies held in memory when not on disk
+    # DoRA slots resident at once (each: a row of output scales per projection and layer)
+    dora_slots: int = 8
 
 
 @dataclasses.dataclass
@@ -78,7 +84,7 @@ class PoolStats:
     loads: int = 0  # finished loads
 
 
-class DevicePool(PoolIndex, PoolLoader, PoolWriter):
+class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
     """Adapter rows on the device, with slot table, refcounts, pins and LRU eviction."""
 
     def __init__(self, cfg: ModelConfig, config: PoolConfig | None = None, dtype=jnp.float32):
@@ -112,6 +118,7 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
             p: np.ones((pc.max_adapters, pc.max_rank), np.float32) for p in self.projections
         }
         self._mix_slots: set[int] = set()
+        self._init_dora()
         self._table_dev: tuple | None = None
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
         per_group = -(-cfg.num_layers // pc.layer_groups)
@@ -188,6 +195,8 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
         self._widths.update(packed.widths.values())
         if compile_writer:
             self.ensure_writer(packed.widths)
+        if packed.dora:
+            self.ensure_dora_program()
         return packed
 
     def acquire(self, adapter: LoraAdapter | PackedAdapter) -> LoadHandle:
@@ -210,8 +219,10 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
                 return e.handle
             self.stats.misses += 1
             ranks = {p: r for p, r in packed.ranks.items() if r}
-            self._make_room(ranks)
+            self._make_room(ranks, dora=packed.dora)
             slot = self._free_slots.pop()
+            if packed.dora:
+                self._dora_take(slot, packed.magnitudes, packed.dora_layers, False)
             rows = {
                 p: np.array([self._free_rows[p].pop() for _ in range(r)], np.int32)
                 for p, r in ranks.items()
@@ -260,8 +271,11 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
                 if any(h not in self._entries for h in held):  # a member's load failed already
                     raise PoolFullError("a member of the mixture was dropped (its load failed)")
                 tables, ranks = self._mix_tables(members)
-                self._make_room({})
+                dora = self._mix_dora(held)
+                self._make_room({}, dora=dora is not None)
                 slot = self._free_slots.pop()
+                if dora is not None:
+                    self._dora_take(slot, *dora)
                 self.stats.misses += 1
                 for p in self.projections:
                     rows, wts = tables[p]
@@ -300,6 +314,23 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
                 ranks[p] = len(rows)
         return tables, ranks
 
+    def _mix_dora(self, held: list[str]) -> tuple[dict, dict, bool] | None:
+        """A mixture's DoRA (dora.py): one member at a scale keeps its magnitudes; several
+        take ‖W‖ on every module any of them has; None without DoRA members."""
+        packed = [self._entries[h].adapter for h in held]
+        dora = [p.dora for p in packed]
+        if not any(dora):
+            return None
+        if not all(dora):
+            raise ValueError("a mixture of DoRA and plain LoRA adapters is not served")
+        if len(packed) == 1:
+            return packed[0].magnitudes, packed[0].dora_layers, False
+        layers: dict[str, set[int]] = {}
+        for p in packed:
+            for q, ls in p.dora_layers.items():
+                layers.setdefault(q, set()).update(ls)
+        return {}, {q: sorted(v) for q, v in layers.items()}, True
+
     def release(self, content_hash: str) -> None:
         with self.lock:
             e = self._entries[content_hash]
@@ -325,14 +356,16 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
             self._drop(content_hash)
 
     def _check(self, packed: PackedAdapter) -> None:
+        if packed.dora and self.config.dora_slots < 1:
+            raise ValueError("a DoRA adapter, and this pool has no DoRA slots (dora_slots=0)")
         if packed.max_rank > self.config.max_rank:
             raise ValueError(
                 f"rank {packed.max_rank} exceeds the pool's max_rank {self.config.max_rank}"
             )
 
-    def _make_room(self, ranks: dict[str, int]) -> None:
+    def _make_room(self, ranks: dict[str, int], dora: bool = False) -> None:
         def fits() -> bool:
-            return bool(self._free_slots) and all(
+            return bool(self._free_slots) and (bool(self._free_dora) or not dora) and all(
                 len(self._free_rows[p]) >= r for p, r in ranks.items()
             )
 
@@ -346,7 +379,8 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
         if not fits():
             need = {p: r for p, r in ranks.items()}
             raise PoolFullError(
-                f"no room for an adapter needing rank rows {need}: "
+                f"no room for an adapter needing rank rows {need}"
+                f"{' and a DoRA slot' if dora else ''}: "
                 f"{sum(e.refcount > 0 for e in self._entries.values())} resident adapters are in use"
             )
 
@@ -359,6 +393,7 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter):
             self._slot_rank[p][e.slot] = 0
             self._slot_w[p][e.slot] = 1.0
         self._mix_slots.discard(e.slot)
+        self._dora_release(e.slot)
         self._free_slots.append(e.slot)
         self._table_dev = None
         for m in e.members:  # a mixture lets go of its members

@@ -38,6 +38,7 @@ from cara_jax.adapters.lora_op import (  # noqa: F401  (the op's names, re-expor
 )
 from cara_jax.ragged import RaggedMeta, when
 from pallas_kernels.bgmv import bgmv_ref as bgmv
+from pallas_kernels.common import take
 from pallas_kernels.mbgmv import mbgmv_blocks_ref as mbgmv_blocks
 from pallas_kernels.mbgmv import mbgmv_ref as mbgmv  # noqa: F401
 from pallas_kernels.sgmv import sgmv_ref as sgmv  # noqa: F401
@@ -108,9 +109,14 @@ class RaggedLoraHook:
     lists its members' rows one after another, adapters/mixture.py), so a scaled or mixed
     request is just more rank rows in the same program.
 
+    DoRA (adapters/dora.py): a slot of a DoRA adapter (or of a scaled or mixed one) has a row
+    ``k`` > 0 in the pool's tables ``dora_g[p][layer]`` [K + 1, out] (row 0: ones); ``dec_dora``
+    [S] and ``ch_dora`` [P] give each row's, and the projection's output (base plus delta) is
+    multiplied by it, per row, in steps where ``dora_on`` (some row has a DoRA slot).
+
     Sizes are data, not shape: per projection and view, ``*_bucket[p]`` is, at run time, the
     number of loop iterations of RANK_BLOCK rank rows each (chunks, bgmv) or the number of
-    blocks (mbgmv); 0 in both views means nothing on p and no LoRA work at all (``run_delta``).
+    blocks (mbgmv); 0 in both views means nothing on p and no LoRA work at all (``run_output``).
     One program thus serves base-only steps and every mix of ranks and projections. All index
     tables are computed on the host once per step (``DevicePool.ragged_hook``), not per layer.
     """
@@ -128,6 +134,10 @@ class RaggedLoraHook:
     ch_idx: dict[str, jax.Array]  # proj -> [P, r_max] pool rows of each chunk row
     ch_w: dict[str, jax.Array]  # proj -> [P, r_max] their weights
     ch_bucket: dict[str, jax.Array]  # proj -> () int32: RANK_BLOCK blocks (0: none)
+    dora_g: dict[str, list[jax.Array]]  # proj -> per-layer [K + 1, out] output scales
+    dec_dora: jax.Array  # [S] int32 row of dora_g per decode row (0: none)
+    ch_dora: jax.Array  # [P] int32 per chunk row
+    dora_on: jax.Array  # () bool: some row of the step has a DoRA slot
     meta: RaggedMeta
     strategy: str = dataclasses.field(default="mbgmv", metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
@@ -207,22 +217,36 @@ class RaggedLoraHook:
         acc = jax.lax.fori_loop(0, small, blocks(BLOCKS_SMALL, big * BLOCKS_BIG), acc)
         return acc.astype(x.dtype)
 
-    def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
+    def output(self, layer: int, proj: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        """The projection's output y = x·W with this step's LoRA (and DoRA) applied."""
         if proj not in self.a:
-            return None
-        return self.run_delta(layer, proj, x, self.ch_idx[proj])
+            return y
+        return self.run_output(layer, proj, x, y, self.ch_idx[proj])
 
-    def run_delta(self, layer: int, proj: str, x: jax.Array, ch_idx: jax.Array) -> jax.Array:
-        """Both views' deltas scattered back to flat [T, out]; no work at all (not even the
-        views' gathers) when no row of the step has an adapter on ``proj``."""
+    def run_output(
+        self, layer: int, proj: str, x: jax.Array, y: jax.Array, ch_idx: jax.Array
+    ) -> jax.Array:
+        """y plus both views' deltas (scattered back to flat [T, out]), times each row's DoRA
+        scale in a step with DoRA rows; no work at all (not even the views' gathers) when no
+        row of the step has an adapter on ``proj`` (a DoRA slot that does not target ``proj``
+        has scale 1 there)."""
         nd, nc = self.dec_bucket[proj], self.ch_bucket[proj]
 
         def run():  # each view only where it has rows on proj (a decode-only step, say)
             dc = when(nc > 0, lambda: self.chunk_delta(layer, proj, x, ch_idx, nc))
             dd = when(nd > 0, lambda: self.decode_delta(layer, proj, x))
-            return self.meta.scatter(dd, dc)
+            out = y + self.meta.scatter(dd, dc).astype(y.dtype)
+            return jax.lax.cond(self.dora_on, lambda: out * self.dora_scale(layer, proj, out),
+                                lambda: out)  # fmt: skip
 
-        out = self.b[proj][layer].shape[1]
-        return jax.lax.cond((nd > 0) | (nc > 0), run,
-                            lambda: jnp.zeros((x.shape[0], out), x.dtype))  # fmt: skip
+        return jax.lax.cond((nd > 0) | (nc > 0), run, lambda: y)
+
+    def dora_scale(self, layer: int, proj: str, like: jax.Array) -> jax.Array:
+        """[T, out] each token's DoRA output scale (1 for rows without DoRA, 0 for padding)."""
+        g = self.dora_g[proj][layer]
+        gd = take(g, self.dec_dora)
+        gc = take(g, self.ch_dora)
+        q = self.meta.ch_tok.shape[1]
+        gc = jnp.broadcast_to(gc[:, None], (gc.shape[0], q, gc.shape[1]))
+        return self.meta.scatter(gd, gc).astype(like.dtype)
 

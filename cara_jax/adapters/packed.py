@@ -15,6 +15,10 @@ a projection's rank are zeros; projections the adapter does not target take no b
 rank-128 q/k/v/o adapter's copy is its own 59 MB (SmolLM2, float32), not the 156 MB it took
 when every pool projection was laid out at the adapter's largest rank (format 1).
 
+A DoRA adapter's magnitude vectors follow the groups, float32, per projection it targets (in
+the pool's order) as [layers, out] (zeros where a layer has none); the header lists those
+layers (``dora``).
+
 File: an 8-byte magic, an 8-byte header length, a JSON header (content hash, layout key,
 ranks per projection, a BLAKE2 digest of the payload), the payload at a 64-byte boundary. A
 file that is truncated, of another layout, or whose digest does not match is never served: it
@@ -99,6 +103,13 @@ class PackedAdapter:
     ranks: dict[str, int]  # rank rows per projection (0: not targeted)
     groups: list[np.ndarray]
     source: str  # "disk" (memory-mapped file) or "memory" (converted, not on disk)
+    # DoRA: per projection, the layers with a magnitude and the magnitudes [num_layers, out]
+    dora_layers: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    magnitudes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dora(self) -> bool:
+        return bool(self.dora_layers)
 
     @property
     def max_rank(self) -> int:
@@ -134,7 +145,16 @@ def pack(adapter: LoraAdapter, layout: PoolLayout) -> PackedAdapter:
                     a[k, : m.rank] = m.a.T
                     b[k, : m.rank] = m.b
         groups.append(flat)
-    return PackedAdapter(adapter.content_hash, ranks, groups, "memory")
+    layers, mags = {}, {}
+    num_layers = sum(n for _, n in layout.groups)
+    for p, (_, dout) in zip(layout.projections, layout.shapes, strict=True):
+        have = sorted(i for (i, q), m in adapter.modules.items() if q == p and m.m is not None)
+        if have:
+            layers[p] = have
+            mags[p] = np.zeros((num_layers, dout), np.float32)
+            for i in have:
+                mags[p][i] = adapter.modules[(i, p)].m
+    return PackedAdapter(adapter.content_hash, ranks, groups, "memory", layers, mags)
 
 
 def _views(layout: PoolLayout, g: int, widths: dict[str, int], flat: np.ndarray):
@@ -268,14 +288,22 @@ class PackedStore:
             widths = {p: write_width(r) for p, r in ranks.items() if r}
             sizes = [self.layout.group_elems(g, widths) for g in range(len(self.layout.groups))]
             dtype = np.dtype(self.layout.dtype) if self.layout.dtype != "bfloat16" else _bf16()
-            total = sum(sizes) * dtype.itemsize
+            dora = {p: [int(i) for i in v] for p, v in meta.get("dora", {}).items()}
+            num_layers = sum(n for _, n in self.layout.groups)
+            mag_elems = sum(num_layers * self.layout.shape_of(p)[1] for p in dora)
+            total = sum(sizes) * dtype.itemsize + mag_elems * 4
             if path.stat().st_size != start + total:
                 raise ValueError(f"truncated ({path.stat().st_size} of {start + total} bytes)")
             mm = np.memmap(path, dtype=dtype, mode="r", offset=start, shape=(sum(sizes),))
-            if verify and hashlib.blake2b(mm.view(np.uint8), digest_size=16).hexdigest() != meta[
-                "digest"
-            ]:
-                raise ValueError("content check failed")
+            mags_flat = np.memmap(path, dtype=np.float32, mode="r",
+                                  offset=start + sum(sizes) * dtype.itemsize,
+                                  shape=(mag_elems,)) if mag_elems else None  # fmt: skip
+            if verify:
+                h = hashlib.blake2b(mm.view(np.uint8), digest_size=16)
+                if mags_flat is not None:
+                    h.update(mags_flat.view(np.uint8))
+                if h.hexdigest() != meta["digest"]:
+                    raise ValueError("content check failed")
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             log.warning("packed copy %s is damaged (%s): rebuilding it", path.name, e)
             self.rebuilt += 1
@@ -288,9 +316,14 @@ class PackedStore:
         for n in sizes:
             groups.append(mm[off : off + n])
             off += n
+        mags, off = {}, 0
+        for p in (q for q in self.layout.projections if q in dora):
+            n = num_layers * self.layout.shape_of(p)[1]
+            mags[p] = mags_flat[off : off + n].reshape(num_layers, -1)
+            off += n
         if verify:
             self.disk_hits += 1
-        return PackedAdapter(content_hash, ranks, groups, "disk")
+        return PackedAdapter(content_hash, ranks, groups, "disk", dora, mags)
 
     def _write(self, item: PackedAdapter) -> PackedAdapter | None:
         """Write atomically (temp file, then rename); the mapped copy, or None if the disk
@@ -299,12 +332,16 @@ class PackedStore:
         if path is None:
             return None
         payload = [np.ascontiguousarray(g).view(np.uint8) for g in item.groups]
+        payload += [np.ascontiguousarray(item.magnitudes[p], np.float32).view(np.uint8).reshape(-1)
+                    for p in self.layout.projections if p in item.dora_layers]  # fmt: skip
         h = hashlib.blake2b(digest_size=16)
         for b in payload:
             h.update(b)
-        meta = json.dumps({"content_hash": item.content_hash, "layout": self.layout.key,
-                           "ranks": item.ranks,
-                           "digest": h.hexdigest()}).encode()  # fmt: skip
+        head = {"content_hash": item.content_hash, "layout": self.layout.key,
+                "ranks": item.ranks, "digest": h.hexdigest()}  # fmt: skip
+        if item.dora_layers:
+            head["dora"] = item.dora_layers
+        meta = json.dumps(head).encode()
         start = -(-(16 + len(meta)) // _ALIGN) * _ALIGN
         tmp = None
         try:

@@ -8,8 +8,9 @@ to the module names of an HF ``LlamaForCausalLM``: a list matches a name exactly
 suffix and is then filtered by layers_to_transform/layers_pattern; a string is a full regex match
 (no layer filter); exclude_modules wins over both; rank_pattern/alpha_pattern keys match as
 ``(.*\\.)?(key)$``, first key in file order wins. Anything PEFT would apply differently from a plain
-x·A·B·scaling (DoRA and the other variants, biases, extra saved modules, base-modifying inits) is
-refused rather than served wrong.
+x·A·B·scaling (the other variants, biases, extra saved modules, base-modifying inits) is refused
+rather than served wrong. DoRA (``use_dora``) is served: each module then also carries its
+magnitude vector, and the device path rescales the projection's output (adapters/dora.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class AdapterError(ValueError):
 
 
 class UnsupportedAdapterError(AdapterError):
-    """A PEFT feature this server does not serve (DoRA, modules_to_save, biases, pickle, ...)."""
+    """A PEFT feature this server does not serve (modules_to_save, biases, pickle, ...)."""
 
 
 class AdapterShapeError(AdapterError):
@@ -55,7 +56,7 @@ _PARENT = {
 # LoraConfig fields that change the forward pass away from x·A·B·scaling (PEFT's LoRA variants
 # and friends); any truthy value is refused.
 _VARIANT_FIELDS = (
-    "use_dora", "lora_bias", "alora_invocation_tokens", "velora_config", "monteclora_config",
+    "lora_bias", "alora_invocation_tokens", "velora_config", "monteclora_config",
     "use_bdlora", "arrow_config", "kasa_config", "use_qalora", "layer_replication",
     "target_parameters", "trainable_token_indices",
 )  # fmt: skip
@@ -65,6 +66,9 @@ _BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
 )
+_MAGNITUDE_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"
+)
 _LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 # Raw safetensors dtypes accepted; BF16 is kept as uint16 bits (numpy has no bfloat16).
 _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
@@ -72,10 +76,12 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 @dataclasses.dataclass(frozen=True)
 class LoraModule:
-    """One targeted projection of one layer: delta(x) = x @ a @ b."""
+    """One targeted projection of one layer: delta(x) = x @ a @ b; with DoRA's magnitude ``m``
+    the output is m / ||W + a·b||_col * (x·W + x·a·b) instead (PEFT's DoRA, norms over ``in``)."""
 
     a: np.ndarray  # [in, r] float32 (PEFT lora_A.weight seen transposed: not C-contiguous)
     b: np.ndarray  # [r, out] float32 (PEFT lora_B.weight transposed, scaling folded in)
+    m: np.ndarray | None = None  # [out] float32: DoRA's magnitude vector (None: plain LoRA)
 
     @property
     def rank(self) -> int:
@@ -102,7 +108,13 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        return sum(m.a.nbytes + m.b.nbytes + (0 if m.m is None else m.m.nbytes)
+                   for m in self.modules.values())  # fmt: skip
+
+    @property
+    def dora(self) -> bool:
+        """Whether this is a DoRA adapter (its modules carry magnitude vectors)."""
+        return any(m.m is not None for m in self.modules.values())
 
     def cost_rank(self, num_layers: int) -> int:
         """The rank scheduling counts: this adapter's rank rows weighted by their widths, in
@@ -125,7 +137,8 @@ class LoraAdapter:
         return sorted({i for i, _ in self.modules})
 
     def delta(self, layer: int, proj: str, x: np.ndarray) -> np.ndarray:
-        """Reference LoRA contribution x @ a @ b (zeros for an untargeted module)."""
+        """Reference LoRA contribution x @ a @ b (zeros for an untargeted module); a DoRA
+        module's output also needs the base weight (adapters/dora.py)."""
         m = self.modules.get((layer, proj))
         if m is None:
             return np.zeros((*x.shape[:-1], self.projection_shapes[proj][1]), np.float32)
@@ -371,7 +384,24 @@ def load_peft_adapter(
 
     by_name = {module_name(i, p): (i, p) for i in range(cfg.num_layers) for p in PROJECTIONS}
     pairs: dict[tuple[int, str], dict[str, tuple[str, np.ndarray]]] = {}
+    use_dora = bool(conf.get("use_dora"))
     for key, raw in _read_safetensors(st_path).items():
+        mm = _MAGNITUDE_RE.match(key)
+        if mm is not None:
+            mod = mm.group("mod") if mm.group("mod").startswith("model.") else f"model.{mm.group('mod')}"
+            if not use_dora:
+                raise UnsupportedAdapterError(
+                    f"{key}: a DoRA magnitude vector in an adapter whose config has no use_dora"
+                )
+            if mod not in by_name:
+                raise UnsupportedAdapterError(
+                    f"{key}: DoRA magnitude of {mm.group('mod')!r}, not a Llama projection"
+                )
+            slot = pairs.setdefault(by_name[mod], {})
+            if "M" in slot:
+                raise AdapterWeightsError(f"{key}: the magnitude of {mod} appears twice")
+            slot["M"] = raw
+            continue
         m = _KEY_RE.match(key)
         mod = m.group("mod") if m else ""
         mod = mod if mod.startswith("model.") else f"model.{mod}"
@@ -381,8 +411,6 @@ def load_peft_adapter(
                 raise AdapterShapeError(
                     f"{key}: layer {lm.group(1)} but the base model has {cfg.num_layers} layers"
                 )
-            if "magnitude" in key:
-                raise UnsupportedAdapterError(f"{key}: DoRA magnitude vectors are not supported")
             if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
                 raise UnsupportedAdapterError(
                     f"{key}: LoRA/weights for embeddings or the LM head are not supported"
@@ -410,8 +438,11 @@ def load_peft_adapter(
     for name in targeted:
         layer, proj = by_name[name]
         have = pairs.get((layer, proj), {})
-        if set(have) != {"A", "B"}:
-            missing = " and ".join(f"lora_{x}" for x in "AB" if x not in have)
+        if not {"A", "B"} <= set(have) or (use_dora and "M" not in have):
+            missing = " and ".join(
+                [f"lora_{x}" for x in "AB" if x not in have]
+                + (["the DoRA magnitude (lora_magnitude_vector)"] if use_dora and "M" not in have else [])
+            )
             raise AdapterWeightsError(f"{name}: {missing} weights missing")
         (tag_a, raw_a), (tag_b, raw_b) = have["A"], have["B"]
         din, dout = shapes[proj]
@@ -427,6 +458,17 @@ def load_peft_adapter(
             )
         if not (_finite(tag_a, raw_a) and _finite(tag_b, raw_b)):
             raise AdapterWeightsError(f"{name}: weights contain NaN or Inf")
+        mag = None
+        if use_dora:
+            tag_m, raw_m = have["M"]
+            if raw_m.shape != (dout,):
+                raise AdapterShapeError(
+                    f"{name}: lora_magnitude_vector {tuple(raw_m.shape)} does not fit the base "
+                    f"model's {proj} ({dout} outputs)"
+                )
+            if not _finite(tag_m, raw_m):
+                raise AdapterWeightsError(f"{name}: the DoRA magnitude contains NaN or Inf")
+            mag = np.ascontiguousarray(_as_float32(tag_m, raw_m))
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         # A stays PEFT's [r, in] array, seen transposed (the pool's layout is that array, so
         # packing it is a plain copy); B is transposed and scaled in one pass, the product
@@ -434,7 +476,7 @@ def load_peft_adapter(
         b = np.empty((r, dout), np.float32)
         np.multiply(_as_float32(tag_b, raw_b).T, scaling, out=b, dtype=np.float64,
                     casting="unsafe")  # fmt: skip
-        modules[(layer, proj)] = LoraModule(a=_as_float32(tag_a, raw_a).T, b=b)
+        modules[(layer, proj)] = LoraModule(a=_as_float32(tag_a, raw_a).T, b=b, m=mag)
         # Identity = what changes outputs: which modules, their effective scaling, the stored
         # tensors. Config spelling, key naming, paths and mtimes do not enter.
         h.update(
@@ -442,6 +484,9 @@ def load_peft_adapter(
         )
         h.update(raw_a)
         h.update(raw_b)
+        if mag is not None:
+            h.update(f"dora|{tag_m}|".encode())
+            h.update(raw_m)
     return LoraAdapter(
         path=str(path),
         content_hash=h.hexdigest(),

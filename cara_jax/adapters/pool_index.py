@@ -16,8 +16,8 @@ from cara_jax.ragged import RaggedMeta
 
 class PoolIndex:
     """Index tables and hooks of a step (needs the pool's ``a``, ``b``, ``lock``, ``config``,
-    ``projections``, ``_slot_rows``, ``_slot_rank``, ``_slot_w``, ``_mix_slots`` and
-    ``_table_dev``)."""
+    ``projections``, ``_slot_rows``, ``_slot_rank``, ``_slot_w``, ``_mix_slots``, ``_table_dev``
+    and the DoRA rows of dora.py)."""
 
     def _table(self) -> tuple[dict, dict]:
         if self._table_dev is None:
@@ -47,9 +47,10 @@ class PoolIndex:
         ``pool.lock``: a concurrent load donates the pool arrays it updates.
         """
         with self.lock:
-            if self._mix_slots & {int(s) for s in np.asarray(slots).reshape(-1)}:
-                raise ValueError("the dense hook has no per-row weights: scaled or mixed "
-                                 "adapters are served by the engine step only")  # fmt: skip
+            used = {int(s) for s in np.asarray(slots).reshape(-1)}
+            if self._mix_slots & used or set(self._dora_of) & used:
+                raise ValueError("the dense hook has no per-row weights or DoRA scales: scaled, "
+                                 "mixed and DoRA adapters are served by the engine step only")  # fmt: skip
         if rank_bucket is None:
             mx, total = self.batch_ranks(slots)
             rank_bucket = rank_bucket_for(total if strategy == "mbgmv" else mx)
@@ -131,6 +132,7 @@ class PoolIndex:
         dec_rows, dec_ent, dec_own, dec_w, dec_b = {}, {}, {}, {}, {}
         ch_idx, ch_w, ch_b = {}, {}, {}
         none = jnp.zeros((1,), jnp.int32)
+        dec_dora, ch_dora = self.dora_rows(dec_slots), self.dora_rows(ch_slots)
         capacity = -(-len(dec_slots) * width // RANK_BLOCK // BLOCKS_BIG) * BLOCKS_BIG
         with self.lock:
             # a step without a mixture's slot weighs every row 1: one cached device array per
@@ -159,7 +161,9 @@ class PoolIndex:
             b={p: list(v) for p, v in self.b.items()},
             dec_rows=dec_rows, dec_ent=dec_ent, dec_own=dec_own, dec_w=dec_w, dec_bucket=dec_b,
             ch_idx=ch_idx, ch_w=ch_w, ch_bucket=ch_b, meta=meta, strategy=strategy,
-            backend=backend,
+            backend=backend, dora_g={p: list(v) for p, v in self.dora_g.items()},
+            dec_dora=jnp.asarray(dec_dora), ch_dora=jnp.asarray(ch_dora),
+            dora_on=jnp.asarray(bool(dec_dora.any() or ch_dora.any())),
         )  # fmt: skip
 
     def index_width(self) -> int:

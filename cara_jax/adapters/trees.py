@@ -155,7 +155,10 @@ def adapter_source(
 
 def adapter_tree(adapter: LoraAdapter) -> dict:
     """The adapter as a nested dict in JAX layout, ``layers/<i>/<proj>/lora_a|lora_b`` (the
-    scaling is already in lora_b): what ``adapter_from_tree`` reads back unchanged."""
+    scaling is already in lora_b): what ``adapter_from_tree`` reads back unchanged. Plain LoRA
+    only (a DoRA adapter's magnitudes have no place in it: UnsupportedAdapterError)."""
+    if adapter.dora:
+        raise UnsupportedAdapterError(f"{adapter.path}: a DoRA adapter has no tree form")
     out: dict = {"layers": {}}
     for (layer, proj), m in sorted(adapter.modules.items()):
         out["layers"].setdefault(layer, {})[proj] = {"lora_a": np.asarray(m.a),

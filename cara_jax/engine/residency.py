@@ -197,12 +197,22 @@ class AdapterResidency:
                                       f"(its members and itself); this server has "
                                       f"{pc.max_adapters - 1}", "lora")  # fmt: skip
         summed: dict[str, int] = {}
+        dora = []
         for name, h, _ in members:
             packed = pool.packed.lookup(h)
             ranks = packed.ranks if packed is not None else dict.fromkeys(
                 pool.projections, self.registry.entry(name).max_rank)  # fmt: skip
             for p, r in ranks.items():
                 summed[p] = summed.get(p, 0) + r
+            dora.append(packed.dora if packed is not None else self.registry.resolve(name).dora)
+        if any(dora) and not all(dora):
+            raise InvalidRequestError("`lora` mixes DoRA and plain LoRA adapters; PEFT's merge "
+                                      "of such a list depends on its order, so it is not "
+                                      "served", "lora")  # fmt: skip
+        if any(dora) and len(members) + 1 > pc.dora_slots:
+            raise InvalidRequestError(f"`lora` needs {len(members) + 1} DoRA slots at once (its "
+                                      f"members and itself); this server has {pc.dora_slots}",
+                                      "lora")  # fmt: skip
         limit = min(pc.max_rank, pool.rows_per_proj)
         over = {p: r for p, r in summed.items() if r > limit}
         if over:
@@ -319,6 +329,10 @@ class AdapterResidency:
             return False
         if seq.mixture is not None:  # the CPU workers serve one adapter at scale 1
             hold.mode, hold.reason = "sync", "mixture"
+            return False
+        packed = self.pool.packed_of(seq.content_hash)
+        if packed is not None and packed.dora:  # the workers add deltas; DoRA rescales outputs
+            hold.mode, hold.reason = "sync", "dora"
             return False
         if hold.no_cpu_assist:
             hold.mode, hold.reason = "sync", "no_cpu_path"

@@ -150,6 +150,8 @@ class ModelRunner:
         # graphdef and tree structure bound once: passing them per call would re-hash the module
         # graph every step; parameters travel as a flat list of arrays
         self.params, treedef = jax.tree_util.tree_flatten(loaded.state)
+        if pool is not None:  # DoRA's norms read the base kernels (adapters/dora.py)
+            pool.set_base_kernels(loaded.kernels())
         self._graphdef = loaded.graphdef
         self._step = jax.jit(
             partial(run_step, loaded.graphdef, treedef), donate_argnames=("cache", "state")

@@ -269,7 +269,7 @@ def _extra(name, shape):
 
 
 REFUSALS = {
-    "dora": (UnsupportedAdapterError, dict(use_dora=True), None),
+    "dora_without_magnitudes": (AdapterWeightsError, dict(use_dora=True), None),
     "modules_to_save": (UnsupportedAdapterError, dict(modules_to_save=["lm_head"]), None),
     "bias_all": (UnsupportedAdapterError, dict(bias="all"), None),
     "bias_lora_only": (UnsupportedAdapterError, dict(bias="lora_only"), None),
@@ -293,7 +293,7 @@ REFUSALS = {
         {},
         _extra("base_model.model.model.embed_tokens.lora_embedding_A", (8, 512)),
     ),
-    "dora_magnitude": (
+    "magnitude_without_dora": (
         UnsupportedAdapterError,
         {},
         _extra("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (64,)),
