@@ -325,25 +325,33 @@ MIX_SPECS = {
     "mx8_attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     "mx16_mlp": dict(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
 }
+DORA_SPECS = {
+    "dx8_attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "dx16_mlp": dict(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+}
 MIX_PROMPT = "The quick brown fox jumps over"
 
 
 def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
-    """``lora`` entries through the openai client, in one batch with a plain adapter and base
-    rows: greedy text equals PEFT's (a scale and a mixture are PEFT's cat at those weights;
-    scale 0 is the base model) and each token's log-prob equals PEFT's."""
+    """``lora`` entries and DoRA adapters through the openai client, in one batch with a plain
+    adapter and base rows: greedy text equals PEFT's (a scale and a mixture are PEFT's cat at
+    those weights; scale 0 is the base model; DoRA rows are PEFT's DoRA, a DoRA mixture its cat
+    merge) and each token's log-prob equals PEFT's."""
     import copy
 
     import numpy as np
     import torch
 
-    from tests.helpers import make_peft_adapters, peft_mixed
+    from tests.helpers import make_dora_adapters, make_peft_adapters, peft_mixed
 
     paths = make_peft_adapters(lambda: copy.deepcopy(hf_smollm), srv.lora_dir, MIX_SPECS,
                                seed=31, scale=2.0)  # fmt: skip
-    peft_model = peft_mixed(copy.deepcopy(hf_smollm), paths)
+    dora = make_dora_adapters(lambda: copy.deepcopy(hf_smollm), srv.lora_dir, DORA_SPECS, seed=41)
+    peft_model = peft_mixed(copy.deepcopy(hf_smollm), {**paths, **dora})
     peft_model.add_weighted_adapter(["mx8_attn"], [0.5], "s_half", combination_type="cat")
     peft_model.add_weighted_adapter(["mx8_attn", "mx16_mlp"], [0.7, -0.4], "mix_a",
+                                    combination_type="cat")  # fmt: skip
+    peft_model.add_weighted_adapter(["dx8_attn", "dx16_mlp"], [0.6, 0.5], "dmix",
                                     combination_type="cat")  # fmt: skip
     rows = [  # (PEFT's adapter, model, lora)
         ("__base__", srv.base, None),
@@ -351,6 +359,8 @@ def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
         ("s_half", srv.base, [{"name": "mx8_attn", "scale": 0.5}]),
         ("__base__", srv.base, [{"name": "mx16_mlp", "scale": 0}]),
         ("mix_a", srv.base, [{"name": "mx8_attn", "scale": 0.7}, {"name": "mx16_mlp", "scale": -0.4}]),
+        ("dx8_attn", "dx8_attn", None),
+        ("dmix", srv.base, [{"name": "dx8_attn", "scale": 0.6}, {"name": "dx16_mlp", "scale": 0.5}]),
     ]  # fmt: skip
     client = srv.client()
     n = 8
@@ -362,10 +372,14 @@ def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
     ids = smol_tok.encode(MIX_PROMPT, add_special_tokens=True)
     texts = {}
     for (name, _, _), out in zip(rows, outs, strict=True):
+        # PEFT runs DoRA one adapter at a time (no adapter_names)
+        kw = {} if name in ("dx8_attn", "dmix") else {"adapter_names": [name]}
+        if not kw:
+            peft_model.set_adapter(name)
         with torch.no_grad():
-            gen = peft_model.generate(input_ids=torch.tensor([ids]), adapter_names=[name],
-                                      max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()  # fmt: skip
-            lp = torch.log_softmax(peft_model(torch.tensor([ids + gen]), adapter_names=[name])
+            gen = peft_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n,
+                                      do_sample=False, **kw)[0, len(ids):].tolist()  # fmt: skip
+            lp = torch.log_softmax(peft_model(torch.tensor([ids + gen]), **kw)
                                    .logits[0].double(), -1).numpy()  # fmt: skip
         assert out.text == smol_tok.decode(gen), name
         want = [lp[len(ids) - 1 + k, t] for k, t in enumerate(gen)]
@@ -373,7 +387,8 @@ def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
         # (the tiny model's engine test holds every row, mixtures included, to 1e-5)
         assert np.max(np.abs(np.array(out.logprobs.token_logprobs) - want)) <= 1e-4, name
         texts[name] = (out.text, tuple(round(v, 3) for v in out.logprobs.token_logprobs))
-    assert len({texts[k] for k in ("__base__", "mx8_attn", "s_half", "mix_a")}) == 4  # all differ
+    keys = ("__base__", "mx8_attn", "s_half", "mix_a", "dx8_attn", "dmix")
+    assert len({texts[k] for k in keys}) == len(keys)  # all differ
     errors = [  # (lora, model, status, param)
         ([{"name": "mx8_attn"}], "mx8_attn", 400, "lora"),  # an adapter model and a list
         ([{"name": "nope"}], srv.base, 404, None),
@@ -382,6 +397,7 @@ def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
         ([{"name": f"a{i}"} for i in range(5)], srv.base, 400, "lora"),  # over --max-lora-entries
         ([], srv.base, 400, "lora"),
         ("mx8_attn", srv.base, 400, "lora"),
+        ([{"name": "dx8_attn"}, {"name": "mx16_mlp"}], srv.base, 400, "lora"),  # DoRA + plain
     ]
     for lora, model, status, param in errors:
         code, _, body = post(srv.url + "/v1/completions",
