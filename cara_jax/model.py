@@ -110,7 +110,10 @@ class Attention(nnx.Module):
             qc = meta.ch_gather(q)
             return attend_rows(qc, meta.ch_len, meta.ch_ctx, meta.ch_table, k_cache, v_cache, **kw)
 
-        out = meta.scatter(meta.if_decode(dec_view), meta.if_chunks(ch_view))
+        heads = (self.cfg.num_heads, self.cfg.head_dim)
+        (p, c), s = meta.ch_tok.shape, meta.dec_tok.shape[0]
+        out = meta.scatter(meta.if_decode(dec_view, jax.ShapeDtypeStruct((s, *heads), q.dtype)),
+                           meta.if_chunks(ch_view, jax.ShapeDtypeStruct((p, c, *heads), q.dtype)))
         (o,) = project(hook, self.layer, out.reshape(t, self.cfg.q_size), {"o_proj": self.o_proj})
         return o, k_cache, v_cache
 

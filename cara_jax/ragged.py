@@ -67,13 +67,14 @@ class RaggedMeta:
         """([P, Q] flat index of each chunk-view slot (T where empty), [P, Q] validity)."""
         return self.ch_tok, self.ch_tok < self.num_tokens
 
-    def if_decode(self, fn):
-        """fn() when the step has decode rows, else zeros of its shape: a step without decode
-        rows (or without chunks, below) skips that view's work at run time."""
-        return when(jnp.any(self.dec_len > 0), fn)
+    def if_decode(self, fn, like: jax.ShapeDtypeStruct | None = None):
+        """fn() when the step has decode rows, else zeros of its shape (``like``, when the
+        caller knows it): a step without decode rows (or without chunks, below) skips that
+        view's work at run time."""
+        return when(jnp.any(self.dec_len > 0), fn, like)
 
-    def if_chunks(self, fn):
-        return when(jnp.any(self.ch_len > 0), fn)
+    def if_chunks(self, fn, like: jax.ShapeDtypeStruct | None = None):
+        return when(jnp.any(self.ch_len > 0), fn, like)
 
     def dec_gather(self, x: jax.Array) -> jax.Array:
         """[T, ...] -> [S, ...] (padding rows read token 0; their results are dropped)."""
@@ -90,9 +91,10 @@ class RaggedMeta:
         return put(put(out, self.dec_tok, dec), self.ch_tok, ch)
 
 
-def when(pred: jax.Array, fn):
+def when(pred: jax.Array, fn, like: jax.ShapeDtypeStruct | None = None):
     """fn() if ``pred`` (a traced bool), else zeros of its result's shape, decided at run time:
-    the branch not taken costs nothing."""
-    shape = jax.eval_shape(fn)
+    the branch not taken costs nothing. ``like``: that shape, when the caller knows it (else
+    fn is traced once more just to learn it, which in a 30-layer step was a third of tracing)."""
+    shape = like if like is not None else jax.eval_shape(fn)
     zeros = lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)  # noqa: E731
     return jax.lax.cond(pred, fn, zeros)

@@ -23,6 +23,19 @@ def _compile_cache() -> None:
 _compile_cache()
 
 
+def _share_programs() -> None:
+    """Engines of one geometry in one test process share their compiled programs
+    (engine/program_store.py ProcessPrograms): room for every geometry a process meets, so the
+    tiny-model files' many small programs do not push out the SmolLM2 step between the files
+    that use it (loading it again from the compile cache takes ~11 s on this CPU backend)."""
+    from cara_jax.engine.program_store import PROCESS_PROGRAMS
+
+    PROCESS_PROGRAMS.capacity = 256
+
+
+_share_programs()
+
+
 @pytest.fixture(scope="session")
 def smollm_path() -> Path:
     from cara_jax.embedded import default_model_path

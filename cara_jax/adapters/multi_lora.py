@@ -232,9 +232,14 @@ class RaggedLoraHook:
         has scale 1 there)."""
         nd, nc = self.dec_bucket[proj], self.ch_bucket[proj]
 
+        width = self.b[proj][layer].shape[1]
+        (p, q), s = self.meta.ch_tok.shape, self.meta.dec_tok.shape[0]
+
         def run():  # each view only where it has rows on proj (a decode-only step, say)
-            dc = when(nc > 0, lambda: self.chunk_delta(layer, proj, x, ch_idx, nc))
-            dd = when(nd > 0, lambda: self.decode_delta(layer, proj, x))
+            dc = when(nc > 0, lambda: self.chunk_delta(layer, proj, x, ch_idx, nc),
+                      jax.ShapeDtypeStruct((p, q, width), x.dtype))
+            dd = when(nd > 0, lambda: self.decode_delta(layer, proj, x),
+                      jax.ShapeDtypeStruct((s, width), x.dtype))
             out = y + self.meta.scatter(dd, dc).astype(y.dtype)
             return jax.lax.cond(self.dora_on, lambda: out * self.dora_scale(layer, proj, out),
                                 lambda: out)  # fmt: skip
