@@ -20,7 +20,9 @@ Who fills it:
   through host callbacks around each projection group;
 - ``None``: no LoRA at all; the compiled step then has no LoRA ops.
 
-Hooks return ``None`` for projections they do not touch, so a q/v-only adapter pays nothing for
+The engine's hooks (RaggedLoraHook, CpuAssistHook) define ``output`` instead of ``delta``: DoRA
+rescales the projection's whole output, so they take y. Hooks leave untouched the projections
+they do not adapt (``delta`` returns ``None``, ``output`` returns y), so a q/v-only adapter pays nothing for
 the others.
 
 Projections that share an input (q/k/v; gate/up) run as a group through ``project``. A hook may
@@ -48,7 +50,8 @@ def group_index(projs: tuple[str, ...]) -> int:
 
 @runtime_checkable
 class LoraHook(Protocol):
-    """Supplies additive LoRA deltas for some rows of a batch."""
+    """Supplies additive LoRA deltas for some rows of a batch (the dense path's hooks; the
+    engine step's hooks define ``output(layer, proj, x, y) -> y`` instead, see above)."""
 
     def delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array | None:
         """Delta for projection ``proj`` of decoder layer ``layer`` given its input ``x``."""

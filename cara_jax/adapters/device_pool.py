@@ -369,11 +369,19 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
                 len(self._free_rows[p]) >= r for p, r in ranks.items()
             )
 
+        def rows_fit() -> bool:
+            return bool(self._free_slots) and all(
+                len(self._free_rows[p]) >= r for p, r in ranks.items()
+            )
+
         while not fits():  # LRU first; dropping a mixture may free its members for a later turn
-            idle = next((h for h, e in self._entries.items()
-                         if e.refcount == 0 and not e.pinned and e.handle.done()), None)  # fmt: skip
-            if idle is None:
+            idle = [h for h, e in self._entries.items()
+                    if e.refcount == 0 and not e.pinned and e.handle.done()]  # fmt: skip
+            if rows_fit():  # only a DoRA row is short: drop only what holds one
+                idle = [h for h in idle if self._entries[h].slot in self._dora_of]
+            if not idle:
                 break
+            idle = idle[0]
             self._drop(idle)
             self.stats.evictions += 1
         if not fits():

@@ -28,7 +28,7 @@ for K DoRA slots, ``PoolConfig.dora_slots``); the step gathers each row's (multi
 from __future__ import annotations
 
 import logging
-from functools import partial
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -39,28 +39,52 @@ log = logging.getLogger("cara_jax.adapters.device_pool")
 BLOCK = 16  # rank rows per iteration of the update's loop (one program for every rank)
 
 
-@partial(jax.jit, donate_argnums=0)
+def _norms(w, a_l, b_l, rows, wts, blocks):
+    """(‖W + ΔW‖, ‖W‖) per output column for ΔW = (wts·a[rows])ᵀ·b[rows], in O(rank·out)
+    memory: ‖W‖² + 2·Σ b ⊙ (a·W) + Σ b ⊙ ((a·aᵀ)·b), block by block (never an [in, out]
+    temporary beside W: on a large model that is hundreds of MB per projection)."""
+    f32 = jnp.float32
+    out = w.shape[1]
+
+    def block(i):
+        r = jax.lax.dynamic_slice_in_dim(rows, i * BLOCK, BLOCK)
+        s = jax.lax.dynamic_slice_in_dim(wts, i * BLOCK, BLOCK)
+        return a_l[r].astype(f32) * s[:, None], b_l[r].astype(f32)
+
+    def outer(i, acc):
+        ai, bi = block(i)
+        aw = jnp.dot(ai, w.astype(f32))  # [BLOCK, out]
+
+        def inner(j, acc2):
+            aj, bj = block(j)
+            return acc2 + jnp.sum(bi * ((ai @ aj.T) @ bj), axis=0)
+
+        gram = jax.lax.fori_loop(0, blocks, inner, jnp.zeros(out, f32))
+        return acc + 2.0 * jnp.sum(bi * aw, axis=0) + gram
+
+    base = jnp.sum(jnp.square(w.astype(f32)), axis=0)
+    sq = base + jax.lax.fori_loop(0, blocks, outer, jnp.zeros(out, f32))
+    return jnp.sqrt(jnp.maximum(sq, 0.0)), jnp.sqrt(base)
+
+
+@jax.jit
 def _set_scales(g, k, base, a, b, rows, wts, blocks, mag, mask, from_base):
-    """``g`` (donated) with row ``k`` set, for each projection p and layer l, to
-    m / ‖W + a[rows]ᵀ·diag(wts)·b[rows]‖ over the inputs where ``mask[p][l]`` (else 1); m is
-    ``mag[p][l]`` or, where ``from_base``, ‖W‖ (a mixture's)."""
+    """``g`` with row ``k`` set, for each projection p and layer l, to m / ‖W + ΔW‖ (ΔW from
+    the slot's pool rows ``rows`` at weights ``wts``) where ``mask[p][l]``, else to 1; m is
+    ``mag[p][l]`` or, where ``from_base``, ‖W‖ (a mixture's). Not donated: a failed update
+    leaves the tables as they were."""
     out = {}
     for p, tables in g.items():
         new = []
         for layer, tab in enumerate(tables):
-            w = base[p][layer].astype(jnp.float32)
-            a_l, b_l = a[p][layer], b[p][layer]
 
-            def body(i, acc, a_l=a_l, b_l=b_l, p=p):
-                r = jax.lax.dynamic_slice_in_dim(rows[p], i * BLOCK, BLOCK)
-                s = jax.lax.dynamic_slice_in_dim(wts[p], i * BLOCK, BLOCK)
-                ar = a_l[r].astype(jnp.float32) * s[:, None]
-                return acc + ar.T @ b_l[r].astype(jnp.float32)
+            def scale(p=p, layer=layer, tab=tab):
+                norm, wnorm = _norms(base[p][layer], a[p][layer], b[p][layer], rows[p], wts[p],
+                                     blocks[p])  # fmt: skip
+                return jnp.where(from_base, wnorm, mag[p][layer]) / norm
 
-            delta = jax.lax.fori_loop(0, blocks[p], body, jnp.zeros(w.shape, jnp.float32))
-            norm = jnp.linalg.norm(w + delta, axis=0)
-            m = jnp.where(from_base, jnp.linalg.norm(w, axis=0), mag[p][layer])
-            row = jnp.where(mask[p][layer], m / norm, 1.0)
+            row = jax.lax.cond(mask[p][layer], scale,
+                               lambda tab=tab: jnp.ones(tab.shape[1], jnp.float32))  # fmt: skip
             new.append(tab.at[k].set(row.astype(tab.dtype)))
         out[p] = new
     return out
@@ -83,6 +107,7 @@ class PoolDora:
         self._dora_todo: dict[int, tuple[dict, dict, bool]] = {}
         self.base_kernels: dict[str, list[jax.Array]] | None = None
         self._dora_exe = None
+        self._dora_compile = threading.Lock()
 
     def set_base_kernels(self, kernels: dict[str, list[jax.Array]]) -> None:
         """The base model's [in, out] kernels per projection and layer (what ‖W + ΔW‖ reads)."""
@@ -111,7 +136,7 @@ class PoolDora:
     def _compute_dora(self, slot: int) -> None:
         if self.base_kernels is None:
             raise RuntimeError("a DoRA adapter needs the base kernels (set_base_kernels)")
-        mags, layers, from_base = self._dora_todo.pop(slot)
+        mags, layers, from_base = self._dora_todo[slot]
         shapes = self.cfg.projection_shapes()
         n = self.cfg.num_layers
         width = -(-self.config.max_rank // BLOCK) * BLOCK
@@ -131,27 +156,33 @@ class PoolDora:
                 np.bool_(from_base))  # fmt: skip
         exe = self._dora_program()
         self.dora_g = exe(self.dora_g, np.int32(self._dora_of[slot]), *args)
+        del self._dora_todo[slot]  # only once the update is dispatched: a failure retries
 
     def _dora_program(self):
         """The compiled update (one per pool shape; compiled when a DoRA adapter registers)."""
-        if self._dora_exe is None:
-            sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), t)  # noqa: E731
-            shapes = self.cfg.projection_shapes()
-            n = self.cfg.num_layers
-            width = -(-self.config.max_rank // BLOCK) * BLOCK
-            spec = (
-                self.dora_g, np.int32(0), self.base_kernels, self.a, self.b,
-                {p: np.zeros(width, np.int32) for p in self.projections},
-                {p: np.zeros(width, np.float32) for p in self.projections},
-                {p: np.int32(0) for p in self.projections},
-                {p: np.zeros((n, shapes[p][1]), np.float32) for p in self.projections},
-                {p: np.zeros(n, bool) for p in self.projections}, np.bool_(False),
-            )  # fmt: skip
-            self._dora_exe = _set_scales.lower(*sds(spec)).compile()
+        with self._dora_compile:
+            if self._dora_exe is None:
+                self._dora_exe = self._lower_dora().compile()
         return self._dora_exe
 
+    def _lower_dora(self):
+        """The update lowered for this pool's shapes."""
+        sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), t)  # noqa: E731
+        shapes = self.cfg.projection_shapes()
+        n = self.cfg.num_layers
+        width = -(-self.config.max_rank // BLOCK) * BLOCK
+        spec = (
+            self.dora_g, np.int32(0), self.base_kernels, self.a, self.b,
+            {p: np.zeros(width, np.int32) for p in self.projections},
+            {p: np.zeros(width, np.float32) for p in self.projections},
+            {p: np.int32(0) for p in self.projections},
+            {p: np.zeros((n, shapes[p][1]), np.float32) for p in self.projections},
+            {p: np.zeros(n, bool) for p in self.projections}, np.bool_(False),
+        )  # fmt: skip
+        return _set_scales.lower(*sds(spec))
+
     def ensure_dora_program(self) -> None:
-        """Compile the update now (registration of a DoRA adapter), not in a step's path."""
+        """Compile the update now (registration of a DoRA adapter), not in a step's path, and
+        outside the pool's lock (steps dispatch under it): it only needs shapes."""
         if self.base_kernels is not None:
-            with self.lock:
-                self._dora_program()
+            self._dora_program()

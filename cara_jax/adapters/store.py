@@ -80,6 +80,7 @@ class RegisteredAdapter:
     content_hash: str
     max_rank: int
     cost_rank: int  # what scheduling counts (LoraAdapter.cost_rank)
+    dora: bool = False  # a DoRA adapter (adapters/dora.py)
 
 
 class AdapterRegistry:
@@ -114,7 +115,7 @@ class AdapterRegistry:
         adapter = self.host.put(adapter)
         entry = RegisteredAdapter(
             name, path, adapter.content_hash, adapter.max_rank,
-            adapter.cost_rank(self.cfg.num_layers),
+            adapter.cost_rank(self.cfg.num_layers), adapter.dora,
         )  # fmt: skip
         with self._lock:
             old = self._names.get(name)

@@ -183,6 +183,9 @@ def save_peft_adapter(
         if cfg is None:
             raise TypeError("save_peft_adapter needs the base's ModelConfig to read a tree")
         adapter = adapter_from_tree(adapter, cfg, alpha=alpha, path_map=path_map)
+    if adapter.dora:
+        raise UnsupportedAdapterError(f"{adapter.path}: saving DoRA adapters is not supported "
+                                      "(their magnitudes would be lost)")  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = {key: module_name(*key) for key in adapter.modules}

@@ -204,7 +204,7 @@ class AdapterResidency:
                 pool.projections, self.registry.entry(name).max_rank)  # fmt: skip
             for p, r in ranks.items():
                 summed[p] = summed.get(p, 0) + r
-            dora.append(packed.dora if packed is not None else self.registry.resolve(name).dora)
+            dora.append(self.registry.entry(name).dora)
         if any(dora) and not all(dora):
             raise InvalidRequestError("`lora` mixes DoRA and plain LoRA adapters; PEFT's merge "
                                       "of such a list depends on its order, so it is not "

@@ -143,3 +143,22 @@ def test_dora_refusals(tiny, dora_paths):
         assert info.value.param == "lora"
     finally:
         eng.close()
+
+
+def test_a_dora_slot_evicts_only_a_dora_holder(tiny, dora_paths):
+    """With every DoRA row taken by idle adapters, a new DoRA adapter drops one of those, not
+    the idle plain adapters (which a DoRA row could not come from)."""
+    from cara_jax.adapters.device_pool import DevicePool, PoolConfig
+
+    pool = DevicePool(tiny.cfg, PoolConfig(budget_bytes=8 << 20, dora_slots=1))
+    ads = {n: load_peft_adapter(dora_paths[n], tiny.cfg) for n in ("p8", "d8_attn", "d16_all")}
+    try:
+        for name in ("p8", "d8_attn", "d16_all"):
+            pool.acquire(ads[name]).wait(60)
+            pool.release(ads[name].content_hash)
+        resident = set(pool.resident())
+        assert ads["p8"].content_hash in resident and ads["d16_all"].content_hash in resident
+        assert ads["d8_attn"].content_hash not in resident
+        assert pool.stats.evictions == 1
+    finally:
+        pool.close()
