@@ -9,7 +9,9 @@ Three ways to serve 16 streams over 8 adapters (ranks 8/16, all seven projection
   ``lora`` list): computed in the step, every member at its own rank;
 - merged: the same 16 mixtures, each merged first into an adapter of its own (PEFT's cat:
   A's concatenated with the weights folded in, B's concatenated), registered and loaded per
-  request, then served: what a server without mixtures asks its users to do.
+  request, then served: what a server without mixtures asks its users to do;
+- dora: each stream on one of 8 DoRA adapters (the single adapters' A and B, plus magnitudes):
+  what DoRA's output rescale costs a step.
 Each run submits the 16 streams at once (same prompt length, ``--tokens`` greedy tokens each,
 EOS ignored) and times until the last finishes; tok/s counts generated tokens. The engine is
 built with ``cara-serve``'s defaults; its programs compile before the first timed run.
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--ranks", default="8,16")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2, help="alternate the three ways this often")
+    ap.add_argument("--repeats", type=int, default=2, help="alternate the four ways this often")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -93,10 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = engine_config(build_parser().parse_args([]))  # cara-serve's defaults
     engine = Engine(loaded, Tokenizer.from_path(path), cfg)
     names = [f"a{i}" for i in range(args.adapters)]
+    kernels = loaded.kernels()
     with tempfile.TemporaryDirectory() as tmp:
         for i, n in enumerate(names):
             write_random_peft(Path(tmp) / n, loaded.cfg, ranks[i % len(ranks)], seed=i)
             engine.load_adapter(n, Path(tmp) / n)
+            write_random_peft(Path(tmp) / f"d{n}", loaded.cfg, ranks[i % len(ranks)], seed=i,
+                              dora_base=kernels)  # fmt: skip
+            engine.load_adapter(f"d{n}", Path(tmp) / f"d{n}")
         t = time.perf_counter()
         engine.warmup()
         compile_s = time.perf_counter() - t
@@ -118,8 +124,10 @@ def main(argv: list[str] | None = None) -> None:
             "single": [{"adapter": names[i % args.adapters]} for i in range(args.streams)],
             "mixture": [{"lora": m} for m in mixes],
             "merged": [{"prepare": merge(m)} for m in mixes],
+            "dora": [{"adapter": f"d{names[i % args.adapters]}"} for i in range(args.streams)],
         }
         run(engine, ways["mixture"], 4)  # first use: the mixtures' slots, members loaded
+        run(engine, ways["dora"], 4)  # the DoRA slots' scales computed
         rates: dict[str, list[float]] = {k: [] for k in ways}
         walls: dict[str, list[float]] = {k: [] for k in ways}
         for _ in range(args.repeats):
@@ -153,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         "- merged: each stream's mixture merged into an adapter of its own first (PEFT's cat), "
         "registered and loaded per request, then served; the merge and load are inside the "
         "timed run.",
+        "- dora: each stream on a DoRA adapter (the single adapters' A and B plus magnitudes), "
+        "two streams per adapter: the cost of DoRA's per-row output rescale.",
         "",
         f"Mixtures: {json.dumps(mixes)}",
     ]

@@ -72,6 +72,7 @@ def engine_config(args: argparse.Namespace):
             budget_bytes=args.device_lora_bytes,
             max_adapters=args.max_loras + 1,  # pool slot 0 is the base model
             max_rank=args.max_lora_rank,
+            dora_slots=max(0, args.max_dora_loras),
             cache_dir=_adapter_cache(args.adapter_cache),
             emulate_link_gbps=args.emulate_link_gbps,
         ),

@@ -253,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapters resident on the device at once",
     )
     a.add_argument(
+        "--max-dora-loras",
+        type=int,
+        default=8,
+        help="DoRA adapters (and scaled or mixed DoRA slots) resident at once; each holds an "
+        "output scale per projection and layer (SmolLM2: 0.7 MB). 0 refuses DoRA adapters",
+    )
+    a.add_argument(
         "--max-lora-rank",
         type=positive(int),
         default=256,

@@ -151,6 +151,21 @@ def engine_logprobs(loaded, paths, rows, prompts, n_tokens, strategy, passes=2):
     return out
 
 
+def assert_run_matches(runs, hf_tokens, logprobs_ref, prompt_len, label, tol=1e-5):
+    """Each engine pass ``(tokens, logprobs)`` in ``runs`` gave the reference's greedy tokens,
+    and every token's top-5 log-probs equal the reference's ``logprobs_ref`` [T, V] within
+    ``tol``."""
+    for tokens, logprobs in runs:
+        assert tokens == hf_tokens, label
+        assert len(logprobs) == len(hf_tokens)
+        for k, entry in enumerate(logprobs):
+            ref = logprobs_ref[prompt_len - 1 + k]
+            top = [t for t, _ in entry["top"]]
+            ours = np.array([v for _, v in entry["top"]] + [entry["logprob"]])
+            want = np.array([ref[t] for t in top] + [ref[tokens[k]]])
+            assert np.max(np.abs(ours - want)) <= tol, (label, k, ours - want)
+
+
 class IdsTokenizer:
     """Token ids in, token ids out: no vocabulary needed."""
 

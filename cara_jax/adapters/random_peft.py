@@ -27,10 +27,12 @@ def write_random_peft(
     targets: tuple[str, ...] | list[str] = PROJECTIONS,
     alpha: float | None = None,
     b_std: float = 0.01,
+    dora_base: dict | None = None,
 ) -> Path:
     """Write one adapter into ``path`` (atomically: a reader never sees half a folder; if
     another process wrote it first, theirs is kept). A ~ N(0, 1/in), B ~ N(0, b_std²);
-    ``alpha`` defaults to 2 * rank."""
+    ``alpha`` defaults to 2 * rank. ``dora_base`` (the base's [in, out] kernels per projection
+    and layer, LoadedModel.kernels): a DoRA adapter, magnitudes ‖W‖ per output times 1 ± 5%."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
@@ -45,10 +47,14 @@ def write_random_peft(
             b = rng.standard_normal((dout, rank), dtype=np.float32) * np.float32(b_std)
             tensors[f"{key}.lora_A.weight"] = a
             tensors[f"{key}.lora_B.weight"] = b
+            if dora_base is not None:
+                w = np.asarray(dora_base[p][layer], np.float32)
+                noise = 1 + 0.05 * rng.standard_normal(dout, dtype=np.float32)
+                tensors[f"{key}.lora_magnitude_vector"] = np.linalg.norm(w, axis=0) * noise
     conf = {
         "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank if alpha is None else alpha,
         "target_modules": list(targets), "bias": "none", "lora_dropout": 0.0,
-        "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": dora_base is not None, "fan_in_fan_out": False,
         "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
     }  # fmt: skip
     path = Path(path)

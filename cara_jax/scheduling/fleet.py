@@ -169,6 +169,7 @@ def plan(
     slo_s: float | None = None,
     needs_cost: bool = False,
     exclude: frozenset[int] = frozenset(),
+    lora: Sequence[str] = (),
 ) -> Plan:
     """Route one request: which members may take it, what it is (rank, prompt, SLO), and the
     policy's order of preference.
@@ -180,13 +181,23 @@ def plan(
     largest the eligible members publish for ``model``; its SLO is ``slo_s``, else the
     members' default where they agree on one. A member's queued requests include its
     ``unreported`` ones. Raises ``NoInstanceError`` (``NoCostModelError``) when nobody is
-    eligible."""
+    eligible.
+
+    ``lora``: the adapters of a request's mixture (its ``lora`` entries; ``model`` is then the
+    base model): a member serves it when it serves every one by name, its rank is their
+    summed rank (what the instance's step pays) and it is resident where all of them are."""
+    names = tuple(lora) or (model,)
+
+    def rank_of(snap) -> int | None:
+        ranks = [snap.rank_of(n) for n in names]
+        return None if any(r is None for r in ranks) else sum(ranks)
+
     usable = [
         i for i, m in enumerate(members) if m.up and m.snapshot is not None and i not in exclude
     ]
     if not usable:
         raise NoInstanceError("no instance is reachable")
-    knows = [i for i in usable if members[i].snapshot.rank_of(model) is not None]
+    knows = [i for i in usable if rank_of(members[i].snapshot) is not None]
     cands = knows or usable
     if needs_cost:
         cands = [i for i in cands if members[i].cost is not None]
@@ -194,7 +205,7 @@ def plan(
             raise NoCostModelError("no eligible instance has a cost model")
     room = [i for i in cands if not members[i].snapshot.queue_full]
     eligible = set(room or cands)
-    ranks = [r for i in sorted(eligible) if (r := members[i].snapshot.rank_of(model))]
+    ranks = [r for i in sorted(eligible) if (r := rank_of(members[i].snapshot))]
     if slo_s is None:  # the instances' default, where they agree on one
         defaults = {members[i].snapshot.tpot_slo_s for i in eligible}
         slo_s = defaults.pop() if len(defaults) == 1 else None
@@ -211,7 +222,8 @@ def plan(
                 queued=(*snap.queued, *m.unreported) if snap else (),
                 eligible=i in eligible,
                 name=m.name,
-                resident=bool(snap and model is not None and model in snap.resident),
+                resident=bool(snap and all(n is not None and n in snap.resident
+                                           for n in names)),  # fmt: skip
             )
         )
     if isinstance(router, FirstFitRouter):  # "full" = every slot of an instance busy

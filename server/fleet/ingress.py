@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from server.fleet.book import FleetConfig, _book
 from server.protocol import ApiError, bad, check_api_key, error_body, read_json_object
-from server.router.estimates import estimate_prompt_tokens, request_slo
+from server.router.estimates import estimate_prompt_tokens, lora_names, request_slo
 
 log = logging.getLogger("ray.serve")
 
@@ -211,6 +211,7 @@ def build_ingress_app(ing: Ingress):
             "model": model,
             "prompt_tokens": estimate_prompt_tokens(body),
             "slo_s": request_slo(body),
+            "lora": list(lora_names(body)),
         }
         return await relay(request, route)
 

@@ -108,6 +108,7 @@ class CaraRequestRouter(RequestRouter):
                 int(route.get("prompt_tokens") or 0),
                 route.get("slo_s"),
                 needs_cost=self.policy in COST_POLICIES,
+                lora=tuple(route.get("lora") or ()),
             )
         except NoInstanceError:
             # no stats yet (replicas just started) or none usable: Ray picks among them all

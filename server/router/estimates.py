@@ -57,3 +57,13 @@ def request_slo(body: Mapping[str, Any]) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
         return float(v)
     return None
+
+
+def lora_names(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The adapter names of a request's ``lora`` mixture (routing only: the instance that
+    serves it validates the list and answers 400 for a malformed one)."""
+    entries = body.get("lora")
+    if not isinstance(entries, list):
+        return ()
+    names = [e.get("name") for e in entries if isinstance(e, Mapping)]
+    return tuple(n for n in names if isinstance(n, str))

@@ -19,7 +19,7 @@ from cara_jax.scheduling.fleet import Member, NoCostModelError, plan
 from cara_jax.scheduling.router import NoInstanceError, RequestInfo, make_router
 from server.protocol import ApiError, error_body
 from server.router.config import RouterConfig, load_router_cost_models
-from server.router.estimates import estimate_prompt_tokens, request_slo
+from server.router.estimates import estimate_prompt_tokens, lora_names, request_slo
 from server.router.metrics import RouterMetrics
 from server.router.relay import (
     PASS_HEADERS,
@@ -112,6 +112,7 @@ class RouterState:
                 request_slo(body),
                 needs_cost=self.needs_cost,
                 exclude=exclude,
+                lora=lora_names(body),
             )
         except NoCostModelError as e:
             raise ApiError(

@@ -10,7 +10,13 @@ import torch
 from cara_jax.adapters.packed import PackedStore
 from cara_jax.adapters.peft import load_peft_adapter
 from cara_jax.sampling_params import InvalidRequestError
-from tests.helpers import ALL7, engine_logprobs, make_dora_adapters, make_peft_adapters
+from tests.helpers import (
+    ALL7,
+    assert_run_matches,
+    engine_logprobs,
+    make_dora_adapters,
+    make_peft_adapters,
+)
 
 DORA = {
     "d8_attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -117,14 +123,7 @@ def test_dora_rows_match_peft_in_a_mixed_batch(tiny, tiny_llama_dir, dora_paths,
     outs = set()
     for prompt, (name, row), *runs in zip(prompts, ROWS, *passes, strict=True):
         hf, lp = _peft_run(model, name, prompt, n)
-        for tokens, logprobs in runs:
-            assert tokens == hf, (row, strategy)
-            for k, entry in enumerate(logprobs):
-                ref = lp[len(prompt) - 1 + k]
-                top = [t for t, _ in entry["top"]]
-                ours = np.array([v for _, v in entry["top"]] + [entry["logprob"]])
-                want = np.array([ref[t] for t in top] + [ref[tokens[k]]])
-                assert np.max(np.abs(ours - want)) <= 1e-5, (row, k, ours - want)
+        assert_run_matches(runs, hf, lp, len(prompt), (row, strategy))
         outs.add((name, tuple(runs[0][0])))
     assert len({t for _, t in outs}) >= 6  # the rows differ: DoRA's parts all show
 

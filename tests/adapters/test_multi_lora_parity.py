@@ -11,7 +11,15 @@ import torch
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.store import AdapterRegistry, HostStore
 from cara_jax.scoring import full_logits
-from tests.helpers import ADAPTERS, ALL7, engine_logprobs, make_peft_adapters, peft_mixed, rel_err
+from tests.helpers import (
+    ADAPTERS,
+    ALL7,
+    assert_run_matches,
+    engine_logprobs,
+    make_peft_adapters,
+    peft_mixed,
+    rel_err,
+)
 
 
 def _setup(loaded, paths, strategy="bgmv", budget=64 << 20):
@@ -186,12 +194,4 @@ def test_engine_paths_match_peft(tiny, tiny_llama_dir, tmp_path, strategy):
                                      do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
             seq = torch.tensor([prompt + hf])
             lp = torch.log_softmax(peft_model(seq, adapter_names=[name]).logits[0], -1).numpy()
-        for tokens, logprobs in runs:
-            assert tokens == hf, (row, strategy)
-            assert len(logprobs) == n_tokens
-            for k, entry in enumerate(logprobs):
-                ref = lp[len(prompt) - 1 + k]
-                top = [t for t, _ in entry["top"]]
-                ours = np.array([v for _, v in entry["top"]] + [entry["logprob"]])
-                want = np.array([ref[t] for t in top] + [ref[tokens[k]]])
-                assert np.max(np.abs(ours - want)) <= 1e-5, (row, k, ours - want)
+        assert_run_matches(runs, hf, lp, len(prompt), (row, strategy))

@@ -129,3 +129,26 @@ def test_baselines_behave_as_named():
         assert make_router(name).name == name
     with pytest.raises(ValueError):
         make_router("nope")
+
+
+def test_a_mixture_routes_by_its_members():
+    """A request's ``lora`` mixture (model = the base): only instances serving every member
+    are candidates, its rank is the members' summed rank, and it counts as resident only
+    where all of them are."""
+    from cara_jax.scheduling.fleet import Member, Snapshot, plan
+    from server.router.estimates import lora_names
+
+    def snap(adapters, resident):
+        return Snapshot("base", (), "mbgmv", 8, 8, 0, None, None, (), (), adapters,
+                        frozenset(resident))  # fmt: skip
+
+    members = [Member(snap({"a": 8}, {"a"}), name="only-a"),
+               Member(snap({"a": 8, "b": 16}, {"a"}), name="a-and-b")]  # fmt: skip
+    body = {"model": "base", "lora": [{"name": "a", "scale": 0.5}, {"name": "b"}]}
+    assert lora_names(body) == ("a", "b")
+    assert lora_names({"lora": "a"}) == () and lora_names({}) == ()
+    p = plan(make_router("least_loaded"), members, "base", lora=lora_names(body))
+    assert p.info.rank == 24
+    assert p.order == [1]  # the other instance does not serve b
+    p = plan(make_router("least_loaded"), members, "a")  # a plain adapter: both serve it
+    assert p.info.rank == 8 and sorted(p.order) == [0, 1]
