@@ -58,8 +58,7 @@ def _full_logits(graphdef, state, tokens, hook, block_size):
             ch_bucket={p: jnp.int32(w // RANK_BLOCK) for p in idx}, meta=meta,
             strategy="mbgmv", backend=hook.backend,
             dora_g={p: [jnp.ones((1, v.shape[1]), jnp.float32) for v in hook.b[p]] for p in idx},
-            dec_dora=jnp.zeros((1,), jnp.int32), ch_dora=jnp.zeros((b,), jnp.int32),
-            dora_on=jnp.asarray(False),
+            tok_dora=jnp.zeros((b * t,), jnp.int32), dora_on=jnp.asarray(False),
         )  # fmt: skip
     h, _ = model(tokens.reshape(-1), cache, meta, hook)
     return model.logits(h).reshape(b, t, -1)

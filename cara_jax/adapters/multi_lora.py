@@ -110,9 +110,9 @@ class RaggedLoraHook:
     request is just more rank rows in the same program.
 
     DoRA (adapters/dora.py): a slot of a DoRA adapter (or of a scaled or mixed one) has a row
-    ``k`` > 0 in the pool's tables ``dora_g[p][layer]`` [K + 1, out] (row 0: ones); ``dec_dora``
-    [S] and ``ch_dora`` [P] give each row's, and the projection's output (base plus delta) is
-    multiplied by it, per row, in steps where ``dora_on`` (some row has a DoRA slot).
+    ``k`` > 0 in the pool's tables ``dora_g[p][layer]`` [K + 1, out] (row 0: ones); ``tok_dora``
+    [T] gives each token's (its row's slot's; 0 for padding), and the projection's output (base
+    plus delta) is multiplied by it in steps where ``dora_on`` (some row has a DoRA slot).
 
     Sizes are data, not shape: per projection and view, ``*_bucket[p]`` is, at run time, the
     number of loop iterations of RANK_BLOCK rank rows each (chunks, bgmv) or the number of
@@ -135,8 +135,7 @@ class RaggedLoraHook:
     ch_w: dict[str, jax.Array]  # proj -> [P, r_max] their weights
     ch_bucket: dict[str, jax.Array]  # proj -> () int32: RANK_BLOCK blocks (0: none)
     dora_g: dict[str, list[jax.Array]]  # proj -> per-layer [K + 1, out] output scales
-    dec_dora: jax.Array  # [S] int32 row of dora_g per decode row (0: none)
-    ch_dora: jax.Array  # [P] int32 per chunk row
+    tok_dora: jax.Array  # [T] int32 row of dora_g per token (0: none)
     dora_on: jax.Array  # () bool: some row of the step has a DoRA slot
     meta: RaggedMeta
     strategy: str = dataclasses.field(default="mbgmv", metadata=dict(static=True))
@@ -247,11 +246,6 @@ class RaggedLoraHook:
         return jax.lax.cond((nd > 0) | (nc > 0), run, lambda: y)
 
     def dora_scale(self, layer: int, proj: str, like: jax.Array) -> jax.Array:
-        """[T, out] each token's DoRA output scale (1 for rows without DoRA, 0 for padding)."""
-        g = self.dora_g[proj][layer]
-        gd = take(g, self.dec_dora)
-        gc = take(g, self.ch_dora)
-        q = self.meta.ch_tok.shape[1]
-        gc = jnp.broadcast_to(gc[:, None], (gc.shape[0], q, gc.shape[1]))
-        return self.meta.scatter(gd, gc).astype(like.dtype)
+        """[T, out] each token's DoRA output scale (1 for rows without DoRA): one gather."""
+        return take(self.dora_g[proj][layer], self.tok_dora).astype(like.dtype)
 

@@ -121,11 +121,14 @@ class PoolIndex:
         meta: RaggedMeta,
         strategy: str = "mbgmv",
         backend: str = "auto",
+        tokens: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> RaggedLoraHook:
         """The hook of one engine step (ragged.py): decode row i uses adapter slot
         ``dec_slots[i]``, chunk row j ``ch_slots[j]`` (0 = none). Per projection and view, the
         bucket and the index tables are computed here, once per step (multi_lora.RaggedLoraHook
         says what they hold); mbgmv's block table has room for every decode row at max_rank.
+        ``tokens``: the host's (dec_tok [S], ch_tok [P, Q]) of ``meta``, which place each
+        row's DoRA scale on its tokens (needed when a row has a DoRA slot).
         Call and dispatch under ``pool.lock``, as for ``hook``."""
         dec_slots, ch_slots = np.asarray(dec_slots), np.asarray(ch_slots)
         width = self.index_width()
@@ -133,6 +136,12 @@ class PoolIndex:
         ch_idx, ch_w, ch_b = {}, {}, {}
         none = jnp.zeros((1,), jnp.int32)
         dec_dora, ch_dora = self.dora_rows(dec_slots), self.dora_rows(ch_slots)
+        dora_on = bool(dec_dora.any() or ch_dora.any())
+        tok_dora = np.zeros(meta.num_tokens, np.int32)
+        if dora_on:
+            if tokens is None:
+                raise ValueError("a step with DoRA rows needs the host's token layout")
+            tok_dora = token_rows(meta.num_tokens, *tokens, dec_dora, ch_dora)
         capacity = -(-len(dec_slots) * width // RANK_BLOCK // BLOCKS_BIG) * BLOCKS_BIG
         with self.lock:
             # a step without a mixture's slot weighs every row 1: one cached device array per
@@ -162,8 +171,7 @@ class PoolIndex:
             dec_rows=dec_rows, dec_ent=dec_ent, dec_own=dec_own, dec_w=dec_w, dec_bucket=dec_b,
             ch_idx=ch_idx, ch_w=ch_w, ch_bucket=ch_b, meta=meta, strategy=strategy,
             backend=backend, dora_g={p: list(v) for p, v in self.dora_g.items()},
-            dec_dora=jnp.asarray(dec_dora), ch_dora=jnp.asarray(ch_dora),
-            dora_on=jnp.asarray(bool(dec_dora.any() or ch_dora.any())),
+            tok_dora=jnp.asarray(tok_dora), dora_on=jnp.asarray(dora_on),
         )  # fmt: skip
 
     def index_width(self) -> int:
@@ -181,6 +189,18 @@ def _ones(shape: tuple[int, ...]) -> jax.Array:
     if a is None:
         a = _ONES.setdefault(shape, jnp.ones(shape, jnp.float32))
     return a
+
+
+def token_rows(
+    t: int, dec_tok: np.ndarray, ch_tok: np.ndarray, dec: np.ndarray, ch: np.ndarray
+) -> np.ndarray:
+    """[t] each token's value of its row (``dec`` per decode row, ``ch`` per chunk row; 0 for
+    padding), from the step's layout (ragged.py: indices >= t place nothing)."""
+    out = np.zeros(t + 1, np.int32)  # index t: where padding rows point
+    dec_tok, ch_tok = np.minimum(dec_tok, t), np.minimum(ch_tok, t)
+    out[dec_tok[: len(dec)]] = dec
+    out[ch_tok[: len(ch)]] = np.asarray(ch)[:, None]
+    return out[:t]
 
 
 def rank_blocks(ranks: np.ndarray) -> int:

@@ -327,11 +327,11 @@ class ModelRunner:
             off += n
         return host, SamplingArrays.from_rows(samp), dec_ad, ch_ad
 
-    def _hook(self, p: Program, meta, dec_ad, ch_ad, cpu: CpuPlan | None):
+    def _hook(self, p: Program, meta, dec_ad, ch_ad, cpu: CpuPlan | None, tokens=None):
         if not p.lora or self.pool is None:
             return None
         hook = self.pool.ragged_hook(dec_ad, ch_ad, meta, self.lora_strategy,
-                                     backend=self.lora_backend)  # fmt: skip
+                                     backend=self.lora_backend, tokens=tokens)  # fmt: skip
         if not p.cpu:
             return hook
         shapes = self.cfg.projection_shapes()
@@ -371,7 +371,8 @@ class ModelRunner:
             exe = self.compile(p)
         host, sampling, dec_ad, ch_ad = self.build(batch, p)
         inp = host.device(logprobs, self.config)
-        hook = self._hook(p, inp.meta, dec_ad, ch_ad, cpu)
+        hook = self._hook(p, inp.meta, dec_ad, ch_ad, cpu,
+                          (host.meta["dec_tok"], host.meta["ch_tok"]))  # fmt: skip
         out, logits, self.cache, self.state = exe(
             self.params, self.cache, self.state, inp, sampling, hook
         )
