@@ -161,3 +161,15 @@ def test_a_dora_slot_evicts_only_a_dora_holder(tiny, dora_paths):
         assert pool.stats.evictions == 1
     finally:
         pool.close()
+
+
+def test_token_rows_put_each_rows_value_on_its_tokens():
+    """The step's per-token DoRA rows: a decode row's on its one token, a chunk row's on its
+    tokens; padding (index T) places nothing and reads 0."""
+    from cara_jax.adapters.pool_index import token_rows
+
+    t = 8
+    dec_tok = np.array([5, t], np.int32)  # one decode row, one padding row
+    ch_tok = np.array([[0, 1, 2, t], [3, 4, t, t]], np.int32)  # chunks of 3 and 2 tokens
+    got = token_rows(t, dec_tok, ch_tok, np.array([2, 9]), np.array([1, 3]))
+    np.testing.assert_array_equal(got, [1, 1, 1, 3, 3, 2, 0, 0])
