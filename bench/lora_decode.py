@@ -41,11 +41,12 @@ def chain_rate(loaded, batch: int, steps: int) -> float:
     import jax.numpy as jnp
 
     model = loaded.model()
+    lay = model.layers  # every layer's parameters, stacked
     layers = [
-        [getattr(getattr(lay, blk), p).kernel[...] for blk, p in
+        [getattr(getattr(lay, blk), p).kernel[...][i] for blk, p in
          (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
           ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))]
-        for lay in model.layers
+        for i in range(loaded.cfg.num_layers)
     ]  # fmt: skip
     head = model.embed_tokens[...]
 

@@ -115,18 +115,20 @@ def unregister(plan: PrefillPlan) -> None:
 
 
 def _exchange(
-    layer: int,
     projs: tuple[str, ...],
     sizes: tuple[int, ...],
+    layer: np.ndarray,
     x: np.ndarray,
     plan_id: np.ndarray,
 ) -> np.ndarray:
     """One host round trip of a (layer, projection group): the cold rows' inputs out to the
-    workers, their deltas back, as [P, Q, sum(sizes)] (zeros where the CPU serves nothing)."""
+    workers, their deltas back, as [P, Q, sum(sizes)] (zeros where the CPU serves nothing).
+    The layer arrives as data: one compiled callback serves every layer of the scan."""
     t0 = time.perf_counter()
     # callbacks receive jax arrays: index them as numpy (a zero-copy view on the host), since
     # every jax-side slice would dispatch an op
     x = np.asarray(x)
+    layer = int(np.asarray(layer))
     out = np.zeros((*x.shape[:2], sum(sizes)), np.float32)
     plan = _PLANS.get(int(np.asarray(plan_id)))
     if plan is None or plan.failed:
@@ -176,9 +178,9 @@ class CpuAssistHook:
     """
 
     inner: RaggedLoraHook
-    # proj -> layer -> [P, r_max] pool rows of each chunk row at that layer (row 0, zeros, for
+    # proj -> [layers, P, r_max] pool rows of each chunk row at each layer (row 0, zeros, for
     # a cold row whose layer has not arrived: the CPU serves it)
-    dev_idx: dict[str, list[jax.Array]]
+    dev_idx: dict[str, jax.Array]
     plan_id: jax.Array  # () int32
     need: jax.Array  # [layers, projection groups] bool: some cold row needs the CPU there
     out_sizes: tuple[tuple[str, int], ...] = dataclasses.field(metadata=dict(static=True))
@@ -199,7 +201,8 @@ class CpuAssistHook:
         shape = jax.ShapeDtypeStruct((*xc.shape[:2], sum(sizes)), jnp.float32)
 
         def exchange(xc):
-            return io_callback(partial(_exchange, layer, projs, sizes), shape, xc, self.plan_id)
+            return io_callback(partial(_exchange, projs, sizes), shape, jnp.asarray(layer),
+                               xc, self.plan_id)  # fmt: skip
 
         # no round trip where no cold row needs the CPU at this (layer, group): layers that
         # have arrived, projections the cold adapters do not target

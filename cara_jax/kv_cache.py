@@ -1,9 +1,10 @@
 """Paged KV cache: the device arrays. Which sequence owns which page is the block manager's
 business (engine/block_manager.py); the model only sees pages through block tables.
 
-Layout: per layer, K and V arrays of shape [num_pages * block_size, kv_heads, head_dim]. A
-token's keys go to row ``page * block_size + offset`` (its slot mapping); attention reads a
-sequence's pages through its block table (attention.py). Page 0 is never handed out: padding
+Layout: K and V arrays of shape [layers, num_pages * block_size, kv_heads, head_dim]. A
+token's keys go to row ``page * block_size + offset`` of each layer (its slot mapping);
+attention reads a sequence's pages through its block table (attention.py). The layers are one
+array so that the forward's scan over layers carries the cache and updates it in place. Page 0 is never handed out: padding
 entries of block tables point at it, so a padded read stays in bounds and is masked.
 
 Why pages rather than one row of max_len per sequence: memory is taken as a sequence grows and
@@ -24,23 +25,20 @@ from cara_jax.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer key/value pages, donated to and returned by every jitted step."""
+    """Key/value pages of every layer, donated to and returned by every jitted step."""
 
-    k: list[jax.Array]
-    v: list[jax.Array]
+    k: jax.Array  # [layers, num_pages * block_size, kv_heads, head_dim]
+    v: jax.Array
 
     @classmethod
     def allocate(
         cls, cfg: ModelConfig, num_pages: int, block_size: int, dtype: jnp.dtype = jnp.float32
     ) -> KVCache:
-        shape = (num_pages * block_size, cfg.num_kv_heads, cfg.head_dim)
-        return cls(
-            k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-            v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-        )
+        shape = (cfg.num_layers, num_pages * block_size, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.k + self.v)
+        return int(self.k.nbytes) + int(self.v.nbytes)
 
 
 def bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype) -> int:

@@ -17,15 +17,18 @@ from cara_jax.attention import NEG, attend_rows, write_kv
 from cara_jax.config import ModelConfig
 from cara_jax.kv_cache import KVCache
 from cara_jax.lora_hooks import LoraHook, project
-from cara_jax.ragged import RaggedMeta
+from cara_jax.ragged import DROP, RaggedMeta
 
 
 class Linear(nnx.Module):
-    """Bias-free projection with an [in, out] kernel."""
+    """Bias-free projection with an [in, out] kernel ([layers, in, out] in the stacked decoder
+    layers, which the forward scans one layer at a time)."""
 
-    def __init__(self, din: int, dout: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self, din: int, dout: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, lead: tuple = ()
+    ) -> None:
         init = nnx.initializers.normal(stddev=0.02)
-        self.kernel = nnx.Param(init(rngs.params(), (din, dout), dtype))
+        self.kernel = nnx.Param(init(rngs.params(), (*lead, din, dout), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.dot(x, self.kernel[...])
@@ -34,8 +37,8 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """Llama RMSNorm: normalise in float32, cast back, then scale (HF's order of operations)."""
 
-    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype) -> None:
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype, lead: tuple = ()) -> None:
+        self.weight = nnx.Param(jnp.ones((*lead, dim), dtype))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -62,19 +65,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.layer = layer
-        h = cfg.hidden_size
-        self.q_proj = Linear(h, cfg.q_size, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h, cfg.kv_size, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h, cfg.kv_size, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(cfg.q_size, h, dtype=dtype, rngs=rngs)
+    """Self-attention of one decoder layer; ``layer`` (its index, a traced int inside the
+    forward's scan) is passed to each call, for the LoRA hook and the paged cache."""
 
-    def _qkv(self, x, cos, sin, hook):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, lead: tuple = ()):
+        self.cfg = cfg
+        h = cfg.hidden_size
+        kw = dict(dtype=dtype, rngs=rngs, lead=lead)
+        self.q_proj = Linear(h, cfg.q_size, **kw)
+        self.k_proj = Linear(h, cfg.kv_size, **kw)
+        self.v_proj = Linear(h, cfg.kv_size, **kw)
+        self.o_proj = Linear(cfg.q_size, h, **kw)
+
+    def _qkv(self, i, x, cos, sin, hook):
         """Projections (each plus its LoRA delta) of x [..., T, hidden], RoPE applied:
         q [..., T, H, D], k and v [..., T, Hkv, D]."""
-        cfg, i = self.cfg, self.layer
+        cfg = self.cfg
         q, k, v = project(
             hook, i, x, {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj}
         )
@@ -85,6 +91,7 @@ class Attention(nnx.Module):
 
     def __call__(
         self,
+        i: jax.Array,
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
@@ -93,35 +100,44 @@ class Attention(nnx.Module):
         meta: RaggedMeta,
         hook: LoraHook | None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [T, hidden] flat tokens; the caches [pages * block_size, Hkv, D] of this layer."""
+        """x [T, hidden] flat tokens of layer ``i``; the caches of every layer [layers, pages *
+        block_size, Hkv, D] (this layer's pages are found by offsetting its slots and page
+        numbers, so no layer's cache is ever copied out)."""
         t = x.shape[0]
-        q, k, v = self._qkv(x, cos, sin, hook)
-        k_cache, v_cache = write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        q, k, v = self._qkv(i, x, cos, sin, hook)
+        shape = k_cache.shape
+        rows = shape[1]
+        k_flat, v_flat = k_cache.reshape(-1, *shape[2:]), v_cache.reshape(-1, *shape[2:])
+        slots = jnp.where(meta.slot_mapping < rows, meta.slot_mapping + i * rows, DROP)
+        k_flat, v_flat = write_kv(k_flat, v_flat, k, v, slots)
+        page0 = i * (rows // meta.block_size)  # this layer's first page in the flat cache
         kw = dict(block_size=meta.block_size, pages_per_chunk=meta.pages_per_chunk,
                   backend=meta.attn_backend)  # fmt: skip
 
         def dec_view():
             qd = meta.dec_gather(q)[:, None]  # [S, 1, H, D]
             live = (meta.dec_len > 0).astype(jnp.int32)
-            od = attend_rows(qd, live, meta.dec_len, meta.dec_table, k_cache, v_cache, **kw)
+            od = attend_rows(qd, live, meta.dec_len, meta.dec_table + page0, k_flat, v_flat,
+                             **kw)  # fmt: skip
             return od[:, 0]
 
         def ch_view():
             qc = meta.ch_gather(q)
-            return attend_rows(qc, meta.ch_len, meta.ch_ctx, meta.ch_table, k_cache, v_cache, **kw)
+            return attend_rows(qc, meta.ch_len, meta.ch_ctx, meta.ch_table + page0, k_flat,
+                               v_flat, **kw)  # fmt: skip
 
         heads = (self.cfg.num_heads, self.cfg.head_dim)
         (p, c), s = meta.ch_tok.shape, meta.dec_tok.shape[0]
         out = meta.scatter(meta.if_decode(dec_view, jax.ShapeDtypeStruct((s, *heads), q.dtype)),
                            meta.if_chunks(ch_view, jax.ShapeDtypeStruct((p, c, *heads), q.dtype)))
-        (o,) = project(hook, self.layer, out.reshape(t, self.cfg.q_size), {"o_proj": self.o_proj})
-        return o, k_cache, v_cache
+        (o,) = project(hook, i, out.reshape(t, self.cfg.q_size), {"o_proj": self.o_proj})
+        return o, k_flat.reshape(shape), v_flat.reshape(shape)
 
-    def dense(self, x, cos, sin, hook: LoraHook | None) -> jax.Array:
+    def dense(self, i: int, x, cos, sin, hook: LoraHook | None) -> jax.Array:
         """Causal attention within each row of x [B, T, hidden], no cache (training, scoring):
         static shapes and loops, so reverse mode runs through it."""
         b, t = x.shape[:2]
-        q, k, v = self._qkv(x, cos, sin, hook)
+        q, k, v = self._qkv(i, x, cos, sin, hook)
         cfg = self.cfg
         g = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim).astype(jnp.float32)
@@ -131,20 +147,19 @@ class Attention(nnx.Module):
         causal = jnp.tril(jnp.ones((t, t), bool))
         p = jax.nn.softmax(jnp.where(causal, s, NEG), axis=-1)
         out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32)).astype(x.dtype)
-        (o,) = project(hook, self.layer, out.reshape(b, t, cfg.q_size), {"o_proj": self.o_proj})
+        (o,) = project(hook, i, out.reshape(b, t, cfg.q_size), {"o_proj": self.o_proj})
         return o
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.layer = layer
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, lead: tuple = ()):
         h, m = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(h, m, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(h, m, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(m, h, dtype=dtype, rngs=rngs)
+        kw = dict(dtype=dtype, rngs=rngs, lead=lead)
+        self.gate_proj = Linear(h, m, **kw)
+        self.up_proj = Linear(h, m, **kw)
+        self.down_proj = Linear(m, h, **kw)
 
-    def __call__(self, x: jax.Array, hook: LoraHook | None) -> jax.Array:
-        i = self.layer
+    def __call__(self, i, x: jax.Array, hook: LoraHook | None) -> jax.Array:
         g, u = project(hook, i, x, {"gate_proj": self.gate_proj, "up_proj": self.up_proj})
         a = jax.nn.silu(g) * u
         (d,) = project(hook, i, a, {"down_proj": self.down_proj})
@@ -152,23 +167,27 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, layer, dtype=dtype, rngs=rngs)
+    """One decoder layer; built with ``lead=(layers,)`` it holds every layer's parameters
+    stacked, and ``at(i)`` is layer i."""
 
-    def __call__(self, h, cos, sin, k_cache, v_cache, meta, hook):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, lead: tuple = ()):
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, dtype=dtype, lead=lead)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs, lead=lead)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, dtype=dtype, lead=lead)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, lead=lead)
+
+    def __call__(self, i, h, cos, sin, k_cache, v_cache, meta, hook):
         a, k_cache, v_cache = self.self_attn(
-            self.input_layernorm(h), cos, sin, k_cache, v_cache, meta, hook
+            i, self.input_layernorm(h), cos, sin, k_cache, v_cache, meta, hook
         )
         h = h + a
-        h = h + self.mlp(self.post_attention_layernorm(h), hook)
+        h = h + self.mlp(i, self.post_attention_layernorm(h), hook)
         return h, k_cache, v_cache
 
-    def dense(self, h, cos, sin, hook):
-        h = h + self.self_attn.dense(self.input_layernorm(h), cos, sin, hook)
-        return h + self.mlp(self.post_attention_layernorm(h), hook)
+    def dense(self, i, h, cos, sin, hook):
+        h = h + self.self_attn.dense(i, self.input_layernorm(h), cos, sin, hook)
+        return h + self.mlp(i, self.post_attention_layernorm(h), hook)
 
 
 class Llama(nnx.Module):
@@ -179,9 +198,10 @@ class Llama(nnx.Module):
         self.dtype = dtype
         init = nnx.initializers.normal(stddev=0.02)
         self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)]
-        )
+        # every layer's parameters stacked on a leading axis ([layers, in, out] kernels): the
+        # serving forward is one scan over them, so XLA compiles one layer body, not one per
+        # layer (on a 30-layer model with LoRA hooks that was most of a step's compile time)
+        self.layers = DecoderLayer(cfg, dtype=dtype, rngs=rngs, lead=(cfg.num_layers,))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
@@ -204,10 +224,17 @@ class Llama(nnx.Module):
         """Hidden states [T, hidden] of a flat token batch (before the final norm)."""
         h = self.embed(tokens)
         cos, sin = rope_cos_sin(self.cfg, meta.positions, h.dtype)
-        ks, vs = list(cache.k), list(cache.v)
-        for i, layer in enumerate(self.layers):
-            h, ks[i], vs[i] = layer(h, cos, sin, ks[i], vs[i], meta, hook)
-        return h, KVCache(k=ks, v=vs)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, xs):
+            h, k, v = carry
+            i, params = xs
+            h, k, v = nnx.merge(graphdef, params)(i, h, cos, sin, k, v, meta, hook)
+            return (h, k, v), None
+
+        layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        (h, k, v), _ = jax.lax.scan(body, (h, cache.k, cache.v), (layers, stacked))
+        return h, KVCache(k=k, v=v)
 
     def dense(self, tokens: jax.Array, hook: LoraHook | None = None) -> jax.Array:
         """Hidden states [B, T, hidden] (before the final norm) of whole sequences [B, T] that
@@ -218,6 +245,8 @@ class Llama(nnx.Module):
         h = self.embed(tokens)
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         cos, sin = rope_cos_sin(self.cfg, pos, h.dtype)
-        for layer in self.layers:
-            h = layer.dense(h, cos, sin, hook)
+        graphdef, stacked = nnx.split(self.layers)
+        for i in range(self.cfg.num_layers):  # static layer indices: hooks may hold lists
+            layer = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a, i=i: a[i], stacked))
+            h = layer.dense(i, h, cos, sin, hook)
         return h

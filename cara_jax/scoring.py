@@ -13,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cara_jax.adapters.multi_lora import BLOCKS_BIG, RANK_BLOCK, MultiLoraHook, RaggedLoraHook
+from cara_jax.adapters.multi_lora import (
+    BLOCKS_BIG,
+    RANK_BLOCK,
+    MultiLoraHook,
+    RaggedLoraHook,
+    stacked,
+)
 from cara_jax.kv_cache import KVCache
 from cara_jax.ragged import RaggedMeta
 from cara_jax.weights import LoadedModel
@@ -51,13 +57,14 @@ def _full_logits(graphdef, state, tokens, hook, block_size):
         own = {p: jnp.zeros((BLOCKS_BIG,), jnp.int32) for p in idx}
         unused = {p: jnp.zeros((1,), jnp.int32) for p in idx}  # bgmv's table
         hook = RaggedLoraHook(
-            a=hook.a, b=hook.b, dec_rows=blocks, dec_ent=unused, dec_own=own,
+            a=stacked(hook.a), b=stacked(hook.b), dec_rows=blocks, dec_ent=unused, dec_own=own,
             dec_w={p: jnp.ones((BLOCKS_BIG, RANK_BLOCK), jnp.float32) for p in idx},
             dec_bucket={p: jnp.int32(0) for p in idx}, ch_idx=idx,
             ch_w={p: jnp.ones(v.shape, jnp.float32) for p, v in idx.items()},
             ch_bucket={p: jnp.int32(w // RANK_BLOCK) for p in idx}, meta=meta,
             strategy="mbgmv", backend=hook.backend,
-            dora_g={p: [jnp.ones((1, v.shape[1]), jnp.float32) for v in hook.b[p]] for p in idx},
+            dora_g={p: jnp.ones((len(hook.b[p]), 1, hook.b[p][0].shape[1]), jnp.float32)
+                    for p in idx},
             tok_dora=jnp.zeros((b * t,), jnp.int32), dora_on=jnp.asarray(False),
         )  # fmt: skip
     h, _ = model(tokens.reshape(-1), cache, meta, hook)

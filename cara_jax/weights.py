@@ -57,13 +57,12 @@ class LoadedModel:
     def model(self) -> Llama:
         return nnx.merge(self.graphdef, self.state)
 
-    def kernels(self) -> dict[str, list[jax.Array]]:
-        """Each projection's [in, out] kernel per layer: the arrays the model runs on."""
+    def kernels(self) -> dict[str, jax.Array]:
+        """Each projection's [layers, in, out] kernels: the arrays the model runs on."""
         layers = nnx.to_pure_dict(self.state)["layers"]
         parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
                   "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-        return {p: [layers[i][parent[p]][p]["kernel"] for i in range(self.cfg.num_layers)]
-                for p in self.cfg.projection_shapes()}  # fmt: skip
+        return {p: layers[parent[p]][p]["kernel"] for p in self.cfg.projection_shapes()}
 
 
 def _progress(items: list, desc: str) -> Iterator:
@@ -208,8 +207,29 @@ def _flat_to_pure(flat: dict[str, np.ndarray]) -> dict:
     return pure
 
 
+def stack_layers(flat: dict[str, np.ndarray], num_layers: int) -> dict[str, np.ndarray]:
+    """Per-layer tensors (``layers.3.mlp.up_proj.kernel``) stacked on a leading axis into the
+    model's layout (``layers.mlp.up_proj.kernel`` [layers, ...]); other keys are kept. A layer
+    missing one of them is an error."""
+    out, per = {}, {}
+    for key, arr in flat.items():
+        parts = key.split(".")
+        if parts[0] == "layers" and len(parts) > 2 and parts[1].isdigit():
+            per.setdefault(".".join(["layers", *parts[2:]]), {})[int(parts[1])] = arr
+        else:
+            out[key] = arr
+    for key, by_layer in per.items():
+        if sorted(by_layer) != list(range(num_layers)):
+            missing = sorted(set(range(num_layers)) - set(by_layer))[:5]
+            raise WeightsError(f"{key}: missing for layers {missing}")
+        out[key] = np.stack([np.asarray(by_layer[i]) for i in range(num_layers)])
+    return out
+
+
 def build_model(cfg: ModelConfig, flat: dict[str, np.ndarray], dtype: jnp.dtype) -> LoadedModel:
-    """Fill an abstract (never materialised) model with the given flat tensors."""
+    """Fill an abstract (never materialised) model with the given flat tensors (per-layer
+    names, as the converters and the parameter cache hold them)."""
+    flat = stack_layers(flat, cfg.num_layers)
     abstract = nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     expected = {

@@ -97,14 +97,10 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
         # usable rank rows per projection; one more row (row 0) stays zero for padding
         self.rows_per_proj = max(1, pc.budget_bytes // (per_row * self.dtype.itemsize))
         n = self.rows_per_proj + 1
-        self.a = {
-            p: [jnp.zeros((n, shapes[p][0]), dtype) for _ in range(cfg.num_layers)]
-            for p in self.projections
-        }
-        self.b = {
-            p: [jnp.zeros((n, shapes[p][1]), dtype) for _ in range(cfg.num_layers)]
-            for p in self.projections
-        }
+        # per projection, every layer's rows in one array [layers, n, in] (B: [layers, n, out]),
+        # as the model's scan over layers reads them
+        self.a = {p: jnp.zeros((cfg.num_layers, n, shapes[p][0]), dtype) for p in self.projections}
+        self.b = {p: jnp.zeros((cfg.num_layers, n, shapes[p][1]), dtype) for p in self.projections}
         self._free_rows = {
             p: list(range(n - 1, 0, -1)) for p in self.projections
         }  # pop() -> low rows
@@ -153,7 +149,7 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
 
     @property
     def capacity_bytes(self) -> int:
-        return sum(int(x.nbytes) for p in self.projections for x in self.a[p] + self.b[p])
+        return sum(int(self.a[p].nbytes) + int(self.b[p].nbytes) for p in self.projections)
 
     def resident(self) -> list[str]:
         with self.lock:

@@ -20,7 +20,7 @@ What a request's scale and mixture mean, following PEFT:
 - a mixture of DoRA and plain adapters is refused: PEFT's result depends on the order of the
   list (the merged adapter is DoRA if the first one is).
 
-The pool keeps ``g`` in tables ``dora_g[p][layer]`` [K + 1, out] (row 0 all ones, rows 1..K
+The pool keeps ``g`` in tables ``dora_g[p]`` [layers, K + 1, out] (row 0 all ones, rows 1..K
 for K DoRA slots, ``PoolConfig.dora_slots``); the step gathers each row's (multi_lora.py).
 ``PoolDora`` is mixed into ``DevicePool``.
 """
@@ -72,21 +72,22 @@ def _set_scales(g, k, base, a, b, rows, wts, blocks, mag, mask, from_base):
     """``g`` with row ``k`` set, for each projection p and layer l, to m / ‖W + ΔW‖ (ΔW from
     the slot's pool rows ``rows`` at weights ``wts``) where ``mask[p][l]``, else to 1; m is
     ``mag[p][l]`` or, where ``from_base``, ‖W‖ (a mixture's). Not donated: a failed update
-    leaves the tables as they were."""
+    leaves the tables as they were. One loop over the layers per projection (base, pool and
+    tables are stacked [layers, ...])."""
     out = {}
-    for p, tables in g.items():
-        new = []
-        for layer, tab in enumerate(tables):
+    for p, tab in g.items():
 
-            def scale(p=p, layer=layer, tab=tab):
-                norm, wnorm = _norms(base[p][layer], a[p][layer], b[p][layer], rows[p], wts[p],
-                                     blocks[p])  # fmt: skip
-                return jnp.where(from_base, wnorm, mag[p][layer]) / norm
+        def one(xs, p=p, width=tab.shape[2]):
+            w, a_l, b_l, m, on = xs
 
-            row = jax.lax.cond(mask[p][layer], scale,
-                               lambda tab=tab: jnp.ones(tab.shape[1], jnp.float32))  # fmt: skip
-            new.append(tab.at[k].set(row.astype(tab.dtype)))
-        out[p] = new
+            def scale():
+                norm, wnorm = _norms(w, a_l, b_l, rows[p], wts[p], blocks[p])
+                return jnp.where(from_base, wnorm, m) / norm
+
+            return jax.lax.cond(on, scale, lambda: jnp.ones(width, jnp.float32))
+
+        new = jax.lax.map(one, (base[p], a[p], b[p], mag[p], mask[p]))  # [layers, out]
+        out[p] = tab.at[:, k].set(new.astype(tab.dtype))
     return out
 
 
@@ -97,21 +98,21 @@ class PoolDora:
     def _init_dora(self) -> None:
         shapes = self.cfg.projection_shapes()
         k = self.config.dora_slots
-        self.dora_g = {p: [jnp.ones((k + 1, shapes[p][1]), jnp.float32)
-                           for _ in range(self.cfg.num_layers)]
+        n = self.cfg.num_layers
+        self.dora_g = {p: jnp.ones((n, k + 1, shapes[p][1]), jnp.float32)
                        for p in self.projections}  # fmt: skip
         self._free_dora = list(range(k, 0, -1))
         self._dora_of: dict[int, int] = {}  # pool slot -> its row of dora_g
         # slots whose row is still to compute: (magnitudes per projection, layers per
         # projection, whether m is ‖W‖)
         self._dora_todo: dict[int, tuple[dict, dict, bool]] = {}
-        self.base_kernels: dict[str, list[jax.Array]] | None = None
+        self.base_kernels: dict[str, jax.Array] | None = None
         self._dora_exe = None
         self._dora_compile = threading.Lock()
 
-    def set_base_kernels(self, kernels: dict[str, list[jax.Array]]) -> None:
-        """The base model's [in, out] kernels per projection and layer (what ‖W + ΔW‖ reads)."""
-        self.base_kernels = {p: list(kernels[p]) for p in self.projections}
+    def set_base_kernels(self, kernels: dict[str, jax.Array]) -> None:
+        """The base model's [layers, in, out] kernels per projection (what ‖W + ΔW‖ reads)."""
+        self.base_kernels = {p: kernels[p] for p in self.projections}
 
     def _dora_take(self, slot: int, mags: dict, layers: dict, from_base: bool) -> None:
         """Give ``slot`` a DoRA row (under the lock; the caller made room)."""

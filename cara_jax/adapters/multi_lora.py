@@ -58,13 +58,20 @@ assert BLOCKS_BIG % BLOCKS_SMALL == 0  # the small loop then never slices past t
 ENTRY_BLOCK = RANK_BLOCK * BLOCKS_SMALL
 
 
+def stacked(pools: dict) -> dict[str, jax.Array]:
+    """Pool rows per projection as one [layers, N, ...] array each (per-layer lists are
+    stacked; arrays are kept)."""
+    return {p: v if isinstance(v, jax.Array) else jnp.stack(v) for p, v in pools.items()}
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class MultiLoraHook:
     """LoraHook over the device pool: per-row adapter slots, one delta per targeted projection."""
 
-    a: dict[str, list[jax.Array]]  # proj -> per-layer [N, in]
-    b: dict[str, list[jax.Array]]  # proj -> per-layer [N, out]
+    # proj -> per-layer [N, in] / [N, out]: a list, or the pool's [layers, N, ...] arrays
+    a: dict[str, list[jax.Array] | jax.Array]
+    b: dict[str, list[jax.Array] | jax.Array]
     slot_rows: dict[str, jax.Array]  # proj -> [S, R_cap] int32
     slot_rank: dict[str, jax.Array]  # proj -> [S] int32
     adapter: jax.Array  # [B] int32 slot per batch row (0 = no adapter)
@@ -121,8 +128,8 @@ class RaggedLoraHook:
     tables are computed on the host once per step (``DevicePool.ragged_hook``), not per layer.
     """
 
-    a: dict[str, list[jax.Array]]  # proj -> per-layer [N, in]
-    b: dict[str, list[jax.Array]]  # proj -> per-layer [N, out]
+    a: dict[str, jax.Array]  # proj -> [layers, N, in]
+    b: dict[str, jax.Array]  # proj -> [layers, N, out]
     # mbgmv: dec_rows [K_cap, RANK_BLOCK] pool rows of each block, dec_own [K_cap] its decode
     # row (dec_ent unused); bgmv: dec_ent [S, r_max] pool rows of each decode row (dec_rows /
     # dec_own unused)
@@ -134,20 +141,25 @@ class RaggedLoraHook:
     ch_idx: dict[str, jax.Array]  # proj -> [P, r_max] pool rows of each chunk row
     ch_w: dict[str, jax.Array]  # proj -> [P, r_max] their weights
     ch_bucket: dict[str, jax.Array]  # proj -> () int32: RANK_BLOCK blocks (0: none)
-    dora_g: dict[str, list[jax.Array]]  # proj -> per-layer [K + 1, out] output scales
+    dora_g: dict[str, jax.Array]  # proj -> [layers, K + 1, out] output scales
     tok_dora: jax.Array  # [T] int32 row of dora_g per token (0: none)
     dora_on: jax.Array  # () bool: some row of the step has a DoRA slot
     meta: RaggedMeta
     strategy: str = dataclasses.field(default="mbgmv", metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
-    def _kernels(self, proj: str, layer: int):
-        a, b = self.a[proj][layer], self.b[proj][layer]
+    def _kernels(self, proj: str, layer: jax.Array):
+        """(A rows, B rows, the offset of ``layer``'s rows in them, Pallas or None, interpret):
+        the pool's layers seen as one flat table of rows, so that a layer (a traced index in
+        the forward's scan) is an offset added to the row indices, never a copied slice."""
+        a, b = self.a[proj], self.b[proj]
+        n = a.shape[1]
+        a, b = a.reshape(-1, a.shape[2]), b.reshape(-1, b.shape[2])
         mode = resolve_backend(self.backend, a.shape[1], b.shape[1])
         pk = None
         if mode != "jnp":
             import pallas_kernels as pk
-        return a, b, pk, mode == "pallas_interpret"
+        return a, b, layer * n, pk, mode == "pallas_interpret"
 
     def chunk_delta(
         self, layer: int, proj: str, x: jax.Array, idx: jax.Array, blocks: jax.Array
@@ -155,14 +167,14 @@ class RaggedLoraHook:
         """Delta of the chunk-view rows, gathered from flat x [T, in] -> [P, Q, out]; ``idx``
         [P, r_max] the rows' pool rows, ``blocks`` how many RANK_BLOCK-wide slices of it the
         step needs (0: none)."""
-        a, b, pk, interpret = self._kernels(proj, layer)
+        a, b, off, pk, interpret = self._kernels(proj, layer)
         xc = self.meta.ch_gather(x)
         p, q = xc.shape[:2]
         sizes = jnp.full((p,), q, jnp.int32)
         wts = self.ch_w[proj]
 
         def block(k, acc):
-            rows = jax.lax.dynamic_slice_in_dim(idx, k * RANK_BLOCK, RANK_BLOCK, axis=1)
+            rows = jax.lax.dynamic_slice_in_dim(idx, k * RANK_BLOCK, RANK_BLOCK, axis=1) + off
             w = jax.lax.dynamic_slice_in_dim(wts, k * RANK_BLOCK, RANK_BLOCK, axis=1)
             if pk is None:
                 return acc + row_lora(xc, a, b, rows, w)
@@ -174,7 +186,7 @@ class RaggedLoraHook:
 
     def decode_delta(self, layer: int, proj: str, x: jax.Array) -> jax.Array:
         """Delta of the decode-view rows, gathered from flat x [T, in] -> [S, out]."""
-        a, b, pk, interpret = self._kernels(proj, layer)
+        a, b, off, pk, interpret = self._kernels(proj, layer)
         xd = self.meta.dec_gather(x)
         s = xd.shape[0]
         if self.strategy == "bgmv":
@@ -182,7 +194,7 @@ class RaggedLoraHook:
             wts = self.dec_w[proj]
 
             def block(k, acc):
-                idx = jax.lax.dynamic_slice_in_dim(ent, k * RANK_BLOCK, RANK_BLOCK, axis=1)
+                idx = jax.lax.dynamic_slice_in_dim(ent, k * RANK_BLOCK, RANK_BLOCK, axis=1) + off
                 w = jax.lax.dynamic_slice_in_dim(wts, k * RANK_BLOCK, RANK_BLOCK, axis=1)
                 if pk is None:
                     return acc + bgmv(xd, a, b, idx, w)
@@ -196,10 +208,10 @@ class RaggedLoraHook:
 
         def blocks(size: int, first: jax.Array):
             def body(i, acc):
-                off = first + i * size
-                br = jax.lax.dynamic_slice_in_dim(rows, off, size)
-                bo = jax.lax.dynamic_slice_in_dim(own, off, size)
-                bw = jax.lax.dynamic_slice_in_dim(wts, off, size)
+                at = first + i * size
+                br = jax.lax.dynamic_slice_in_dim(rows, at, size) + off
+                bo = jax.lax.dynamic_slice_in_dim(own, at, size)
+                bw = jax.lax.dynamic_slice_in_dim(wts, at, size)
                 if pk is None:
                     return acc + mbgmv_blocks(xd, a, b, br, bo, bw)
                 flat_own = jnp.repeat(bo, RANK_BLOCK)
@@ -231,7 +243,7 @@ class RaggedLoraHook:
         has scale 1 there)."""
         nd, nc = self.dec_bucket[proj], self.ch_bucket[proj]
 
-        width = self.b[proj][layer].shape[1]
+        width = self.b[proj].shape[2]
         (p, q), s = self.meta.ch_tok.shape, self.meta.dec_tok.shape[0]
 
         def run():  # each view only where it has rows on proj (a decode-only step, say)
@@ -247,5 +259,7 @@ class RaggedLoraHook:
 
     def dora_scale(self, layer: int, proj: str, like: jax.Array) -> jax.Array:
         """[T, out] each token's DoRA output scale (1 for rows without DoRA): one gather."""
-        return take(self.dora_g[proj][layer], self.tok_dora).astype(like.dtype)
+        g = self.dora_g[proj]
+        rows = self.tok_dora + layer * g.shape[1]
+        return take(g.reshape(-1, g.shape[2]), rows).astype(like.dtype)
 

@@ -56,8 +56,8 @@ class PoolIndex:
             rank_bucket = rank_bucket_for(total if strategy == "mbgmv" else mx)
         rows, rank = self._table()
         return MultiLoraHook(
-            a={p: list(v) for p, v in self.a.items()},
-            b={p: list(v) for p, v in self.b.items()},
+            a=dict(self.a),
+            b=dict(self.b),
             slot_rows=rows,
             slot_rank=rank,
             adapter=jnp.asarray(slots, jnp.int32),
@@ -166,11 +166,11 @@ class PoolIndex:
                            else _ones((len(ch_slots), width)))  # fmt: skip
                 ch_b[p] = jnp.asarray(rank_blocks(rank[ch_slots]), jnp.int32)
         return RaggedLoraHook(
-            a={p: list(v) for p, v in self.a.items()},
-            b={p: list(v) for p, v in self.b.items()},
+            a=dict(self.a),
+            b=dict(self.b),
             dec_rows=dec_rows, dec_ent=dec_ent, dec_own=dec_own, dec_w=dec_w, dec_bucket=dec_b,
             ch_idx=ch_idx, ch_w=ch_w, ch_bucket=ch_b, meta=meta, strategy=strategy,
-            backend=backend, dora_g={p: list(v) for p, v in self.dora_g.items()},
+            backend=backend, dora_g=dict(self.dora_g),
             tok_dora=jnp.asarray(tok_dora), dora_on=jnp.asarray(dora_on),
         )  # fmt: skip
 

@@ -116,8 +116,7 @@ class _Entry:
 class PoolLoader:
     """The loader thread's copy of an adapter, one layer group at a time (needs the pool's
     ``projections``, ``groups``, ``group_gate``, ``link_gbps``, ``lock``, ``stats``,
-    ``_load_events``, ``_entries``, ``_drop``, ``_writer``, ``layout`` and
-    ``_projection_arrays``)."""
+    ``_load_events``, ``_entries``, ``_drop``, ``_writer`` and ``layout``)."""
 
     def _load(self, e: _Entry) -> None:
         packed = e.adapter
@@ -136,11 +135,9 @@ class PoolLoader:
                 for p, off, size, w in self.layout.parts(g, widths):
                     write = self._writer(g, p, w)
                     part = jax.device_put(flat[off : off + size])  # the projection's one copy
-                    targets = self._projection_arrays(p, layers)
+                    first = np.int32(layers.start)
                     with self.lock:
-                        new = write(tuple(lst[layer] for lst, layer in targets), idx[p], part)
-                        for (lst, layer), arr in zip(targets, new, strict=True):
-                            lst[layer] = arr
+                        self.a[p], self.b[p] = write(self.a[p], self.b[p], first, idx[p], part)
                 if link:  # the emulated link: a copy takes at least bytes / bandwidth
                     time.sleep(max(0.0, packed.groups[g].nbytes / (link * 1e9)
                                    - (time.perf_counter() - t0)))  # fmt: skip

@@ -1,6 +1,6 @@
 """The compiled write of one projection of one layer group of an adapter into the device pool:
 ``_write_projection`` (one program per group size, projection shape and write width, shared by
-pools of one shape in a process; each write touches only its projection's arrays, so the
+pools of one shape in a process; each write touches only its projection's two arrays, so the
 writes of one group do not wait for each other, only for the step in flight) and
 ``PoolWriter``, mixed into ``DevicePool``, which compiles them before serving (device_pool.py;
 pool_load.py runs them).
@@ -19,9 +19,11 @@ from cara_jax.adapters.packed import write_width
 log = logging.getLogger("cara_jax.adapters.device_pool")  # the pool's logger, whichever module logs
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames=("din", "dout", "n", "w"))
+@partial(jax.jit, donate_argnums=(0, 1), static_argnames=("din", "dout", "n", "w"))
 def _write_projection(
-    arrays: tuple[jax.Array, ...],
+    a_pool: jax.Array,
+    b_pool: jax.Array,
+    first: jax.Array,
     idx: jax.Array,
     flat: jax.Array,
     *,
@@ -29,20 +31,21 @@ def _write_projection(
     dout: int,
     n: int,
     w: int,
-) -> tuple[jax.Array, ...]:
+) -> tuple[jax.Array, jax.Array]:
     """Write one projection of one layer group of an adapter into the pool, in place (the
     arrays are donated).
 
-    ``arrays``: the projection's n layers' A pools then its n layers' B pools; ``idx`` [w] the
-    pool rows (row 0, which stays zero, pads); ``flat`` that projection's part of the group's
-    packed payload (packed.py). One program per (group size, in, out, write width): a handful
-    of shape classes (SmolLM2: four) times six widths, compiled before serving.
+    ``a_pool`` / ``b_pool``: the projection's rows of every layer [layers, N, in] / [layers, N,
+    out]; the group is layers ``first`` .. ``first + n - 1``; ``idx`` [w] the pool rows (row 0,
+    which stays zero, pads); ``flat`` that projection's part of the group's packed payload
+    (packed.py). One program per (group size, in, out, write width): a handful of shape
+    classes (SmolLM2: four) times six widths, compiled before serving.
     """
     a = flat[: n * w * din].reshape(n, w, din)
     b = flat[n * w * din :].reshape(n, w, dout)
-    out = [arrays[k].at[idx].set(a[k].astype(arrays[k].dtype)) for k in range(n)]
-    out += [arrays[n + k].at[idx].set(b[k].astype(arrays[n + k].dtype)) for k in range(n)]
-    return tuple(out)
+    layers = (first + jnp.arange(n, dtype=jnp.int32))[:, None]
+    return (a_pool.at[layers, idx[None, :]].set(a.astype(a_pool.dtype)),
+            b_pool.at[layers, idx[None, :]].set(b.astype(b_pool.dtype)))  # fmt: skip
 
 
 _COMPILED_WRITES: dict[tuple, object] = {}
@@ -52,10 +55,6 @@ class PoolWriter:
     """Write programs of the pool's group sizes, projection shapes and widths (needs the pool's
     ``a``, ``b``, ``projections``, ``groups``, ``layout``, ``dtype``, ``config``, ``_writers``,
     ``_writer_lock``, ``_widths``, ``_writers_warm`` and ``late_compiles``)."""
-
-    def _projection_arrays(self, p: str, layers: range) -> list[tuple[list, int]]:
-        """(pool list, layer) of every array a write of p's group replaces, in its order."""
-        return [(pools[p], layer) for pools in (self.a, self.b) for layer in layers]
 
     def _writer(self, g: int, p: str, width: int):
         """The compiled write of projection ``p`` for group ``g``'s size at ``width``, compiled
@@ -72,15 +71,14 @@ class PoolWriter:
         exe = self._writers.get(key)
         if exe is None:
             n, din, dout, width = key
-            targets = self._projection_arrays(p, self.groups[g])
-            arrays = tuple(jax.ShapeDtypeStruct(lst[layer].shape, lst[layer].dtype)
-                           for lst, layer in targets)  # fmt: skip
+            arrays = tuple(jax.ShapeDtypeStruct(x[p].shape, x[p].dtype) for x in (self.a, self.b))
+            first = jax.ShapeDtypeStruct((), jnp.int32)
             idx = jax.ShapeDtypeStruct((width,), jnp.int32)
             flat = jax.ShapeDtypeStruct((n * width * (din + dout),), self.dtype)
             shared = (arrays, idx, flat, key)
             exe = _COMPILED_WRITES.get(shared)  # pools of one shape in a process share them
             if exe is None:
-                exe = _write_projection.lower(arrays, idx, flat, din=din, dout=dout, n=n,
+                exe = _write_projection.lower(*arrays, first, idx, flat, din=din, dout=dout, n=n,
                                               w=width).compile()  # fmt: skip
                 _COMPILED_WRITES[shared] = exe
                 if self._writers_warm:

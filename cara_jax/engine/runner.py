@@ -343,9 +343,10 @@ class ModelRunner:
             need[:] = cpu.need
             plan_id = cpu.plan_id
         # per projection and layer, the chunk rows' pool rows (row 0 where the CPU serves)
+        width = self.pool.index_width()
         dev_idx = {
-            q: [jnp.asarray(self.pool.row_index(q, dev[layer], self.pool.index_width()))
-                for layer in range(self.cfg.num_layers)]
+            q: jnp.asarray(np.stack([self.pool.row_index(q, dev[layer], width)
+                                     for layer in range(self.cfg.num_layers)]))
             for q in hook.a
         }  # fmt: skip
         return CpuAssistHook(

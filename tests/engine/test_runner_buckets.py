@@ -155,18 +155,18 @@ def test_one_row_decode_updates_cache_in_place(tiny, tok):
                   kv_cache_memory=64 << 20, min_token_bucket=2)  # fmt: skip
     r = eng.runner
     assert r.config.token_buckets[0] == 2
-    layer = r.cache.k[0].nbytes
+    layer = r.cache.k.nbytes // r.cache.k.shape[0]
     assert layer >= 8 << 20  # large enough that a copy of one layer dominates the scratch
     batch = ScheduledBatch([DecodeRow(None, 0, 5, [1], 0, IDLE)], [])
     p = r.program_for(batch)
     assert p.tokens == 2
     assert r.compile(p).memory_analysis().temp_size_in_bytes < layer
-    before = [a.unsafe_buffer_pointer() for a in r.cache.k + r.cache.v]
-    old = r.cache.k[0]
+    before = [a.unsafe_buffer_pointer() for a in (r.cache.k, r.cache.v)]
+    old = r.cache.k
     for _ in range(2):
         res = r.run(batch)
         np.asarray(res.outputs.tokens)
-    assert [a.unsafe_buffer_pointer() for a in r.cache.k + r.cache.v] == before
+    assert [a.unsafe_buffer_pointer() for a in (r.cache.k, r.cache.v)] == before
     assert old.is_deleted()  # donated to the step
     assert r.hot_compiles == 0
     eng.close()

@@ -167,8 +167,8 @@ def test_weights_cache_roundtrip(smollm_path, smollm, tmp_path, monkeypatch, dty
     assert len(calls) == 1  # the second start skipped conversion
     pa, pb = a.state.to_pure_dict(), b.state.to_pure_dict()
     np.testing.assert_array_equal(
-        np.asarray(pa["layers"][7]["self_attn"]["q_proj"]["kernel"]),
-        np.asarray(pb["layers"][7]["self_attn"]["q_proj"]["kernel"]),
+        np.asarray(pa["layers"]["self_attn"]["q_proj"]["kernel"][7]),
+        np.asarray(pb["layers"]["self_attn"]["q_proj"]["kernel"][7]),
     )
 
 
