@@ -191,6 +191,12 @@ class CpuAssistHook:
             return y
         return inner.run_output(layer, proj, x, y, self.dev_idx[proj][layer])
 
+    def embed(self, tokens: jax.Array, h: jax.Array) -> jax.Array:
+        return self.inner.embed(tokens, h)
+
+    def head(self, x: jax.Array, tok: jax.Array, logits: jax.Array) -> jax.Array:
+        return self.inner.head(x, tok, logits)
+
     def after(
         self, layer: int, projs: tuple[str, ...], x: jax.Array, ys: list[jax.Array]
     ) -> list[jax.Array]:

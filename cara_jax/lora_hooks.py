@@ -7,7 +7,9 @@ Every linear projection of a decoder layer (q, k, v, o, gate, up, down) calls
 or, for a hook that needs the base output too (DoRA rescales it), ``y = hook.output(layer,
 proj, x, x @ W)``.
 
-inside the jitted forward. ``x`` is the step's flat token batch [T, in] (decode tokens and
+inside the jitted forward. ``layer`` is the layer's index: a traced int32 in the serving
+forward (one ``lax.scan`` over the layers; index arrays with it, never branch on it), a Python
+int in the dense one. ``x`` is the step's flat token batch [T, in] (decode tokens and
 prefill chunks of any sequences, ragged.py) and the delta, when present, is [T, out] in x's
 dtype. A hook is a JAX pytree (its arrays are traced
 arguments of the jitted step; its static fields are part of the compile key), so one compiled

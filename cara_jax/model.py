@@ -209,20 +209,29 @@ class Llama(nnx.Module):
     def embed(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], tokens, axis=0)
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """Final norm and LM head on hidden states [..., hidden] -> float32 logits."""
+    def logits(
+        self, h: jax.Array, hook: LoraHook | None = None, tok: jax.Array | None = None
+    ) -> jax.Array:
+        """Final norm and LM head on hidden states [..., hidden] -> float32 logits; with a
+        hook that has LoRA on the LM head, h [R, hidden] are the flat tokens ``tok`` [R] of the
+        step (whose rows say which adapter each takes)."""
         h = self.norm(h)
         if self.cfg.tie_word_embeddings:
             out = jnp.dot(h, self.embed_tokens[...].T)
         else:
             out = self.lm_head(h)
-        return out.astype(jnp.float32)
+        out = out.astype(jnp.float32)
+        if hook is not None and tok is not None and hasattr(hook, "head"):
+            out = hook.head(h, tok, out)
+        return out
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, meta: RaggedMeta, hook: LoraHook | None = None
     ) -> tuple[jax.Array, KVCache]:
         """Hidden states [T, hidden] of a flat token batch (before the final norm)."""
         h = self.embed(tokens)
+        if hook is not None and hasattr(hook, "embed"):  # LoRA on the embedding
+            h = hook.embed(tokens, h)
         cos, sin = rope_cos_sin(self.cfg, meta.positions, h.dtype)
         graphdef, stacked = nnx.split(self.layers)
 

@@ -18,6 +18,7 @@ from cara_jax.adapters.multi_lora import (
     RANK_BLOCK,
     MultiLoraHook,
     RaggedLoraHook,
+    no_vocab,
     stacked,
 )
 from cara_jax.kv_cache import KVCache
@@ -66,6 +67,7 @@ def _full_logits(graphdef, state, tokens, hook, block_size):
             dora_g={p: jnp.ones((len(hook.b[p]), 1, hook.b[p][0].shape[1]), jnp.float32)
                     for p in idx},
             tok_dora=jnp.zeros((b * t,), jnp.int32), dora_on=jnp.asarray(False),
+            **no_vocab(model.cfg.vocab_size, model.cfg.hidden_size, 1, b * t),
         )  # fmt: skip
     h, _ = model(tokens.reshape(-1), cache, meta, hook)
     return model.logits(h).reshape(b, t, -1)

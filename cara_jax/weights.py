@@ -65,6 +65,16 @@ class LoadedModel:
         return {p: layers[parent[p]][p]["kernel"] for p in self.cfg.projection_shapes()}
 
 
+    def vocab_sums(self) -> dict[str, np.ndarray]:
+        """Row sums [vocab] of the embedding and of the LM head's weights (the embedding's,
+        when tied): what an adapter that carries these modules' base weights must match."""
+        pure = nnx.to_pure_dict(self.state)
+        emb = jnp.sum(pure["embed_tokens"].astype(jnp.float32), axis=1)
+        head = emb if self.cfg.tie_word_embeddings else jnp.sum(
+            pure["lm_head"]["kernel"].astype(jnp.float32), axis=0)  # fmt: skip
+        return {"embed_tokens": np.asarray(emb), "lm_head": np.asarray(head)}
+
+
 def _progress(items: list, desc: str) -> Iterator:
     return iter(tqdm(items, desc=desc, unit="tensor", leave=False, disable=None))
 

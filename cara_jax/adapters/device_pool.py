@@ -45,6 +45,7 @@ from cara_jax.adapters.peft import LoraAdapter
 from cara_jax.adapters.pool_index import PoolIndex
 from cara_jax.adapters.pool_load import LoadHandle, MixHandle, PoolLoader, _Entry
 from cara_jax.adapters.pool_write import PoolWriter
+from cara_jax.adapters.vocab_pool import PoolVocab
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import PROJECTIONS
 
@@ -73,6 +74,9 @@ class PoolConfig:
     packed_budget_bytes: int = 1 << 30  # packed copies held in memory when not on disk
     # DoRA slots resident at once (each: a row of output scales per projection and layer)
     dora_slots: int = 8
+    # rank rows of LoRA on the embedding and on the LM head (each, vocabulary-wide: SmolLM2
+    # float32, about 200 KB a row; adapters/vocab_pool.py)
+    vocab_rows: int = 64
 
 
 @dataclasses.dataclass
@@ -84,7 +88,7 @@ class PoolStats:
     loads: int = 0  # finished loads
 
 
-class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
+class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab):
     """Adapter rows on the device, with slot table, refcounts, pins and LRU eviction."""
 
     def __init__(self, cfg: ModelConfig, config: PoolConfig | None = None, dtype=jnp.float32):
@@ -115,6 +119,7 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
         }
         self._mix_slots: set[int] = set()
         self._init_dora()
+        self._init_vocab()
         self._table_dev: tuple | None = None
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
         per_group = -(-cfg.num_layers // pc.layer_groups)
@@ -188,11 +193,14 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
         width is compiled now, or by ``warm_writer`` (start-up) if ``compile_writer`` is False."""
         packed = self.packed.get(adapter)
         self._check(packed)
+        self.check_vocab(adapter, packed.vocab_ranks)
         self._widths.update(packed.widths.values())
         if compile_writer:
             self.ensure_writer(packed.widths)
         if packed.dora:
             self.ensure_dora_program()
+        if packed.vocab:
+            self.ensure_vocab_writer(packed.vocab_ranks)
         return packed
 
     def acquire(self, adapter: LoraAdapter | PackedAdapter) -> LoadHandle:
@@ -215,14 +223,16 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
                 return e.handle
             self.stats.misses += 1
             ranks = {p: r for p, r in packed.ranks.items() if r}
-            self._make_room(ranks, dora=packed.dora)
+            need = {**ranks, **packed.vocab_ranks}  # rank rows per projection and vocab kind
+            self._make_room(need, dora=packed.dora)
             slot = self._free_slots.pop()
             if packed.dora:
                 self._dora_take(slot, packed.magnitudes, packed.dora_layers, False)
             rows = {
                 p: np.array([self._free_rows[p].pop() for _ in range(r)], np.int32)
-                for p, r in ranks.items()
+                for p, r in need.items()
             }
+            self._vocab_take(slot, rows)
             # The slot's rows are published at once: only CPU-assisted prefill uses a loading
             # adapter's slot, and only for layers whose group has arrived (see cpu_assist.py).
             for p in self.projections:
@@ -272,6 +282,8 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
                 slot = self._free_slots.pop()
                 if dora is not None:
                     self._dora_take(slot, *dora)
+                self._vocab_mix(slot, [(self._entries[a.content_hash].slot, float(w))
+                                       for a, w in members])  # fmt: skip
                 self.stats.misses += 1
                 for p in self.projections:
                     rows, wts = tables[p]
@@ -358,6 +370,7 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
             raise ValueError(
                 f"rank {packed.max_rank} exceeds the pool's max_rank {self.config.max_rank}"
             )
+        self.check_vocab(None, packed.vocab_ranks)
 
     def _make_room(self, ranks: dict[str, int], dora: bool = False) -> None:
         def fits() -> bool:
@@ -398,6 +411,7 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora):
             self._slot_w[p][e.slot] = 1.0
         self._mix_slots.discard(e.slot)
         self._dora_release(e.slot)
+        self._vocab_release(e.slot)
         self._free_slots.append(e.slot)
         self._table_dev = None
         for m in e.members:  # a mixture lets go of its members

@@ -88,8 +88,9 @@ class LoraSet:
         """The set and its params from host adapters (PEFT folders, trees): slot k + 1 is
         adapters[k]. An adapter's rank on a projection is its largest over the layers; layers
         it does not target (or target at a lower rank) hold zero rows, which get no gradient."""
-        if any(ad.dora for ad in adapters):
-            raise ValueError("DoRA adapters are served by the engine step, not by a LoraSet")
+        if any(ad.dora or ad.vocab.modules for ad in adapters):
+            raise ValueError("DoRA adapters and LoRA on the embedding or the LM head are served "
+                             "by the engine step, not by a LoraSet")  # fmt: skip
         s = cls.layout(cfg, [{k: m.rank for k, m in ad.modules.items()} for ad in adapters])
         shapes = cfg.projection_shapes()
         a = {p: np.zeros((cfg.num_layers, s.num_rows(p), shapes[p][0]), np.float32)

@@ -58,6 +58,17 @@ assert BLOCKS_BIG % BLOCKS_SMALL == 0  # the small loop then never slices past t
 ENTRY_BLOCK = RANK_BLOCK * BLOCKS_SMALL
 
 
+def no_vocab(vocab: int, hidden: int, slots: int, tokens: int) -> dict:
+    """The vocabulary LoRA fields of a RaggedLoraHook with nothing there (one zero row)."""
+    z = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    return dict(
+        vocab_a={"embed_tokens": z(vocab, 1), "lm_head": z(1, hidden)},
+        vocab_b={"embed_tokens": z(1, hidden), "lm_head": z(1, vocab)},
+        vocab_w={"embed_tokens": z(slots, 1), "lm_head": z(slots, 1)},
+        tok_slot=jnp.zeros((tokens,), jnp.int32), vocab_on=jnp.zeros((2,), bool),
+    )
+
+
 def stacked(pools: dict) -> dict[str, jax.Array]:
     """Pool rows per projection as one [layers, N, ...] array each (per-layer lists are
     stacked; arrays are kept)."""
@@ -144,6 +155,15 @@ class RaggedLoraHook:
     dora_g: dict[str, jax.Array]  # proj -> [layers, K + 1, out] output scales
     tok_dora: jax.Array  # [T] int32 row of dora_g per token (0: none)
     dora_on: jax.Array  # () bool: some row of the step has a DoRA slot
+    # LoRA on the embedding and the LM head (adapters/vocab_pool.py): kind -> the pool's A
+    # (embed_tokens: [vocab, n], transposed; lm_head: [n, hidden]) and B ([n, hidden]; [n,
+    # vocab]) tables, each slot's weight on each row [slots, n], each token's slot [T], and
+    # whether some token of the step has each kind [2]
+    vocab_a: dict[str, jax.Array]
+    vocab_b: dict[str, jax.Array]
+    vocab_w: dict[str, jax.Array]
+    tok_slot: jax.Array
+    vocab_on: jax.Array
     meta: RaggedMeta
     strategy: str = dataclasses.field(default="mbgmv", metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
@@ -256,6 +276,30 @@ class RaggedLoraHook:
                                 lambda: out)  # fmt: skip
 
         return jax.lax.cond((nd > 0) | (nc > 0), run, lambda: y)
+
+    def embed(self, tokens: jax.Array, h: jax.Array) -> jax.Array:
+        """Embeddings h [T, hidden] of ``tokens`` plus each token's embedding LoRA (its A values
+        at the token, times its slot's row weights, through B), in steps that have any."""
+        k = "embed_tokens"
+
+        def run():
+            w = take(self.vocab_w[k], self.tok_slot)  # [T, n]
+            coef = take(self.vocab_a[k], tokens, clip=True).astype(jnp.float32) * w
+            return h + jnp.dot(coef, self.vocab_b[k].astype(jnp.float32)).astype(h.dtype)
+
+        return jax.lax.cond(self.vocab_on[0], run, lambda: h)
+
+    def head(self, x: jax.Array, tok: jax.Array, logits: jax.Array) -> jax.Array:
+        """float32 ``logits`` [R, vocab] of the normed hidden states x [R, hidden] at flat
+        tokens ``tok`` [R] plus their rows' LM-head LoRA, in steps that have any."""
+        k = "lm_head"
+
+        def run():
+            w = take(self.vocab_w[k], take(self.tok_slot, tok, clip=True))  # [R, n]
+            xa = jnp.dot(x.astype(jnp.float32), self.vocab_a[k].astype(jnp.float32).T) * w
+            return logits + jnp.dot(xa, self.vocab_b[k].astype(jnp.float32))
+
+        return jax.lax.cond(self.vocab_on[1], run, lambda: logits)
 
     def dora_scale(self, layer: int, proj: str, like: jax.Array) -> jax.Array:
         """[T, out] each token's DoRA output scale (1 for rows without DoRA): one gather."""

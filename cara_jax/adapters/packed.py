@@ -17,7 +17,9 @@ when every pool projection was laid out at the adapter's largest rank (format 1)
 
 A DoRA adapter's magnitude vectors follow the groups, float32, per projection it targets (in
 the pool's order) as [layers, out] (zeros where a layer has none); the header lists those
-layers (``dora``).
+layers (``dora``). LoRA on the embedding or the LM head (peft_vocab.py) comes last, float32,
+per kind (``embed_tokens`` then ``lm_head``) its A rows [r, in] then its B rows [r, out]; the
+header gives each kind's (r, in, out) (``vocab``).
 
 File: an 8-byte magic, an 8-byte header length, a JSON header (content hash, layout key,
 ranks per projection, a BLAKE2 digest of the payload), the payload at a 64-byte boundary. A
@@ -106,10 +108,16 @@ class PackedAdapter:
     # DoRA: per projection, the layers with a magnitude and the magnitudes [num_layers, out]
     dora_layers: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     magnitudes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # LoRA on the embedding / LM head: kind -> (A rows [r, in], B rows [r, out]) float32
+    vocab: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     @property
     def dora(self) -> bool:
         return bool(self.dora_layers)
+
+    @property
+    def vocab_ranks(self) -> dict[str, int]:
+        return {k: int(a.shape[0]) for k, (a, _) in self.vocab.items()}
 
     @property
     def max_rank(self) -> int:
@@ -123,7 +131,8 @@ class PackedAdapter:
     @property
     def nbytes(self) -> int:
         """Bytes a load copies to the device."""
-        return sum(int(g.nbytes) for g in self.groups)
+        return sum(int(g.nbytes) for g in self.groups) + sum(
+            int(a.nbytes) + int(b.nbytes) for a, b in self.vocab.values())
 
 
 def pack(adapter: LoraAdapter, layout: PoolLayout) -> PackedAdapter:
@@ -154,7 +163,9 @@ def pack(adapter: LoraAdapter, layout: PoolLayout) -> PackedAdapter:
             mags[p] = np.zeros((num_layers, dout), np.float32)
             for i in have:
                 mags[p][i] = adapter.modules[(i, p)].m
-    return PackedAdapter(adapter.content_hash, ranks, groups, "memory", layers, mags)
+    vocab = {k: (np.ascontiguousarray(a.T, np.float32), np.asarray(b, np.float32))
+             for k, (a, b) in sorted(adapter.vocab.modules.items())}  # fmt: skip
+    return PackedAdapter(adapter.content_hash, ranks, groups, "memory", layers, mags, vocab)
 
 
 def _views(layout: PoolLayout, g: int, widths: dict[str, int], flat: np.ndarray):
@@ -291,17 +302,20 @@ class PackedStore:
             dora = {p: [int(i) for i in v] for p, v in meta.get("dora", {}).items()}
             num_layers = sum(n for _, n in self.layout.groups)
             mag_elems = sum(num_layers * self.layout.shape_of(p)[1] for p in dora)
-            total = sum(sizes) * dtype.itemsize + mag_elems * 4
+            vocab_dims = {k: tuple(int(x) for x in v) for k, v in meta.get("vocab", {}).items()}
+            vocab_elems = sum(r * (i + o) for r, i, o in vocab_dims.values())
+            tail_elems = mag_elems + vocab_elems
+            total = sum(sizes) * dtype.itemsize + tail_elems * 4
             if path.stat().st_size != start + total:
                 raise ValueError(f"truncated ({path.stat().st_size} of {start + total} bytes)")
             mm = np.memmap(path, dtype=dtype, mode="r", offset=start, shape=(sum(sizes),))
-            mags_flat = np.memmap(path, dtype=np.float32, mode="r",
-                                  offset=start + sum(sizes) * dtype.itemsize,
-                                  shape=(mag_elems,)) if mag_elems else None  # fmt: skip
+            tail = np.memmap(path, dtype=np.float32, mode="r",
+                             offset=start + sum(sizes) * dtype.itemsize,
+                             shape=(tail_elems,)) if tail_elems else None  # fmt: skip
             if verify:
                 h = hashlib.blake2b(mm.view(np.uint8), digest_size=16)
-                if mags_flat is not None:
-                    h.update(mags_flat.view(np.uint8))
+                if tail is not None:
+                    h.update(tail.view(np.uint8))
                 if h.hexdigest() != meta["digest"]:
                     raise ValueError("content check failed")
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -316,14 +330,19 @@ class PackedStore:
         for n in sizes:
             groups.append(mm[off : off + n])
             off += n
-        mags, off = {}, 0
+        mags, vocab, off = {}, {}, 0
         for p in (q for q in self.layout.projections if q in dora):
             n = num_layers * self.layout.shape_of(p)[1]
-            mags[p] = mags_flat[off : off + n].reshape(num_layers, -1)
+            mags[p] = tail[off : off + n].reshape(num_layers, -1)
             off += n
+        for k, (r, din, dout) in sorted(vocab_dims.items()):
+            a = tail[off : off + r * din].reshape(r, din)
+            b = tail[off + r * din : off + r * (din + dout)].reshape(r, dout)
+            vocab[k] = (a, b)
+            off += r * (din + dout)
         if verify:
             self.disk_hits += 1
-        return PackedAdapter(content_hash, ranks, groups, "disk", dora, mags)
+        return PackedAdapter(content_hash, ranks, groups, "disk", dora, mags, vocab)
 
     def _write(self, item: PackedAdapter) -> PackedAdapter | None:
         """Write atomically (temp file, then rename); the mapped copy, or None if the disk
@@ -334,6 +353,8 @@ class PackedStore:
         payload = [np.ascontiguousarray(g).view(np.uint8) for g in item.groups]
         payload += [np.ascontiguousarray(item.magnitudes[p], np.float32).view(np.uint8).reshape(-1)
                     for p in self.layout.projections if p in item.dora_layers]  # fmt: skip
+        for _, (a, b) in sorted(item.vocab.items()):
+            payload += [np.ascontiguousarray(x, np.float32).view(np.uint8).reshape(-1) for x in (a, b)]
         h = hashlib.blake2b(digest_size=16)
         for b in payload:
             h.update(b)
@@ -341,6 +362,8 @@ class PackedStore:
                 "ranks": item.ranks, "digest": h.hexdigest()}  # fmt: skip
         if item.dora_layers:
             head["dora"] = item.dora_layers
+        if item.vocab:
+            head["vocab"] = {k: [a.shape[0], a.shape[1], b.shape[1]] for k, (a, b) in item.vocab.items()}
         meta = json.dumps(head).encode()
         start = -(-(16 + len(meta)) // _ALIGN) * _ALIGN
         tmp = None

@@ -48,9 +48,11 @@ class PoolIndex:
         """
         with self.lock:
             used = {int(s) for s in np.asarray(slots).reshape(-1)}
-            if self._mix_slots & used or set(self._dora_of) & used:
-                raise ValueError("the dense hook has no per-row weights or DoRA scales: scaled, "
-                                 "mixed and DoRA adapters are served by the engine step only")  # fmt: skip
+            vocab = any(self._vocab_w[k][sorted(used)].any() for k in self._vocab_w)
+            if self._mix_slots & used or set(self._dora_of) & used or vocab:
+                raise ValueError("the dense hook has no per-row weights, DoRA scales or "
+                                 "embedding / LM-head LoRA: scaled, mixed, DoRA and such "
+                                 "adapters are served by the engine step only")  # fmt: skip
         if rank_bucket is None:
             mx, total = self.batch_ranks(slots)
             rank_bucket = rank_bucket_for(total if strategy == "mbgmv" else mx)
@@ -143,7 +145,13 @@ class PoolIndex:
                 raise ValueError("a step with DoRA rows needs the host's token layout")
             tok_dora = token_rows(meta.num_tokens, *tokens, dec_dora, ch_dora)
         capacity = -(-len(dec_slots) * width // RANK_BLOCK // BLOCKS_BIG) * BLOCKS_BIG
+        tok_slot = np.zeros(meta.num_tokens, np.int32)
+        if tokens is not None:
+            tok_slot = token_rows(meta.num_tokens, *tokens, dec_slots, ch_slots)
         with self.lock:
+            vocab_w, tok_slot_dev, vocab_on = self.vocab_tables(tok_slot)
+            if tokens is None and bool(np.any(np.asarray(vocab_on))):
+                raise ValueError("a step with embedding / LM-head LoRA needs the token layout")
             # a step without a mixture's slot weighs every row 1: one cached device array per
             # shape stands for its weight tables (nothing built or copied per step)
             mixed = bool(self._mix_slots.intersection(dec_slots.tolist() + ch_slots.tolist()))
@@ -172,6 +180,8 @@ class PoolIndex:
             ch_idx=ch_idx, ch_w=ch_w, ch_bucket=ch_b, meta=meta, strategy=strategy,
             backend=backend, dora_g=dict(self.dora_g),
             tok_dora=jnp.asarray(tok_dora), dora_on=jnp.asarray(dora_on),
+            vocab_a=dict(self.vocab_a), vocab_b=dict(self.vocab_b), vocab_w=vocab_w,
+            tok_slot=tok_slot_dev, vocab_on=vocab_on,
         )  # fmt: skip
 
     def index_width(self) -> int:

@@ -116,7 +116,7 @@ class _Entry:
 class PoolLoader:
     """The loader thread's copy of an adapter, one layer group at a time (needs the pool's
     ``projections``, ``groups``, ``group_gate``, ``link_gbps``, ``lock``, ``stats``,
-    ``_load_events``, ``_entries``, ``_drop``, ``_writer`` and ``layout``)."""
+    ``_load_events``, ``_entries``, ``_drop``, ``_writer``, ``_write_vocab`` and ``layout``)."""
 
     def _load(self, e: _Entry) -> None:
         packed = e.adapter
@@ -141,6 +141,8 @@ class PoolLoader:
                 if link:  # the emulated link: a copy takes at least bytes / bandwidth
                     time.sleep(max(0.0, packed.groups[g].nbytes / (link * 1e9)
                                    - (time.perf_counter() - t0)))  # fmt: skip
+                if g == len(self.groups) - 1 and packed.vocab:  # embedding / LM-head rows
+                    self._write_vocab(e.rows, packed.vocab)
                 e.handle._group_done(g, time.perf_counter() - t0)
             e.handle._finish()
             with self.lock:

@@ -157,8 +157,9 @@ def adapter_tree(adapter: LoraAdapter) -> dict:
     """The adapter as a nested dict in JAX layout, ``layers/<i>/<proj>/lora_a|lora_b`` (the
     scaling is already in lora_b): what ``adapter_from_tree`` reads back unchanged. Plain LoRA
     only (a DoRA adapter's magnitudes have no place in it: UnsupportedAdapterError)."""
-    if adapter.dora:
-        raise UnsupportedAdapterError(f"{adapter.path}: a DoRA adapter has no tree form")
+    if adapter.dora or adapter.vocab.modules:
+        raise UnsupportedAdapterError(f"{adapter.path}: a DoRA adapter, or LoRA on the "
+                                      "embedding or the LM head, has no tree form")  # fmt: skip
     out: dict = {"layers": {}}
     for (layer, proj), m in sorted(adapter.modules.items()):
         out["layers"].setdefault(layer, {})[proj] = {"lora_a": np.asarray(m.a),
@@ -183,9 +184,10 @@ def save_peft_adapter(
         if cfg is None:
             raise TypeError("save_peft_adapter needs the base's ModelConfig to read a tree")
         adapter = adapter_from_tree(adapter, cfg, alpha=alpha, path_map=path_map)
-    if adapter.dora:
-        raise UnsupportedAdapterError(f"{adapter.path}: saving DoRA adapters is not supported "
-                                      "(their magnitudes would be lost)")  # fmt: skip
+    if adapter.dora or adapter.vocab.modules:
+        raise UnsupportedAdapterError(f"{adapter.path}: saving DoRA adapters or LoRA on the "
+                                      "embedding or the LM head is not supported (those "
+                                      "weights would be lost)")  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = {key: module_name(*key) for key in adapter.modules}

@@ -29,7 +29,7 @@ from cara_jax.lora_hooks import GROUPS  # one host exchange per (layer, group) (
 
 # "mixture": a scaled or mixed adapter waits for its members' loads (the CPU path serves one
 # adapter at scale 1)
-REASONS = ("resident", "load_faster", "cpu_faster", "no_cpu_path", "mixture", "dora")
+REASONS = ("resident", "load_faster", "cpu_faster", "no_cpu_path", "mixture", "dora", "vocab")
 
 
 @dataclasses.dataclass

@@ -2,7 +2,34 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+
+# host -> device adapter copies, seconds (the /metrics histogram's buckets)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclasses.dataclass
+class LoadHistogram:
+    """Cumulative counts of finished loads by duration: fixed size however many loads."""
+
+    counts: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(LOAD_BUCKETS) + 1))
+    total: int = 0
+    seconds: float = 0.0
+    nbytes: int = 0
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
+        self.total += 1
+        self.seconds += seconds
+        self.nbytes += nbytes
+
+    def snapshot(self) -> dict:
+        cum, run = [], 0
+        for le, n in zip((*LOAD_BUCKETS, float("inf")), self.counts, strict=True):
+            run += n
+            cum.append((le, run))
+        return {"buckets": cum, "count": self.total, "sum": self.seconds, "bytes": self.nbytes}
 
 
 @dataclasses.dataclass

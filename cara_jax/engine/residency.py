@@ -12,7 +12,6 @@ queue): they fit the cold-start model and a fixed-bucket histogram for metrics.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import enum
 import logging
@@ -37,14 +36,13 @@ from cara_jax.config import ModelConfig
 from cara_jax.engine.batch import ChunkRow, CpuPlan
 from cara_jax.engine.cold_start import ColdStartModel
 from cara_jax.engine.cpu_coordinator import CpuAssistCoordinator, zero_stats
+from cara_jax.engine.records import LoadHistogram
 from cara_jax.engine.sequence import Sequence
 from cara_jax.lora_hooks import GROUPS
 from cara_jax.sampling_params import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
-# host -> device adapter copies, seconds (the /metrics histogram's buckets)
-LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Readiness(enum.Enum):
@@ -61,29 +59,6 @@ class AdapterUse:
     content_hash: str | None = None  # content, or the mixture's key
     rank: int = 0  # cost rank: a mixture's is its members' summed
     mixture: tuple[tuple[str, str, float], ...] | None = None  # (name, content hash, weight)
-
-
-@dataclasses.dataclass
-class LoadHistogram:
-    """Cumulative counts of finished loads by duration: fixed size however many loads."""
-
-    counts: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(LOAD_BUCKETS) + 1))
-    total: int = 0
-    seconds: float = 0.0
-    nbytes: int = 0
-
-    def add(self, nbytes: int, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
-        self.total += 1
-        self.seconds += seconds
-        self.nbytes += nbytes
-
-    def snapshot(self) -> dict:
-        cum, run = [], 0
-        for le, n in zip((*LOAD_BUCKETS, float("inf")), self.counts, strict=True):
-            run += n
-            cum.append((le, run))
-        return {"buckets": cum, "count": self.total, "sum": self.seconds, "bytes": self.nbytes}
 
 
 class AdapterResidency:
@@ -200,7 +175,7 @@ class AdapterResidency:
         dora = []
         for name, h, _ in members:
             packed = pool.packed.lookup(h)
-            ranks = packed.ranks if packed is not None else dict.fromkeys(
+            ranks = {**packed.ranks, **packed.vocab_ranks} if packed is not None else dict.fromkeys(
                 pool.projections, self.registry.entry(name).max_rank)  # fmt: skip
             for p, r in ranks.items():
                 summed[p] = summed.get(p, 0) + r
@@ -214,7 +189,8 @@ class AdapterResidency:
                                       f"members and itself); this server has {pc.dora_slots}",
                                       "lora")  # fmt: skip
         limit = min(pc.max_rank, pool.rows_per_proj)
-        over = {p: r for p, r in summed.items() if r > limit}
+        over = {p: r for p, r in summed.items()
+                if r > (pc.vocab_rows if p in ("embed_tokens", "lm_head") else limit)}  # fmt: skip
         if over:
             raise InvalidRequestError(f"`lora` sums to rank {max(over.values())} on "
                                       f"{sorted(over)}; this server holds at most {limit}",
@@ -333,6 +309,9 @@ class AdapterResidency:
         packed = self.pool.packed_of(seq.content_hash)
         if packed is not None and packed.dora:  # the workers add deltas; DoRA rescales outputs
             hold.mode, hold.reason = "sync", "dora"
+            return False
+        if packed is not None and packed.vocab:  # embedding / LM-head rows land with the load
+            hold.mode, hold.reason = "sync", "vocab"
             return False
         if hold.no_cpu_assist:
             hold.mode, hold.reason = "sync", "no_cpu_path"

@@ -152,6 +152,7 @@ class ModelRunner:
         self.params, treedef = jax.tree_util.tree_flatten(loaded.state)
         if pool is not None:  # DoRA's norms read the base kernels (adapters/dora.py)
             pool.set_base_kernels(loaded.kernels())
+            pool.set_base_vocab(loaded.vocab_sums())
         self._graphdef = loaded.graphdef
         self._step = jax.jit(
             partial(run_step, loaded.graphdef, treedef), donate_argnames=("cache", "state")

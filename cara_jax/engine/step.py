@@ -111,7 +111,7 @@ def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: St
     tokens = inp.tokens.at[meta.dec_tok].set(state.last.at[inp.dec_row].get(mode="clip"),
                                              mode="drop")  # fmt: skip
     h, cache = model(tokens, cache, meta, hook)
-    logits = model.logits(h.at[inp.sample_tok].get(mode="clip"))  # [S+P, V]
+    logits = model.logits(h.at[inp.sample_tok].get(mode="clip"), hook, inp.sample_tok)  # [S+P, V]
 
     # penalty state: clear rows that start now, count the chunk tokens (outputs only for counts)
     counts, seen = state.counts, state.seen
@@ -160,8 +160,8 @@ def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: St
     t = tokens.shape[0]
 
     def score_slice(args):
-        hs, nxt = args
-        lp = jax.nn.log_softmax(model.logits(hs), axis=-1)
+        hs, nxt, at = args
+        lp = jax.nn.log_softmax(model.logits(hs, hook, at), axis=-1)
         chosen_t = jnp.take_along_axis(lp, jnp.maximum(nxt, 0)[:, None], axis=-1)
         rank = 1 + jnp.sum(lp > chosen_t, axis=-1, dtype=jnp.int32)
         top_lp_t, top_ids_t = jax.lax.top_k(lp, MAX_LOGPROBS)
@@ -170,7 +170,8 @@ def run_step(graphdef, treedef, params, cache: KVCache, state: SeqState, inp: St
     def score():  # the LM head over every token of the step: only when a prompt is scored,
         # in slices of SCORE_SLICE tokens so that its [tokens, vocab] temporaries stay small
         s = SCORE_SLICE if t % SCORE_SLICE == 0 else t
-        out = jax.lax.map(score_slice, (h.reshape(t // s, s, -1), inp.score_next.reshape(-1, s)))
+        at = jnp.arange(t, dtype=jnp.int32).reshape(-1, s)
+        out = jax.lax.map(score_slice, (h.reshape(t // s, s, -1), inp.score_next.reshape(-1, s), at))
         return tuple(o.reshape(t, *o.shape[2:]) for o in out)
 
     scores = jax.lax.cond(inp.want_scores, score, lambda: (

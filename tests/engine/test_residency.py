@@ -8,7 +8,8 @@ import threading
 
 from cara_jax.adapters.device_pool import DevicePool, PoolConfig
 from cara_jax.adapters.store import AdapterRegistry, HostStore
-from cara_jax.engine.residency import LOAD_BUCKETS, AdapterResidency, Readiness
+from cara_jax.engine.records import LOAD_BUCKETS
+from cara_jax.engine.residency import AdapterResidency, Readiness
 from cara_jax.engine.sequence import Sequence
 from cara_jax.sampling_params import SamplingParams
 from server.demo import write_demo_adapter

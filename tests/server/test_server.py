@@ -279,9 +279,14 @@ def test_load_refusals(srv):
     write_demo_adapter(bad, cfg, rank=4, seed=5)
     conf = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**conf, "use_dora": True}))
+    tokens = srv.lora_dir / "tokens"  # an adapter that saves its own embedding (new tokens)
+    write_demo_adapter(tokens, cfg, rank=4, seed=6)
+    (tokens / "adapter_config.json").write_text(
+        json.dumps({**conf, "modules_to_save": ["embed_tokens"]}))
     url = srv.url + "/v1/load_lora_adapter"
     cases = [
         ({"lora_name": "d", "lora_path": "dora"}, "DoRA"),
+        ({"lora_name": "d", "lora_path": "tokens"}, "adds or retrains tokens"),
         ({"lora_name": "d", "lora_path": "missing"}, "no adapter folder"),
         ({"lora_name": "d", "lora_path": "../outside"}, ".."),
         ({"lora_name": "d", "lora_path": "/etc"}, "outside"),
@@ -329,14 +334,18 @@ DORA_SPECS = {
     "dx8_attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     "dx16_mlp": dict(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
 }
+# LoRA on the embedding and the LM head (SmolLM2 ties them: PEFT keeps the two LoRAs apart)
+VOCAB_SPECS = {
+    "vx8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
+}
 MIX_PROMPT = "The quick brown fox jumps over"
 
 
 def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
-    """``lora`` entries and DoRA adapters through the openai client, in one batch with a plain
-    adapter and base rows: greedy text equals PEFT's (a scale and a mixture are PEFT's cat at
-    those weights; scale 0 is the base model; DoRA rows are PEFT's DoRA, a DoRA mixture its cat
-    merge) and each token's log-prob equals PEFT's."""
+    """``lora`` entries, DoRA adapters and LoRA on the embedding and LM head through the openai
+    client, in one batch with a plain adapter and base rows: greedy text equals PEFT's (a scale
+    and a mixture are PEFT's cat at those weights; scale 0 is the base model; DoRA rows are
+    PEFT's DoRA, a DoRA mixture its cat merge) and each token's log-prob equals PEFT's."""
     import copy
 
     import numpy as np
@@ -347,11 +356,15 @@ def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
     paths = make_peft_adapters(lambda: copy.deepcopy(hf_smollm), srv.lora_dir, MIX_SPECS,
                                seed=31, scale=2.0)  # fmt: skip
     dora = make_dora_adapters(lambda: copy.deepcopy(hf_smollm), srv.lora_dir, DORA_SPECS, seed=41)
-    peft_model = peft_mixed(copy.deepcopy(hf_smollm), {**paths, **dora})
+    vocab = make_peft_adapters(lambda: copy.deepcopy(hf_smollm), srv.lora_dir, VOCAB_SPECS,
+                               seed=51, scale=0.1)  # fmt: skip
+    peft_model = peft_mixed(copy.deepcopy(hf_smollm), {**paths, **dora, **vocab})
     peft_model.add_weighted_adapter(["mx8_attn"], [0.5], "s_half", combination_type="cat")
     peft_model.add_weighted_adapter(["mx8_attn", "mx16_mlp"], [0.7, -0.4], "mix_a",
                                     combination_type="cat")  # fmt: skip
     peft_model.add_weighted_adapter(["dx8_attn", "dx16_mlp"], [0.6, 0.5], "dmix",
+                                    combination_type="cat")  # fmt: skip
+    peft_model.add_weighted_adapter(["vx8", "mx16_mlp"], [0.8, 0.5], "vmix",
                                     combination_type="cat")  # fmt: skip
     rows = [  # (PEFT's adapter, model, lora)
         ("__base__", srv.base, None),
@@ -361,6 +374,8 @@ def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
         ("mix_a", srv.base, [{"name": "mx8_attn", "scale": 0.7}, {"name": "mx16_mlp", "scale": -0.4}]),
         ("dx8_attn", "dx8_attn", None),
         ("dmix", srv.base, [{"name": "dx8_attn", "scale": 0.6}, {"name": "dx16_mlp", "scale": 0.5}]),
+        ("vx8", "vx8", None),
+        ("vmix", srv.base, [{"name": "vx8", "scale": 0.8}, {"name": "mx16_mlp", "scale": 0.5}]),
     ]  # fmt: skip
     client = srv.client()
     n = 8
@@ -387,7 +402,7 @@ def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
         # (the tiny model's engine test holds every row, mixtures included, to 1e-5)
         assert np.max(np.abs(np.array(out.logprobs.token_logprobs) - want)) <= 1e-4, name
         texts[name] = (out.text, tuple(round(v, 3) for v in out.logprobs.token_logprobs))
-    keys = ("__base__", "mx8_attn", "s_half", "mix_a", "dx8_attn", "dmix")
+    keys = ("__base__", "mx8_attn", "s_half", "mix_a", "dx8_attn", "dmix", "vx8", "vmix")
     assert len({texts[k] for k in keys}) == len(keys)  # all differ
     errors = [  # (lora, model, status, param)
         ([{"name": "mx8_attn"}], "mx8_attn", 400, "lora"),  # an adapter model and a list
