@@ -73,6 +73,7 @@ def engine_config(args: argparse.Namespace):
             max_adapters=args.max_loras + 1,  # pool slot 0 is the base model
             max_rank=args.max_lora_rank,
             dora_slots=max(0, args.max_dora_loras),
+            vocab_rows=max(0, args.max_vocab_lora_rows),
             cache_dir=_adapter_cache(args.adapter_cache),
             emulate_link_gbps=args.emulate_link_gbps,
         ),

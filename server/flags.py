@@ -260,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
         "output scale per projection and layer (SmolLM2: 0.7 MB). 0 refuses DoRA adapters",
     )
     a.add_argument(
+        "--max-vocab-lora-rows",
+        type=int,
+        default=64,
+        help="rank rows of LoRA on the embedding, and as many on the LM head, resident at once "
+        "(vocabulary-wide: SmolLM2 float32, about 200 KB each; a step with such rows reads them "
+        "all). 0 refuses adapters that target embed_tokens or lm_head",
+    )
+    a.add_argument(
         "--max-lora-rank",
         type=positive(int),
         default=256,

@@ -276,11 +276,14 @@ REFUSALS = {
     "lora_bias": (UnsupportedAdapterError, dict(lora_bias=True), None),
     "not_lora": (UnsupportedAdapterError, dict(peft_type="IA3"), None),
     "pissa": (UnsupportedAdapterError, dict(init_lora_weights="pissa_niter_4"), None),
-    "target_lm_head": (UnsupportedAdapterError, dict(target_modules=["q_proj", "lm_head"]), None),
-    "target_embed": (UnsupportedAdapterError, dict(target_modules=["embed_tokens"]), None),
+    "trainable_tokens": (UnsupportedAdapterError, dict(trainable_token_indices=[5, 6]), None),
+    # LoRA on the head / embedding is served (test_vocab_lora.py): a config that targets them
+    # needs their weights, and weights need a config that targets them
+    "target_lm_head": (AdapterWeightsError, dict(target_modules=["q_proj", "lm_head"]), None),
+    "target_embed": (AdapterWeightsError, dict(target_modules=["embed_tokens"]), None),
     "target_unknown": (UnsupportedAdapterError, dict(target_modules=["q_proj", "c_attn"]), None),
     "target_attn_block": (UnsupportedAdapterError, dict(target_modules=["self_attn"]), None),
-    "regex_head": (UnsupportedAdapterError, dict(target_modules=r".*(q_proj|lm_head)"), None),
+    "regex_head": (AdapterWeightsError, dict(target_modules=r".*(q_proj|lm_head)"), None),
     "regex_none": (UnsupportedAdapterError, dict(target_modules=r"nothing\.here"), None),
     "regex_with_layers": (
         UnsupportedAdapterError,
@@ -289,7 +292,7 @@ REFUSALS = {
     ),
     "no_targets": (UnsupportedAdapterError, dict(target_modules=None), None),
     "embedding_lora": (
-        UnsupportedAdapterError,
+        AdapterWeightsError,
         {},
         _extra("base_model.model.model.embed_tokens.lora_embedding_A", (8, 512)),
     ),
@@ -322,8 +325,8 @@ def test_refusals(case, plain, cfg, tmp_path):
         load_peft_adapter(dst, cfg)
     if case == "target_unknown":
         assert "c_attn" in str(info.value)
-    if case.startswith("target_lm") or case == "regex_head":
-        assert "lm_head" in str(info.value)
+    if case in ("modules_to_save", "trainable_tokens"):
+        assert "adds or retrains tokens" in str(info.value)
 
 
 def test_refuses_pickle_only(plain, cfg, tmp_path):

@@ -52,6 +52,20 @@ def test_loader_reads_embedding_and_head_lora(vocab_paths, tiny):
     assert not only.modules and set(only.vocab.modules) == {"lm_head"}
 
 
+def test_a_targeted_head_needs_its_weights(vocab_paths, tiny, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from cara_jax.adapters.peft import AdapterWeightsError
+
+    dst = shutil.copytree(vocab_paths["ev8"], tmp_path / "nohead")
+    t = load_file(dst / "adapter_model.safetensors")
+    save_file({k: v for k, v in t.items() if "lm_head.lora" not in k}, dst / "adapter_model.safetensors")
+    with pytest.raises(AdapterWeightsError, match="lm_head: lora_A and lora_B weights missing"):
+        load_peft_adapter(dst, tiny.cfg)
+
+
 def test_packed_copy_keeps_vocab_rows(vocab_paths, tiny, tmp_path):
     from cara_jax.adapters.device_pool import DevicePool
 
