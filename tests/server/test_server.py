@@ -385,17 +385,24 @@ def test_lora_scale_and_mixtures_match_peft(srv, hf_smollm, smol_tok):
                 for _, model, lora in rows]  # fmt: skip
     outs = [j.result().choices[0] for j in jobs]
     ids = smol_tok.encode(MIX_PROMPT, add_special_tokens=True)
+
+    def peft_rows(names, **kw):
+        """PEFT's greedy tokens and log-probs for rows of the one prompt, as one batch."""
+        with torch.no_grad():
+            x = torch.tensor([ids] * len(names))
+            gen = peft_model.generate(input_ids=x, max_new_tokens=n, do_sample=False, **kw)
+            lp = torch.log_softmax(peft_model(gen, **kw).logits.double(), -1).numpy()
+        return {nm: (gen[i, len(ids):].tolist(), lp[i]) for i, nm in enumerate(names)}
+
+    # PEFT's mixed batches take adapter names per row, but run DoRA one adapter at a time
+    batched = [name for name, _, _ in rows if name not in ("dx8_attn", "dmix")]
+    ref = peft_rows(batched, adapter_names=batched)
+    for name in ("dx8_attn", "dmix"):
+        peft_model.set_adapter(name)
+        ref.update(peft_rows([name]))
     texts = {}
     for (name, _, _), out in zip(rows, outs, strict=True):
-        # PEFT runs DoRA one adapter at a time (no adapter_names)
-        kw = {} if name in ("dx8_attn", "dmix") else {"adapter_names": [name]}
-        if not kw:
-            peft_model.set_adapter(name)
-        with torch.no_grad():
-            gen = peft_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n,
-                                      do_sample=False, **kw)[0, len(ids):].tolist()  # fmt: skip
-            lp = torch.log_softmax(peft_model(torch.tensor([ids + gen]), **kw)
-                                   .logits[0].double(), -1).numpy()  # fmt: skip
+        gen, lp = ref[name]
         assert out.text == smol_tok.decode(gen), name
         want = [lp[len(ids) - 1 + k, t] for k, t in enumerate(gen)]
         # 1e-4: float32 over SmolLM2's 30 layers; the plain adapter's row is at 7e-5 here too
