@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from cara_jax.config import ModelConfig
+from cara_jax.ragged import DROP
 
 
 @jax.tree_util.register_dataclass
@@ -35,6 +36,8 @@ class KVCache:
         cls, cfg: ModelConfig, num_pages: int, block_size: int, dtype: jnp.dtype = jnp.float32
     ) -> KVCache:
         shape = (cfg.num_layers, num_pages * block_size, cfg.num_kv_heads, cfg.head_dim)
+        # a layer's slots are offset into one flat index space, whose end marks dropped writes
+        assert shape[0] * shape[1] < DROP, "KV cache too large for int32 slot indices"
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     def nbytes(self) -> int:

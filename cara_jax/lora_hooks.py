@@ -29,7 +29,9 @@ the others.
 
 Projections that share an input (q/k/v; gate/up) run as a group through ``project``. A hook may
 also define ``after(layer, projs, x, ys) -> ys``: CPU assist uses it to add the deltas the CPU
-computed for the group's cold rows.
+computed for the group's cold rows. Outside the layers, a hook may define ``embed(tokens, h) ->
+h`` (LoRA on the token embedding) and ``head(x, tok, logits) -> logits`` (on the LM head, for
+the flat tokens ``tok`` whose normed hidden states are x); the model calls them when present.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Two forwards share every layer's code: the serving one (``__call__``) takes a flat batch of tokens
 from any mix of sequences (decode tokens and prefill chunks), the paged KV cache and the step's
-layout (ragged.py); ``dense`` takes whole sequences [B, T] with no cache and static loops, so it
+layout (ragged.py), and is one ``lax.scan`` over the stacked layers (one layer body to compile;
+docs/engine.md); ``dense`` takes whole sequences [B, T] with no cache and static loops, so it
 is differentiable (training many adapters at once, dense.py). Each linear projection is a LoRA
 hook point (see lora_hooks.py). The jitted step over (graphdef, state) lives in engine/step.py.
 """

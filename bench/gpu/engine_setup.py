@@ -79,10 +79,11 @@ def random_model(cfg: ModelConfig, dtype: jnp.dtype, seed: int = 0) -> LoadedMod
     for i, (path, leaf) in enumerate(leaves):
         name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         shape = leaf.shape
-        if len(shape) == 1:
+        per_layer = shape[1:] if name.startswith("layers.") else shape  # stacked: [layers, ...]
+        if len(per_layer) == 1:
             flat[name] = np.ones(shape, np.float32)
             continue
-        scale = 1.0 if name == "embed_tokens" else shape[0] ** -0.5
+        scale = 1.0 if name == "embed_tokens" else per_layer[0] ** -0.5
         if on_host:
             flat[name] = (np_rng.standard_normal(shape, np.float32) * scale).astype(np.float32)
         else:

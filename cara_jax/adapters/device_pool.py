@@ -1,7 +1,7 @@
 """Device tier of the adapter store: rank rows in per-layer pools, no padding to a max rank.
 
-For each projection p and layer l the pool keeps A rows ``a[p][l]`` [N_p, in] and B rows
-``b[p][l]`` [N_p, out] (B pre-multiplied by the adapter's scaling). An adapter of rank r on p
+For each projection p the pool keeps A rows ``a[p]`` [layers, N_p, in] and B rows ``b[p]``
+[layers, N_p, out] (B pre-multiplied by the adapter's scaling; layer l's rows are ``a[p][l]``). An adapter of rank r on p
 takes r rows: any r free rows, not a contiguous range, so there is no fragmentation and no
 compaction. Row 0 stays zero. A slot table maps an adapter slot to its rows; kernels gather
 through it (see multi_lora.py).
@@ -25,6 +25,8 @@ adapter, and dropped with a member whose load failed.
 
 A DoRA adapter's slot (and a scaled or mixed slot over DoRA adapters) also takes a row of the
 DoRA output-scale tables (dora.py), computed on the device before the slot's first step.
+LoRA on the embedding and the LM head takes rows of their own tables (vocab_pool.py), with
+their own budget; each slot has a weight on each of those rows.
 """
 
 from __future__ import annotations
@@ -43,17 +45,14 @@ from cara_jax.adapters.dora import PoolDora
 from cara_jax.adapters.packed import PackedAdapter, PackedStore, PoolLayout
 from cara_jax.adapters.peft import LoraAdapter
 from cara_jax.adapters.pool_index import PoolIndex
-from cara_jax.adapters.pool_load import LoadHandle, MixHandle, PoolLoader, _Entry
+from cara_jax.adapters.pool_load import LoadHandle, PoolLoader, _Entry
+from cara_jax.adapters.pool_mix import PoolFullError, PoolMixtures
 from cara_jax.adapters.pool_write import PoolWriter
 from cara_jax.adapters.vocab_pool import PoolVocab
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import PROJECTIONS
 
 __all__ = ["DevicePool", "LoadHandle", "PoolConfig", "PoolFullError", "PoolStats"]
-
-
-class PoolFullError(RuntimeError):
-    """The adapter cannot fit: every resident adapter is in use or pinned."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,7 @@ class PoolStats:
     loads: int = 0  # finished loads
 
 
-class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab):
+class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab, PoolMixtures):
     """Adapter rows on the device, with slot table, refcounts, pins and LRU eviction."""
 
     def __init__(self, cfg: ModelConfig, config: PoolConfig | None = None, dtype=jnp.float32):
@@ -192,8 +191,7 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab):
         loads only copy; raises ValueError if the pool cannot hold it. The write program of its
         width is compiled now, or by ``warm_writer`` (start-up) if ``compile_writer`` is False."""
         packed = self.packed.get(adapter)
-        self._check(packed)
-        self.check_vocab(adapter, packed.vocab_ranks)
+        self._check(packed, adapter)
         self._widths.update(packed.widths.values())
         if compile_writer:
             self.ensure_writer(packed.widths)
@@ -213,7 +211,7 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab):
                 self._entries.move_to_end(adapter.content_hash)
                 return e.handle
         packed = adapter if isinstance(adapter, PackedAdapter) else self.packed.get(adapter)
-        self._check(packed)
+        self._check(packed, adapter if isinstance(adapter, LoraAdapter) else None)
         with self.lock:
             e = self._entries.get(adapter.content_hash)
             if e is not None:  # another thread loaded it meanwhile
@@ -248,97 +246,6 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab):
         self._loader.submit(self._load, e)
         return handle
 
-    def acquire_mix(
-        self, key: str, members: list[tuple[LoraAdapter | PackedAdapter, float]]
-    ) -> MixHandle:
-        """Hold the mixture ``key`` (its members at their weights), acquiring each member
-        (starting their loads) and giving the mixture a slot whose rows are theirs; until
-        ``release``. ValueError when a projection's summed rank exceeds max_rank."""
-        with self.lock:
-            e = self._entries.get(key)
-            if e is not None:
-                self.stats.hits += 1
-                e.refcount += 1
-                self._entries.move_to_end(key)
-                return e.handle
-        held: list[str] = []
-        handles: list[LoadHandle] = []
-        try:
-            for adapter, _ in members:
-                handles.append(self.acquire(adapter))
-                held.append(adapter.content_hash)
-            with self.lock:
-                e = self._entries.get(key)
-                if e is not None:  # another thread made it meanwhile
-                    for h in held:
-                        self.release(h)
-                    e.refcount += 1
-                    return e.handle
-                if any(h not in self._entries for h in held):  # a member's load failed already
-                    raise PoolFullError("a member of the mixture was dropped (its load failed)")
-                tables, ranks = self._mix_tables(members)
-                dora = self._mix_dora(held)
-                self._make_room({}, dora=dora is not None)
-                slot = self._free_slots.pop()
-                if dora is not None:
-                    self._dora_take(slot, *dora)
-                self._vocab_mix(slot, [(self._entries[a.content_hash].slot, float(w))
-                                       for a, w in members])  # fmt: skip
-                self.stats.misses += 1
-                for p in self.projections:
-                    rows, wts = tables[p]
-                    self._slot_rows[p][slot] = 0
-                    self._slot_w[p][slot] = 1.0
-                    self._slot_rows[p][slot, : len(rows)] = rows
-                    self._slot_w[p][slot, : len(rows)] = wts
-                    self._slot_rank[p][slot] = len(rows)
-                self._mix_slots.add(slot)
-                self._table_dev = None
-                handle = MixHandle(key, handles, self.groups)
-                packed = PackedAdapter(key, ranks, [], "mixture")
-                self._entries[key] = _Entry(packed, slot, {}, handle, 1, members=tuple(held))
-                return handle
-        except BaseException:
-            for h, handle in zip(held, handles, strict=False):
-                if self.handle_of(h) is handle:  # still the entry this reference was taken on
-                    self.release(h)
-            raise
-
-    def _mix_tables(self, members) -> tuple[dict, dict[str, int]]:
-        """Per projection, (pool rows, weights) of a mixture's slot: each member's rows in turn."""
-        tables, ranks = {}, {}
-        for p in self.projections:
-            rows, wts = [], []
-            for adapter, w in members:
-                r = self._entries[adapter.content_hash].rows.get(p)
-                if r is not None:
-                    rows.extend(int(x) for x in r)
-                    wts.extend([float(w)] * len(r))
-            if len(rows) > self.config.max_rank:
-                raise ValueError(f"the mixture's summed rank on {p} is {len(rows)}, over the "
-                                 f"pool's max_rank {self.config.max_rank}")  # fmt: skip
-            tables[p] = (np.asarray(rows, np.int32), np.asarray(wts, np.float32))
-            if rows:
-                ranks[p] = len(rows)
-        return tables, ranks
-
-    def _mix_dora(self, held: list[str]) -> tuple[dict, dict, bool] | None:
-        """A mixture's DoRA (dora.py): one member at a scale keeps its magnitudes; several
-        take ‖W‖ on every module any of them has; None without DoRA members."""
-        packed = [self._entries[h].adapter for h in held]
-        dora = [p.dora for p in packed]
-        if not any(dora):
-            return None
-        if not all(dora):
-            raise ValueError("a mixture of DoRA and plain LoRA adapters is not served")
-        if len(packed) == 1:
-            return packed[0].magnitudes, packed[0].dora_layers, False
-        layers: dict[str, set[int]] = {}
-        for p in packed:
-            for q, ls in p.dora_layers.items():
-                layers.setdefault(q, set()).update(ls)
-        return {}, {q: sorted(v) for q, v in layers.items()}, True
-
     def release(self, content_hash: str) -> None:
         with self.lock:
             e = self._entries[content_hash]
@@ -363,14 +270,14 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab):
                 raise PoolFullError(f"adapter {content_hash[:12]} is in use")
             self._drop(content_hash)
 
-    def _check(self, packed: PackedAdapter) -> None:
+    def _check(self, packed: PackedAdapter, adapter: LoraAdapter | None = None) -> None:
         if packed.dora and self.config.dora_slots < 1:
             raise ValueError("a DoRA adapter, and this pool has no DoRA slots (dora_slots=0)")
         if packed.max_rank > self.config.max_rank:
             raise ValueError(
                 f"rank {packed.max_rank} exceeds the pool's max_rank {self.config.max_rank}"
             )
-        self.check_vocab(None, packed.vocab_ranks)
+        self.check_vocab(adapter, packed.vocab_ranks)
 
     def _make_room(self, ranks: dict[str, int], dora: bool = False) -> None:
         def fits() -> bool:
@@ -388,6 +295,12 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab):
                     if e.refcount == 0 and not e.pinned and e.handle.done()]  # fmt: skip
             if rows_fit():  # only a DoRA row is short: drop only what holds one
                 idle = [h for h in idle if self._entries[h].slot in self._dora_of]
+            elif self._free_slots and not (dora and not self._free_dora):
+                # only rows are short: drop only what holds rows of a kind that is short (a
+                # plain adapter holds no embedding / LM-head rows), or a mixture over such
+                short = {p for p, r in ranks.items() if len(self._free_rows[p]) < r}
+
+                idle = [h for h in idle if self._holds_rows(self._entries[h], short)]
             if not idle:
                 break
             idle = idle[0]
@@ -400,6 +313,11 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab):
                 f"{' and a DoRA slot' if dora else ''}: "
                 f"{sum(e.refcount > 0 for e in self._entries.values())} resident adapters are in use"
             )
+
+    def _holds_rows(self, e: _Entry, kinds: set[str]) -> bool:
+        """Whether dropping ``e`` frees rows of ``kinds`` (its own, or a mixture's members')."""
+        return bool(kinds & set(e.rows)) or any(
+            m in self._entries and kinds & set(self._entries[m].rows) for m in e.members)  # fmt: skip
 
     def _drop(self, content_hash: str) -> None:
         e = self._entries.pop(content_hash)

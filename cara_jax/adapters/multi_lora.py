@@ -128,7 +128,7 @@ class RaggedLoraHook:
     request is just more rank rows in the same program.
 
     DoRA (adapters/dora.py): a slot of a DoRA adapter (or of a scaled or mixed one) has a row
-    ``k`` > 0 in the pool's tables ``dora_g[p][layer]`` [K + 1, out] (row 0: ones); ``tok_dora``
+    ``k`` > 0 in the pool's tables ``dora_g[p]`` [layers, K + 1, out] (row 0: ones); ``tok_dora``
     [T] gives each token's (its row's slot's; 0 for padding), and the projection's output (base
     plus delta) is multiplied by it in steps where ``dora_on`` (some row has a DoRA slot).
 

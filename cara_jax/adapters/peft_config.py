@@ -48,7 +48,7 @@ _VARIANT_FIELDS = (
     "target_parameters",
 )  # fmt: skip
 # the modules outside the decoder layers that can carry LoRA: the token embedding (PEFT's
-# lora_embedding_A/B) and the LM head (a plain linear LoRA); adapters/vocab_lora.py
+# lora_embedding_A/B) and the LM head (a plain linear LoRA); adapters/peft_vocab.py
 VOCAB_MODULES = {"model.embed_tokens": "embed_tokens", "lm_head": "lm_head"}
 NEW_TOKENS = (
     "adds or retrains tokens (a vocabulary of its own); this server serves every adapter on the "
@@ -193,7 +193,7 @@ def _check_config(conf: dict[str, Any], cfg: ModelConfig) -> list[str]:
             if not any(n == t or n.endswith(f".{t}") for n in names):
                 raise UnsupportedAdapterError(
                     f"unknown target module {t!r}: not a module of a Llama model "
-                    f"(LoRA can target {', '.join(PROJECTIONS)})"
+                    f"(LoRA can target {', '.join(PROJECTIONS)}, embed_tokens and lm_head)"
                 )
     targeted = [n for n in names if _targets(conf, n)]
     for n in targeted:

@@ -92,6 +92,9 @@ def read_vocab_modules(
     out = VocabModules()
     v, hid = cfg.vocab_size, cfg.hidden_size
     for kind, have in found.items():
+        extra = set(have) - {"base_layer", *_NAMES[kind]}
+        if extra:
+            raise UnsupportedAdapterError(f"{kind}: unexpected tensors {sorted(extra)}")
         base = have.pop("base_layer", None)
         if base is not None:
             tag, raw = base

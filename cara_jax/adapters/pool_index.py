@@ -48,8 +48,7 @@ class PoolIndex:
         """
         with self.lock:
             used = {int(s) for s in np.asarray(slots).reshape(-1)}
-            vocab = any(self._vocab_w[k][sorted(used)].any() for k in self._vocab_w)
-            if self._mix_slots & used or set(self._dora_of) & used or vocab:
+            if self._mix_slots & used or set(self._dora_of) & used or self.has_vocab(sorted(used)):
                 raise ValueError("the dense hook has no per-row weights, DoRA scales or "
                                  "embedding / LM-head LoRA: scaled, mixed, DoRA and such "
                                  "adapters are served by the engine step only")  # fmt: skip
@@ -150,7 +149,7 @@ class PoolIndex:
             tok_slot = token_rows(meta.num_tokens, *tokens, dec_slots, ch_slots)
         with self.lock:
             vocab_w, tok_slot_dev, vocab_on = self.vocab_tables(tok_slot)
-            if tokens is None and bool(np.any(np.asarray(vocab_on))):
+            if tokens is None and self.has_vocab(np.concatenate([dec_slots, ch_slots])):
                 raise ValueError("a step with embedding / LM-head LoRA needs the token layout")
             # a step without a mixture's slot weighs every row 1: one cached device array per
             # shape stands for its weight tables (nothing built or copied per step)

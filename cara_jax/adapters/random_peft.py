@@ -31,8 +31,8 @@ def write_random_peft(
 ) -> Path:
     """Write one adapter into ``path`` (atomically: a reader never sees half a folder; if
     another process wrote it first, theirs is kept). A ~ N(0, 1/in), B ~ N(0, b_std²);
-    ``alpha`` defaults to 2 * rank. ``dora_base`` (the base's [in, out] kernels per projection
-    and layer, LoadedModel.kernels): a DoRA adapter, magnitudes ‖W‖ per output times 1 ± 5%."""
+    ``alpha`` defaults to 2 * rank. ``dora_base`` (the base's [layers, in, out] kernels per
+    projection, LoadedModel.kernels): a DoRA adapter, magnitudes ‖W‖ per output times 1 ± 5%."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)

@@ -10,7 +10,7 @@ too: about 200 KB each for SmolLM2 in float32), so they have their own budget,
 - LM head: ``a["lm_head"]`` [n, hidden], ``b["lm_head"]`` [n, vocab]; a sampled (or scored)
   row's logits gain ``((x · Aᵀ) ⊙ W[t]) · B``.
 
-``W`` is each slot's weight on each row (``weights[kind]`` [max_adapters, n]): 1 on an
+``W`` is each slot's weight on each row (``_vocab_w[kind]`` [max_adapters, n]): 1 on an
 adapter's own rows, its scale, or each member's weight in a mixture, so scaled and mixed
 requests are the same one matmul. Row 0 stays zero. The step gathers W by each token's slot and
 runs this only in steps where some row needs it (multi_lora.RaggedLoraHook). ``PoolVocab`` is
@@ -143,6 +143,11 @@ class PoolVocab:
             with self.lock:
                 self.vocab_a[k], self.vocab_b[k] = write(self.vocab_a[k], self.vocab_b[k],
                                                          idx, pa, pb)  # fmt: skip
+
+    def has_vocab(self, slots) -> bool:
+        """Whether any of ``slots`` has embedding or LM-head LoRA (under the lock)."""
+        idx = np.asarray(slots, np.int64).reshape(-1)
+        return any(bool(self._vocab_w[k][idx].any()) for k in VOCAB_KINDS)
 
     def vocab_tables(self, slots_of_tokens: np.ndarray) -> tuple[dict, jax.Array, jax.Array]:
         """(kind -> the slots' weight tables on the device, [T] each token's slot, [2] whether

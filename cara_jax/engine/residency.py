@@ -188,13 +188,13 @@ class AdapterResidency:
             raise InvalidRequestError(f"`lora` needs {len(members) + 1} DoRA slots at once (its "
                                       f"members and itself); this server has {pc.dora_slots}",
                                       "lora")  # fmt: skip
-        limit = min(pc.max_rank, pool.rows_per_proj)
-        over = {p: r for p, r in summed.items()
-                if r > (pc.vocab_rows if p in ("embed_tokens", "lm_head") else limit)}  # fmt: skip
+        limits = {p: pc.vocab_rows if p in ("embed_tokens", "lm_head") else
+                  min(pc.max_rank, pool.rows_per_proj) for p in summed}  # fmt: skip
+        over = {p: r for p, r in summed.items() if r > limits[p]}
         if over:
-            raise InvalidRequestError(f"`lora` sums to rank {max(over.values())} on "
-                                      f"{sorted(over)}; this server holds at most {limit}",
-                                      "lora")  # fmt: skip
+            p = max(over, key=over.get)
+            raise InvalidRequestError(f"`lora` sums to rank {over[p]} on {p}; this server "
+                                      f"holds at most {limits[p]} there", "lora")  # fmt: skip
 
     def resident_names(self) -> list[str]:
         return [n for n, e in self.registry.names().items() if self.pool.is_resident(e.content_hash)]
