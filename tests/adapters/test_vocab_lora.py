@@ -236,3 +236,24 @@ def test_adapters_with_tokens_of_their_own_are_refused(tiny, tiny_llama_dir, voc
         assert "other" not in eng.adapters()
     finally:
         eng.close()
+
+
+def test_short_vocab_rows_evict_only_their_holders(tiny, vocab_paths):
+    """With every embedding row taken by an idle adapter, a new embedding LoRA drops that one,
+    not the older idle plain adapter (which holds no such rows)."""
+    from cara_jax.adapters.device_pool import DevicePool, PoolConfig
+
+    pool = DevicePool(tiny.cfg, PoolConfig(budget_bytes=8 << 20, vocab_rows=8))
+    ads = {n: load_peft_adapter(vocab_paths[n], tiny.cfg) for n in ("p8", "ev8", "e4")}
+    try:
+        for name in ("p8", "ev8", "e4"):
+            pool.acquire(ads[name]).wait(60)
+            pool.release(ads[name].content_hash)
+        resident = set(pool.resident())
+        assert ads["p8"].content_hash in resident and ads["e4"].content_hash in resident
+        assert ads["ev8"].content_hash not in resident
+        assert pool.stats.evictions == 1
+        with pytest.raises(ValueError, match="holds 8 rows there"):
+            pool.acquire(load_peft_adapter(vocab_paths["h16"], tiny.cfg))
+    finally:
+        pool.close()
