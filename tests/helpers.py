@@ -114,6 +114,80 @@ def peft_mixed(hf_model, paths):
     return model.eval()
 
 
+def peft_greedy(model, name, prompt, n):
+    """PEFT's greedy tokens and log-probs [T, V] for one row, ``name`` its adapter (set as the
+    active one: PEFT's DoRA takes one adapter at a time) or "__base__"."""
+    import contextlib
+
+    import torch
+
+    if name == "__base__":
+        ctx = model.disable_adapter()
+    else:
+        model.set_adapter(name)
+        ctx = contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        gen = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(prompt):]  # fmt: skip
+        seq = torch.tensor([prompt + gen.tolist()])
+        lp = torch.log_softmax(model(seq).logits[0], -1).numpy()
+    return gen.tolist(), lp
+
+
+def peft_reference(base_dir, paths, names, scaled=(), mixes=()):
+    """PEFT with ``names``; ``scaled``: (name, source, s) copies with every B scaled by s;
+    ``mixes``: (name, [(source, weight)]) as PEFT's cat merge."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(hf, paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(paths[name], adapter_name=name)
+    for name, src, s in scaled:
+        model.load_adapter(paths[src], adapter_name=name)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if f"lora_B.{name}." in n or n.endswith(f"lora_embedding_B.{name}"):
+                    p.mul_(s)
+    for name, members in mixes:
+        model.add_weighted_adapter([m for m, _ in members], [w for _, w in members], name,
+                                   combination_type="cat")  # fmt: skip
+    return model.eval()
+
+
+
+def packed_round_trip(cfg, adapter, folder):
+    """``adapter``'s packed copy written to ``folder`` and read back from disk by a new store."""
+    from cara_jax.adapters.device_pool import DevicePool
+    from cara_jax.adapters.packed import PackedStore
+
+    pool = DevicePool(cfg)
+    try:
+        store = PackedStore(pool.layout, folder, 1 << 20)
+        store.get(adapter)
+        store.flush()
+        again = PackedStore(pool.layout, folder, 1 << 20).lookup(adapter.content_hash)
+    finally:
+        pool.close()
+    assert again is not None and again.source == "disk"
+    return again
+
+
+def pool_after_idle_loads(cfg, paths, names, config):
+    """A device pool (``config``) that loaded the adapters ``names`` in turn, each released
+    once loaded (idle, evictable): (pool, {name: adapter}); the caller closes the pool."""
+    from cara_jax.adapters.device_pool import DevicePool
+    from cara_jax.adapters.peft import load_peft_adapter
+
+    pool = DevicePool(cfg, config)
+    ads = {n: load_peft_adapter(paths[n], cfg) for n in names}
+    for name in names:
+        pool.acquire(ads[name]).wait(60)
+        pool.release(ads[name].content_hash)
+    return pool, ads
+
 def engine_logprobs(loaded, paths, rows, prompts, n_tokens, strategy, passes=2):
     """Greedy tokens and their top-5 log-probs per row, for ``passes`` runs of the same batch
     on one engine (the second prefills from the prefix cache), token budget 32 (long prompts
@@ -150,6 +224,28 @@ def engine_logprobs(loaded, paths, rows, prompts, n_tokens, strategy, passes=2):
     eng.close()
     return out
 
+
+
+def mixed_prompts(rng, vocab: int, lens: list[int]) -> list[list[int]]:
+    """Prompts of ``lens`` tokens; the even ones share a prefix (the prefix cache's hits)."""
+    shared = rng.integers(3, vocab, size=max(lens)).tolist()
+    return [shared[:n] if i % 2 == 0 else rng.integers(3, vocab, size=n).tolist()
+            for i, n in enumerate(lens)]  # fmt: skip
+
+
+def check_rows_against_peft(loaded, paths, peft_model, rows, prompts, n, strategy) -> set:
+    """One mixed batch of ``rows`` ((PEFT adapter name, engine row) pairs; engine_logprobs says
+    what a row is), run twice by the engine: every pass gives PEFT's greedy tokens and its
+    top-5 log-probs within 1e-5. ``peft_model``: a model, or a callable giving the one for a
+    PEFT name. Returns the distinct token sequences."""
+    passes = engine_logprobs(loaded, paths, [r for _, r in rows], prompts, n, strategy)
+    outs = set()
+    for i, (prompt, (name, row)) in enumerate(zip(prompts, rows, strict=True)):
+        model = peft_model(name) if callable(peft_model) else peft_model
+        hf, lp = peft_greedy(model, name, prompt, n)
+        assert_run_matches([p[i] for p in passes], hf, lp, len(prompt), (row, strategy))
+        outs.add(tuple(passes[0][i][0]))
+    return outs
 
 def assert_run_matches(runs, hf_tokens, logprobs_ref, prompt_len, label, tol=1e-5):
     """Each engine pass ``(tokens, logprobs)`` in ``runs`` gave the reference's greedy tokens,

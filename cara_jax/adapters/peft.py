@@ -29,8 +29,9 @@ from cara_jax.adapters.peft_config import (  # noqa: F401  (re-exported: the ada
     AdapterWeightsError,
     UnsupportedAdapterError,
     _check_config,
-    _pattern_value,
     module_name,
+    module_scaling,
+    scaled_b,
 )
 from cara_jax.adapters.peft_vocab import (
     VocabModules,
@@ -268,8 +269,6 @@ def load_peft_adapter(
         slot[ab] = raw
 
     shapes = cfg.projection_shapes()
-    use_rslora = bool(conf.get("use_rslora", False))
-    r_default, alpha_default = conf.get("r", 8), conf.get("lora_alpha", 8)
     targeted_set = set(targeted)
     for layer, proj in pairs:
         if module_name(layer, proj) not in targeted_set:
@@ -291,18 +290,8 @@ def load_peft_adapter(
             raise AdapterWeightsError(f"{name}: {missing} weights missing")
         (tag_a, raw_a), (tag_b, raw_b) = have["A"], have["B"]
         din, dout = shapes[proj]
-        r = _pattern_value(conf.get("rank_pattern"), name, r_default)
-        alpha = _pattern_value(conf.get("alpha_pattern"), name, alpha_default)
-        if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
-            raise AdapterShapeError(f"{name}: invalid rank {r!r} / lora_alpha {alpha!r}")
-        if raw_a.shape != (r, din) or raw_b.shape != (dout, r):
-            raise AdapterShapeError(
-                f"{name}: lora_A {tuple(raw_a.shape)} / lora_B {tuple(raw_b.shape)} do not fit "
-                f"rank {r} (config) and the base model's {proj} ({din} -> {dout}); expected "
-                f"({r}, {din}) / ({dout}, {r})"
-            )
-        if not (_finite(tag_a, raw_a) and _finite(tag_b, raw_b)):
-            raise AdapterWeightsError(f"{name}: weights contain NaN or Inf")
+        scaling = module_scaling(conf, name, have["A"], have["B"], din, dout, what=proj,
+                                 finite=_finite)  # fmt: skip
         mag = None
         if use_dora:
             tag_m, raw_m = have["M"]
@@ -314,13 +303,9 @@ def load_peft_adapter(
             if not _finite(tag_m, raw_m):
                 raise AdapterWeightsError(f"{name}: the DoRA magnitude contains NaN or Inf")
             mag = np.ascontiguousarray(_as_float32(tag_m, raw_m))
-        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         # A stays PEFT's [r, in] array, seen transposed (the pool's layout is that array, so
-        # packing it is a plain copy); B is transposed and scaled in one pass, the product
-        # taken in float64 and rounded once.
-        b = np.empty((r, dout), np.float32)
-        np.multiply(_as_float32(tag_b, raw_b).T, scaling, out=b, dtype=np.float64,
-                    casting="unsafe")  # fmt: skip
+        # packing it is a plain copy); B is transposed with the scaling folded in
+        b = scaled_b(_as_float32(tag_b, raw_b), scaling)
         modules[(layer, proj)] = LoraModule(a=_as_float32(tag_a, raw_a).T, b=b, m=mag)
         # Identity = what changes outputs: which modules, their effective scaling, the stored
         # tensors. Config spelling, key naming, paths and mtimes do not enter.

@@ -10,8 +10,11 @@ this selects; the adapter errors live here so both can raise them.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
+
+import numpy as np
 
 from cara_jax.config import ModelConfig
 from cara_jax.lora_hooks import PROJECTIONS
@@ -205,3 +208,34 @@ def _check_config(conf: dict[str, Any], cfg: ModelConfig) -> list[str]:
     if not targeted:
         raise UnsupportedAdapterError(f"target_modules {tm!r} match no projection of this model")
     return targeted
+
+
+def module_scaling(
+    conf: dict[str, Any], name: str, a, b, din: int, dout: int, labels=("lora_A", "lora_B"),
+    what: str = "", finite=None,
+) -> float:
+    """Check one module's factors ``a`` / ``b`` ((dtype tag, raw array) each, PEFT's [r, in] /
+    [out, r]) against its rank and alpha (the config's patterns) and the base's shapes; its
+    scaling (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    r = _pattern_value(conf.get("rank_pattern"), name, conf.get("r", 8))
+    alpha = _pattern_value(conf.get("alpha_pattern"), name, conf.get("lora_alpha", 8))
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+        raise AdapterShapeError(f"{name}: invalid rank {r!r} / lora_alpha {alpha!r}")
+    (tag_a, raw_a), (tag_b, raw_b) = a, b
+    if raw_a.shape != (r, din) or raw_b.shape != (dout, r):
+        raise AdapterShapeError(
+            f"{name}: {labels[0]} {tuple(raw_a.shape)} / {labels[1]} {tuple(raw_b.shape)} do not "
+            f"fit rank {r} (config) and the base model's {what} ({din} -> {dout}); expected "
+            f"({r}, {din}) / ({dout}, {r})"
+        )
+    if finite is not None and not (finite(tag_a, raw_a) and finite(tag_b, raw_b)):
+        raise AdapterWeightsError(f"{name}: weights contain NaN or Inf")
+    return alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
+
+
+def scaled_b(b_float32: np.ndarray, scaling: float) -> np.ndarray:
+    """PEFT's B [out, r] as [r, out] with the scaling folded in: transposed and scaled in one
+    pass, the product taken in float64 and rounded once."""
+    out = np.empty(b_float32.shape[::-1], np.float32)
+    np.multiply(b_float32.T, scaling, out=out, dtype=np.float64, casting="unsafe")
+    return out

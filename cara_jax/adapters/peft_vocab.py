@@ -22,7 +22,6 @@ under lm_head, where it is read like any head LoRA.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any
 
@@ -31,10 +30,10 @@ import numpy as np
 from cara_jax.adapters.peft_config import (
     NEW_TOKENS,
     VOCAB_MODULES,
-    AdapterShapeError,
     AdapterWeightsError,
     UnsupportedAdapterError,
-    _pattern_value,
+    module_scaling,
+    scaled_b,
 )
 from cara_jax.config import ModelConfig
 
@@ -113,24 +112,10 @@ def read_vocab_modules(
         missing = [x for x in (an, bn) if x not in have]
         if missing:
             raise AdapterWeightsError(f"{name}: {' and '.join(missing)} weights missing")
-        r = _pattern_value(conf.get("rank_pattern"), name, conf.get("r", 8))
-        alpha = _pattern_value(conf.get("alpha_pattern"), name, conf.get("lora_alpha", 8))
-        if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
-            raise AdapterShapeError(f"{name}: invalid rank {r!r} / lora_alpha {alpha!r}")
         (tag_a, raw_a), (tag_b, raw_b) = have[an], have[bn]
         din, dout = (v, hid) if kind == "embed_tokens" else (hid, v)
-        if raw_a.shape != (r, din) or raw_b.shape != (dout, r):
-            raise AdapterShapeError(
-                f"{name}: {an} {tuple(raw_a.shape)} / {bn} {tuple(raw_b.shape)} do not fit rank "
-                f"{r} and the base model's {kind} ({din} -> {dout}); expected ({r}, {din}) / "
-                f"({dout}, {r})"
-            )
-        if not (finite(tag_a, raw_a) and finite(tag_b, raw_b)):
-            raise AdapterWeightsError(f"{name}: weights contain NaN or Inf")
-        scaling = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
-        b = np.empty((r, dout), np.float32)
-        np.multiply(as_float32(tag_b, raw_b).T, scaling, out=b, dtype=np.float64,
-                    casting="unsafe")  # fmt: skip
+        scaling = module_scaling(conf, name, have[an], have[bn], din, dout, (an, bn), kind, finite)
+        b = scaled_b(as_float32(tag_b, raw_b), scaling)
         out.modules[kind] = (np.ascontiguousarray(as_float32(tag_a, raw_a).T), b)
         h.update(f"{kind}|{float(scaling).hex()}|{tag_a}{raw_a.shape}|{tag_b}{raw_b.shape}|".encode())
         h.update(raw_a)

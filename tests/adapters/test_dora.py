@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from cara_jax.adapters.packed import PackedStore
 from cara_jax.adapters.peft import load_peft_adapter
 from cara_jax.sampling_params import InvalidRequestError
 from tests.helpers import (
     ALL7,
-    assert_run_matches,
-    engine_logprobs,
+    check_rows_against_peft,
     make_dora_adapters,
     make_peft_adapters,
+    mixed_prompts,
+    packed_round_trip,
+    peft_reference,
+    pool_after_idle_loads,
 )
 
 DORA = {
@@ -45,19 +46,11 @@ def test_loader_reads_the_magnitudes(dora_paths, tiny):
 
 
 def test_packed_copy_keeps_the_magnitudes(dora_paths, tiny, tmp_path):
-    from cara_jax.adapters.device_pool import DevicePool
-
-    pool = DevicePool(tiny.cfg)
     ad = load_peft_adapter(dora_paths["d16_all"], tiny.cfg)
-    store = PackedStore(pool.layout, tmp_path, 1 << 20)
-    store.get(ad)
-    store.flush()
-    again = PackedStore(pool.layout, tmp_path, 1 << 20).lookup(ad.content_hash)
-    assert again is not None and again.source == "disk"
+    again = packed_round_trip(tiny.cfg, ad, tmp_path)
     assert again.dora_layers == {p: list(range(tiny.cfg.num_layers)) for p in ALL7}
     for (layer, p), m in ad.modules.items():
         np.testing.assert_array_equal(again.magnitudes[p][layer], m.m)
-    pool.close()
 
 
 # (PEFT adapter name, the engine's row: adapter name, mixture or None for the base model)
@@ -68,64 +61,19 @@ ROWS = [
 ]  # fmt: skip
 
 
-def _peft_reference(tiny_llama_dir, paths):
-    """PEFT with every adapter, a DoRA adapter at scale s as a copy with B scaled by s, and
-    the DoRA mixture as PEFT's cat merge."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(hf, paths["d8_attn"], adapter_name="d8_attn")
-    for name in ("d16_all", "p8"):
-        model.load_adapter(paths[name], adapter_name=name)
-    for name, src, s in (("d8_half", "d8_attn", 0.5), ("d16_zero", "d16_all", 0.0)):
-        model.load_adapter(paths[src], adapter_name=name)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if f"lora_B.{name}." in n:
-                    p.mul_(s)
-    model.add_weighted_adapter(["d8_attn", "d16_all"], [0.7, -0.4], "dmix",
-                               combination_type="cat")  # fmt: skip
-    return model.eval()
-
-
-def _peft_run(model, name, prompt, n):
-    """PEFT's greedy tokens and log-probs for one row (its DoRA takes one adapter at a time)."""
-    import contextlib
-
-    if name == "__base__":
-        ctx = model.disable_adapter()
-    else:
-        model.set_adapter(name)
-        ctx = contextlib.nullcontext()
-    with torch.no_grad(), ctx:
-        gen = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(prompt):]  # fmt: skip
-        seq = torch.tensor([prompt + gen.tolist()])
-        lp = torch.log_softmax(model(seq).logits[0], -1).numpy()
-    return gen.tolist(), lp
-
-
 @pytest.mark.parametrize("strategy", ["mbgmv", "bgmv"])
 def test_dora_rows_match_peft_in_a_mixed_batch(tiny, tiny_llama_dir, dora_paths, strategy):
     """DoRA adapters of ranks 8 (attention) and 16 (attention and MLP), one at scales 0.5 and 0,
     and a mixture of the two, in one batch with a plain adapter and base rows (decode, chunked
     prefill, prefix-cached prefill): greedy tokens equal PEFT's, top-5 log-probs within 1e-5."""
-    model = _peft_reference(tiny_llama_dir, dora_paths)
-    rng = np.random.default_rng(9)
-    lens = [40, 9, 23, 40, 17, 33, 40, 12]
-    shared = rng.integers(3, tiny.cfg.vocab_size, size=40).tolist()
-    prompts = [shared[:n] if i % 2 == 0 else rng.integers(3, tiny.cfg.vocab_size, size=n).tolist()
-               for i, n in enumerate(lens)]  # fmt: skip
-    n = 10
-    rows = [r for _, r in ROWS]
-    passes = engine_logprobs(tiny, dora_paths, rows, prompts, n, strategy)
-    outs = set()
-    for prompt, (name, row), *runs in zip(prompts, ROWS, *passes, strict=True):
-        hf, lp = _peft_run(model, name, prompt, n)
-        assert_run_matches(runs, hf, lp, len(prompt), (row, strategy))
-        outs.add((name, tuple(runs[0][0])))
-    assert len({t for _, t in outs}) >= 6  # the rows differ: DoRA's parts all show
+    # a DoRA adapter at scale s as a copy with B scaled by s; the mixture as PEFT's cat merge
+    model = peft_reference(tiny_llama_dir, dora_paths, ["d8_attn", "d16_all", "p8"],
+                           scaled=[("d8_half", "d8_attn", 0.5), ("d16_zero", "d16_all", 0.0)],
+                           mixes=[("dmix", [("d8_attn", 0.7), ("d16_all", -0.4)])])  # fmt: skip
+    prompts = mixed_prompts(np.random.default_rng(9), tiny.cfg.vocab_size,
+                            [40, 9, 23, 40, 17, 33, 40, 12])  # fmt: skip
+    outs = check_rows_against_peft(tiny, dora_paths, model, ROWS, prompts, 10, strategy)
+    assert len(outs) >= 6  # the rows differ: DoRA's parts all show
 
 
 def test_dora_refusals(tiny, dora_paths):
@@ -147,14 +95,11 @@ def test_dora_refusals(tiny, dora_paths):
 def test_a_dora_slot_evicts_only_a_dora_holder(tiny, dora_paths):
     """With every DoRA row taken by idle adapters, a new DoRA adapter drops one of those, not
     the idle plain adapters (which a DoRA row could not come from)."""
-    from cara_jax.adapters.device_pool import DevicePool, PoolConfig
+    from cara_jax.adapters.device_pool import PoolConfig
 
-    pool = DevicePool(tiny.cfg, PoolConfig(budget_bytes=8 << 20, dora_slots=1))
-    ads = {n: load_peft_adapter(dora_paths[n], tiny.cfg) for n in ("p8", "d8_attn", "d16_all")}
+    pool, ads = pool_after_idle_loads(tiny.cfg, dora_paths, ("p8", "d8_attn", "d16_all"),
+                                      PoolConfig(budget_bytes=8 << 20, dora_slots=1))  # fmt: skip
     try:
-        for name in ("p8", "d8_attn", "d16_all"):
-            pool.acquire(ads[name]).wait(60)
-            pool.release(ads[name].content_hash)
         resident = set(pool.resident())
         assert ads["p8"].content_hash in resident and ads["d16_all"].content_hash in resident
         assert ads["d8_attn"].content_hash not in resident

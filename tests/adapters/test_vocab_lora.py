@@ -4,15 +4,19 @@ embeddings; adapters that bring tokens of their own are refused."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 
-from cara_jax.adapters.packed import PackedStore
 from cara_jax.adapters.peft import UnsupportedAdapterError, load_peft_adapter
-from tests.helpers import assert_run_matches, engine_logprobs, make_peft_adapters
+from tests.helpers import (
+    check_rows_against_peft,
+    make_peft_adapters,
+    mixed_prompts,
+    packed_round_trip,
+    peft_reference,
+    pool_after_idle_loads,
+)
 
 SPECS = {
     "ev8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
@@ -67,62 +71,12 @@ def test_a_targeted_head_needs_its_weights(vocab_paths, tiny, tmp_path):
 
 
 def test_packed_copy_keeps_vocab_rows(vocab_paths, tiny, tmp_path):
-    from cara_jax.adapters.device_pool import DevicePool
-
-    pool = DevicePool(tiny.cfg)
     ad = load_peft_adapter(vocab_paths["ev8"], tiny.cfg)
-    store = PackedStore(pool.layout, tmp_path, 1 << 20)
-    store.get(ad)
-    store.flush()
-    again = PackedStore(pool.layout, tmp_path, 1 << 20).lookup(ad.content_hash)
-    assert again is not None and again.source == "disk"
+    again = packed_round_trip(tiny.cfg, ad, tmp_path)
     assert again.vocab_ranks == {"embed_tokens": 8, "lm_head": 8}
     for k, (a, b) in ad.vocab.modules.items():
         np.testing.assert_array_equal(again.vocab[k][0], a.T)
         np.testing.assert_array_equal(again.vocab[k][1], b)
-    pool.close()
-
-
-def _peft_reference(base_dir, paths, names, scaled=(), mixes=()):
-    """PEFT with ``names``; ``scaled``: (name, source, s) copies with every B scaled by s;
-    ``mixes``: (name, [(source, weight)]) as PEFT's cat merge."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(hf, paths[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(paths[name], adapter_name=name)
-    for name, src, s in scaled:
-        model.load_adapter(paths[src], adapter_name=name)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if f"lora_B.{name}." in n or n.endswith(f"lora_embedding_B.{name}"):
-                    p.mul_(s)
-    for name, members in mixes:
-        model.add_weighted_adapter([m for m, _ in members], [w for _, w in members], name,
-                                   combination_type="cat")  # fmt: skip
-    return model.eval()
-
-
-def _peft_run(model, name, prompt, n):
-    if name == "__base__":
-        ctx = model.disable_adapter()
-    else:
-        model.set_adapter(name)
-        ctx = contextlib.nullcontext()
-    with torch.no_grad(), ctx:
-        gen = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(prompt):]  # fmt: skip
-        seq = torch.tensor([prompt + gen.tolist()])
-        lp = torch.log_softmax(model(seq).logits[0], -1).numpy()
-    return gen.tolist(), lp
-
-
-def _prompts(rng, vocab, lens):
-    shared = rng.integers(3, vocab, size=max(lens)).tolist()
-    return [shared[:n] if i % 2 == 0 else rng.integers(3, vocab, size=n).tolist()
-            for i, n in enumerate(lens)]  # fmt: skip
 
 
 @pytest.mark.parametrize("strategy", ["mbgmv", "bgmv"])
@@ -130,19 +84,13 @@ def test_vocab_lora_rows_match_peft_in_a_mixed_batch(tiny, tiny_llama_dir, vocab
     """Embedding + LM-head LoRA (with q/v), embedding-only, head-only, one at scale 0.5 and a
     mixture of three, in one batch with a plain adapter and base rows (decode, chunked prefill,
     prefix-cached prefill): greedy tokens equal PEFT's, top-5 log-probs within 1e-5."""
-    model = _peft_reference(tiny_llama_dir, vocab_paths, ["ev8", "e4", "h16", "p8"],
+    model = peft_reference(tiny_llama_dir, vocab_paths, ["ev8", "e4", "h16", "p8"],
                             scaled=[("ev8_half", "ev8", 0.5)],
                             mixes=[("mix", [("ev8", 0.7), ("h16", -0.4), ("e4", 1.3)])])  # fmt: skip
-    prompts = _prompts(np.random.default_rng(5), tiny.cfg.vocab_size, [40, 9, 23, 40, 17, 33, 40, 12])
-    n = 10
-    rows = [r for _, r in ROWS]
-    passes = engine_logprobs(tiny, vocab_paths, rows, prompts, n, strategy)
-    outs = set()
-    for prompt, (name, row), *runs in zip(prompts, ROWS, *passes, strict=True):
-        hf, lp = _peft_run(model, name, prompt, n)
-        assert_run_matches(runs, hf, lp, len(prompt), (row, strategy))
-        outs.add((name, tuple(runs[0][0])))
-    assert len({t for _, t in outs}) >= 6  # the rows differ: embedding and head LoRA both show
+    prompts = mixed_prompts(np.random.default_rng(5), tiny.cfg.vocab_size,
+                            [40, 9, 23, 40, 17, 33, 40, 12])  # fmt: skip
+    outs = check_rows_against_peft(tiny, vocab_paths, model, ROWS, prompts, 10, strategy)
+    assert len(outs) >= 6  # the rows differ: embedding and head LoRA both show
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +130,10 @@ def test_tied_embeddings_follow_peft(tied_dir, tmp_path):
     assert set(tie.vocab.modules) == {"embed_tokens", "lm_head"}  # PEFT's tied head LoRA
     assert set(load_peft_adapter(paths["emb"], loaded.cfg).vocab.modules) == {"embed_tokens"}
     rows = [("sep", "sep"), ("__base__", None), ("emb", "emb"), ("tie", "tie")]
-    prompts = _prompts(np.random.default_rng(6), loaded.cfg.vocab_size, [40, 11, 40, 19])
-    passes = engine_logprobs(loaded, paths, [r for _, r in rows], prompts, 8, "mbgmv")
-    outs = set()
-    for i, (prompt, (name, row)) in enumerate(zip(prompts, rows, strict=True)):
-        model = _peft_reference(tied_dir, paths, [name if name != "__base__" else "sep"])
-        hf, lp = _peft_run(model, name, prompt, 8)
-        assert_run_matches([p[i] for p in passes], hf, lp, len(prompt), row)
-        outs.add(tuple(passes[0][i][0]))
+    prompts = mixed_prompts(np.random.default_rng(6), loaded.cfg.vocab_size, [40, 11, 40, 19])
+    outs = check_rows_against_peft(
+        loaded, paths, lambda name: peft_reference(tied_dir, paths, [name if name != "__base__" else "sep"]),
+        rows, prompts, 8, "mbgmv")  # fmt: skip
     assert len(outs) == 4
 
 
@@ -241,14 +185,11 @@ def test_adapters_with_tokens_of_their_own_are_refused(tiny, tiny_llama_dir, voc
 def test_short_vocab_rows_evict_only_their_holders(tiny, vocab_paths):
     """With every embedding row taken by an idle adapter, a new embedding LoRA drops that one,
     not the older idle plain adapter (which holds no such rows)."""
-    from cara_jax.adapters.device_pool import DevicePool, PoolConfig
+    from cara_jax.adapters.device_pool import PoolConfig
 
-    pool = DevicePool(tiny.cfg, PoolConfig(budget_bytes=8 << 20, vocab_rows=8))
-    ads = {n: load_peft_adapter(vocab_paths[n], tiny.cfg) for n in ("p8", "ev8", "e4")}
+    pool, ads = pool_after_idle_loads(tiny.cfg, vocab_paths, ("p8", "ev8", "e4"),
+                                      PoolConfig(budget_bytes=8 << 20, vocab_rows=8))  # fmt: skip
     try:
-        for name in ("p8", "ev8", "e4"):
-            pool.acquire(ads[name]).wait(60)
-            pool.release(ads[name].content_hash)
         resident = set(pool.resident())
         assert ads["p8"].content_hash in resident and ads["e4"].content_hash in resident
         assert ads["ev8"].content_hash not in resident
