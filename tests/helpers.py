@@ -13,6 +13,7 @@ torch and peft are imported where they are used, so model-free tests stay light.
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -236,12 +237,12 @@ def mixed_prompts(rng, vocab: int, lens: list[int]) -> list[list[int]]:
 def check_rows_against_peft(loaded, paths, peft_model, rows, prompts, n, strategy) -> set:
     """One mixed batch of ``rows`` ((PEFT adapter name, engine row) pairs; engine_logprobs says
     what a row is), run twice by the engine: every pass gives PEFT's greedy tokens and its
-    top-5 log-probs within 1e-5. ``peft_model``: a model, or a callable giving the one for a
+    top-5 log-probs within 1e-5. ``peft_model``: a model, or a function giving the one for a
     PEFT name. Returns the distinct token sequences."""
     passes = engine_logprobs(loaded, paths, [r for _, r in rows], prompts, n, strategy)
     outs = set()
     for i, (prompt, (name, row)) in enumerate(zip(prompts, rows, strict=True)):
-        model = peft_model(name) if callable(peft_model) else peft_model
+        model = peft_model(name) if isinstance(peft_model, types.FunctionType) else peft_model
         hf, lp = peft_greedy(model, name, prompt, n)
         assert_run_matches([p[i] for p in passes], hf, lp, len(prompt), (row, strategy))
         outs.add(tuple(passes[0][i][0]))
