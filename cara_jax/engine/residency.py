@@ -12,7 +12,6 @@ queue): they fit the cold-start model and a fixed-bucket histogram for metrics.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import logging
 import threading
@@ -37,7 +36,7 @@ from cara_jax.engine.batch import ChunkRow, CpuPlan
 from cara_jax.engine.cold_start import ColdStartModel
 from cara_jax.engine.cpu_coordinator import CpuAssistCoordinator, zero_stats
 from cara_jax.engine.records import LoadHistogram
-from cara_jax.engine.sequence import Sequence
+from cara_jax.engine.sequence import AdapterUse, Sequence
 from cara_jax.lora_hooks import GROUPS
 from cara_jax.sampling_params import InvalidRequestError
 
@@ -49,16 +48,6 @@ class Readiness(enum.Enum):
     READY = "ready"  # resident: prefill and decode on the device
     CPU_ASSIST = "cpu_assist"  # still loading: prefill now, CPU deltas for the layers not there
     NOT_YET = "not_yet"  # loading (or the pool is full of adapters in use): try next step
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterUse:
-    """What a request runs on: nothing (the base model), a registered adapter, or a mixture."""
-
-    label: str | None = None  # the adapter's name, a mixture's description
-    content_hash: str | None = None  # content, or the mixture's key
-    rank: int = 0  # cost rank: a mixture's is its members' summed
-    mixture: tuple[tuple[str, str, float], ...] | None = None  # (name, content hash, weight)
 
 
 class AdapterResidency:

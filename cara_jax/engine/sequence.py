@@ -38,6 +38,16 @@ class RequestOutput:
     prompt_logprobs: list[dict | None] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterUse:
+    """What a request runs on: nothing (the base model), a registered adapter, or a mixture."""
+
+    label: str | None = None  # the adapter's name, a mixture's description
+    content_hash: str | None = None  # content, or the mixture's key
+    rank: int = 0  # cost rank: a mixture's is its members' summed
+    mixture: tuple[tuple[str, str, float], ...] | None = None  # (name, content hash, weight)
+
+
 @dataclasses.dataclass
 class AdapterHold:
     """A sequence's claim on its adapter and how its cold start went (written by residency)."""
