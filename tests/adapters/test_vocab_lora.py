@@ -79,11 +79,12 @@ def test_packed_copy_keeps_vocab_rows(vocab_paths, tiny, tmp_path):
         np.testing.assert_array_equal(again.vocab[k][1], b)
 
 
-@pytest.mark.parametrize("strategy", ["mbgmv", "bgmv"])
-def test_vocab_lora_rows_match_peft_in_a_mixed_batch(tiny, tiny_llama_dir, vocab_paths, strategy):
+def test_vocab_lora_rows_match_peft_in_a_mixed_batch(tiny, tiny_llama_dir, vocab_paths):
     """Embedding + LM-head LoRA (with q/v), embedding-only, head-only, one at scale 0.5 and a
     mixture of three, in one batch with a plain adapter and base rows (decode, chunked prefill,
-    prefix-cached prefill): greedy tokens equal PEFT's, top-5 log-probs within 1e-5."""
+    prefix-cached prefill): greedy tokens equal PEFT's, top-5 log-probs within 1e-5. (The
+    embedding and head deltas do not depend on the decode strategy; the default one runs.)"""
+    strategy = "mbgmv"
     model = peft_reference(tiny_llama_dir, vocab_paths, ["ev8", "e4", "h16", "p8"],
                             scaled=[("ev8_half", "ev8", 0.5)],
                             mixes=[("mix", [("ev8", 0.7), ("h16", -0.4), ("e4", 1.3)])])  # fmt: skip
