@@ -11,7 +11,9 @@ Three ways to serve 16 streams over 8 adapters (ranks 8/16, all seven projection
   A's concatenated with the weights folded in, B's concatenated), registered and loaded per
   request, then served: what a server without mixtures asks its users to do;
 - dora: each stream on one of 8 DoRA adapters (the single adapters' A and B, plus magnitudes):
-  what DoRA's output rescale costs a step.
+  what DoRA's output rescale costs a step;
+- vocab: each stream on one of 8 adapters that also put LoRA on the embedding and the LM head
+  (the single adapters' A and B, plus those): what those rows cost a step.
 Each run submits the 16 streams at once (same prompt length, ``--tokens`` greedy tokens each,
 EOS ignored) and times until the last finishes; tok/s counts generated tokens. The engine is
 built with ``cara-serve``'s defaults; its programs compile before the first timed run.
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
             write_random_peft(Path(tmp) / f"d{n}", loaded.cfg, ranks[i % len(ranks)], seed=i,
                               dora_base=kernels)  # fmt: skip
             engine.load_adapter(f"d{n}", Path(tmp) / f"d{n}")
+            write_random_peft(Path(tmp) / f"v{n}", loaded.cfg, ranks[i % len(ranks)], seed=i,
+                              vocab=True)  # fmt: skip
+            engine.load_adapter(f"v{n}", Path(tmp) / f"v{n}")
         t = time.perf_counter()
         engine.warmup()
         compile_s = time.perf_counter() - t
@@ -125,9 +130,11 @@ def main(argv: list[str] | None = None) -> None:
             "mixture": [{"lora": m} for m in mixes],
             "merged": [{"prepare": merge(m)} for m in mixes],
             "dora": [{"adapter": f"d{names[i % args.adapters]}"} for i in range(args.streams)],
+            "vocab": [{"adapter": f"v{names[i % args.adapters]}"} for i in range(args.streams)],
         }
         run(engine, ways["mixture"], 4)  # first use: the mixtures' slots, members loaded
         run(engine, ways["dora"], 4)  # the DoRA slots' scales computed
+        run(engine, ways["vocab"], 4)  # loaded
         rates: dict[str, list[float]] = {k: [] for k in ways}
         walls: dict[str, list[float]] = {k: [] for k in ways}
         for _ in range(args.repeats):
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         "timed run.",
         "- dora: each stream on a DoRA adapter (the single adapters' A and B plus magnitudes), "
         "two streams per adapter: the cost of DoRA's per-row output rescale.",
+        "- vocab: each stream on an adapter with LoRA on the embedding and the LM head too "
+        "(the single adapters' A and B plus those), two streams per adapter.",
         "",
         f"Mixtures: {json.dumps(mixes)}",
     ]

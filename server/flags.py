@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--max-vocab-lora-rows",
         type=int,
-        default=64,
+        default=128,
         help="rank rows of LoRA on the embedding, and as many on the LM head, resident at once "
         "(vocabulary-wide: SmolLM2 float32, about 200 KB each; a step with such rows reads them "
         "all). 0 refuses adapters that target embed_tokens or lm_head",

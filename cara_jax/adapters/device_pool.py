@@ -75,7 +75,7 @@ class PoolConfig:
     dora_slots: int = 8
     # rank rows of LoRA on the embedding and on the LM head (each, vocabulary-wide: SmolLM2
     # float32, about 200 KB a row; adapters/vocab_pool.py)
-    vocab_rows: int = 64
+    vocab_rows: int = 128
 
 
 @dataclasses.dataclass
