@@ -299,7 +299,6 @@ class DevicePool(PoolIndex, PoolLoader, PoolWriter, PoolDora, PoolVocab, PoolMix
                 # only rows are short: drop only what holds rows of a kind that is short (a
                 # plain adapter holds no embedding / LM-head rows), or a mixture over such
                 short = {p for p, r in ranks.items() if len(self._free_rows[p]) < r}
-
                 idle = [h for h in idle if self._holds_rows(self._entries[h], short)]
             if not idle:
                 break
